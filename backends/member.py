@@ -1,0 +1,54 @@
+"""The member contract: a fixed-capacity byte store that the RAID layer stripes over."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+
+
+class MemberIOError(OSError):
+    """An I/O failure of one member; the RAID layer marks the member faulty."""
+
+    def __init__(self, path: str, operation: str, detail: str) -> None:
+        super().__init__(f"member {path}: {operation} failed: {detail}")
+        self.path = path
+        self.operation = operation
+        self.detail = detail
+
+
+class Member(ABC):
+    """A fixed-capacity byte store: read, write, flush (durable on return), close."""
+
+    path: str
+    capacity: int
+
+    @abstractmethod
+    def read(self, offset: int, length: int) -> bytes:
+        """Exactly `length` bytes at `offset` (never-written ranges read as zeros)."""
+
+    def readinto(self, offset: int, buffer: memoryview) -> None:
+        """Fill `buffer` with the bytes at `offset`."""
+        buffer[:] = self.read(offset, len(buffer))
+
+    @abstractmethod
+    def write(self, offset: int, data: bytes | memoryview) -> None:
+        """Store `data` at `offset`."""
+
+    @abstractmethod
+    def flush(self) -> None:
+        """Make every completed write durable before returning."""
+
+    @abstractmethod
+    def check(self) -> None:
+        """Raise MemberIOError if the backing store has gone away (deleted, detached)."""
+
+    @abstractmethod
+    def close(self) -> None:
+        """Release the backing store; the member is unusable afterwards."""
+
+    def _check_range(self, offset: int, length: int, operation: str) -> None:
+        if offset < 0 or length < 0 or offset + length > self.capacity:
+            raise MemberIOError(
+                self.path,
+                operation,
+                f"range {offset}+{length} outside capacity {self.capacity}",
+            )
