@@ -1,0 +1,482 @@
+"""The redundant volume: a flat byte address space striped with parity over members.
+
+Reads verify every chunk against its checksum and reconstruct from redundancy what is missing,
+unreadable or corrupt (rewriting corrupt chunks in place). Writes compute parity once per stripe,
+mark the stripe's region in the write-intent bitmap before touching members, and update the
+replicated checksum table, which reaches the members on flush.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import threading
+from dataclasses import dataclass
+
+import numpy as np
+
+from backends.member import Member, MemberIOError
+from raid.checksums import UNWRITTEN, array_seed, chunk_checksum
+from raid.errors import RaidError, UnrecoverableError
+from raid.geometry import BITMAP_OFFSET, BITMAP_SIZE, LABEL_OFFSET, TABLE_PAGE, Geometry
+from raid.label import Label, SlotRecord
+from raid.table import ChecksumTable, page_offset
+
+log = logging.getLogger(__name__)
+
+USABLE_STATES = ("active", "rebuilding")
+
+
+@dataclass
+class Slot:
+    """One member position of the array and what is known about its member."""
+
+    index: int
+    path: str
+    member: Member | None
+    state: str  # active | rebuilding | faulty | missing | stale | foreign
+    reason: str = ""
+    rebuilt_rows: int = 0
+    read_errors: int = 0
+    write_errors: int = 0
+    checksum_errors: int = 0
+    repaired: int = 0
+
+    def holds(self, row: int) -> bool:
+        """Whether this member has valid data for `row`."""
+        if self.member is None:
+            return False
+        if self.state == "active":
+            return True
+        return self.state == "rebuilding" and row < self.rebuilt_rows
+
+    @property
+    def writable(self) -> bool:
+        return self.member is not None and self.state in USABLE_STATES
+
+
+class Volume:
+    """A redundant logical volume: read, write, flush, status, close."""
+
+    def __init__(
+        self,
+        geometry: Geometry,
+        array_uuid: str,
+        slots: list[Slot],
+        events: int,
+    ) -> None:
+        self.geometry = geometry
+        self.array_uuid = array_uuid
+        self.slots = slots
+        self.events = events
+        self.lock = threading.RLock()
+        self.codec = geometry.codec
+        self.table = ChecksumTable(geometry, array_seed(array_uuid), self._read_table_page)
+        self._zero_chunk = np.zeros(geometry.chunk, dtype=np.uint8)
+        self._zero_chunk.flags.writeable = False
+        self._intent: set[int] = set()
+        self._intent_on_disk = False
+        self._closed = False
+
+    # --- public interface ---------------------------------------------------------------------
+
+    @property
+    def capacity(self) -> int:
+        """Usable bytes."""
+        return self.geometry.capacity
+
+    def read(self, offset: int, length: int) -> bytes:
+        """Bytes at [offset, offset + length), short at the end of the volume."""
+        if offset < 0 or length < 0:
+            raise RaidError(f"invalid read range {offset}+{length}", errno.EINVAL)
+        length = max(0, min(length, self.capacity - offset))
+        out = bytearray(length)
+        view = memoryview(out)
+        sb = self.geometry.stripe_bytes
+        chunk = self.geometry.chunk
+        pos = 0
+        with self.lock:
+            self._check_open()
+            while pos < length:
+                stripe, within = divmod(offset + pos, sb)
+                n = min(sb - within, length - pos)
+                c0, c1 = within // chunk, (within + n - 1) // chunk
+                group, row = self.geometry.locate(stripe)
+                cols = self._columns(group, row, list(range(c0, c1 + 1)))
+                for c in range(c0, c1 + 1):
+                    lo = max(within, c * chunk)
+                    hi = min(within + n, (c + 1) * chunk)
+                    view[pos + lo - within : pos + hi - within] = cols[c][
+                        lo - c * chunk : hi - c * chunk
+                    ]
+                pos += n
+        return bytes(out)
+
+    def write(self, offset: int, data: bytes | bytearray | memoryview) -> None:
+        """Store `data` at `offset`; durable after the next flush."""
+        view = memoryview(data).cast("B")
+        if offset < 0:
+            raise RaidError(f"invalid write offset {offset}", errno.EINVAL)
+        if offset + len(view) > self.capacity:
+            raise RaidError(
+                f"write of {len(view)} bytes at {offset} passes the end of the volume "
+                f"({self.capacity} bytes)",
+                errno.ENOSPC,
+            )
+        sb = self.geometry.stripe_bytes
+        pos = 0
+        with self.lock:
+            self._check_open()
+            while pos < len(view):
+                stripe, within = divmod(offset + pos, sb)
+                n = min(sb - within, len(view) - pos)
+                self._write_stripe(stripe, within, view[pos : pos + n])
+                pos += n
+
+    def flush(self) -> None:
+        """Make every write so far durable on every working member."""
+        with self.lock:
+            self._check_open()
+            self._flush_locked()
+
+    def close(self) -> None:
+        """Flush, mark the array clean in every label and release the members."""
+        with self.lock:
+            if self._closed:
+                return
+            self._flush_locked()
+            self.write_labels(clean=True)
+            self._closed = True
+            for s in self.slots:
+                if s.member is not None:
+                    try:
+                        s.member.close()
+                    except MemberIOError as exc:
+                        log.warning("slot %d: closing %s failed: %s", s.index, s.path, exc)
+
+    def state(self) -> str:
+        """clean, degraded, rebuilding or failed."""
+        worst = 0
+        for g in range(self.geometry.groups):
+            size = self.geometry.group_size
+            bad = sum(1 for s in self.slots[g * size : (g + 1) * size] if s.state != "active")
+            worst = max(worst, bad)
+        if worst > self.geometry.tolerance:
+            return "failed"
+        if any(s.state == "rebuilding" for s in self.slots):
+            return "rebuilding"
+        return "degraded" if worst else "clean"
+
+    def status(self) -> dict:
+        """Level, tolerance, capacity, state and per-member health."""
+        with self.lock:
+            if not self._closed:
+                self.check_members()
+            chunk = self.geometry.chunk
+            return {
+                "level": self.geometry.level,
+                "tolerance": self.geometry.tolerance,
+                "capacity_bytes": self.capacity,
+                "chunk_bytes": chunk,
+                "state": self.state(),
+                "array_uuid": self.array_uuid,
+                "events": self.events,
+                "members": [
+                    {
+                        "slot": s.index,
+                        "path": s.path,
+                        "state": s.state,
+                        "reason": s.reason,
+                        "read_errors": s.read_errors,
+                        "write_errors": s.write_errors,
+                        "checksum_errors": s.checksum_errors,
+                        "repaired": s.repaired,
+                        "rebuilt_bytes": (
+                            s.rebuilt_rows * chunk if s.state == "rebuilding" else None
+                        ),
+                    }
+                    for s in self.slots
+                ],
+            }
+
+    def check_members(self) -> None:
+        """Mark faulty every member whose backing store has gone away."""
+        for s in self.slots:
+            if s.writable:
+                try:
+                    s.member.check()
+                except MemberIOError as exc:
+                    self.member_failed(s.index, exc)
+
+    # --- reading ------------------------------------------------------------------------------
+
+    def load_chunk(self, slot: int, row: int) -> tuple[np.ndarray | None, str]:
+        """A chunk as stored, verified: (data, "ok"), (None, "missing") or (data, "corrupt")."""
+        entry = self.table.get(slot, row)
+        if entry == UNWRITTEN:
+            return self._zero_chunk, "ok"
+        s = self.slots[slot]
+        if not s.holds(row):
+            return None, "missing"
+        buf = np.empty(self.geometry.chunk, dtype=np.uint8)
+        try:
+            s.member.readinto(self.geometry.chunk_offset(row), memoryview(buf))
+        except MemberIOError as exc:
+            s.read_errors += 1
+            self.member_failed(slot, exc)
+            return None, "missing"
+        if chunk_checksum(buf, slot, row) != entry:
+            s.checksum_errors += 1
+            log.warning(
+                "slot %d (%s): checksum mismatch in row %d; reconstructing", slot, s.path, row
+            )
+            return buf, "corrupt"
+        return buf, "ok"
+
+    def _columns(
+        self, group: int, row: int, wanted: list[int], repair: bool = True
+    ) -> dict[int, np.ndarray]:
+        """Verified contents of columns `wanted` of a group's row, reconstructing as needed."""
+        slots = self.geometry.column_slots(group, row)
+        got: dict[int, np.ndarray] = {}
+        bad: list[tuple[int, str]] = []
+        for c in wanted:
+            buf, how = self.load_chunk(slots[c], row)
+            if how == "ok":
+                got[c] = buf
+            else:
+                bad.append((c, how))
+        if not bad:
+            return got
+        rebuilt = self.reconstruct(group, row, [c for c, _ in bad], got)
+        for c, how in bad:
+            got[c] = rebuilt[c]
+            if how == "corrupt" and repair:
+                self.rewrite_chunk(slots[c], row, rebuilt[c])
+        return got
+
+    def reconstruct(
+        self, group: int, row: int, lost: list[int], known: dict[int, np.ndarray]
+    ) -> dict[int, np.ndarray]:
+        """Columns `lost` of a row recomputed from verified other columns."""
+        g = self.geometry
+        slots = g.column_slots(group, row)
+        sources = {c: b for c, b in known.items() if c not in lost}
+        for c in range(g.group_size):
+            if len(sources) >= g.k:
+                break
+            if c in sources or c in lost:
+                continue
+            buf, how = self.load_chunk(slots[c], row)
+            if how == "ok":
+                sources[c] = buf
+        if len(sources) < g.k:
+            missing = g.group_size - len(sources)
+            raise UnrecoverableError(
+                f"row {row} of group {group}: {missing} of {g.group_size} chunks unavailable "
+                f"and {g.level} recovers at most {g.m}"
+            )
+        block = self.codec.reconstruct(sources, lost)
+        out: dict[int, np.ndarray] = {}
+        for i, c in enumerate(lost):
+            entry = self.table.get(slots[c], row)
+            data = self._zero_chunk if entry == UNWRITTEN else block[i]
+            if entry != UNWRITTEN and chunk_checksum(data, slots[c], row) != entry:
+                raise UnrecoverableError(
+                    f"row {row} of group {group}: the chunk of slot {slots[c]} reconstructed "
+                    "from redundancy does not match its checksum"
+                )
+            out[c] = data
+        return out
+
+    def rewrite_chunk(self, slot: int, row: int, data: np.ndarray) -> None:
+        """Write repaired or rebuilt chunk data back to its member."""
+        s = self.slots[slot]
+        if not s.writable:
+            return
+        try:
+            s.member.write(self.geometry.chunk_offset(row), data)
+        except MemberIOError as exc:
+            s.write_errors += 1
+            self.member_failed(slot, exc)
+            return
+        s.repaired += 1
+        log.info("slot %d (%s): row %d repaired from redundancy", slot, s.path, row)
+
+    # --- writing ------------------------------------------------------------------------------
+
+    def _write_stripe(self, stripe: int, within: int, piece: memoryview) -> None:
+        g = self.geometry
+        chunk = g.chunk
+        group, row = g.locate(stripe)
+        n = len(piece)
+        c0, c1 = within // chunk, (within + n - 1) // chunk
+        if within == 0 and n == g.stripe_bytes:
+            data = np.frombuffer(piece, dtype=np.uint8).reshape(g.k, chunk)
+        else:
+            keep = [
+                c
+                for c in range(g.k)
+                if not (within <= c * chunk and (c + 1) * chunk <= within + n)
+            ]
+            old = self._columns(group, row, keep) if keep else {}
+            data = np.empty((g.k, chunk), dtype=np.uint8)
+            for c, buf in old.items():
+                data[c] = buf
+            data.reshape(-1)[within : within + n] = np.frombuffer(piece, dtype=np.uint8)
+        self.store_row(group, row, data, list(range(c0, c1 + 1)))
+
+    def store_row(self, group: int, row: int, data: np.ndarray, changed: list[int]) -> None:
+        """Write data columns `changed` of a row and all its parity, updating checksums."""
+        g = self.geometry
+        slots = g.column_slots(group, row)
+        self._require_writable(group, row)
+        parity = self.codec.encode(data)
+        self._mark_intent(row)
+        columns = [(c, data[c]) for c in changed] + [
+            (g.k + j, parity[j]) for j in range(g.m)
+        ]
+        for c, buf in columns:
+            slot = slots[c]
+            s = self.slots[slot]
+            if s.writable:
+                try:
+                    s.member.write(g.chunk_offset(row), buf)
+                except MemberIOError as exc:
+                    s.write_errors += 1
+                    self.member_failed(slot, exc)
+            self.table.set(slot, row, chunk_checksum(buf, slot, row))
+        self._require_writable(group, row)
+
+    def _require_writable(self, group: int, row: int) -> None:
+        g = self.geometry
+        slots = g.column_slots(group, row)
+        lost = sum(1 for slot in slots if not self.slots[slot].writable)
+        if lost > g.m:
+            raise UnrecoverableError(
+                f"group {group} has {lost} of {g.group_size} members failed; "
+                f"{g.level} tolerates {g.m}: the volume has failed"
+            )
+
+    # --- write-intent bitmap ------------------------------------------------------------------
+
+    def _mark_intent(self, row: int) -> None:
+        bit = row // self.geometry.rows_per_intent_bit
+        if bit in self._intent:
+            return
+        self._intent.add(bit)
+        self._write_bitmap(durable=True)
+
+    def _write_bitmap(self, durable: bool) -> None:
+        bits = np.zeros(BITMAP_SIZE, dtype=np.uint8)
+        for b in self._intent:
+            bits[b >> 3] |= 1 << (b & 7)
+        raw = bits.tobytes()
+        for s in self.slots:
+            if not s.writable:
+                continue
+            try:
+                s.member.write(BITMAP_OFFSET, raw)
+                if durable:
+                    s.member.flush()
+            except MemberIOError as exc:
+                s.write_errors += 1
+                self.member_failed(s.index, exc)
+        self._intent_on_disk = bool(self._intent)
+
+    def intent_rows(self, bitmap: bytes) -> list[range]:
+        """Row ranges marked in a stored bitmap."""
+        bits = np.unpackbits(np.frombuffer(bitmap, dtype=np.uint8), bitorder="little")
+        rpb = self.geometry.rows_per_intent_bit
+        return [
+            range(int(b) * rpb, min((int(b) + 1) * rpb, self.geometry.rows))
+            for b in np.nonzero(bits)[0]
+        ]
+
+    # --- flushing and labels ------------------------------------------------------------------
+
+    def _flush_locked(self) -> None:
+        for p in sorted(self.table.dirty):
+            raw = self.table.sealed(p)
+            for s in self.slots:
+                if s.writable:
+                    try:
+                        s.member.write(page_offset(p), raw)
+                    except MemberIOError as exc:
+                        s.write_errors += 1
+                        self.member_failed(s.index, exc)
+        self.table.dirty.clear()
+        for s in self.slots:
+            if s.writable:
+                try:
+                    s.member.flush()
+                except MemberIOError as exc:
+                    s.write_errors += 1
+                    self.member_failed(s.index, exc)
+        if self._intent or self._intent_on_disk:
+            self._intent.clear()
+            self._write_bitmap(durable=False)
+
+    def write_labels(self, clean: bool = False) -> None:
+        """Write a new label (events + 1) to every working member and make it durable."""
+        self.events += 1
+        records = [
+            SlotRecord(
+                s.state if s.state in USABLE_STATES else "faulty",
+                s.rebuilt_rows if s.state == "rebuilding" else 0,
+            )
+            for s in self.slots
+        ]
+        failed: list[tuple[int, MemberIOError]] = []
+        for s in self.slots:
+            if not s.writable:
+                continue
+            label = Label(self.array_uuid, s.index, self.events, self.geometry, clean, records)
+            try:
+                s.member.write(LABEL_OFFSET, label.to_bytes())
+                s.member.flush()
+            except MemberIOError as exc:
+                failed.append((s.index, exc))
+        for slot, exc in failed:
+            self.slots[slot].write_errors += 1
+            self.member_failed(slot, exc)
+
+    def member_failed(self, slot: int, exc: Exception) -> None:
+        """Take a member out of service after an I/O failure and record it in the labels."""
+        s = self.slots[slot]
+        if s.state not in USABLE_STATES:
+            return
+        log.error("slot %d (%s) failed and is taken out of service: %s", slot, s.path, exc)
+        s.state = "faulty"
+        s.reason = str(exc)
+        if not self._closed:
+            self.write_labels()
+
+    # --- checksum-table pages -----------------------------------------------------------------
+
+    def _read_table_page(self, page_no: int) -> np.ndarray:
+        for s in self.slots:
+            if s.state != "active" or s.member is None:
+                continue
+            try:
+                raw = s.member.read(page_offset(page_no), TABLE_PAGE)
+            except MemberIOError as exc:
+                s.read_errors += 1
+                self.member_failed(s.index, exc)
+                continue
+            page = self.table.verify(raw, page_no)
+            if page is None:
+                s.checksum_errors += 1
+                log.warning(
+                    "slot %d (%s): checksum-table page %d is corrupt (scrub --repair mends it)",
+                    s.index, s.path, page_no,
+                )
+                continue
+            return page
+        raise UnrecoverableError(
+            f"checksum-table page {page_no} is unreadable or corrupt on every member"
+        )
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise RaidError("the volume is closed", errno.EBADF)
