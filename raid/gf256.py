@@ -172,13 +172,18 @@ def gf_matmul(coef: np.ndarray, src: np.ndarray, dst: np.ndarray | None = None) 
     if _kernel is None:
         _kernel = _compile_kernel()
     coef = np.ascontiguousarray(coef, dtype=np.uint8)
-    if src.ndim != 2 or src.shape[0] != coef.shape[1]:
+    if coef.ndim != 2 or src.ndim != 2 or src.shape[0] != coef.shape[1]:
         raise ValueError(f"src shape {src.shape} does not fit coefficients {coef.shape}")
+    if src.dtype != np.uint8:
+        raise ValueError(f"src must be uint8, not {src.dtype}")
     length = src.shape[1]
     if length % 8:
         raise ValueError(f"block length {length} is not a multiple of 8")
     if dst is None:
         dst = np.empty((coef.shape[0], length), dtype=np.uint8)
+    elif dst.dtype != np.uint8 or dst.shape != (coef.shape[0], length):
+        # The compiled kernel does no bounds checking: a wrong dst would be written out of bounds.
+        raise ValueError(f"dst {dst.dtype} {dst.shape} must be uint8 {(coef.shape[0], length)}")
     src = np.ascontiguousarray(src)
     _kernel(coef, src.view(np.uint64), dst.view(np.uint64))
     return dst

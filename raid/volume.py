@@ -139,13 +139,17 @@ class Volume:
             self._check_open()
             self._flush_locked()
 
-    def close(self) -> None:
-        """Flush, mark the array clean in every label and release the members."""
+    def close(self, write: bool = True) -> None:
+        """Flush, mark the array clean in every label and release the members.
+
+        With `write=False` (a read-only inspection) nothing is written to the members.
+        """
         with self.lock:
             if self._closed:
                 return
-            self._flush_locked()
-            self.write_labels(clean=True)
+            if write:
+                self._flush_locked()
+                self.write_labels(clean=True)
             self._closed = True
             for s in self.slots:
                 if s.member is not None:

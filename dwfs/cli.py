@@ -1,0 +1,363 @@
+"""The `dwfs` command line."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import select
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from contextlib import contextmanager
+from typing import Any
+
+from rich.console import Console
+from rich.progress import BarColumn, DownloadColumn, Progress, TimeRemainingColumn
+from rich.table import Table
+
+from dwfs import control, service
+from dwfs.config import ConfigError, WarehouseConfig, load_config
+from dwfs.mounts import find_mount, fusermount_unmount
+from dwfs.sizes import format_size, parse_size
+from dwfs.warehouse import (
+    MkfsRequest,
+    WarehouseError,
+    WarehouseLock,
+    control_socket_path,
+    mkfs,
+    open_volume,
+)
+from raid import levels
+from raid.errors import RaidError
+
+log = logging.getLogger("dwfs")
+out = Console()
+err = Console(stderr=True)
+
+MOUNT_TIMEOUT = 120.0
+UMOUNT_TIMEOUT = 300.0
+
+
+class CommandError(Exception):
+    """A command that cannot do what it was asked; the message says why."""
+
+
+# --- helpers ------------------------------------------------------------------------------------
+
+
+@contextmanager
+def progress_bar(description: str, in_bytes: bool = True):
+    """A rich progress bar whose update callback takes (done, total)."""
+    columns = [
+        "[progress.description]{task.description}",
+        BarColumn(),
+        DownloadColumn(binary_units=True) if in_bytes else "{task.completed}/{task.total}",
+        TimeRemainingColumn(),
+    ]
+    with Progress(*columns, console=err, transient=False, disable=not err.is_terminal) as bar:
+        task = bar.add_task(description, total=None)
+
+        def update(done: int, total: int) -> None:
+            bar.update(task, completed=done, total=total)
+
+        yield update
+
+
+def with_volume(
+    warehouse: str,
+    local: Callable[[Any, WarehouseConfig], Any],
+    remote: dict,
+    progress: Callable[[int, int], None] | None = None,
+    read_only: bool = False,
+) -> Any:
+    """Run an operation on the warehouse's volume: in this process, or by its mount daemon."""
+    cfg = load_config(warehouse)
+    lock = WarehouseLock(cfg.directory)
+    if lock.try_acquire():
+        try:
+            volume = open_volume(cfg, allow_failed=read_only, resync=not read_only)
+            try:
+                return local(volume, cfg)
+            finally:
+                volume.close(write=not read_only)
+        finally:
+            lock.release()
+    sock = control_socket_path(cfg.directory)
+    try:
+        return control.request(sock, remote, progress)
+    except control.ControlError as exc:
+        if exc.errno == 111:  # ECONNREFUSED: no daemon answers
+            raise CommandError(
+                f"warehouse {cfg.directory} is in use by process {lock.holder()}, "
+                "which does not answer control requests"
+            ) from exc
+        raise
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii") as f:
+            return f.read().split(")")[-1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+# --- commands -----------------------------------------------------------------------------------
+
+
+def cmd_mkfs(args: argparse.Namespace) -> int:
+    members = len(args.device) if args.device else args.devices
+    if not members:
+        raise CommandError("give --devices N --device-size SIZE, or --device PATH (repeated)")
+    level = args.level
+    reason = ""
+    if level == "auto":
+        survive = args.survive if args.survive is not None else (1 if members < 6 else 2)
+        choice = levels.choose_level(members, survive)
+        level, reason = choice.level, choice.reason
+    elif args.survive is not None and levels.tolerance(level, members) < args.survive:
+        raise CommandError(
+            f"{level} on {members} members survives {levels.tolerance(level, members)} "
+            f"failed members, not {args.survive}"
+        )
+    req = MkfsRequest(
+        directory=args.warehouse,
+        level=level,
+        chunk_size=parse_size(args.chunk_size),
+        backend=args.backend,
+        devices=0 if args.device else args.devices,
+        device_size=parse_size(args.device_size) if args.device_size else 0,
+        device_paths=tuple(args.device or ()),
+    )
+    with progress_bar("writing member metadata", in_bytes=False) as update:
+        cfg, geometry = mkfs(req, progress=update)
+    out.print(f"created warehouse [bold]{cfg.directory}[/bold]")
+    out.print(f"  level      {geometry.level}" + (f"  (auto: {reason})" if reason else ""))
+    out.print(f"  members    {geometry.members} x {cfg.backend}")
+    out.print(f"  tolerance  {geometry.tolerance} failed member(s)")
+    out.print(f"  chunk      {format_size(geometry.chunk)}")
+    out.print(f"  capacity   {format_size(geometry.capacity)} ({geometry.capacity} bytes)")
+    return 0
+
+
+def cmd_mount(args: argparse.Namespace) -> int:
+    if not args.raw:
+        raise CommandError(
+            "mounting the warehouse as a filesystem is not available yet; "
+            "use `dwfs mount --raw` to mount its raw volume"
+        )
+    cfg = load_config(args.warehouse)
+    mountpoint = os.path.abspath(args.mountpoint)
+    if args.foreground:
+        from dwfs import daemon
+
+        logging.basicConfig(level=logging.INFO, stream=sys.stderr)
+        return daemon.serve(cfg.directory, mountpoint, None, args.debug)
+    read_fd, write_fd = os.pipe()
+    cmd = [sys.executable, "-m", "dwfs.daemon", cfg.directory, mountpoint, "--raw",
+           "--ready-fd", str(write_fd)]
+    if args.debug:
+        cmd.append("--debug")
+    with open(os.path.join(cfg.directory, "dwfs.log"), "ab") as logf:
+        proc = subprocess.Popen(cmd, pass_fds=(write_fd,), stdin=subprocess.DEVNULL,
+                                stdout=logf, stderr=logf, start_new_session=True)
+    os.close(write_fd)
+    deadline = time.monotonic() + MOUNT_TIMEOUT
+    line = b""
+    with os.fdopen(read_fd, "rb") as pipe:
+        while time.monotonic() < deadline:
+            ready, _, _ = select.select([pipe], [], [], 0.5)
+            if ready:
+                line = pipe.readline()
+                break
+            if proc.poll() is not None:
+                line = pipe.readline()
+                break
+    text = line.decode(errors="replace").strip()
+    if text == "ready":
+        out.print(f"mounted {cfg.directory} at {mountpoint} (raw volume, pid {proc.pid})")
+        return 0
+    if not text:
+        if proc.poll() is None:
+            proc.terminate()
+            raise CommandError(f"the mount did not become ready in {MOUNT_TIMEOUT:.0f} s; "
+                               f"see {cfg.directory}/dwfs.log")
+        text = (f"the mount daemon exited with status {proc.returncode}; "
+                f"see {cfg.directory}/dwfs.log")
+    proc.wait()
+    raise CommandError(text.removeprefix("error: "))
+
+
+def cmd_umount(args: argparse.Namespace) -> int:
+    mountpoint = os.path.realpath(args.mountpoint)
+    entry = find_mount(mountpoint)
+    if entry is None:
+        raise CommandError(f"{mountpoint} is not mounted")
+    if entry.fstype != "fuse.dwfs":
+        raise CommandError(f"{mountpoint} is a {entry.fstype} mount, not dwfs")
+    sock = control_socket_path(entry.source)
+    pid = None
+    try:
+        pid = control.request(sock, {"op": "flush"}, timeout=UMOUNT_TIMEOUT)["pid"]
+    except control.ControlError as exc:
+        err.print(f"dwfs: the daemon of {mountpoint} does not answer ({exc}); unmounting anyway")
+    result = fusermount_unmount(mountpoint)
+    if result.returncode != 0:
+        if pid is not None:
+            raise CommandError(f"cannot unmount {mountpoint}: {result.stderr.strip()}")
+        fusermount_unmount(mountpoint, lazy=True)
+    if pid is not None:
+        deadline = time.monotonic() + UMOUNT_TIMEOUT
+        while _pid_alive(pid):
+            if time.monotonic() > deadline:
+                raise CommandError(f"the daemon (pid {pid}) did not exit after unmounting")
+            time.sleep(0.05)
+    out.print(f"unmounted {mountpoint}")
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    doc = with_volume(args.warehouse, service.status, {"op": "status"}, read_only=True)
+    if args.json:
+        print(json.dumps(doc, indent=2))
+        return 0 if doc["state"] != "failed" else 2
+    style = {"clean": "green", "degraded": "yellow", "rebuilding": "yellow", "failed": "red"}
+    out.print(f"warehouse  {doc['warehouse']}" + (
+        f"  (mounted at {doc['mountpoint']})" if doc.get("mountpoint") else ""))
+    out.print(f"level      {doc['level']}, tolerates {doc['tolerance']} failed member(s)")
+    out.print(f"capacity   {format_size(doc['capacity_bytes'])} ({doc['capacity_bytes']} bytes)")
+    out.print(f"state      [{style[doc['state']]}]{doc['state']}[/]")
+    table = Table("slot", "state", "path", "read err", "checksum err", "repaired", "note")
+    for m in doc["members"]:
+        note = m["reason"]
+        if m["state"] == "rebuilding":
+            note = f"rebuilt {format_size(m['rebuilt_bytes'])}"
+        table.add_row(str(m["slot"]), m["state"], m["path"], str(m["read_errors"]),
+                      str(m["checksum_errors"]), str(m["repaired"]), note)
+    out.print(table)
+    return 0 if doc["state"] != "failed" else 2
+
+
+def cmd_scrub(args: argparse.Namespace) -> int:
+    with progress_bar("scrubbing" + (" and repairing" if args.repair else ""),
+                      in_bytes=False) as update:
+        report = with_volume(
+            args.warehouse,
+            lambda v, c: service.run_scrub(v, args.repair, update),
+            {"op": "scrub", "repair": args.repair},
+            progress=update,
+        )
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        _print_scrub(report)
+    if report["unrecoverable"]:
+        return 3
+    return 0 if report["errors"] == 0 or args.repair else 1
+
+
+def _print_scrub(report: dict) -> None:
+    table = Table("slot", "path", "checksum", "read", "parity", "table", "fixed",
+                  "unrecoverable")
+    for m in report["members"]:
+        table.add_row(str(m["slot"]), m["path"], str(m["checksum_errors"]), str(m["read_errors"]),
+                      str(m["parity_mismatches"]), str(m["table_errors"]), str(m["fixed"]),
+                      str(m["unrecoverable"]))
+    out.print(table)
+    for p in report["problems"]:
+        where = f"row {p['row']}" if p["row"] is not None else "metadata"
+        out.print(f"  slot {p['slot']} {where}: {p['kind']}" + (" - fixed" if p["fixed"] else ""))
+    verdict = "no errors" if report["errors"] == 0 else (
+        f"{report['errors']} error(s), {report['fixed']} fixed, "
+        f"{report['unrecoverable']} unrecoverable")
+    out.print(f"scrub checked {report['rows_checked']} rows "
+              f"({format_size(report['bytes_checked'])} of chunks): {verdict}")
+
+
+def cmd_replace(args: argparse.Namespace) -> int:
+    with progress_bar(f"rebuilding slot {args.slot}") as update:
+        result = with_volume(
+            args.warehouse,
+            lambda v, c: service.replace(v, c, args.slot, args.device, update),
+            {"op": "replace", "slot": args.slot, "device": args.device},
+            progress=update,
+        )
+    if result["resumed_at_bytes"]:
+        out.print(f"resumed the interrupted rebuild at {format_size(result['resumed_at_bytes'])}")
+    out.print(f"slot {result['slot']} rebuilt onto {result['path']}; array {result['state']}")
+    return 0
+
+
+# --- parser -------------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="dwfs", description="data-warehouse filesystem")
+    p.add_argument("-v", "--verbose", action="store_true", help="log more")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    m = sub.add_parser("mkfs", help="create a warehouse and its redundant array")
+    m.add_argument("warehouse")
+    m.add_argument("--level", required=True,
+                   help="raid0 raid1 raid5 raid6 raid10 raid50 raid60 raidz1 raidz2 raidz3 auto")
+    m.add_argument("--devices", type=int, default=0, help="number of new members to create")
+    m.add_argument("--device-size", help="size of each new member, e.g. 1G")
+    m.add_argument("--backend", default="file", help="file (default) or sqlite")
+    m.add_argument("--device", action="append", help="an existing member file (repeat)")
+    m.add_argument("--chunk-size", default="64K", help="chunk size (default 64K)")
+    m.add_argument("--survive", type=int, help="with --level auto: failed members to survive")
+    m.set_defaults(func=cmd_mkfs)
+
+    m = sub.add_parser("mount", help="mount a warehouse")
+    m.add_argument("warehouse")
+    m.add_argument("mountpoint")
+    m.add_argument("--raw", action="store_true", help="mount the raw volume as one file")
+    m.add_argument("-f", "--foreground", action="store_true")
+    m.add_argument("-o", dest="options", default="", help="mount options")
+    m.add_argument("--debug", action="store_true")
+    m.set_defaults(func=cmd_mount)
+
+    m = sub.add_parser("umount", help="flush, unmount and wait for the daemon to exit")
+    m.add_argument("mountpoint")
+    m.set_defaults(func=cmd_umount)
+
+    m = sub.add_parser("status", help="array state and member health")
+    m.add_argument("warehouse")
+    m.add_argument("--json", action="store_true")
+    m.set_defaults(func=cmd_status)
+
+    m = sub.add_parser("scrub", help="verify all data and parity")
+    m.add_argument("warehouse")
+    m.add_argument("--repair", action="store_true")
+    m.add_argument("--json", action="store_true")
+    m.set_defaults(func=cmd_scrub)
+
+    m = sub.add_parser("replace", help="rebuild a member onto a replacement")
+    m.add_argument("warehouse")
+    m.add_argument("slot", type=int)
+    m.add_argument("--device", help="replacement member file (default: a new one in place)")
+    m.set_defaults(func=cmd_replace)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the `dwfs` command."""
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.ERROR,
+                        format="dwfs: %(levelname)s: %(message)s")
+    try:
+        return args.func(args)
+    except (CommandError, ConfigError, RaidError, WarehouseError, control.ControlError,
+            levels.LevelError, ValueError) as exc:
+        err.print(f"dwfs: error: {exc}", highlight=False, markup=False)
+        return 1
+    except KeyboardInterrupt:
+        err.print("dwfs: interrupted")
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

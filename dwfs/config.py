@@ -1,0 +1,113 @@
+"""The warehouse configuration file, dwfs.toml: the array's identity and its member list."""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from dataclasses import dataclass, field
+
+CONFIG_NAME = "dwfs.toml"
+
+
+class ConfigError(ValueError):
+    """A missing, unreadable or malformed dwfs.toml."""
+
+
+@dataclass
+class WarehouseConfig:
+    """What dwfs.toml says: array UUID, level, chunk size, backend and member paths."""
+
+    directory: str
+    array_uuid: str
+    level: str
+    chunk_size: int
+    backend: str
+    members: list[str] = field(default_factory=list)
+    created: str = ""
+
+    @property
+    def path(self) -> str:
+        return os.path.join(self.directory, CONFIG_NAME)
+
+    def member_path(self, slot: int) -> str:
+        """Absolute path of a member (relative paths are relative to the warehouse)."""
+        p = self.members[slot]
+        return p if os.path.isabs(p) else os.path.join(self.directory, p)
+
+    def member_paths(self) -> list[str]:
+        return [self.member_path(i) for i in range(len(self.members))]
+
+    def to_toml(self) -> str:
+        lines = [
+            "# dwfs warehouse: the redundant array and where its members are.",
+            "[array]",
+            f"uuid = {_q(self.array_uuid)}",
+            f"level = {_q(self.level)}",
+            f"chunk_size = {self.chunk_size}",
+            f"backend = {_q(self.backend)}",
+            f"created = {_q(self.created)}",
+            "",
+        ]
+        for p in self.members:
+            lines += ["[[members]]", f"path = {_q(p)}", ""]
+        return "\n".join(lines)
+
+    def save(self) -> None:
+        """Write dwfs.toml atomically (temporary file, fsync, rename)."""
+        tmp = self.path + ".tmp"
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(self.to_toml())
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self.path)
+
+
+def _q(s: str) -> str:
+    return '"' + s.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def load_config(directory: str) -> WarehouseConfig:
+    """Read and validate a warehouse's dwfs.toml."""
+    directory = os.path.abspath(directory)
+    path = os.path.join(directory, CONFIG_NAME)
+    try:
+        with open(path, "rb") as f:
+            data = tomllib.load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"{directory} is not a dwfs warehouse: {CONFIG_NAME} not found") from None
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read: {exc.strerror}") from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from exc
+    try:
+        array = data["array"]
+        cfg = WarehouseConfig(
+            directory=directory,
+            array_uuid=_str(array, "uuid"),
+            level=_str(array, "level"),
+            chunk_size=_int(array, "chunk_size"),
+            backend=_str(array, "backend"),
+            created=str(array.get("created", "")),
+            members=[_str(m, "path") for m in data["members"]],
+        )
+    except KeyError as exc:
+        raise ConfigError(f"{path}: missing setting {exc.args[0]!r}") from None
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"{path}: {exc}") from None
+    if not cfg.members:
+        raise ConfigError(f"{path}: no [[members]] listed")
+    return cfg
+
+
+def _str(table: dict, key: str) -> str:
+    value = table[key]
+    if not isinstance(value, str):
+        raise ValueError(f"{key} must be a string, got {value!r}")
+    return value
+
+
+def _int(table: dict, key: str) -> int:
+    value = table[key]
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise ValueError(f"{key} must be an integer, got {value!r}")
+    return value

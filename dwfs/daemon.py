@@ -1,0 +1,157 @@
+"""The mount daemon: assembles the warehouse's volume, serves FUSE and the control socket.
+
+Started by `dwfs mount` as `python -m dwfs.daemon ... --ready-fd N`: it writes one line to that
+pipe when the mount is ready ("ready") or has failed ("error: ..."), so the command returns only
+once the mount can be used.
+"""
+
+from __future__ import annotations
+
+import argparse
+import errno
+import logging
+import os
+import signal
+import sys
+
+import pyfuse3
+import trio
+
+from dwfs import control, service
+from dwfs.config import ConfigError, WarehouseConfig, load_config
+from dwfs.mounts import is_mounted
+from dwfs.rawfs import RawOperations
+from dwfs.warehouse import WarehouseError, WarehouseLock, control_socket_path, open_volume
+from raid.errors import RaidError
+from raid.volume import Volume
+
+log = logging.getLogger("dwfs.daemon")
+
+
+class Daemon:
+    """One mounted warehouse: its volume, FUSE session and control server."""
+
+    def __init__(self, cfg: WarehouseConfig, volume: Volume, mountpoint: str) -> None:
+        self.cfg = cfg
+        self.volume = volume
+        self.mountpoint = mountpoint
+        self.sock_path = control_socket_path(cfg.directory)
+
+    def handle(self, op: dict, progress) -> object:
+        """Carry out one control request (in a worker thread)."""
+        name = op.get("op")
+        if name == "ping":
+            return {"pid": os.getpid(), "mountpoint": self.mountpoint,
+                    "warehouse": self.cfg.directory}
+        if name == "status":
+            doc = service.status(self.volume, self.cfg)
+            doc["mountpoint"] = self.mountpoint
+            doc["pid"] = os.getpid()
+            return doc
+        if name == "flush":
+            self.volume.flush()
+            return {"pid": os.getpid()}
+        if name == "scrub":
+            return service.run_scrub(self.volume, bool(op.get("repair")), progress)
+        if name == "replace":
+            return service.replace(self.volume, self.cfg, int(op["slot"]), op.get("device"),
+                                   progress)
+        raise ValueError(f"unknown control request {name!r}")
+
+    async def run(self, ready) -> None:
+        limiter = trio.CapacityLimiter(1)
+        async with trio.open_nursery() as nursery:
+            await nursery.start(control.serve, self.sock_path, self.handle, limiter)
+            nursery.start_soon(self._signals, nursery)
+            ready()
+            await pyfuse3.main()
+            nursery.cancel_scope.cancel()
+
+    async def _signals(self, nursery: trio.Nursery) -> None:
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as sigs:
+            async for sig in sigs:
+                if sig == signal.SIGHUP:
+                    log.info("SIGHUP: flushing")
+                    await trio.to_thread.run_sync(self.volume.flush)
+                    continue
+                log.info("signal %d: unmounting %s", sig, self.mountpoint)
+                pyfuse3.terminate()
+                return
+
+
+def serve(warehouse: str, mountpoint: str, ready_fd: int | None, debug: bool = False) -> int:
+    """Mount and serve until unmounted; returns the exit status."""
+    def report(line: str) -> None:
+        if ready_fd is not None:
+            os.write(ready_fd, (line + "\n").encode())
+            os.close(ready_fd)
+
+    lock = None
+    volume = None
+    mounted = False
+    try:
+        cfg = load_config(warehouse)
+        mountpoint = os.path.abspath(mountpoint)
+        if not os.path.isdir(mountpoint):
+            raise WarehouseError(f"mount point {mountpoint} is not a directory", errno.ENOTDIR)
+        if is_mounted(mountpoint):
+            raise WarehouseError(f"{mountpoint} is already a mount point", errno.EBUSY)
+        lock = WarehouseLock(cfg.directory)
+        if not lock.try_acquire():
+            raise WarehouseError(
+                f"warehouse {cfg.directory} is in use by process {lock.holder()}", errno.EBUSY
+            )
+        _log_to_file(cfg.directory, debug)
+        volume = open_volume(cfg)
+        ops = RawOperations(volume)
+        options = set(pyfuse3.default_options)
+        options.discard("default_permissions")
+        options |= {f"fsname={cfg.directory}", "subtype=dwfs", "default_permissions"}
+        if os.getuid() == 0:
+            options.add("allow_other")
+        pyfuse3.init(ops, mountpoint, options)
+        mounted = True
+        log.info("mounted %s (raw volume, %s) at %s", cfg.directory, volume.geometry.level,
+                 mountpoint)
+        daemon = Daemon(cfg, volume, mountpoint)
+        trio.run(daemon.run, lambda: report("ready"))
+        return 0
+    except (ConfigError, RaidError, OSError) as exc:
+        log.error("mount of %s failed: %s", warehouse, exc)
+        report(f"error: {exc}")
+        return 1
+    finally:
+        if mounted:
+            pyfuse3.close(unmount=is_mounted(os.path.abspath(mountpoint)))
+        if volume is not None:
+            try:
+                volume.close()
+            except RaidError as exc:
+                log.error("closing the volume of %s failed: %s", warehouse, exc)
+        if lock is not None:
+            lock.release()
+
+
+def _log_to_file(directory: str, debug: bool) -> None:
+    handler = logging.FileHandler(os.path.join(directory, "dwfs.log"))
+    handler.setFormatter(logging.Formatter("%(asctime)s %(process)d %(name)s %(levelname)s "
+                                           "%(message)s"))
+    root = logging.getLogger()
+    root.addHandler(handler)
+    root.setLevel(logging.DEBUG if debug else logging.INFO)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of `python -m dwfs.daemon`."""
+    p = argparse.ArgumentParser(prog="dwfs-daemon")
+    p.add_argument("warehouse")
+    p.add_argument("mountpoint")
+    p.add_argument("--raw", action="store_true", required=True)
+    p.add_argument("--ready-fd", type=int)
+    p.add_argument("--debug", action="store_true")
+    args = p.parse_args(argv)
+    return serve(args.warehouse, args.mountpoint, args.ready_fd, args.debug)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,53 @@
+"""Reading /proc/mounts and calling fusermount3."""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import subprocess
+from dataclasses import dataclass
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class MountEntry:
+    """One line of /proc/mounts."""
+
+    source: str
+    mountpoint: str
+    fstype: str
+
+
+def _unescape(field: str) -> str:
+    return (field.replace("\\040", " ").replace("\\011", "\t").replace("\\012", "\n")
+            .replace("\\134", "\\"))
+
+
+def mounts() -> list[MountEntry]:
+    """Every current mount."""
+    with open("/proc/mounts", encoding="utf-8") as f:
+        rows = [line.split() for line in f]
+    return [MountEntry(_unescape(r[0]), _unescape(r[1]), r[2]) for r in rows if len(r) >= 3]
+
+
+def find_mount(mountpoint: str) -> MountEntry | None:
+    """The mount at `mountpoint`, if any (the last one, as the kernel shows it)."""
+    target = os.path.realpath(mountpoint)
+    found = None
+    for m in mounts():
+        if m.mountpoint == target:
+            found = m
+    return found
+
+
+def is_mounted(mountpoint: str) -> bool:
+    return find_mount(mountpoint) is not None
+
+
+def fusermount_unmount(mountpoint: str, lazy: bool = False) -> subprocess.CompletedProcess:
+    """Run `fusermount3 -u` (or `-uz`) on a mount point."""
+    tool = shutil.which("fusermount3") or "fusermount3"
+    args = [tool, "-uz" if lazy else "-u", mountpoint]
+    return subprocess.run(args, capture_output=True, text=True, check=False)

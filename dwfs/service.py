@@ -1,0 +1,63 @@
+"""What the CLI and the mount daemon both do to a warehouse's volume: status, scrub, replace."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+from dwfs.config import WarehouseConfig
+from dwfs.warehouse import WarehouseError, replacement_member
+from raid.rebuild import attach_replacement, rebuild
+from raid.scrub import scrub
+from raid.volume import Volume
+
+log = logging.getLogger(__name__)
+
+Progress = Callable[[int, int], None]
+
+
+def status(volume: Volume, cfg: WarehouseConfig) -> dict:
+    """The status document of `dwfs status --json`."""
+    doc = volume.status()
+    doc["warehouse"] = cfg.directory
+    return doc
+
+
+def run_scrub(volume: Volume, repair: bool, progress: Progress | None = None) -> dict:
+    """Scrub the volume; the report as a dict."""
+    return scrub(volume, repair=repair, progress=progress).to_dict()
+
+
+def replace(
+    volume: Volume,
+    cfg: WarehouseConfig,
+    slot: int,
+    device: str | None,
+    progress: Progress | None = None,
+) -> dict:
+    """Rebuild `slot` onto a new member (or resume an interrupted rebuild of it)."""
+    g = volume.geometry
+    if not 0 <= slot < g.members:
+        raise WarehouseError(f"slot {slot} does not exist: the array has slots 0 to "
+                             f"{g.members - 1}")
+    s = volume.slots[slot]
+    resumed_at = 0
+    same_place = device is None or device == s.path
+    if s.state == "rebuilding" and same_place:
+        resumed_at = s.rebuilt_rows * g.chunk
+        log.info("slot %d: resuming the interrupted rebuild at byte %d", slot, resumed_at)
+    else:
+        others = [x for x in volume.slots if x.index != slot]
+        if volume.state() == "failed" or sum(
+            1 for x in others[: g.group_size] if x.state != "active"
+        ) > g.tolerance:
+            raise WarehouseError("the array has failed; there is nothing to rebuild from")
+        capacity = -(-g.member_bytes_needed // (1 << 20)) * (1 << 20)
+        member, path, cfg_path = replacement_member(cfg, slot, device, capacity)
+        attach_replacement(volume, slot, member, path)
+        if cfg.members[slot] != cfg_path:
+            cfg.members[slot] = cfg_path
+            cfg.save()
+    rebuild(volume, slot, progress)
+    return {"slot": slot, "path": volume.slots[slot].path, "resumed_at_bytes": resumed_at,
+            "rebuilt_bytes": g.rows * g.chunk, "state": volume.state()}

@@ -1,0 +1,217 @@
+"""A warehouse on disk: creating one (mkfs), locking it, and assembling its volume."""
+
+from __future__ import annotations
+
+import datetime
+import errno
+import fcntl
+import hashlib
+import logging
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from backends import BACKENDS, Member, MemberIOError, create_member, open_member
+from dwfs.config import CONFIG_NAME, WarehouseConfig, load_config
+from raid.assemble import assemble, create_array
+from raid.errors import ArrayCreateError, RaidError
+from raid.geometry import Geometry
+from raid.volume import Volume
+
+log = logging.getLogger(__name__)
+
+LOCK_NAME = ".dwfs.lock"
+Progress = Callable[[int, int], None]
+
+
+class WarehouseError(RaidError):
+    """A warehouse operation that cannot be done as asked."""
+
+    def __init__(self, message: str, code: int = errno.EINVAL) -> None:
+        super().__init__(message, code)
+
+
+@dataclass
+class MkfsRequest:
+    """What `dwfs mkfs` was asked for."""
+
+    directory: str
+    level: str
+    chunk_size: int
+    backend: str = "file"
+    devices: int = 0
+    device_size: int = 0
+    device_paths: tuple[str, ...] = ()
+
+
+def mkfs(req: MkfsRequest, progress: Progress | None = None) -> tuple[WarehouseConfig, Geometry]:
+    """Create a warehouse directory, its members and a new array; nothing is left on failure."""
+    directory = os.path.abspath(req.directory)
+    if os.path.exists(os.path.join(directory, CONFIG_NAME)):
+        raise WarehouseError(f"{directory} already holds a warehouse ({CONFIG_NAME} exists)",
+                             errno.EEXIST)
+    if req.backend not in BACKENDS:
+        raise WarehouseError(f"unknown backend {req.backend!r}; known: {', '.join(BACKENDS)}")
+    if req.device_paths and req.devices:
+        raise WarehouseError("give either --devices N --device-size SIZE or --device PATH ...")
+    if not req.device_paths and (req.devices < 1 or req.device_size < 1):
+        raise WarehouseError("give --devices N and --device-size SIZE, or --device PATH ...")
+    made_dir = not os.path.exists(directory)
+    os.makedirs(directory, exist_ok=True)
+    created: list[str] = []
+    members: list[Member] = []
+    try:
+        if req.device_paths:
+            rel = [os.path.abspath(p) for p in req.device_paths]
+            for p in rel:
+                if len(set(rel)) != len(rel):
+                    raise WarehouseError("the same --device is given twice")
+                if os.path.exists(p):
+                    members.append(open_member(p))
+                else:
+                    raise WarehouseError(f"--device {p} does not exist", errno.ENOENT)
+        else:
+            os.makedirs(os.path.join(directory, "members"), exist_ok=True)
+            ext = "img" if req.backend == "file" else "sqlite"
+            rel = [os.path.join("members", f"member-{i}.{ext}") for i in range(req.devices)]
+            for r in rel:
+                p = os.path.join(directory, r)
+                members.append(create_member(req.backend, p, req.device_size))
+                created.append(p)
+        uuid, geometry = create_array(members, req.level, req.chunk_size, progress=progress)
+        cfg = WarehouseConfig(
+            directory=directory,
+            array_uuid=uuid,
+            level=req.level,
+            chunk_size=req.chunk_size,
+            backend=req.backend,
+            members=rel,
+            created=datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        )
+        cfg.save()
+        return cfg, geometry
+    except (RaidError, ValueError, OSError) as exc:
+        for p in created:
+            _remove_quietly(p)
+        if made_dir:
+            _remove_tree_quietly(directory)
+        if isinstance(exc, RaidError):
+            raise
+        raise ArrayCreateError(str(exc)) from exc
+    finally:
+        for m in members:
+            try:
+                m.close()
+            except MemberIOError as exc:
+                log.warning("closing new member %s failed: %s", m.path, exc)
+
+
+def _remove_quietly(path: str) -> None:
+    for p in (path, path + "-wal", path + "-shm"):
+        try:
+            os.unlink(p)
+        except FileNotFoundError:
+            continue
+        except OSError as exc:
+            log.warning("cleanup: cannot remove %s: %s", p, exc)
+
+
+def _remove_tree_quietly(directory: str) -> None:
+    for root, dirs, files in os.walk(directory, topdown=False):
+        for name in files:
+            _remove_quietly(os.path.join(root, name))
+        for name in dirs:
+            try:
+                os.rmdir(os.path.join(root, name))
+            except OSError as exc:
+                log.warning("cleanup: cannot remove %s: %s", name, exc)
+    try:
+        os.rmdir(directory)
+    except OSError as exc:
+        log.warning("cleanup: cannot remove %s: %s", directory, exc)
+
+
+class WarehouseLock:
+    """An exclusive lock on a warehouse: one process at a time assembles its array."""
+
+    def __init__(self, directory: str) -> None:
+        self.path = os.path.join(os.path.abspath(directory), LOCK_NAME)
+        self._fd = -1
+
+    def try_acquire(self) -> bool:
+        """Take the lock if it is free; False if another process holds it."""
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            return False
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        self._fd = fd
+        return True
+
+    def holder(self) -> str:
+        """The pid written by the process holding the lock, if any."""
+        try:
+            with open(self.path, encoding="ascii") as f:
+                return f.read().strip()
+        except OSError:
+            return "?"
+
+    def release(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+
+def open_volume(cfg: WarehouseConfig, allow_failed: bool = False, resync: bool = True) -> Volume:
+    """Assemble the warehouse's array from the members listed in its config."""
+    return assemble(cfg.member_paths(), cfg.array_uuid, open_member,
+                    allow_failed=allow_failed, resync=resync)
+
+
+def load(directory: str) -> WarehouseConfig:
+    """The warehouse's configuration."""
+    return load_config(directory)
+
+
+def runtime_dir() -> str:
+    """Where control sockets live."""
+    base = os.environ.get("XDG_RUNTIME_DIR") or (
+        "/run" if os.getuid() == 0 and os.path.isdir("/run") else "/tmp"
+    )
+    path = os.path.join(base, f"dwfs-{os.getuid()}")
+    os.makedirs(path, mode=0o700, exist_ok=True)
+    return path
+
+
+def control_socket_path(directory: str) -> str:
+    """The control socket of the daemon serving this warehouse."""
+    key = hashlib.sha256(os.path.realpath(directory).encode()).hexdigest()[:20]
+    return os.path.join(runtime_dir(), f"{key}.sock")
+
+
+def replacement_member(cfg: WarehouseConfig, slot: int, device: str | None,
+                       capacity: int) -> tuple[Member, str, str]:
+    """A member for `slot`: the given device, or a fresh one where the old member was.
+
+    Returns (member, absolute path, path as written in the config). An old member file at the
+    configured place is moved aside as `<name>.replaced` rather than deleted.
+    """
+    if device:
+        path = os.path.abspath(device)
+        if not os.path.exists(path):
+            raise WarehouseError(f"--device {path} does not exist", errno.ENOENT)
+        member = open_member(path)
+        return member, path, path
+    path = cfg.member_path(slot)
+    if os.path.exists(path):
+        aside = path + ".replaced"
+        os.replace(path, aside)
+        for suffix in ("-wal", "-shm"):
+            if os.path.exists(path + suffix):
+                os.replace(path + suffix, aside + suffix)
+        log.warning("slot %d: old member moved aside to %s", slot, aside)
+    member = create_member(cfg.backend, path, capacity)
+    return member, path, cfg.members[slot]
