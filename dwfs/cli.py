@@ -34,7 +34,7 @@ from raid import levels
 from raid.errors import RaidError
 
 log = logging.getLogger("dwfs")
-out = Console()
+out = Console(soft_wrap=True)
 err = Console(stderr=True)
 
 MOUNT_TIMEOUT = 120.0
@@ -352,7 +352,7 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except (CommandError, ConfigError, RaidError, WarehouseError, control.ControlError,
             levels.LevelError, ValueError) as exc:
-        err.print(f"dwfs: error: {exc}", highlight=False, markup=False)
+        print(f"dwfs: error: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         err.print("dwfs: interrupted")

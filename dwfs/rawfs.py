@@ -41,7 +41,7 @@ def fuse_errors(func: Callable[..., Any]) -> Callable[..., Any]:
 class RawOperations(pyfuse3.Operations):
     """FUSE operations exposing a Volume as the single file `volume` in the mount's root."""
 
-    enable_writeback_cache = True
+    enable_writeback_cache = False  # the kernel must not grow the file past the capacity
 
     def __init__(self, volume: Volume) -> None:
         super().__init__()
@@ -82,10 +82,11 @@ class RawOperations(pyfuse3.Operations):
         raise pyfuse3.FUSEError(errno.ENOENT)
 
     async def setattr(self, inode, attr, fields, fh, ctx):
-        if fields.update_size:
-            # A block device ignores O_TRUNC; so does the raw volume. Growing it is not possible.
-            if attr.st_size > self.volume.capacity:
-                raise pyfuse3.FUSEError(errno.EFBIG)
+        if fields.update_size and attr.st_size != self.volume.capacity:
+            # The volume's size is its capacity; truncating it would lose nothing on the
+            # members, but the kernel would then believe the file is shorter. Refuse it.
+            log.warning("refusing to change the raw volume's size to %d bytes", attr.st_size)
+            raise pyfuse3.FUSEError(errno.EPERM)
         if fields.update_mode:
             self._mode[inode] = (self._mode[inode] & ~0o7777) | (attr.st_mode & 0o7777)
         if fields.update_uid or fields.update_gid:
@@ -117,6 +118,9 @@ class RawOperations(pyfuse3.Operations):
     async def open(self, inode, flags, ctx):
         if inode != VOLUME_INODE:
             raise pyfuse3.FUSEError(errno.EISDIR)
+        if flags & os.O_TRUNC:
+            log.warning("refusing O_TRUNC on the raw volume (its size is its capacity)")
+            raise pyfuse3.FUSEError(errno.EPERM)
         return pyfuse3.FileInfo(fh=inode, keep_cache=True)
 
     @fuse_errors

@@ -1,0 +1,92 @@
+"""Helpers for tests that use the dwfs command and real FUSE mounts."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+DWFS = [sys.executable, "-m", "dwfs.cli"]
+
+
+def dwfs(*args: str, check: bool = True, timeout: float = 300) -> subprocess.CompletedProcess:
+    """Run the dwfs command line; fails the test with its output if `check` and it fails."""
+    proc = subprocess.run([*DWFS, *map(str, args)], capture_output=True, text=True,
+                          timeout=timeout, check=False)
+    if check and proc.returncode != 0:
+        raise AssertionError(
+            f"dwfs {' '.join(map(str, args))} exited {proc.returncode}\n"
+            f"stdout: {proc.stdout}\nstderr: {proc.stderr}"
+        )
+    return proc
+
+
+def status(warehouse) -> dict:
+    return json.loads(dwfs("status", warehouse, "--json", check=False).stdout)
+
+
+def is_mounted(mountpoint) -> bool:
+    target = os.path.realpath(mountpoint)
+    with open("/proc/mounts", encoding="utf-8") as f:
+        return any(line.split()[1] == target for line in f)
+
+
+def daemon_pid(warehouse) -> int | None:
+    try:
+        with open(os.path.join(warehouse, ".dwfs.lock"), encoding="ascii") as f:
+            text = f.read().strip()
+    except FileNotFoundError:
+        return None
+    return int(text) if text.isdigit() else None
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii") as f:
+            return f.read().split(")")[-1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def force_unmount(mountpoint, warehouse=None) -> None:
+    """Test teardown: never leave a mount or a daemon behind."""
+    if is_mounted(mountpoint):
+        subprocess.run(["fusermount3", "-u", str(mountpoint)], capture_output=True, check=False)
+    if is_mounted(mountpoint):
+        subprocess.run(["fusermount3", "-uz", str(mountpoint)], capture_output=True,
+                       check=False)
+    if warehouse is not None:
+        pid = daemon_pid(warehouse)
+        if pid and pid != os.getpid() and pid_alive(pid):
+            deadline = time.monotonic() + 10
+            while pid_alive(pid) and time.monotonic() < deadline:
+                time.sleep(0.05)
+            if pid_alive(pid):
+                os.kill(pid, signal.SIGKILL)
+
+
+class RawMount:
+    """A warehouse's raw volume mounted through the dwfs command line."""
+
+    def __init__(self, warehouse, mountpoint) -> None:
+        self.warehouse = str(warehouse)
+        self.mountpoint = str(mountpoint)
+        os.makedirs(self.mountpoint, exist_ok=True)
+
+    @property
+    def volume(self) -> str:
+        return os.path.join(self.mountpoint, "volume")
+
+    def mount(self) -> None:
+        dwfs("mount", "--raw", self.warehouse, self.mountpoint)
+        assert is_mounted(self.mountpoint)
+
+    def umount(self) -> None:
+        dwfs("umount", self.mountpoint)
+        assert not is_mounted(self.mountpoint)
+
+    def cleanup(self) -> None:
+        force_unmount(self.mountpoint, self.warehouse)

@@ -1,0 +1,265 @@
+"""The raw volume through a real FUSE mount and the dwfs command line."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+from mountutil import daemon_pid, dwfs, is_mounted, pid_alive, status
+
+from raid.geometry import Geometry
+
+MiB = 1 << 20
+
+
+def _mkfs(tmp_path, level="raid6", devices=6, size="16M", chunk="16K", backend="file"):
+    wh = tmp_path / "wh"
+    dwfs("mkfs", wh, "--level", level, "--devices", devices, "--device-size", size,
+         "--chunk-size", chunk, "--backend", backend)
+    return wh
+
+
+def _write(path, offset, data, sync=True):
+    fd = os.open(path, os.O_WRONLY)
+    try:
+        os.pwrite(fd, data, offset)
+        if sync:
+            os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _read(path, offset, length):
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        return os.pread(fd, length, offset)
+    finally:
+        os.close(fd)
+
+
+def _drop_caches() -> None:
+    if os.getuid() == 0:
+        subprocess.run(["sync"], check=True)
+        with open("/proc/sys/vm/drop_caches", "w") as f:
+            f.write("3\n")
+
+
+@pytest.mark.parametrize("backend", ["file", "sqlite"])
+def test_write_read_remount(tmp_path, raw_mount, backend):
+    wh = _mkfs(tmp_path, backend=backend)
+    m = raw_mount(wh)
+    m.mount()
+    size = os.stat(m.volume).st_size
+    assert size == status(wh)["capacity_bytes"]
+    data = os.urandom(3 * MiB + 12345)
+    _write(m.volume, 777, data)
+    assert _read(m.volume, 777, len(data)) == data
+    pid = daemon_pid(wh)
+    m.umount()
+    assert pid is not None and not pid_alive(pid), "umount returned before the daemon exited"
+    m.mount()
+    _drop_caches()
+    assert _read(m.volume, 777, len(data)) == data
+    assert _read(m.volume, 0, 777) == bytes(777)
+    m.umount()
+    report = dwfs("scrub", wh, "--json")
+    assert '"errors": 0' in report.stdout
+
+
+def test_dd_and_cmp(tmp_path, raw_mount):
+    wh = _mkfs(tmp_path, level="raidz2", devices=5)
+    m = raw_mount(wh)
+    m.mount()
+    src = tmp_path / "src"
+    src.write_bytes(os.urandom(8 * MiB))
+    subprocess.run(["dd", f"if={src}", f"of={m.volume}", "bs=1M", "conv=fsync,notrunc",
+                    "status=none"], check=True)
+    _drop_caches()
+    subprocess.run(["cmp", "-n", str(8 * MiB), str(src), m.volume], check=True)
+    # Without notrunc dd would truncate: refused, and the volume keeps its size and data.
+    p = subprocess.run(["dd", f"if={src}", f"of={m.volume}", "bs=1M", "count=1",
+                        "status=none"], capture_output=True, text=True, check=False)
+    assert p.returncode != 0 and "Operation not permitted" in p.stderr
+    assert os.stat(m.volume).st_size == status(wh)["capacity_bytes"]
+    subprocess.run(["cmp", "-n", str(8 * MiB), str(src), m.volume], check=True)
+
+
+def test_write_past_end_is_enospc(tmp_path, raw_mount):
+    wh = _mkfs(tmp_path, level="raid5", devices=3, size="8M")
+    m = raw_mount(wh)
+    m.mount()
+    size = os.stat(m.volume).st_size
+    fd = os.open(m.volume, os.O_WRONLY)
+    try:
+        assert os.pwrite(fd, b"x" * 100, size - 10) == 10
+        with pytest.raises(OSError) as exc:
+            os.pwrite(fd, b"y", size)
+            os.fsync(fd)
+        assert exc.value.errno in (28, 27)  # ENOSPC, EFBIG
+    finally:
+        os.close(fd)
+    assert _read(m.volume, size - 10, 100) == b"x" * 10
+
+
+def test_status_json_keys(tmp_path, raw_mount):
+    wh = _mkfs(tmp_path, level="raid10", devices=4)
+    for doc in (status(wh), None):
+        if doc is None:
+            m = raw_mount(wh)
+            m.mount()
+            doc = status(wh)
+        assert doc["level"] == "raid10"
+        assert doc["tolerance"] == 1
+        assert doc["state"] == "clean"
+        g = Geometry.plan("raid10", 4, 16384, 16 * MiB)
+        assert doc["capacity_bytes"] == g.capacity
+        assert [x["slot"] for x in doc["members"]] == [0, 1, 2, 3]
+        for x in doc["members"]:
+            assert {"slot", "path", "state", "read_errors", "checksum_errors"} <= set(x)
+            assert x["state"] == "active" and os.path.exists(x["path"])
+
+
+def test_member_deleted_while_mounted_then_replaced_online(tmp_path, raw_mount):
+    wh = _mkfs(tmp_path, level="raid6", devices=6, size="24M")
+    m = raw_mount(wh)
+    m.mount()
+    data = os.urandom(20 * MiB)
+    _write(m.volume, 0, data)
+    victim = status(wh)["members"][2]["path"]
+    os.unlink(victim)
+    doc = status(wh)
+    assert doc["state"] == "degraded"
+    bad = [x for x in doc["members"] if x["state"] != "active"]
+    assert [x["path"] for x in bad] == [victim]
+    _drop_caches()
+    assert _read(m.volume, 0, len(data)) == data
+    more = os.urandom(2 * MiB)
+    _write(m.volume, 21 * MiB, more)
+    proc = dwfs("replace", wh, "2")
+    assert "rebuilt" in proc.stdout
+    doc = status(wh)
+    assert doc["state"] == "clean"
+    assert os.path.exists(victim)
+    m.umount()
+    assert '"errors": 0' in dwfs("scrub", wh, "--json").stdout
+    m.mount()
+    _drop_caches()
+    assert _read(m.volume, 0, len(data)) == data
+    assert _read(m.volume, 21 * MiB, len(more)) == more
+
+
+def test_corruption_detected_counted_and_repaired(tmp_path, raw_mount):
+    wh = _mkfs(tmp_path, level="raid5", devices=4, size="16M")
+    m = raw_mount(wh)
+    m.mount()
+    data = os.urandom(12 * MiB)
+    _write(m.volume, 0, data)
+    m.umount()
+    g = Geometry.plan("raid5", 4, 16384, 16 * MiB)
+    victim = status(wh)["members"][1]["path"]
+    with open(victim, "r+b") as f:
+        for i in range(20):
+            f.seek(g.data_offset + i * 7 * g.chunk + 100)
+            f.write(os.urandom(64))
+    m.mount()
+    _drop_caches()
+    assert _read(m.volume, 0, len(data)) == data
+    doc = status(wh)
+    assert doc["members"][1]["checksum_errors"] > 0
+    assert all(x["checksum_errors"] == 0 for x in doc["members"] if x["slot"] != 1)
+    m.umount()
+    # Reads already mended what they touched; corrupt again and let scrub find and mend it.
+    with open(victim, "r+b") as f:
+        f.seek(g.data_offset + 3 * g.chunk)
+        f.write(os.urandom(g.chunk))
+    first = dwfs("scrub", wh, "--json", check=False)
+    assert first.returncode == 1 and '"errors": 0' not in first.stdout
+    repair = json.loads(dwfs("scrub", wh, "--repair", "--json").stdout)
+    assert repair["fixed"] >= 1 and repair["members"][1]["fixed"] == repair["fixed"]
+    assert repair["unrecoverable"] == 0
+    assert '"errors": 0' in dwfs("scrub", wh, "--json").stdout
+
+
+def test_kill9_daemon_keeps_fsynced_data(tmp_path, raw_mount):
+    wh = _mkfs(tmp_path, level="raid6", devices=5, size="16M")
+    m = raw_mount(wh)
+    m.mount()
+    synced = os.urandom(4 * MiB)
+    _write(m.volume, 0, synced)
+    writer = subprocess.Popen(
+        [sys.executable, "-c",
+         "import os,sys\n"
+         "fd=os.open(sys.argv[1],os.O_WRONLY)\n"
+         "off=4<<20\n"
+         "while True:\n"
+         "    os.pwrite(fd,os.urandom(256<<10),off)\n"
+         "    off=(4<<20)+((off+(256<<10)-(4<<20))%(8<<20))\n",
+         m.volume],
+    )
+    time.sleep(1.5)
+    pid = daemon_pid(wh)
+    os.kill(pid, signal.SIGKILL)
+    writer.wait(timeout=30)
+    subprocess.run(["fusermount3", "-u", m.mountpoint], check=False)
+    if is_mounted(m.mountpoint):
+        subprocess.run(["fusermount3", "-uz", m.mountpoint], check=False)
+    assert not is_mounted(m.mountpoint)
+    m.mount()
+    _drop_caches()
+    assert _read(m.volume, 0, len(synced)) == synced
+    m.umount()
+    assert '"errors": 0' in dwfs("scrub", wh, "--json").stdout
+
+
+def test_umount_of_busy_mount_fails_and_keeps_serving(tmp_path, raw_mount):
+    wh = _mkfs(tmp_path, level="raid1", devices=2, size="8M")
+    m = raw_mount(wh)
+    m.mount()
+    fd = os.open(m.volume, os.O_RDWR)
+    try:
+        proc = dwfs("umount", m.mountpoint, check=False)
+        assert proc.returncode != 0 and "busy" in proc.stderr.lower()
+        assert is_mounted(m.mountpoint)
+        os.pwrite(fd, b"still here", 0)
+    finally:
+        os.close(fd)
+    m.umount()
+
+
+def test_bad_input_changes_nothing(tmp_path, raw_mount):
+    wh = tmp_path / "wh"
+    p = dwfs("mkfs", wh, "--level", "raid7", "--devices", 4, "--device-size", "8M", check=False)
+    assert p.returncode == 1 and "unknown level 'raid7'" in p.stderr
+    assert not wh.exists()
+    p = dwfs("mkfs", wh, "--level", "raid6", "--devices", 3, "--device-size", "8M", check=False)
+    assert p.returncode == 1 and "raid6 needs at least 4 members" in p.stderr
+    assert not wh.exists()
+    p = dwfs("mkfs", wh, "--level", "raid5", "--devices", 3, "--device-size", "lots",
+             check=False)
+    assert p.returncode == 1 and "not a size" in p.stderr
+    assert not wh.exists()
+    _mkfs(tmp_path, level="raid5", devices=3, size="8M")
+    before = (wh / "dwfs.toml").read_text()
+    p = dwfs("mkfs", wh, "--level", "raid5", "--devices", 3, "--device-size", "8M", check=False)
+    assert p.returncode == 1 and "already holds a warehouse" in p.stderr
+    assert (wh / "dwfs.toml").read_text() == before
+    (wh / "dwfs.toml").write_text(before.replace('level = "raid5"', 'level = raid5'))
+    p = dwfs("status", wh, check=False)
+    assert p.returncode == 1 and "not valid TOML" in p.stderr
+    (wh / "dwfs.toml").write_text(before)
+    p = dwfs("umount", tmp_path, check=False)
+    assert p.returncode == 1 and "not mounted" in p.stderr
+    p = dwfs("mount", "--raw", tmp_path / "nowhere", tmp_path, check=False)
+    assert p.returncode == 1 and "not a dwfs warehouse" in p.stderr
+    m = raw_mount(wh)
+    m.mount()
+    other = tmp_path / "other"
+    other.mkdir()
+    p = dwfs("mount", "--raw", wh, other, check=False)
+    assert p.returncode == 1 and "in use" in p.stderr
+    assert not is_mounted(other)
