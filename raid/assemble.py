@@ -100,7 +100,7 @@ def assemble(
                     f"{path} carries slot {label.slot} but is listed as slot {slot} "
                     "(members swapped?)")
             continue
-        slots.append(Slot(slot, path, member, "active"))
+        slots.append(Slot(slot, path, member, "active", events=label.events))
         labels[slot] = label
     if not labels:
         reasons = "; ".join(f"slot {s.index}: {s.reason}" for s in slots)
@@ -139,6 +139,10 @@ def assemble(
         if s.state not in ("active", "rebuilding"):
             log.warning("slot %d (%s) is %s: %s", s.index, s.path, s.state, s.reason)
     if state != "failed":
+        lagging = [slot for slot, lb in labels.items()
+                   if lb.events < newest.events and slots[slot].state == "active"]
+        if resync and lagging:
+            _refresh_table_copies(volume, lagging)
         dirty = [lb for lb in labels.values() if not lb.clean]
         if resync and dirty:
             _resync(volume, labels)
@@ -169,6 +173,34 @@ def _stale(s: Slot, reason: str) -> None:
     s.reason = reason
 
 
+def _refresh_table_copies(volume: Volume, lagging: list[int]) -> None:
+    """Give members whose label is one update behind the checksum table of the newest ones.
+
+    Such a member is accepted (a crash can interrupt a label update), but it may also be an
+    old image whose table copy, valid but outdated, would vouch for outdated chunks. Its
+    chunks are checked against the current table like any other's.
+    """
+    g = volume.geometry
+    for slot in lagging:
+        s = volume.slots[slot]
+        mended = 0
+        try:
+            for p in range(g.table_pages):
+                good = volume.table.sealed(p)
+                if s.member.read(page_offset(p), len(good)) != good:
+                    s.member.write(page_offset(p), good)
+                    mended += 1
+                if p % 1024 == 1023:
+                    volume.table.forget()
+            s.member.flush()
+        except MemberIOError as exc:
+            volume.member_failed(slot, exc)
+            continue
+        if mended:
+            log.warning("slot %d (%s) was one label update behind and held %d outdated "
+                        "checksum-table pages: rewritten", slot, s.path, mended)
+
+
 def _resync(volume: Volume, labels: dict[int, Label]) -> None:
     """Make parity and checksums of every region marked in a bitmap consistent again."""
     merged = np.zeros(BITMAP_SIZE, dtype=np.uint8)
@@ -186,11 +218,21 @@ def _resync(volume: Volume, labels: dict[int, Label]) -> None:
     rows = sum(len(r) for r in regions)
     log.warning("array %s was not shut down cleanly: resyncing %d rows of %d groups",
                 volume.array_uuid, rows, volume.geometry.groups)
+    g = volume.geometry
     with volume.lock:
         for region in regions:
             for row in region:
-                for group in range(volume.geometry.groups):
+                for group in range(g.groups):
                     resync_row(volume, group, row)
+            # A flush interrupted part way leaves some members with the new copy of a table
+            # page and others with the old one, both valid. The resync trusted the copy it
+            # read: write that copy to every member, or a later read from another member's
+            # copy would find the resynced chunks "corrupt".
+            first = g.table_index(0, region.start)[0]
+            last = g.table_index(g.members - 1, region.stop - 1)[0]
+            for p in range(first, last + 1):
+                volume.table.page(p)
+                volume.table.dirty.add(p)
         volume.flush()
 
 

@@ -50,6 +50,8 @@ def zfs_matrix(k: int, m: int) -> np.ndarray:
 
 def cauchy_matrix(k: int, m: int) -> np.ndarray:
     """Reed-Solomon parity rows: a Cauchy matrix with its first row scaled to all ones."""
+    if not 1 <= m <= MAX_PARITY:
+        raise ValueError(f"Reed-Solomon parity count must be 1 to {MAX_PARITY}, got {m}")
     if k + m > 256:
         raise ValueError(f"k + m = {k + m} exceeds the 256 elements of GF(2^8)")
     xs = list(range(k, k + m))
@@ -123,4 +125,6 @@ def _recovery_matrix(
         raise TooManyErasuresError(f"need exactly {k} sources, got {len(present)}")
     sub = generator[list(present)]
     inverse = gf256.mat_inv(sub)
-    return gf256.mat_mul(generator[list(wanted)], inverse)
+    result = gf256.mat_mul(generator[list(wanted)], inverse)
+    result.flags.writeable = False  # shared by the cache
+    return result

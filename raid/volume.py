@@ -20,11 +20,13 @@ from raid.checksums import UNWRITTEN, array_seed, chunk_checksum
 from raid.errors import RaidError, UnrecoverableError
 from raid.geometry import BITMAP_OFFSET, BITMAP_SIZE, LABEL_OFFSET, TABLE_PAGE, Geometry
 from raid.label import Label, SlotRecord
+from raid.stripecache import PendingStripe, StripeCache
 from raid.table import ChecksumTable, page_offset
 
 log = logging.getLogger(__name__)
 
 USABLE_STATES = ("active", "rebuilding")
+STRIPE_CACHE_BYTES = 32 * 1024 * 1024
 
 
 @dataclass
@@ -41,6 +43,7 @@ class Slot:
     write_errors: int = 0
     checksum_errors: int = 0
     repaired: int = 0
+    events: int = 0  # events of the label this member last got
 
     def holds(self, row: int) -> bool:
         """Whether this member has valid data for `row`."""
@@ -74,6 +77,7 @@ class Volume:
         self.table = ChecksumTable(geometry, array_seed(array_uuid), self._read_table_page)
         self._zero_chunk = np.zeros(geometry.chunk, dtype=np.uint8)
         self._zero_chunk.flags.writeable = False
+        self._cache = StripeCache(geometry.stripe_bytes, STRIPE_CACHE_BYTES)
         self._intent: set[int] = set()
         self._intent_on_disk = False
         self._closed = False
@@ -85,32 +89,40 @@ class Volume:
         """Usable bytes."""
         return self.geometry.capacity
 
-    def read(self, offset: int, length: int) -> bytes:
+    def read(self, offset: int, length: int) -> bytearray:
         """Bytes at [offset, offset + length), short at the end of the volume."""
         if offset < 0 or length < 0:
             raise RaidError(f"invalid read range {offset}+{length}", errno.EINVAL)
         length = max(0, min(length, self.capacity - offset))
         out = bytearray(length)
-        view = memoryview(out)
+        outv = np.frombuffer(out, dtype=np.uint8)
         sb = self.geometry.stripe_bytes
         chunk = self.geometry.chunk
         pos = 0
         with self.lock:
             self._check_open()
+            if length and self._cache.pending:
+                self._commit_range(offset // sb, (offset + length - 1) // sb)
             while pos < length:
                 stripe, within = divmod(offset + pos, sb)
                 n = min(sb - within, length - pos)
                 c0, c1 = within // chunk, (within + n - 1) // chunk
                 group, row = self.geometry.locate(stripe)
-                cols = self._columns(group, row, list(range(c0, c1 + 1)))
+                base = pos - within  # output index of the stripe's first byte
+                whole = {
+                    c: outv[base + c * chunk : base + (c + 1) * chunk]
+                    for c in range(c0, c1 + 1)
+                    if within <= c * chunk and (c + 1) * chunk <= within + n
+                }
+                cols = self._columns(group, row, list(range(c0, c1 + 1)), into=whole)
                 for c in range(c0, c1 + 1):
+                    if c in whole:
+                        continue
                     lo = max(within, c * chunk)
                     hi = min(within + n, (c + 1) * chunk)
-                    view[pos + lo - within : pos + hi - within] = cols[c][
-                        lo - c * chunk : hi - c * chunk
-                    ]
+                    outv[base + lo : base + hi] = cols[c][lo - c * chunk : hi - c * chunk]
                 pos += n
-        return bytes(out)
+        return out
 
     def write(self, offset: int, data: bytes | bytearray | memoryview) -> None:
         """Store `data` at `offset`; durable after the next flush."""
@@ -130,13 +142,25 @@ class Volume:
             while pos < len(view):
                 stripe, within = divmod(offset + pos, sb)
                 n = min(sb - within, len(view) - pos)
-                self._write_stripe(stripe, within, view[pos : pos + n])
+                piece = view[pos : pos + n]
                 pos += n
+                if n == sb and stripe not in self._cache.pending:
+                    group, row = self.geometry.locate(stripe)
+                    data = np.frombuffer(piece, dtype=np.uint8).reshape(self.geometry.k, -1)
+                    self.store_row(group, row, data, list(range(self.geometry.k)))
+                    continue
+                pending = self._cache.get_or_create(stripe)
+                pending.add(within, piece)
+                if pending.full:
+                    self._commit(stripe, self._cache.pop(stripe))
+                elif self._cache.over_limit():
+                    self._commit(*self._cache.pop_oldest())
 
     def flush(self) -> None:
         """Make every write so far durable on every working member."""
         with self.lock:
             self._check_open()
+            self._commit_all()
             self._flush_locked()
 
     def close(self, write: bool = True) -> None:
@@ -148,6 +172,7 @@ class Volume:
             if self._closed:
                 return
             if write:
+                self._commit_all()
                 self._flush_locked()
                 self.write_labels(clean=True)
             self._closed = True
@@ -214,15 +239,23 @@ class Volume:
 
     # --- reading ------------------------------------------------------------------------------
 
-    def load_chunk(self, slot: int, row: int) -> tuple[np.ndarray | None, str]:
-        """A chunk as stored, verified: (data, "ok"), (None, "missing") or (data, "corrupt")."""
+    def load_chunk(
+        self, slot: int, row: int, out: np.ndarray | None = None
+    ) -> tuple[np.ndarray | None, str]:
+        """A chunk as stored, verified: (data, "ok"), (None, "missing") or (data, "corrupt").
+
+        The chunk is read into `out` when given.
+        """
         entry = self.table.get(slot, row)
         if entry == UNWRITTEN:
-            return self._zero_chunk, "ok"
+            if out is None:
+                return self._zero_chunk, "ok"
+            out[:] = 0
+            return out, "ok"
         s = self.slots[slot]
         if not s.holds(row):
             return None, "missing"
-        buf = np.empty(self.geometry.chunk, dtype=np.uint8)
+        buf = np.empty(self.geometry.chunk, dtype=np.uint8) if out is None else out
         try:
             s.member.readinto(self.geometry.chunk_offset(row), memoryview(buf))
         except MemberIOError as exc:
@@ -238,14 +271,23 @@ class Volume:
         return buf, "ok"
 
     def _columns(
-        self, group: int, row: int, wanted: list[int], repair: bool = True
+        self,
+        group: int,
+        row: int,
+        wanted: list[int],
+        repair: bool = True,
+        into: dict[int, np.ndarray] | None = None,
     ) -> dict[int, np.ndarray]:
-        """Verified contents of columns `wanted` of a group's row, reconstructing as needed."""
+        """Verified contents of columns `wanted` of a group's row, reconstructing as needed.
+
+        Columns named in `into` are read (or reconstructed) into those buffers.
+        """
+        into = into or {}
         slots = self.geometry.column_slots(group, row)
         got: dict[int, np.ndarray] = {}
         bad: list[tuple[int, str]] = []
         for c in wanted:
-            buf, how = self.load_chunk(slots[c], row)
+            buf, how = self.load_chunk(slots[c], row, into.get(c))
             if how == "ok":
                 got[c] = buf
             else:
@@ -255,6 +297,9 @@ class Volume:
         rebuilt = self.reconstruct(group, row, [c for c, _ in bad], got)
         for c, how in bad:
             got[c] = rebuilt[c]
+            if c in into:
+                into[c][:] = rebuilt[c]
+                got[c] = into[c]
             if how == "corrupt" and repair:
                 self.rewrite_chunk(slots[c], row, rebuilt[c])
         return got
@@ -309,26 +354,32 @@ class Volume:
 
     # --- writing ------------------------------------------------------------------------------
 
-    def _write_stripe(self, stripe: int, within: int, piece: memoryview) -> None:
+    def _commit(self, stripe: int, pending: PendingStripe) -> None:
+        """Store a pending stripe, reading the columns it does not cover entirely."""
         g = self.geometry
         chunk = g.chunk
         group, row = g.locate(stripe)
-        n = len(piece)
-        c0, c1 = within // chunk, (within + n - 1) // chunk
-        if within == 0 and n == g.stripe_bytes:
-            data = np.frombuffer(piece, dtype=np.uint8).reshape(g.k, chunk)
-        else:
-            keep = [
-                c
-                for c in range(g.k)
-                if not (within <= c * chunk and (c + 1) * chunk <= within + n)
-            ]
-            old = self._columns(group, row, keep) if keep else {}
-            data = np.empty((g.k, chunk), dtype=np.uint8)
-            for c, buf in old.items():
-                data[c] = buf
-            data.reshape(-1)[within : within + n] = np.frombuffer(piece, dtype=np.uint8)
-        self.store_row(group, row, data, list(range(c0, c1 + 1)))
+        if pending.full:
+            self.store_row(group, row, pending.data.reshape(g.k, chunk), list(range(g.k)))
+            return
+        spans = [(c * chunk, (c + 1) * chunk) for c in range(g.k)]
+        need = [c for c, (a, b) in enumerate(spans) if not pending.covers(a, b)]
+        changed = [c for c, (a, b) in enumerate(spans) if pending.touches(a, b)]
+        data = np.empty((g.k, chunk), dtype=np.uint8)
+        for c, buf in self._columns(group, row, need).items():
+            data[c] = buf
+        flat = data.reshape(-1)
+        for a, b in pending.covered:
+            flat[a:b] = pending.data[a:b]
+        self.store_row(group, row, data, changed)
+
+    def _commit_range(self, first: int, last: int) -> None:
+        for stripe in sorted(s for s in self._cache.pending if first <= s <= last):
+            self._commit(stripe, self._cache.pop(stripe))
+
+    def _commit_all(self) -> None:
+        for stripe in sorted(self._cache.pending):
+            self._commit(stripe, self._cache.pop(stripe))
 
     def store_row(self, group: int, row: int, data: np.ndarray, changed: list[int]) -> None:
         """Write data columns `changed` of a row and all its parity, updating checksums."""
@@ -441,6 +492,8 @@ class Volume:
                 s.member.flush()
             except MemberIOError as exc:
                 failed.append((s.index, exc))
+                continue
+            s.events = self.events
         for slot, exc in failed:
             self.slots[slot].write_errors += 1
             self.member_failed(slot, exc)
@@ -459,7 +512,9 @@ class Volume:
     # --- checksum-table pages -----------------------------------------------------------------
 
     def _read_table_page(self, page_no: int) -> np.ndarray:
-        for s in self.slots:
+        # Newest label first: a member one label update behind is still accepted (a crash can
+        # interrupt a label update), but it may be an old image whose table copy is outdated.
+        for s in sorted(self.slots, key=lambda s: -s.events):
             if s.state != "active" or s.member is None:
                 continue
             try:
