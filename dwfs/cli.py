@@ -20,7 +20,7 @@ from rich.table import Table
 
 from dwfs import control, service
 from dwfs.config import ConfigError, WarehouseConfig, load_config
-from dwfs.mounts import find_mount, fusermount_unmount
+from dwfs.mounts import canonical, find_mount, fusermount_unmount
 from dwfs.sizes import format_size, parse_size
 from dwfs.warehouse import (
     MkfsRequest,
@@ -192,7 +192,7 @@ def cmd_mount(args: argparse.Namespace) -> int:
 
 
 def cmd_umount(args: argparse.Namespace) -> int:
-    mountpoint = os.path.realpath(args.mountpoint)
+    mountpoint = canonical(args.mountpoint)
     entry = find_mount(mountpoint)
     if entry is None:
         raise CommandError(f"{mountpoint} is not mounted")

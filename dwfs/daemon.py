@@ -19,7 +19,7 @@ import trio
 
 from dwfs import control, service
 from dwfs.config import ConfigError, WarehouseConfig, load_config
-from dwfs.mounts import is_mounted
+from dwfs.mounts import is_mounted, mount_device
 from dwfs.rawfs import RawOperations
 from dwfs.warehouse import WarehouseError, WarehouseLock, control_socket_path, open_volume
 from raid.errors import RaidError
@@ -111,6 +111,7 @@ def serve(warehouse: str, mountpoint: str, ready_fd: int | None, debug: bool = F
             options.add("allow_other")
         pyfuse3.init(ops, mountpoint, options)
         mounted = True
+        _raise_readahead(mountpoint)
         log.info("mounted %s (raw volume, %s) at %s", cfg.directory, volume.geometry.level,
                  mountpoint)
         daemon = Daemon(cfg, volume, mountpoint)
@@ -130,6 +131,23 @@ def serve(warehouse: str, mountpoint: str, ready_fd: int | None, debug: bool = F
                 log.error("closing the volume of %s failed: %s", warehouse, exc)
         if lock is not None:
             lock.release()
+
+
+READAHEAD_KB = 1024
+
+
+def _raise_readahead(mountpoint: str) -> None:
+    """Let the kernel read ahead 1 MiB at a time (FUSE mounts start at 128 KiB); needs root."""
+    dev = mount_device(mountpoint)  # not os.stat: that would wait for this very daemon
+    if dev is None:
+        log.info("no mountinfo entry for %s; readahead unchanged", mountpoint)
+        return
+    path = f"/sys/class/bdi/{dev}/read_ahead_kb"
+    try:
+        with open(path, "w", encoding="ascii") as f:
+            f.write(f"{READAHEAD_KB}\n")
+    except OSError as exc:
+        log.info("cannot raise readahead of %s (%s): %s", mountpoint, path, exc)
 
 
 def _log_to_file(directory: str, debug: bool) -> None:

@@ -32,9 +32,20 @@ def mounts() -> list[MountEntry]:
     return [MountEntry(_unescape(r[0]), _unescape(r[1]), r[2]) for r in rows if len(r) >= 3]
 
 
+def canonical(mountpoint: str) -> str:
+    """The path the kernel shows for a mount point, without touching the mount point itself.
+
+    Resolving the mount point itself would send a request to its FUSE daemon, which may be the
+    caller, or hung.
+    """
+    path = os.path.abspath(mountpoint)
+    parent, name = os.path.split(path)
+    return os.path.join(os.path.realpath(parent), name) if name else path
+
+
 def find_mount(mountpoint: str) -> MountEntry | None:
     """The mount at `mountpoint`, if any (the last one, as the kernel shows it)."""
-    target = os.path.realpath(mountpoint)
+    target = canonical(mountpoint)
     found = None
     for m in mounts():
         if m.mountpoint == target:
@@ -51,3 +62,15 @@ def fusermount_unmount(mountpoint: str, lazy: bool = False) -> subprocess.Comple
     tool = shutil.which("fusermount3") or "fusermount3"
     args = [tool, "-uz" if lazy else "-u", mountpoint]
     return subprocess.run(args, capture_output=True, text=True, check=False)
+
+
+def mount_device(mountpoint: str) -> str | None:
+    """The "major:minor" of the mount at `mountpoint`, from /proc/self/mountinfo."""
+    target = canonical(mountpoint)
+    found = None
+    with open("/proc/self/mountinfo", encoding="utf-8") as f:
+        for line in f:
+            fields = line.split()
+            if len(fields) > 4 and _unescape(fields[4]) == target:
+                found = fields[2]
+    return found

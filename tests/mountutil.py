@@ -29,7 +29,8 @@ def status(warehouse) -> dict:
 
 
 def is_mounted(mountpoint) -> bool:
-    target = os.path.realpath(mountpoint)
+    parent, name = os.path.split(os.path.abspath(mountpoint))
+    target = os.path.join(os.path.realpath(parent), name)
     with open("/proc/mounts", encoding="utf-8") as f:
         return any(line.split()[1] == target for line in f)
 
