@@ -220,6 +220,10 @@ def _resync(volume: Volume, labels: dict[int, Label]) -> None:
                 volume.array_uuid, rows, volume.geometry.groups)
     g = volume.geometry
     with volume.lock:
+        # Keep every marked region marked until the resync is done: without this, the first
+        # row resynced rewrites the bitmap with its own region only, and a crash during the
+        # resync would leave the other regions inconsistent and unmarked.
+        volume.keep_intent(merged.tobytes())
         for region in regions:
             for row in region:
                 for group in range(g.groups):

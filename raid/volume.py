@@ -439,6 +439,11 @@ class Volume:
                 self.member_failed(s.index, exc)
         self._intent_on_disk = bool(self._intent)
 
+    def keep_intent(self, bitmap: bytes) -> None:
+        """Keep the regions marked in a stored bitmap marked until the next flush."""
+        bits = np.unpackbits(np.frombuffer(bitmap, dtype=np.uint8), bitorder="little")
+        self._intent.update(int(b) for b in np.nonzero(bits)[0])
+
     def intent_rows(self, bitmap: bytes) -> list[range]:
         """Row ranges marked in a stored bitmap."""
         bits = np.unpackbits(np.frombuffer(bitmap, dtype=np.uint8), bitorder="little")

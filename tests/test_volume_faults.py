@@ -1,0 +1,828 @@
+"""Faults on real member files: silent corruption of chunks and of checksum-table copies, foreign,
+swapped and stale members, rebuild onto a replacement (and its resumption after kill -9), and a
+crash in the middle of stripe writes (the RAID write hole)."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+from volhelpers import (
+    LEVEL_MEMBERS,
+    Model,
+    apply,
+    assert_reads,
+    boundary_writes,
+    build,
+    close_members,
+    max_loss_sets,
+    open_vol,
+    rand_bytes,
+    remove_member,
+    restore,
+    snapshot,
+)
+
+import raid.rebuild
+from backends import BlockFileMember
+from raid.assemble import read_label
+from raid.checksums import UNWRITTEN, chunk_checksum
+from raid.errors import AssemblyError, UnrecoverableError
+from raid.geometry import BITMAP_OFFSET, BITMAP_SIZE, TABLE_PAGE
+from raid.rebuild import attach_replacement, rebuild
+from raid.scrub import scrub
+from raid.table import page_offset
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CHUNK = 4096
+
+
+def _filled(directory, level, rows=24, seed=1, chunk=CHUNK):
+    """An array whose every chunk is written, closed; returns (paths, uuid, g, model, rng)."""
+    n = LEVEL_MEMBERS[level]
+    paths, uuid, g = build(directory, level, n, chunk, rows)
+    rng = random.Random(seed)
+    model = Model(g.capacity)
+    vol = open_vol(paths, uuid)
+    apply(vol, model, [(0, rand_bytes(seed, g.capacity))], check=False)
+    apply(vol, model, boundary_writes(rng, g, 10))
+    for slot in range(g.members):
+        for row in range(g.rows):
+            assert vol.table.get(slot, row) != UNWRITTEN
+    vol.close()
+    return paths, uuid, g, model, rng
+
+
+def _flip(path: str, offset: int, rng: random.Random) -> None:
+    """XOR a byte of a member file with a non-zero value."""
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        b = f.read(1)[0]
+        f.seek(offset)
+        f.write(bytes([b ^ rng.randrange(1, 256)]))
+
+
+def _corrupt_chunk(path, g, row, rng) -> None:
+    base = g.chunk_offset(row)
+    assert base >= g.data_offset
+    for pos in rng.sample(range(g.chunk), rng.randint(1, 3)):
+        _flip(path, base + pos, rng)
+
+
+def _corrupt_rows(paths, g, rng, max_per_row=None):
+    """Corrupt up to `tolerance` chunks of every row of every group (at least one somewhere).
+
+    Returns {slot: {row: is_data_column}}.
+    """
+    limit = g.tolerance if max_per_row is None else max_per_row
+    hit: dict[int, dict[int, bool]] = {s: {} for s in range(g.members)}
+    for group in range(g.groups):
+        for row in range(g.rows):
+            slots = g.column_slots(group, row)
+            count = rng.randint(0, limit) if row else limit
+            for c in rng.sample(range(g.group_size), count):
+                _corrupt_chunk(paths[slots[c]], g, row, rng)
+                hit[slots[c]][row] = c < g.k
+    assert sum(len(v) for v in hit.values()) > 0
+    return hit
+
+
+# --- (a) corrupt chunks ---------------------------------------------------------------------------
+
+CORRUPT_LEVELS = ["raid1", "raid5", "raid6", "raid10", "raid60", "raidz3"]
+
+
+@pytest.mark.parametrize("level", CORRUPT_LEVELS)
+def test_scrub_reports_then_repairs_corrupt_chunks(tmp_path, level):
+    paths, uuid, g, model, rng = _filled(tmp_path / "a", level, seed=11)
+    hit = _corrupt_rows(paths, g, rng)
+    vol = open_vol(paths, uuid)
+    # A scrub without repair reports every corrupt chunk against its own member, mends nothing.
+    for _ in range(2):
+        report = scrub(vol, repair=False)
+        assert report.rows_checked == g.rows
+        for s in range(g.members):
+            found = report.members[s]
+            assert found.checksum_errors == len(hit[s]), (s, found)
+            assert found.fixed == 0
+            assert found.parity_mismatches == found.table_errors == found.read_errors == 0
+        assert report.errors == sum(len(v) for v in hit.values())
+        assert not report.clean
+        assert all(p["kind"] == "checksum mismatch" and not p["fixed"] for p in report.problems)
+    # With repair: the same findings, each fixed.
+    report = scrub(vol, repair=True)
+    for s in range(g.members):
+        assert report.members[s].checksum_errors == len(hit[s])
+        assert report.members[s].fixed == len(hit[s])
+        assert report.members[s].unrecoverable == 0
+    assert report.fixed == report.errors > 0
+    again = scrub(vol)
+    assert again.clean and again.errors == 0, again.to_dict()
+    assert_reads(vol, model)
+    status = vol.status()
+    for s in range(g.members):
+        assert status["members"][s]["repaired"] == len(hit[s])
+    vol.close()
+    # The repairs are real: lose the most members the array survives and read everything.
+    lost = max(max_loss_sets(g), key=lambda ls: sum(len(hit[s]) for s in ls))
+    for s in lost:
+        remove_member(paths[s])
+    vol = open_vol(paths, uuid)
+    assert vol.state() == "degraded"
+    assert_reads(vol, model)
+    vol.close()
+
+
+@pytest.mark.parametrize("level", ["raid5", "raid6", "raidz2", "raid50"])
+def test_reads_see_through_corruption_and_count_it(tmp_path, level):
+    paths, uuid, g, model, rng = _filled(tmp_path / "a", level, seed=21)
+    hit = _corrupt_rows(paths, g, rng)
+    vol = open_vol(paths, uuid)
+    assert_reads(vol, model)
+    members = vol.status()["members"]
+    for s in range(g.members):
+        data_hits = sum(1 for is_data in hit[s].values() if is_data)
+        # Every corrupt data chunk is read and caught; a corrupt parity chunk only when its
+        # row needed reconstruction.
+        assert data_hits <= members[s]["checksum_errors"] <= len(hit[s]), (s, members[s])
+        # Corrupt data chunks are rewritten in place by the read that met them.
+        assert data_hits <= members[s]["repaired"] <= members[s]["checksum_errors"]
+        if not hit[s]:
+            assert members[s]["checksum_errors"] == 0
+    before = [m["checksum_errors"] for m in members]
+    repaired = [m["repaired"] for m in members]
+    assert_reads(vol, model)  # the read repaired the data chunks it caught: nothing new
+    assert [m["checksum_errors"] for m in vol.status()["members"]] == before
+    report = scrub(vol, repair=True)  # finds what reads did not mend, and mends it
+    assert report.fixed == report.errors
+    assert report.unrecoverable == 0
+    for s in range(g.members):
+        assert report.members[s].checksum_errors == len(hit[s]) - repaired[s]
+    assert scrub(vol).clean
+    vol.close()
+
+
+def test_a_corrupt_chunk_is_counted_against_its_own_slot(tmp_path):
+    paths, uuid, g, model, rng = _filled(tmp_path / "a", "raid5", seed=31)
+    row = 5
+    stripe = row * g.groups
+    slots = g.column_slots(0, row)
+    victim = slots[1]  # data column 1 of the row
+    _corrupt_chunk(paths[victim], g, row, rng)
+    vol = open_vol(paths, uuid)
+    off = stripe * g.stripe_bytes + g.chunk + 10
+    assert vol.read(off, 100) == model.get(off, 100)
+    members = vol.status()["members"]
+    assert [m["checksum_errors"] for m in members] == [
+        1 if s == victim else 0 for s in range(g.members)
+    ]
+    assert members[victim]["repaired"] == 1
+    assert vol.read(off, 100) == model.get(off, 100)
+    assert vol.status()["members"][victim]["checksum_errors"] == 1  # repaired in place
+    assert scrub(vol).clean
+    vol.close()
+
+
+@pytest.mark.parametrize("level", ["raid5", "raid6", "raid10"])
+def test_corruption_beyond_tolerance_raises_never_wrong_bytes(tmp_path, level):
+    paths, uuid, g, model, rng = _filled(tmp_path / "a", level, seed=41)
+    bad_rows = {3, 7}
+    for row in bad_rows:
+        slots = g.column_slots(0, row)
+        for c in range(g.tolerance + 1):
+            _corrupt_chunk(paths[slots[c]], g, row, rng)
+    vol = open_vol(paths, uuid)
+    failed = set()
+    for stripe in range(g.stripes):
+        group, row = g.locate(stripe)
+        off = stripe * g.stripe_bytes
+        try:
+            got = vol.read(off, g.stripe_bytes)
+        except UnrecoverableError:
+            failed.add((group, row))
+            continue
+        assert got == model.get(off, g.stripe_bytes), f"wrong bytes in stripe {stripe}"
+    assert failed == {(0, r) for r in bad_rows}
+    report = scrub(vol, repair=True)
+    assert report.unrecoverable == len(bad_rows) * (g.tolerance + 1)
+    vol.close()
+
+
+def test_scrub_finds_parity_that_verifies_but_does_not_match(tmp_path):
+    """A parity chunk whose checksum was recorded for wrong contents (a bad write path)."""
+    paths, uuid, g, model, rng = _filled(tmp_path / "a", "raid6", seed=45)
+    row = 6
+    slots = g.column_slots(0, row)
+    p_slot = slots[g.k]  # P of the row
+    vol = open_vol(paths, uuid)
+    with open(paths[p_slot], "r+b") as f:
+        f.seek(g.chunk_offset(row))
+        wrong = bytearray(f.read(g.chunk))
+        wrong[123] ^= 0x5A
+        f.seek(g.chunk_offset(row))
+        f.write(wrong)
+    vol.table.set(p_slot, row, chunk_checksum(bytes(wrong), p_slot, row))
+    vol.flush()
+    report = scrub(vol)
+    assert report.members[p_slot].parity_mismatches == 1
+    assert report.errors == 1
+    assert report.problems == [
+        {"slot": p_slot, "row": row, "kind": "parity mismatch", "fixed": False}
+    ]
+    report = scrub(vol, repair=True)
+    assert report.members[p_slot].fixed == 1
+    assert scrub(vol).clean
+    vol.close()
+    for s in slots[:2]:  # now P (and Q) have to rebuild two data columns of the row
+        remove_member(paths[s])
+    vol = open_vol(paths, uuid)
+    assert_reads(vol, model)
+    vol.close()
+
+
+# --- (b) corrupt checksum-table copies ----------------------------------------------------------
+
+
+def test_corrupt_table_page_copy_is_found_and_mended(tmp_path):
+    paths, uuid, g, model, rng = _filled(tmp_path / "a", "raid6", rows=200, seed=51)
+    assert g.table_pages >= 3
+    # Page 1 on slot 0 (the copy reads try first) and page 2 on slot 3.
+    damaged = {0: 1, 3: 2}
+    for slot, page in damaged.items():
+        for pos in rng.sample(range(TABLE_PAGE), 3):
+            _flip(paths[slot], page_offset(page) + pos, rng)
+    vol = open_vol(paths, uuid)
+    assert_reads(vol, model)
+    members = vol.status()["members"]
+    assert members[0]["checksum_errors"] >= 1  # its copy of page 1 failed; another was used
+    assert all(m["checksum_errors"] == 0 for m in members[1:])
+    for _ in range(2):  # without repair: reported, not mended
+        report = scrub(vol, repair=False)
+        for s in range(g.members):
+            assert report.members[s].table_errors == (1 if s in damaged else 0)
+            assert report.members[s].checksum_errors == 0
+        kinds = {(p["slot"], p["kind"]) for p in report.problems}
+        assert kinds == {(s, f"checksum-table page {p}") for s, p in damaged.items()}
+    report = scrub(vol, repair=True)
+    assert report.fixed == 2 and report.errors == 2
+    assert scrub(vol).clean
+    vol.close()
+    copies = set()
+    for path in paths:
+        with open(path, "rb") as f:
+            f.seek(page_offset(0))
+            copies.add(f.read(g.table_pages * TABLE_PAGE))
+    assert len(copies) == 1  # every member holds the same table again
+    # With another member lost, the mended copies serve.
+    remove_member(paths[1])
+    vol = open_vol(paths, uuid)
+    assert_reads(vol, model)
+    assert all(m["checksum_errors"] == 0 for m in vol.status()["members"])
+    vol.close()
+
+
+def test_table_page_corrupt_with_a_member_missing(tmp_path):
+    paths, uuid, g, model, rng = _filled(tmp_path / "a", "raid5", rows=200, seed=52)
+    for page in range(g.table_pages):
+        _flip(paths[0], page_offset(page) + rng.randrange(TABLE_PAGE), rng)
+    remove_member(paths[2])
+    vol = open_vol(paths, uuid)
+    assert vol.state() == "degraded"
+    assert_reads(vol, model)
+    report = scrub(vol, repair=True)
+    assert report.members[0].table_errors == g.table_pages
+    assert scrub(vol).clean
+    vol.close()
+
+
+def test_table_page_corrupt_everywhere_raises(tmp_path):
+    paths, uuid, g, model, rng = _filled(tmp_path / "a", "raid5", rows=200, seed=53)
+    for path in paths:
+        _flip(path, page_offset(0) + rng.randrange(TABLE_PAGE), rng)
+    vol = open_vol(paths, uuid)
+    with pytest.raises(UnrecoverableError):
+        vol.read(0, 10)  # row 0's entries live on page 0
+    last_row_off = (g.stripes - 1) * g.stripe_bytes  # a later page still reads
+    assert vol.read(last_row_off, g.stripe_bytes) == model.get(last_row_off, g.stripe_bytes)
+    vol.close()
+
+
+# --- (c) labels: foreign, swapped and stale members ---------------------------------------------
+
+
+def _member_states(vol):
+    return [m["state"] for m in vol.status()["members"]]
+
+
+def test_foreign_members_are_refused_and_named(tmp_path, caplog):
+    paths, uuid, g, model, rng = _filled(tmp_path / "a", "raid5", seed=61)
+    other_paths, other_uuid, _ = build(tmp_path / "b", "raid5", 4, CHUNK, 24)
+    shutil.copyfile(other_paths[1], paths[1])  # slot 1 now holds a member of another array
+    vol = open_vol(paths, uuid)
+    assert vol.state() == "degraded"
+    assert _member_states(vol) == ["active", "foreign", "active", "active"]
+    reason = vol.status()["members"][1]["reason"]
+    assert paths[1] in reason and other_uuid in reason
+    assert paths[1] in caplog.text
+    assert_reads(vol, model)
+    vol.close()
+    # A second unusable member (not a dwfs member at all) is one too many.
+    with open(paths[3], "r+b") as f:
+        f.write(os.urandom(8192))
+    with pytest.raises(AssemblyError) as ei:
+        open_vol(paths, uuid)
+    assert paths[1] in str(ei.value) and paths[3] in str(ei.value)
+
+
+def test_swapped_members_are_refused_and_named(tmp_path):
+    paths, uuid, g, model, rng = _filled(tmp_path / "a", "raid6", seed=62)
+    swapped = list(paths)
+    swapped[1], swapped[4] = swapped[4], swapped[1]
+    vol = open_vol(swapped, uuid)
+    assert vol.state() == "degraded"
+    members = vol.status()["members"]
+    for slot in (1, 4):
+        assert members[slot]["state"] == "foreign"
+        assert swapped[slot] in members[slot]["reason"]
+        assert "swapped" in members[slot]["reason"]
+    assert_reads(vol, model)
+    close_members(vol)
+
+    paths5, uuid5, g5, model5, _ = _filled(tmp_path / "b", "raid5", seed=63)
+    swapped = [paths5[0], paths5[2], paths5[1], paths5[3]]
+    with pytest.raises(AssemblyError) as ei:
+        open_vol(swapped, uuid5)
+    assert paths5[1] in str(ei.value) and paths5[2] in str(ei.value)
+
+
+@pytest.mark.parametrize("how", ["deleted", "io_error"])
+def test_stale_member_is_refused_and_named(tmp_path, caplog, how):
+    paths, uuid, g, model, rng = _filled(tmp_path / "a", "raid5", seed=64)
+    vol = open_vol(paths, uuid)
+    old_copy = str(tmp_path / "old-m2.img")
+    shutil.copyfile(paths[2], old_copy)
+    if how == "deleted":
+        os.unlink(paths[2])
+        vol.check_members()
+    else:
+        os.truncate(paths[2], g.data_offset)  # every data read now comes up short
+        assert_reads(vol, model)  # the read that meets the I/O error still answers
+        assert "read failed" in vol.status()["members"][2]["reason"]
+    assert vol.status()["members"][2]["state"] == "faulty"
+    assert vol.state() == "degraded"
+    apply(vol, model, boundary_writes(rng, g, 12))  # keep writing without it
+    vol.close()
+    if os.path.exists(paths[2]):
+        os.unlink(paths[2])
+    shutil.copyfile(old_copy, paths[2])  # the old member comes back
+
+    caplog.clear()
+    vol = open_vol(paths, uuid)
+    assert vol.state() == "degraded"
+    assert _member_states(vol) == ["active", "active", "stale", "active"]
+    assert paths[2] in vol.status()["members"][2]["reason"]
+    assert any(paths[2] in r.getMessage() and r.levelname == "ERROR" for r in caplog.records)
+    assert_reads(vol, model)  # the old member's outdated chunks are not used
+    vol.close()
+
+    # A stale member and a foreign one: too many refused, and both are named.
+    with open(paths[0], "r+b") as f:
+        f.write(b"\0" * 4096)  # wipe slot 0's label
+    with pytest.raises(AssemblyError) as ei:
+        open_vol(paths, uuid)
+    assert paths[0] in str(ei.value) and paths[2] in str(ei.value)
+
+
+def test_old_image_of_a_member_is_refused(tmp_path):
+    paths, uuid, g, model, rng = _filled(tmp_path / "a", "raidz2", seed=65)
+    image = str(tmp_path / "image")
+    shutil.copyfile(paths[1], image)
+    vol = open_vol(paths, uuid)
+    apply(vol, model, boundary_writes(rng, g, 12))
+    vol.close()
+    shutil.copyfile(image, paths[1])
+    vol = open_vol(paths, uuid)
+    assert _member_states(vol)[1] == "stale"
+    assert paths[1] in vol.status()["members"][1]["reason"]
+    assert_reads(vol, model)
+    vol.close()
+
+
+def test_image_one_label_update_behind_never_serves_old_bytes(tmp_path):
+    """An old image of a member whose label is only one update behind (the array crashed in
+    the session after the image was taken) passes the events check; its outdated table copy
+    must not vouch for its outdated chunks."""
+    paths, uuid, g, model, rng = _filled(tmp_path / "a", "raid5", seed=66)
+    image = str(tmp_path / "image")
+    shutil.copyfile(paths[0], image)
+    vol = open_vol(paths, uuid)
+    apply(vol, model, [(0, rng.randbytes(g.capacity))], check=False)
+    vol.flush()
+    close_members(vol)  # the process dies; labels stay one update ahead of the image
+    shutil.copyfile(image, paths[0])
+
+    vol = open_vol(paths, uuid, resync=False)  # read-only: nothing rewritten first
+    assert_reads(vol, model)
+    close_members(vol)
+    shutil.copyfile(image, paths[0])
+    vol = open_vol(paths, uuid)
+    assert_reads(vol, model)
+    report = scrub(vol, repair=True)
+    assert report.unrecoverable == 0
+    assert scrub(vol).clean
+    vol.close()
+    remove_member(paths[1])  # slot 0 now has to carry its share
+    vol = open_vol(paths, uuid)
+    assert_reads(vol, model)
+    vol.close()
+
+
+# --- (d) rebuild --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("level", ["raid5", "raid6", "raid10", "raidz3"])
+def test_rebuild_onto_replacement(tmp_path, level):
+    paths, uuid, g, model, rng = _filled(tmp_path / "a", level, rows=80, seed=71)
+    slot = 1
+    size = os.path.getsize(paths[0])
+    remove_member(paths[slot])
+    vol = open_vol(paths, uuid)
+    assert vol.state() == "degraded"
+    new = str(tmp_path / "replacement.img")
+    attach_replacement(vol, slot, BlockFileMember.create(new, size), new)
+    status = vol.status()
+    assert status["state"] == "rebuilding"
+    assert status["members"][slot]["state"] == "rebuilding"
+    assert status["members"][slot]["rebuilt_bytes"] == 0
+    paths[slot] = new
+    seen = []
+
+    def progress(done, total):
+        seen.append(done)
+        if len(seen) == 2:  # an online write while the rebuild is part way
+            apply(vol, model, [(0, rng.randbytes(g.capacity // 2 + 17))])
+
+    rebuild(vol, slot, progress)
+    assert seen[-1] == g.rows * g.chunk and len(seen) > 2
+    assert seen == sorted(seen)
+    assert vol.state() == "clean"
+    assert vol.status()["members"][slot]["rebuilt_bytes"] is None
+    assert_reads(vol, model)
+    assert scrub(vol).clean
+    vol.close()
+    # The rebuilt member carries real data: lose the others the array can spare.
+    lost = next(ls for ls in max_loss_sets(g) if slot not in ls and slot // g.group_size in
+                {s // g.group_size for s in ls})
+    for s in lost:
+        remove_member(paths[s])
+    vol = open_vol(paths, uuid)
+    assert vol.status()["members"][slot]["state"] == "active"
+    assert_reads(vol, model)
+    vol.close()
+
+
+REBUILD_CHILD = r"""
+import os, sys
+import raid.rebuild as rb
+from backends import open_member
+from raid.assemble import assemble
+
+paths, uuid = sys.argv[1].split("|"), sys.argv[2]
+slot, progress_path = int(sys.argv[3]), sys.argv[4]
+rb.CHECKPOINT_SECONDS = 0.0  # write the label checkpoint after every batch of rows
+fd = os.open(progress_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND)
+
+def progress(done, total):
+    os.write(fd, f"{done} {total}\n".encode())
+    import time
+    time.sleep(0.03)  # keep the rebuild going long enough to be killed part way
+
+vol = assemble(paths, uuid, open_member)
+assert vol.slots[slot].state == "rebuilding", vol.slots[slot]
+rb.rebuild(vol, slot, progress)
+os.write(fd, b"finished\n")
+"""
+
+
+def _child_env():
+    env = dict(os.environ)
+    env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
+    return env
+
+
+def _last_progress(path):
+    try:
+        with open(path) as f:
+            lines = f.read().splitlines()
+    except FileNotFoundError:
+        return None
+    if not lines:
+        return None
+    return lines[-1]
+
+
+@pytest.mark.timeout(300)
+def test_rebuild_resumes_after_kill(tmp_path):
+    chunk = 64 * 1024
+    level, n = "raid5", 4
+    size = 32 * 1024 * 1024
+    rows = (size - 64 * 1024) // chunk
+    paths, uuid, g = build(tmp_path / "a", level, n, chunk, rows)
+    assert g.rows >= 400
+    model = Model(g.capacity)
+    vol = open_vol(paths, uuid)
+    apply(vol, model, [(0, rand_bytes(81, g.capacity))], check=False)
+    vol.close()
+    slot = 2
+    remove_member(paths[slot])
+    vol = open_vol(paths, uuid)
+    new = str(tmp_path / "replacement.img")
+    attach_replacement(vol, slot, BlockFileMember.create(new, os.path.getsize(paths[0])), new)
+    paths[slot] = new
+    vol.close()
+
+    progress_path = str(tmp_path / "progress")
+    total = g.rows * g.chunk
+    child = subprocess.Popen(
+        [sys.executable, "-c", REBUILD_CHILD, "|".join(paths), uuid, str(slot), progress_path],
+        cwd=REPO, env=_child_env(),
+    )
+    killed_at = None
+    deadline = time.monotonic() + 120
+    try:
+        while time.monotonic() < deadline:
+            line = _last_progress(progress_path)
+            if line == "finished" or child.poll() is not None:
+                break
+            if line and int(line.split()[0]) >= total // 4:
+                killed_at = int(line.split()[0])
+                os.kill(child.pid, signal.SIGKILL)
+                break
+            time.sleep(0.005)
+    finally:
+        if child.poll() is None and killed_at is None:
+            child.kill()
+        child.wait(30)
+    assert killed_at is not None, f"the rebuild child ended first: {child.returncode}"
+    assert child.returncode == -signal.SIGKILL
+
+    vol = open_vol(paths, uuid)
+    member = vol.status()["members"][slot]
+    assert member["state"] == "rebuilding"
+    assert vol.slots[slot].rebuilt_rows > 0
+    assert killed_at <= member["rebuilt_bytes"] < total
+    resumed_from = member["rebuilt_bytes"]
+    assert_reads(vol, model)  # rows below the checkpoint come from the new member
+    seen = []
+    rebuild(vol, slot, lambda done, tot: seen.append(done))
+    step = raid.rebuild.ROWS_PER_LOCK * g.chunk
+    assert resumed_from < seen[0] <= resumed_from + step  # it did not start over
+    assert len(seen) <= (total - resumed_from) // step + 1
+    assert seen[-1] == total
+    assert vol.state() == "clean"
+    assert_reads(vol, model)
+    assert scrub(vol).clean
+    vol.close()
+    remove_member(paths[0])  # the rebuilt member now has to carry its share
+    vol = open_vol(paths, uuid)
+    assert vol.state() == "degraded"
+    assert_reads(vol, model)
+    vol.close()
+
+
+# --- (e) crash in the middle of stripe writes -----------------------------------------------------
+
+WRITER_CHILD = r"""
+import json, os, sys
+import numpy as np
+from backends import open_member
+from raid.assemble import assemble
+
+cfg = json.load(open(sys.argv[1]))
+start = int(sys.argv[2])
+vol = assemble(cfg["paths"], cfg["uuid"], open_member)
+log = os.open(cfg["log"], os.O_WRONLY | os.O_CREAT | os.O_APPEND)
+pending = []
+for i in range(start, len(cfg["plan"])):
+    off, length, seed = cfg["plan"][i]
+    vol.write(off, np.random.default_rng(seed).bytes(length))
+    pending.append(i)
+    if len(pending) == cfg["flush_every"]:
+        vol.flush()
+        os.write(log, (" ".join(map(str, pending)) + "\n").encode())
+        os.fsync(log)
+        pending = []
+os.write(log, b"finished\n")
+"""
+
+
+def _extent_plan(g, rng):
+    """Disjoint extents covering the volume, of up to three stripes, in random order."""
+    plan, off = [], 0
+    while off < g.capacity:
+        length = min(rng.randint(1, 3 * g.stripe_bytes), g.capacity - off)
+        plan.append([off, length, rng.randrange(2**32)])
+        off += length
+    rng.shuffle(plan)
+    return plan
+
+
+def _flushed(log_path):
+    done = set()
+    with open(log_path) as f:
+        for line in f.read().splitlines():
+            if line and line != "finished":
+                done.update(int(x) for x in line.split())
+    return done
+
+
+def _check_extents(vol, plan, flushed):
+    """Flushed extents read back exactly; others are, byte by byte, old (zero) or new."""
+    whole = np.frombuffer(vol.read(0, vol.capacity), dtype=np.uint8)
+    for i, (off, length, seed) in enumerate(plan):
+        got = whole[off : off + length]
+        new = np.frombuffer(rand_bytes(seed, length), dtype=np.uint8)
+        if i in flushed:
+            assert np.array_equal(got, new), f"flushed extent {i} ({off}+{length}) damaged"
+        else:
+            assert np.all((got == new) | (got == 0)), f"extent {i} holds foreign bytes"
+
+
+def _count_lines(path):
+    if not os.path.exists(path):
+        return 0
+    with open(path) as f:
+        return len(f.read().splitlines())
+
+
+def _run_writer_and_kill(cfg_path, start, log_path, rng):
+    target = _count_lines(log_path) + rng.randint(3, 8)
+    child = subprocess.Popen(
+        [sys.executable, "-c", WRITER_CHILD, cfg_path, str(start)], cwd=REPO, env=_child_env()
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and child.poll() is None:
+            if _count_lines(log_path) >= target:
+                break
+            time.sleep(0.002)
+        time.sleep(rng.uniform(0, 0.02))  # land somewhere inside the next batch of writes
+        assert child.poll() is None, f"the writer ended before the kill: {child.returncode}"
+        os.kill(child.pid, signal.SIGKILL)
+    finally:
+        if child.poll() is None:
+            child.kill()
+        child.wait(30)
+    assert child.returncode == -signal.SIGKILL
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("level", ["raid5", "raid6", "raid10", "raidz2"])
+def test_crash_mid_write_leaves_flushed_data_and_parity_intact(tmp_path, level):
+    n = LEVEL_MEMBERS[level]
+    paths, uuid, g = build(tmp_path / "a", level, n, CHUNK, rows=512)
+    rng = random.Random(level)
+    plan = _extent_plan(g, rng)
+    log_path = str(tmp_path / "flushed.log")
+    cfg_path = str(tmp_path / "cfg.json")
+    with open(cfg_path, "w") as f:
+        json.dump({"paths": paths, "uuid": uuid, "plan": plan, "log": log_path,
+                   "flush_every": 6}, f)
+    start = 0
+    for _cycle in range(2):
+        _run_writer_and_kill(cfg_path, start, log_path, rng)
+        flushed = _flushed(log_path)
+        assert flushed, "nothing was flushed before the kill"
+        # The kill left the array unclean; the next assembly resyncs the write-intent regions.
+        for path in paths:
+            m = BlockFileMember.open(path)
+            assert not read_label(m).clean
+            m.close()
+        vol = open_vol(paths, uuid)
+        assert vol.state() == "clean"
+        report = scrub(vol)
+        assert report.clean, report.to_dict()
+        _check_extents(vol, plan, flushed)
+        vol.close()
+        start = max(flushed) + 1
+    # The write hole: with any member gone, flushed data must come back from parity.
+    snap = tmp_path / "snap"
+    snapshot(paths, snap)
+    for lost in max_loss_sets(g)[: g.members]:
+        restore(paths, snap)
+        for s in lost:
+            remove_member(paths[s])
+        vol = open_vol(paths, uuid, resync=False)
+        assert vol.state() == "degraded"
+        _check_extents(vol, plan, flushed)
+        close_members(vol)
+
+
+RESYNC_KILLER_CHILD = r"""
+import os, signal, sys
+import raid.assemble as A
+from backends import open_member
+
+paths, uuid, last_row = sys.argv[1].split("|"), sys.argv[2], int(sys.argv[3])
+resync_row = A.resync_row
+
+def resync_then_die(volume, group, row):
+    resync_row(volume, group, row)
+    if row == last_row:  # the first marked region is done: the power fails again
+        os.kill(os.getpid(), signal.SIGKILL)
+
+A.resync_row = resync_then_die
+A.assemble(paths, uuid, open_member)
+"""
+
+
+@pytest.mark.timeout(300)
+def test_crash_during_resync_keeps_the_other_regions_marked(tmp_path):
+    chunk = 4096
+    paths, uuid, g = build(tmp_path / "a", "raid5", 4, chunk, rows=2 * 4096 + 8)
+    rpb = g.rows_per_intent_bit
+    assert g.rows > rpb  # at least two write-intent regions
+    rng = random.Random(12)
+    model = Model(g.capacity)
+    offsets = [10 * g.stripe_bytes, (rpb + 10) * g.stripe_bytes]  # one per region
+    span = 2 * g.stripe_bytes  # whole stripes: written through to the members at once
+    vol = open_vol(paths, uuid)
+    apply(vol, model, [(off, rng.randbytes(span)) for off in offsets])
+    vol.flush()
+    before = Model(g.capacity)
+    before.data[:] = model.data
+    # Rewrite both regions and die before the flush: data and parity differ from the table.
+    apply(vol, model, [(off, rng.randbytes(span)) for off in offsets])
+    close_members(vol)
+    child = subprocess.run(
+        [sys.executable, "-c", RESYNC_KILLER_CHILD, "|".join(paths), uuid, str(rpb - 1)],
+        cwd=REPO, env=_child_env(), timeout=120,
+    )
+    assert child.returncode == -signal.SIGKILL  # died during the resync, after region 0
+
+    vol = open_vol(paths, uuid)  # must resync what the interrupted resync had not reached
+    report = scrub(vol)
+    assert report.clean, report.to_dict()
+    for off in offsets:  # unflushed writes read back old or new, byte by byte
+        got = np.frombuffer(vol.read(off, span), dtype=np.uint8)
+        new = np.frombuffer(model.get(off, span), dtype=np.uint8)
+        old = np.frombuffer(before.get(off, span), dtype=np.uint8)
+        assert np.all((got == new) | (got == old))
+    vol.close()
+
+
+def test_crash_between_table_copies_is_resynced(tmp_path):
+    """A kill while a flush had written the checksum table to some members only."""
+    paths, uuid, g = build(tmp_path / "a", "raid5", 4, CHUNK, rows=64)
+    assert g.table_pages == 1 and g.rows <= g.rows_per_intent_bit  # one page, one region
+    rng = random.Random(9)
+    model = Model(g.capacity)
+    vol = open_vol(paths, uuid)
+    apply(vol, model, boundary_writes(rng, g, 10))
+    vol.flush()
+    old_pages = {}
+    for i, path in enumerate(paths):
+        with open(path, "rb") as f:
+            f.seek(page_offset(0))
+            old_pages[i] = f.read(TABLE_PAGE)
+    # Writes next to the flushed data, sharing its stripes and chunks, then a flush that
+    # (as far as the members will show) reached slot 0's table copy only.
+    for off in range(g.chunk // 2, g.capacity - g.stripe_bytes, 3 * g.stripe_bytes):
+        apply(vol, model, [(off, rng.randbytes(g.chunk))], check=False)
+    vol.flush()
+    with open(paths[0], "rb") as f:
+        f.seek(page_offset(0))
+        assert f.read(TABLE_PAGE) != old_pages[0]
+    # The process died in that flush: the other members keep the older (valid) copy of the
+    # page, and the write-intent bit of the region is still set everywhere.
+    marked = bytes([1]) + bytes(BITMAP_SIZE - 1)
+    for i, path in enumerate(paths):
+        with open(path, "r+b") as f:
+            if i:
+                f.seek(page_offset(0))
+                f.write(old_pages[i])
+            f.seek(BITMAP_OFFSET)
+            f.write(marked)
+    close_members(vol)
+
+    vol = open_vol(paths, uuid)
+    report = scrub(vol)
+    assert report.clean, report.to_dict()
+    assert_reads(vol, model)  # the table that slot 0 had matches the data on disk
+    vol.close()
+    for lost in range(g.members):
+        snap = tmp_path / f"snap{lost}"
+        snapshot(paths, snap)
+        remove_member(paths[lost])
+        vol = open_vol(paths, uuid, resync=False)
+        assert_reads(vol, model)
+        close_members(vol)
+        restore(paths, snap)
