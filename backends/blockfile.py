@@ -67,6 +67,12 @@ class BlockFileMember(Member):
                 raise
             raise MemberIOError(self.path, "read", exc.strerror or str(exc)) from exc
 
+    def prefetch(self, offset: int, length: int) -> None:
+        try:
+            os.posix_fadvise(self._fd, offset, length, os.POSIX_FADV_WILLNEED)
+        except OSError as exc:  # only a hint: reading will report real failures
+            log.debug("member %s: prefetch hint failed: %s", self.path, exc)
+
     def write(self, offset: int, data: bytes | memoryview) -> None:
         view = memoryview(data).cast("B")
         self._check_range(offset, len(view), "write")

@@ -29,6 +29,10 @@ class Member(ABC):
         """Fill `buffer` with the bytes at `offset`."""
         buffer[:] = self.read(offset, len(buffer))
 
+    def prefetch(self, offset: int, length: int) -> None:
+        """Hint that [offset, offset + length) will be read soon (may do nothing)."""
+        return None
+
     @abstractmethod
     def write(self, offset: int, data: bytes | memoryview) -> None:
         """Store `data` at `offset`."""

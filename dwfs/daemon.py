@@ -23,7 +23,6 @@ from dwfs.mounts import is_mounted, mount_device
 from dwfs.rawfs import RawOperations
 from dwfs.warehouse import WarehouseError, WarehouseLock, control_socket_path, open_volume
 from raid.errors import RaidError
-from raid.volume import Volume
 
 log = logging.getLogger("dwfs.daemon")
 
@@ -31,9 +30,10 @@ log = logging.getLogger("dwfs.daemon")
 class Daemon:
     """One mounted warehouse: its volume, FUSE session and control server."""
 
-    def __init__(self, cfg: WarehouseConfig, volume: Volume, mountpoint: str) -> None:
+    def __init__(self, cfg: WarehouseConfig, ops: RawOperations, mountpoint: str) -> None:
         self.cfg = cfg
-        self.volume = volume
+        self.ops = ops
+        self.volume = ops.volume
         self.mountpoint = mountpoint
         self.sock_path = control_socket_path(cfg.directory)
 
@@ -49,7 +49,7 @@ class Daemon:
             doc["pid"] = os.getpid()
             return doc
         if name == "flush":
-            self.volume.flush()
+            self.ops.sync()
             return {"pid": os.getpid()}
         if name == "scrub":
             return service.run_scrub(self.volume, bool(op.get("repair")), progress)
@@ -88,6 +88,7 @@ def serve(warehouse: str, mountpoint: str, ready_fd: int | None, debug: bool = F
 
     lock = None
     volume = None
+    ops = None
     mounted = False
     try:
         cfg = load_config(warehouse)
@@ -114,7 +115,7 @@ def serve(warehouse: str, mountpoint: str, ready_fd: int | None, debug: bool = F
         _raise_readahead(mountpoint)
         log.info("mounted %s (raw volume, %s) at %s", cfg.directory, volume.geometry.level,
                  mountpoint)
-        daemon = Daemon(cfg, volume, mountpoint)
+        daemon = Daemon(cfg, ops, mountpoint)
         trio.run(daemon.run, lambda: report("ready"))
         return 0
     except (ConfigError, RaidError, OSError) as exc:
@@ -124,6 +125,11 @@ def serve(warehouse: str, mountpoint: str, ready_fd: int | None, debug: bool = F
     finally:
         if mounted:
             pyfuse3.close(unmount=is_mounted(os.path.abspath(mountpoint)))
+        if ops is not None:
+            try:
+                ops.writes.close()
+            except OSError as exc:
+                log.error("queued writes to %s failed: %s", warehouse, exc)
         if volume is not None:
             try:
                 volume.close()

@@ -13,6 +13,7 @@ from typing import Any
 import pyfuse3
 import trio
 
+from dwfs.writebehind import WriteBehind
 from raid.volume import Volume
 
 log = logging.getLogger(__name__)
@@ -46,6 +47,7 @@ class RawOperations(pyfuse3.Operations):
     def __init__(self, volume: Volume) -> None:
         super().__init__()
         self.volume = volume
+        self.writes = WriteBehind(volume)
         self.limiter = trio.CapacityLimiter(2)
         now = time.time_ns()
         self._mode = {pyfuse3.ROOT_INODE: stat.S_IFDIR | 0o755, VOLUME_INODE: stat.S_IFREG | 0o600}
@@ -123,26 +125,37 @@ class RawOperations(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.EPERM)
         return pyfuse3.FileInfo(fh=inode, keep_cache=True)
 
+    def _read(self, off: int, size: int) -> bytearray:
+        self.writes.drain()
+        return self.volume.read(off, size)
+
+    def sync(self) -> None:
+        """Apply every queued write and make the volume durable."""
+        self.writes.drain()
+        self.volume.flush()
+
     @fuse_errors
     async def read(self, fh, off, size):
-        return await self._run(self.volume.read, off, size)
+        return await self._run(self._read, off, size)
 
     @fuse_errors
     async def write(self, fh, off, buf):
         if off >= self.volume.capacity:
             raise pyfuse3.FUSEError(errno.ENOSPC)
         n = min(len(buf), self.volume.capacity - off)
-        await self._run(self.volume.write, off, memoryview(buf)[:n])
+        data = buf if n == len(buf) else buf[:n]
+        if not self.writes.try_submit(off, data):
+            await self._run(self.writes.submit, off, data)
         self._times[VOLUME_INODE][1] = self._times[VOLUME_INODE][2] = time.time_ns()
         return n
 
     @fuse_errors
     async def fsync(self, fh, datasync):
-        await self._run(self.volume.flush)
+        await self._run(self.sync)
 
     @fuse_errors
     async def release(self, fh):
-        await self._run(self.volume.flush)
+        await self._run(self.sync)
 
     async def flush(self, fh):
         return None

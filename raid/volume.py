@@ -27,6 +27,7 @@ log = logging.getLogger(__name__)
 
 USABLE_STATES = ("active", "rebuilding")
 STRIPE_CACHE_BYTES = 32 * 1024 * 1024
+READ_AHEAD_BYTES = 8 * 1024 * 1024
 
 
 @dataclass
@@ -80,6 +81,8 @@ class Volume:
         self._cache = StripeCache(geometry.stripe_bytes, STRIPE_CACHE_BYTES)
         self._intent: set[int] = set()
         self._intent_on_disk = False
+        self._last_read_end = -1
+        self._prefetched_until = 0
         self._closed = False
 
     # --- public interface ---------------------------------------------------------------------
@@ -103,6 +106,7 @@ class Volume:
             self._check_open()
             if length and self._cache.pending:
                 self._commit_range(offset // sb, (offset + length - 1) // sb)
+            self._read_ahead(offset, length)
             while pos < length:
                 stripe, within = divmod(offset + pos, sb)
                 n = min(sb - within, length - pos)
@@ -123,6 +127,38 @@ class Volume:
                     outv[base + lo : base + hi] = cols[c][lo - c * chunk : hi - c * chunk]
                 pos += n
         return out
+
+    def _read_ahead(self, offset: int, length: int) -> None:
+        """Ask members to start reading what this read (and, if sequential, the next) needs."""
+        end = offset + length
+        start = offset
+        if offset == self._last_read_end:
+            start = max(offset, self._prefetched_until)
+            end = min(self.capacity, end + READ_AHEAD_BYTES)
+        self._last_read_end = offset + length
+        if start >= end:
+            return
+        self._prefetched_until = end
+        g = self.geometry
+        sb, chunk = g.stripe_bytes, g.chunk
+        runs: dict[int, list[int]] = {}
+        for stripe in range(start // sb, (end - 1) // sb + 1):
+            group, row = g.locate(stripe)
+            slots = g.column_slots(group, row)
+            lo = max(start, stripe * sb) - stripe * sb
+            hi = min(end, (stripe + 1) * sb) - stripe * sb
+            for c in range(lo // chunk, (hi - 1) // chunk + 1):
+                slot = slots[c]
+                if self.slots[slot].holds(row):
+                    run = runs.setdefault(slot, [])
+                    if run and run[-1] >= row - 1:
+                        run[-1] = max(run[-1], row)
+                    else:
+                        run.extend((row, row))
+        for slot, run in runs.items():
+            member = self.slots[slot].member
+            for i in range(0, len(run), 2):
+                member.prefetch(g.chunk_offset(run[i]), (run[i + 1] - run[i] + 1) * chunk)
 
     def write(self, offset: int, data: bytes | bytearray | memoryview) -> None:
         """Store `data` at `offset`; durable after the next flush."""

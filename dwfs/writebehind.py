@@ -1,0 +1,101 @@
+"""Write-behind for the raw mount: FUSE writes return once queued; a worker applies them.
+
+Like the kernel's own writeback, a write is acknowledged before it reaches the volume, and an
+error that happens later is reported by the next write, read, fsync or flush. The queue is
+bounded in bytes, so a fast writer waits for the volume instead of filling memory.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections import deque
+
+from raid.volume import Volume
+
+log = logging.getLogger(__name__)
+
+DEFAULT_LIMIT = 64 * 1024 * 1024
+
+
+class WriteBehind:
+    """An ordered queue of writes applied to a volume by one worker thread."""
+
+    def __init__(self, volume: Volume, limit_bytes: int = DEFAULT_LIMIT) -> None:
+        self.volume = volume
+        self.limit = limit_bytes
+        self._cond = threading.Condition()
+        self._queue: deque[tuple[int, bytes]] = deque()
+        self._queued = 0
+        self._busy = False
+        self._error: OSError | None = None
+        self._stop = False
+        self._thread = threading.Thread(target=self._run, name="write-behind", daemon=True)
+        self._thread.start()
+
+    def try_submit(self, offset: int, data: bytes) -> bool:
+        """Queue a write if there is room; False if the caller must wait (use `submit`)."""
+        with self._cond:
+            self._raise_error()
+            if self._queued and self._queued + len(data) > self.limit:
+                return False
+            self._append(offset, data)
+            return True
+
+    def submit(self, offset: int, data: bytes) -> None:
+        """Queue a write, waiting for room."""
+        with self._cond:
+            self._raise_error()
+            while self._queued and self._queued + len(data) > self.limit:
+                self._cond.wait()
+                self._raise_error()
+            self._append(offset, data)
+
+    def drain(self) -> None:
+        """Wait until every queued write reached the volume; raise a deferred error if any."""
+        with self._cond:
+            while self._queue or self._busy:
+                self._cond.wait()
+            self._raise_error()
+
+    def close(self) -> None:
+        """Drain and stop the worker."""
+        try:
+            self.drain()
+        finally:
+            with self._cond:
+                self._stop = True
+                self._cond.notify_all()
+            self._thread.join()
+
+    def _append(self, offset: int, data: bytes) -> None:
+        self._queue.append((offset, data))
+        self._queued += len(data)
+        self._cond.notify_all()
+
+    def _raise_error(self) -> None:
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise error
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not self._queue and not self._stop:
+                    self._cond.wait()
+                if not self._queue:
+                    return
+                offset, data = self._queue.popleft()
+                self._busy = True
+            try:
+                self.volume.write(offset, data)
+            except OSError as exc:
+                log.error("deferred write of %d bytes at %d failed: %s", len(data), offset, exc)
+                with self._cond:
+                    if self._error is None:
+                        self._error = exc
+            finally:
+                with self._cond:
+                    self._busy = False
+                    self._queued -= len(data)
+                    self._cond.notify_all()
