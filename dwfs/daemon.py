@@ -63,9 +63,17 @@ class Daemon:
         async with trio.open_nursery() as nursery:
             await nursery.start(control.serve, self.sock_path, self.handle, limiter)
             nursery.start_soon(self._signals, nursery)
+            nursery.start_soon(self._tune_readahead)
             ready()
             await pyfuse3.main()
             nursery.cancel_scope.cancel()
+
+    async def _tune_readahead(self) -> None:
+        # The kernel sets the mount's readahead when it gets the reply to FUSE INIT, which is
+        # answered once the session loop runs; raise it after that.
+        for delay in (0.1, 0.5, 2.0):
+            await trio.sleep(delay)
+            await trio.to_thread.run_sync(_raise_readahead, self.mountpoint)
 
     async def _signals(self, nursery: trio.Nursery) -> None:
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as sigs:
@@ -112,7 +120,6 @@ def serve(warehouse: str, mountpoint: str, ready_fd: int | None, debug: bool = F
             options.add("allow_other")
         pyfuse3.init(ops, mountpoint, options)
         mounted = True
-        _raise_readahead(mountpoint)
         log.info("mounted %s (raw volume, %s) at %s", cfg.directory, volume.geometry.level,
                  mountpoint)
         daemon = Daemon(cfg, ops, mountpoint)
