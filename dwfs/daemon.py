@@ -13,6 +13,7 @@ import logging
 import os
 import signal
 import sys
+import threading
 
 import pyfuse3
 import trio
@@ -23,6 +24,7 @@ from dwfs.mounts import is_mounted, mount_device
 from dwfs.rawfs import RawOperations
 from dwfs.warehouse import WarehouseError, WarehouseLock, control_socket_path, open_volume
 from raid.errors import RaidError
+from raid.rebuild import RebuildStopped
 
 log = logging.getLogger("dwfs.daemon")
 
@@ -36,6 +38,8 @@ class Daemon:
         self.volume = ops.volume
         self.mountpoint = mountpoint
         self.sock_path = control_socket_path(cfg.directory)
+        self.rebuilding: set[int] = set()
+        self.stopping = threading.Event()
 
     def handle(self, op: dict, progress) -> object:
         """Carry out one control request (in a worker thread)."""
@@ -54,8 +58,16 @@ class Daemon:
         if name == "scrub":
             return service.run_scrub(self.volume, bool(op.get("repair")), progress)
         if name == "replace":
-            return service.replace(self.volume, self.cfg, int(op["slot"]), op.get("device"),
-                                   progress)
+            slot = int(op["slot"])
+            if slot in self.rebuilding:
+                raise WarehouseError(f"slot {slot} is already being rebuilt; see dwfs status",
+                                     errno.EBUSY)
+            self.rebuilding.add(slot)
+            try:
+                return service.replace(self.volume, self.cfg, slot, op.get("device"), progress,
+                                       self.stopping)
+            finally:
+                self.rebuilding.discard(slot)
         raise ValueError(f"unknown control request {name!r}")
 
     async def run(self, ready) -> None:
@@ -64,9 +76,24 @@ class Daemon:
             await nursery.start(control.serve, self.sock_path, self.handle, limiter)
             nursery.start_soon(self._signals, nursery)
             nursery.start_soon(self._tune_readahead)
+            for s in self.volume.slots:
+                if s.state == "rebuilding":
+                    nursery.start_soon(self._resume_rebuild, s.index)
             ready()
             await pyfuse3.main()
+            self.stopping.set()  # background work checkpoints and returns
             nursery.cancel_scope.cancel()
+
+    async def _resume_rebuild(self, slot: int) -> None:
+        """Finish a rebuild that an earlier run left part way, in the background."""
+        log.info("slot %d: resuming its interrupted rebuild in the background", slot)
+        try:
+            await trio.to_thread.run_sync(self.handle, {"op": "replace", "slot": slot},
+                                          lambda done, total: None)
+        except RebuildStopped as exc:
+            log.info("%s; it resumes at the next mount", exc)
+        except OSError as exc:
+            log.error("slot %d: background rebuild failed: %s", slot, exc)
 
     async def _tune_readahead(self) -> None:
         # The kernel sets the mount's readahead when it gets the reply to FUSE INIT, which is

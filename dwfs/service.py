@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Callable
 
 from dwfs.config import WarehouseConfig
@@ -34,6 +35,7 @@ def replace(
     slot: int,
     device: str | None,
     progress: Progress | None = None,
+    stop: threading.Event | None = None,
 ) -> dict:
     """Rebuild `slot` onto a new member (or resume an interrupted rebuild of it)."""
     g = volume.geometry
@@ -58,6 +60,6 @@ def replace(
         if cfg.members[slot] != cfg_path:
             cfg.members[slot] = cfg_path
             cfg.save()
-    rebuild(volume, slot, progress)
+    rebuild(volume, slot, progress, stop)
     return {"slot": slot, "path": volume.slots[slot].path, "resumed_at_bytes": resumed_at,
             "rebuilt_bytes": g.rows * g.chunk, "state": volume.state()}

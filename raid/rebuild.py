@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Callable
 
@@ -57,8 +58,20 @@ def attach_replacement(volume: Volume, slot: int, member: Member, path: str) -> 
     log.info("slot %d: %s attached, rebuild starts", slot, path)
 
 
-def rebuild(volume: Volume, slot: int, progress: Progress | None = None) -> None:
-    """Reconstruct every chunk of a rebuilding slot, from its checkpoint to the end."""
+class RebuildStopped(RaidError):
+    """The rebuild was asked to stop; it resumes from its checkpoint next time."""
+
+
+def rebuild(
+    volume: Volume,
+    slot: int,
+    progress: Progress | None = None,
+    stop: threading.Event | None = None,
+) -> None:
+    """Reconstruct every chunk of a rebuilding slot, from its checkpoint to the end.
+
+    Setting `stop` makes it checkpoint and raise RebuildStopped.
+    """
     g = volume.geometry
     s = volume.slots[slot]
     if s.state != "rebuilding":
@@ -71,6 +84,12 @@ def rebuild(volume: Volume, slot: int, progress: Progress | None = None) -> None
     last = time.monotonic()
     row = start
     while row < g.rows:
+        if stop is not None and stop.is_set():
+            with volume.lock:
+                volume.flush()
+                s.rebuilt_rows = row
+                volume.write_labels()
+            raise RebuildStopped(f"slot {slot}: rebuild stopped at row {row} of {g.rows}")
         with volume.lock:
             if s.state != "rebuilding":
                 raise RaidError(f"slot {slot} left the rebuild ({s.state}: {s.reason})")

@@ -12,6 +12,10 @@ import time
 import pytest
 from mountutil import daemon_pid, dwfs, is_mounted, pid_alive, status
 
+from backends import open_member
+from dwfs.config import load_config
+from dwfs.warehouse import open_volume
+from raid.assemble import read_label
 from raid.geometry import Geometry
 
 MiB = 1 << 20
@@ -263,3 +267,119 @@ def test_bad_input_changes_nothing(tmp_path, raw_mount):
     p = dwfs("mount", "--raw", wh, other, check=False)
     assert p.returncode == 1 and "in use" in p.stderr
     assert not is_mounted(other)
+
+
+def _loop_available() -> bool:
+    import shutil
+
+    return os.getuid() == 0 and shutil.which("losetup") is not None and os.path.exists(
+        "/dev/loop-control"
+    )
+
+
+@pytest.mark.skipif(not _loop_available(), reason="needs root and loop devices")
+@pytest.mark.timeout(300)
+def test_loop_mounted_ext4_survives_a_lost_member(tmp_path, raw_mount):
+    wh = _mkfs(tmp_path, level="raid6", devices=5, size="32M", chunk="64K")
+    m = raw_mount(wh)
+    m.mount()
+    subprocess.run(["mkfs.ext4", "-q", "-F", m.volume], check=True)
+    ext = tmp_path / "ext"
+    ext.mkdir()
+    tree = os.path.dirname(os.__file__) + "/json"
+    loop = subprocess.run(["losetup", "-f", "--show", m.volume], capture_output=True,
+                          text=True, check=True).stdout.strip()
+    try:
+        subprocess.run(["mount", loop, str(ext)], check=True)
+        try:
+            subprocess.run(["cp", "-a", tree, str(ext / "json")], check=True)
+        finally:
+            subprocess.run(["umount", str(ext)], check=True)
+    finally:
+        subprocess.run(["losetup", "-d", loop], check=True)
+    os.unlink(status(wh)["members"][0]["path"])
+    assert status(wh)["state"] == "degraded"
+    _drop_caches()
+    fsck = subprocess.run(["e2fsck", "-fn", m.volume], capture_output=True, text=True)
+    assert fsck.returncode == 0, fsck.stdout + fsck.stderr
+    loop = subprocess.run(["losetup", "-f", "--show", "-r", m.volume], capture_output=True,
+                          text=True, check=True).stdout.strip()
+    try:
+        subprocess.run(["mount", "-o", "ro", loop, str(ext)], check=True)
+        try:
+            subprocess.run(["diff", "-r", tree, str(ext / "json")], check=True)
+        finally:
+            subprocess.run(["umount", str(ext)], check=True)
+    finally:
+        subprocess.run(["losetup", "-d", loop], check=True)
+
+
+def _fill_and_kill_replace_half_way(wh, blob):
+    """Fill the volume, lose member 1, start `dwfs replace` and kill -9 it part way."""
+    cap = status(wh)["capacity_bytes"]
+    v = open_volume(load_config(str(wh)))
+    for off in range(0, cap - len(blob), len(blob)):
+        v.write(off, blob)
+    v.close()
+    victim = status(wh)["members"][1]["path"]
+    os.unlink(victim)
+    proc = subprocess.Popen([sys.executable, "-m", "dwfs.cli", "replace", str(wh), "1"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 120
+    rebuilt = 0
+    while time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+        # A fresh rebuilding member's label records the checkpoint; read it from the file.
+        try:
+            member = open_member(victim)
+            label = read_label(member)
+            member.close()
+        except (OSError, ValueError):
+            continue
+        rebuilt = label.slots[1].rebuilt_rows
+        if label.slots[1].state == "rebuilding" and rebuilt > 0:
+            proc.kill()
+            break
+    proc.wait(timeout=30)
+    assert rebuilt > 0, "the rebuild never checkpointed"
+    doc = status(wh)
+    assert doc["members"][1]["state"] == "rebuilding"
+    assert doc["members"][1]["rebuilt_bytes"] > 0
+    return cap
+
+
+def _check_filled(wh, blob, cap):
+    assert '"errors": 0' in dwfs("scrub", wh, "--json").stdout
+    v = open_volume(load_config(str(wh)))
+    try:
+        for off in range(0, cap - len(blob), 7 * len(blob)):
+            assert v.read(off, len(blob)) == blob
+    finally:
+        v.close()
+
+
+@pytest.mark.timeout(300)
+def test_mount_finishes_an_interrupted_rebuild(tmp_path, raw_mount):
+    wh = _mkfs(tmp_path, level="raid5", devices=3, size="256M", chunk="64K")
+    blob = os.urandom(1 << 20)
+    cap = _fill_and_kill_replace_half_way(wh, blob)
+    m = raw_mount(wh)
+    m.mount()
+    deadline = time.monotonic() + 120
+    while status(wh)["state"] != "clean" and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert status(wh)["state"] == "clean"
+    assert _read(m.volume, 0, len(blob)) == blob
+    m.umount()
+    _check_filled(wh, blob, cap)
+
+
+@pytest.mark.timeout(300)
+def test_replace_killed_half_way_resumes(tmp_path):
+    wh = _mkfs(tmp_path, level="raid5", devices=3, size="256M", chunk="64K")
+    blob = os.urandom(1 << 20)
+    cap = _fill_and_kill_replace_half_way(wh, blob)
+    out = dwfs("replace", wh, "1").stdout
+    assert "resumed the interrupted rebuild" in out
+    assert status(wh)["state"] == "clean"
+    _check_filled(wh, blob, cap)
