@@ -76,6 +76,7 @@ class Daemon:
             await nursery.start(control.serve, self.sock_path, self.handle, limiter)
             nursery.start_soon(self._signals, nursery)
             nursery.start_soon(self._tune_readahead)
+            nursery.start_soon(self._watch_members)
             for s in self.volume.slots:
                 if s.state == "rebuilding":
                     nursery.start_soon(self._resume_rebuild, s.index)
@@ -94,6 +95,16 @@ class Daemon:
             log.info("%s; it resumes at the next mount", exc)
         except OSError as exc:
             log.error("slot %d: background rebuild failed: %s", slot, exc)
+
+    async def _watch_members(self) -> None:
+        """Notice members that vanish (deleted, detached) even while nobody asks for status."""
+        while True:
+            await trio.sleep(MEMBER_CHECK_SECONDS)
+            await trio.to_thread.run_sync(self._check_members)
+
+    def _check_members(self) -> None:
+        with self.volume.lock:
+            self.volume.check_members()
 
     async def _tune_readahead(self) -> None:
         # The kernel sets the mount's readahead when it gets the reply to FUSE INIT, which is
@@ -174,6 +185,7 @@ def serve(warehouse: str, mountpoint: str, ready_fd: int | None, debug: bool = F
 
 
 READAHEAD_KB = 1024
+MEMBER_CHECK_SECONDS = 5.0
 
 
 def _raise_readahead(mountpoint: str) -> None:

@@ -136,6 +136,12 @@ def test_member_deleted_while_mounted_then_replaced_online(tmp_path, raw_mount):
     _write(m.volume, 0, data)
     victim = status(wh)["members"][2]["path"]
     os.unlink(victim)
+    # The daemon notices by itself, without anyone asking for status.
+    deadline = time.monotonic() + 20
+    log = wh / "dwfs.log"
+    while "taken out of service" not in log.read_text() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert f"({victim}) failed and is taken out of service" in log.read_text()
     doc = status(wh)
     assert doc["state"] == "degraded"
     bad = [x for x in doc["members"] if x["state"] != "active"]
