@@ -18,7 +18,7 @@ import threading
 import pyfuse3
 import trio
 
-from dwfs import control, service
+from dwfs import control_server, service
 from dwfs.config import ConfigError, WarehouseConfig, load_config
 from dwfs.mounts import is_mounted, mount_device
 from dwfs.rawfs import RawOperations
@@ -73,7 +73,7 @@ class Daemon:
     async def run(self, ready) -> None:
         limiter = trio.CapacityLimiter(1)
         async with trio.open_nursery() as nursery:
-            await nursery.start(control.serve, self.sock_path, self.handle, limiter)
+            await nursery.start(control_server.serve, self.sock_path, self.handle, limiter)
             nursery.start_soon(self._signals, nursery)
             nursery.start_soon(self._tune_readahead)
             nursery.start_soon(self._watch_members)
