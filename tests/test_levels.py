@@ -1,0 +1,111 @@
+"""The level table, `auto`, geometry and the CLI's mkfs output for each level."""
+
+from __future__ import annotations
+
+import pytest
+from mountutil import dwfs, status
+
+from raid import levels
+from raid.geometry import Geometry
+
+MiB = 1 << 20
+
+EXPECTED = {
+    # level: (members, min members, tolerance, usable data columns per group, groups)
+    "raid0": (3, 1, 0, 3, 1),
+    "raid1": (3, 2, 2, 1, 1),
+    "raid5": (4, 3, 1, 3, 1),
+    "raid6": (6, 4, 2, 4, 1),
+    "raid10": (4, 4, 1, 1, 2),
+    "raid50": (6, 6, 1, 2, 2),
+    "raid60": (8, 8, 2, 2, 2),
+    "raidz1": (3, 2, 1, 2, 1),
+    "raidz2": (5, 3, 2, 3, 1),
+    "raidz3": (7, 4, 3, 4, 1),
+}
+
+
+@pytest.mark.parametrize("level", sorted(EXPECTED))
+def test_table(level):
+    members, minimum, tol, k, groups = EXPECTED[level]
+    spec = levels.level_spec(level)
+    assert spec.min_members == minimum
+    assert levels.tolerance(level, members) == tol
+    shape = levels.shape_of(level, members)
+    assert (shape.k, shape.groups) == (k, groups)
+    assert levels.usable_fraction(level, members) == pytest.approx(k * groups / members)
+    with pytest.raises(levels.LevelError, match=f"{level} needs at least {minimum}"):
+        levels.shape_of(level, minimum - 1)
+
+
+@pytest.mark.parametrize("level", sorted(EXPECTED))
+def test_capacity_matches_the_table(level):
+    members = EXPECTED[level][0]
+    g = Geometry.plan(level, members, 65536, 64 * MiB)
+    assert g.capacity == pytest.approx(
+        g.rows * g.chunk * levels.usable_fraction(level, members) * members, abs=1
+    )
+    assert g.member_bytes_needed <= 64 * MiB
+    # Every row of every group places each column on a distinct member of that group.
+    for row in range(min(g.rows, 50)):
+        for group in range(g.groups):
+            slots = g.column_slots(group, row)
+            assert sorted(slots) == list(range(group * g.group_size, (group + 1) * g.group_size))
+
+
+def test_odd_member_counts_are_refused():
+    with pytest.raises(levels.LevelError, match="even number"):
+        levels.shape_of("raid10", 5)
+    with pytest.raises(levels.LevelError, match="two equal groups"):
+        levels.shape_of("raid60", 9)
+    with pytest.raises(levels.LevelError, match="unknown level 'raid7'"):
+        levels.level_spec("raid7")
+
+
+@pytest.mark.parametrize(
+    "members,survive,level",
+    [(2, 1, "raid1"), (3, 1, "raid5"), (8, 1, "raid5"), (3, 2, "raid1"), (6, 2, "raid6"),
+     (6, 3, "raidz3"), (5, 4, "raid1"), (4, 0, "raid0")],
+)
+def test_auto(members, survive, level):
+    choice = levels.choose_level(members, survive)
+    assert choice.level == level
+    assert levels.tolerance(level, members) >= survive
+    assert choice.reason
+
+
+def test_auto_refuses_the_impossible():
+    with pytest.raises(levels.LevelError, match="needs at least 4 members"):
+        levels.choose_level(3, 3)
+
+
+def test_mkfs_auto_says_why(tmp_path):
+    out = dwfs("mkfs", tmp_path / "wh", "--level", "auto", "--survive", "2", "--devices", 5,
+               "--device-size", "8M").stdout
+    assert "raid6" in out and "auto:" in out and "double parity" in out
+    doc = status(tmp_path / "wh")
+    assert doc["level"] == "raid6" and doc["tolerance"] == 2
+
+
+def test_mkfs_survive_checks_an_explicit_level(tmp_path):
+    p = dwfs("mkfs", tmp_path / "wh", "--level", "raid5", "--survive", "2", "--devices", 5,
+             "--device-size", "8M", check=False)
+    assert p.returncode == 1 and "survives 1 failed members, not 2" in p.stderr
+    assert not (tmp_path / "wh").exists()
+
+
+def test_mkfs_on_given_devices(tmp_path):
+    paths = []
+    for i in range(4):
+        p = tmp_path / f"disk{i}.img"
+        p.write_bytes(b"")
+        with open(p, "r+b") as f:
+            f.truncate(16 * MiB)
+        paths.append(p)
+    args = []
+    for p in paths:
+        args += ["--device", p]
+    dwfs("mkfs", tmp_path / "wh", "--level", "raidz1", *args)
+    doc = status(tmp_path / "wh")
+    assert [m["path"] for m in doc["members"]] == [str(p) for p in paths]
+    assert doc["state"] == "clean"
