@@ -49,11 +49,14 @@ def replace(
         resumed_at = s.rebuilt_rows * g.chunk
         log.info("slot %d: resuming the interrupted rebuild at byte %d", slot, resumed_at)
     else:
-        others = [x for x in volume.slots if x.index != slot]
-        if volume.state() == "failed" or sum(
-            1 for x in others[: g.group_size] if x.state != "active"
-        ) > g.tolerance:
-            raise WarehouseError("the array has failed; there is nothing to rebuild from")
+        group = slot // g.group_size
+        members = volume.slots[group * g.group_size : (group + 1) * g.group_size]
+        lost_others = sum(1 for x in members if x.index != slot and x.state != "active")
+        if lost_others + 1 > g.tolerance:
+            raise WarehouseError(
+                f"slot {slot} cannot be rebuilt: with it, {lost_others + 1} member(s) of its "
+                f"group would be out of service and {g.level} recovers {g.tolerance}"
+            )
         capacity = -(-g.member_bytes_needed // (1 << 20)) * (1 << 20)
         member, path, cfg_path = replacement_member(cfg, slot, device, capacity)
         attach_replacement(volume, slot, member, path)

@@ -389,3 +389,20 @@ def test_replace_killed_half_way_resumes(tmp_path):
     assert "resumed the interrupted rebuild" in out
     assert status(wh)["state"] == "clean"
     _check_filled(wh, blob, cap)
+
+
+def test_replace_refuses_what_would_lose_data(tmp_path):
+    wh = _mkfs(tmp_path, level="raid0", devices=2, size="8M")
+    before = status(wh)
+    p = dwfs("replace", wh, "0", check=False)
+    assert p.returncode == 1 and "cannot be rebuilt" in p.stderr
+    assert status(wh)["members"] == before["members"]
+    assert os.path.exists(before["members"][0]["path"])
+    wh5 = tmp_path / "wh5"
+    dwfs("mkfs", wh5, "--level", "raid5", "--devices", 3, "--device-size", "8M")
+    os.unlink(status(wh5)["members"][2]["path"])
+    p = dwfs("replace", wh5, "0", check=False)
+    assert p.returncode == 1 and "cannot be rebuilt" in p.stderr
+    assert status(wh5)["members"][0]["state"] == "active"
+    p = dwfs("replace", wh5, "7", check=False)
+    assert p.returncode == 1 and "slot 7 does not exist" in p.stderr
