@@ -406,3 +406,42 @@ def test_replace_refuses_what_would_lose_data(tmp_path):
     assert status(wh5)["members"][0]["state"] == "active"
     p = dwfs("replace", wh5, "7", check=False)
     assert p.returncode == 1 and "slot 7 does not exist" in p.stderr
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("level,devices", [("raid6", 5), ("raid10", 4), ("raidz3", 6)])
+def test_random_io_matches_a_model(tmp_path, raw_mount, level, devices):
+    """Random pwrite/pread/fsync through FUSE against an in-memory model, with a remount."""
+    import random
+
+    wh = _mkfs(tmp_path, level=level, devices=devices, size="8M", chunk="4K")
+    m = raw_mount(wh)
+    m.mount()
+    size = os.stat(m.volume).st_size
+    model = bytearray(size)
+    rng = random.Random(f"{level}-{devices}")
+    for round_ in range(2):
+        fd = os.open(m.volume, os.O_RDWR)
+        try:
+            for _ in range(300):
+                op = rng.random()
+                off = rng.randrange(size)
+                length = rng.choice([1, 511, 4096, 4097, 20000, 70000, 300000])
+                if op < 0.5:
+                    data = rng.randbytes(length)
+                    n = os.pwrite(fd, data, off)
+                    assert n == min(length, size - off)
+                    model[off : off + n] = data[:n]
+                elif op < 0.95:
+                    got = os.pread(fd, length, off)
+                    assert got == bytes(model[off : off + length]), (off, length)
+                else:
+                    os.fsync(fd)
+        finally:
+            os.close(fd)
+        if round_ == 0:
+            m.umount()
+            m.mount()
+    _drop_caches()
+    with open(m.volume, "rb") as f:
+        assert f.read() == bytes(model)
