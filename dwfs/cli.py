@@ -34,7 +34,7 @@ from raid import levels
 from raid.errors import RaidError
 
 log = logging.getLogger("dwfs")
-out = Console(soft_wrap=True)
+out = Console(soft_wrap=True, width=None if sys.stdout.isatty() else 160)
 err = Console(stderr=True)
 
 MOUNT_TIMEOUT = 120.0
@@ -231,14 +231,22 @@ def cmd_status(args: argparse.Namespace) -> int:
     out.print(f"capacity   {format_size(doc['capacity_bytes'])} ({doc['capacity_bytes']} bytes)")
     out.print(f"state      [{style[doc['state']]}]{doc['state']}[/]")
     table = Table("slot", "state", "path", "read err", "checksum err", "repaired", "note")
+    table.columns[2].overflow = "fold"
     for m in doc["members"]:
         note = m["reason"]
         if m["state"] == "rebuilding":
             note = f"rebuilt {format_size(m['rebuilt_bytes'])}"
-        table.add_row(str(m["slot"]), m["state"], m["path"], str(m["read_errors"]),
+        table.add_row(str(m["slot"]), m["state"], _short(m["path"], doc["warehouse"]),
+                      str(m["read_errors"]),
                       str(m["checksum_errors"]), str(m["repaired"]), note)
     out.print(table)
     return 0 if doc["state"] != "failed" else 2
+
+
+def _short(path: str, warehouse: str) -> str:
+    """A member path relative to its warehouse when it lies inside it."""
+    rel = os.path.relpath(path, warehouse)
+    return path if rel.startswith("..") else rel
 
 
 def cmd_scrub(args: argparse.Namespace) -> int:
@@ -262,6 +270,7 @@ def cmd_scrub(args: argparse.Namespace) -> int:
 def _print_scrub(report: dict) -> None:
     table = Table("slot", "path", "checksum", "read", "parity", "table", "fixed",
                   "unrecoverable")
+    table.columns[1].overflow = "fold"
     for m in report["members"]:
         table.add_row(str(m["slot"]), m["path"], str(m["checksum_errors"]), str(m["read_errors"]),
                       str(m["parity_mismatches"]), str(m["table_errors"]), str(m["fixed"]),
