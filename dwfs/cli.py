@@ -287,11 +287,12 @@ def _print_scrub(report: dict) -> None:
 
 
 def cmd_replace(args: argparse.Namespace) -> int:
+    rate = parse_size(args.max_rate) if args.max_rate else None
     with progress_bar(f"rebuilding slot {args.slot}") as update:
         result = with_volume(
             args.warehouse,
-            lambda v, c: service.replace(v, c, args.slot, args.device, update),
-            {"op": "replace", "slot": args.slot, "device": args.device},
+            lambda v, c: service.replace(v, c, args.slot, args.device, update, None, rate),
+            {"op": "replace", "slot": args.slot, "device": args.device, "max_rate": rate},
             progress=update,
         )
     if result["resumed_at_bytes"]:
@@ -348,6 +349,7 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("warehouse")
     m.add_argument("slot", type=int)
     m.add_argument("--device", help="replacement member file (default: a new one in place)")
+    m.add_argument("--max-rate", help="rebuild at most this many bytes per second, e.g. 50M")
     m.set_defaults(func=cmd_replace)
     return p
 

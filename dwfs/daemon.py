@@ -65,7 +65,7 @@ class Daemon:
             self.rebuilding.add(slot)
             try:
                 return service.replace(self.volume, self.cfg, slot, op.get("device"), progress,
-                                       self.stopping)
+                                       self.stopping, op.get("max_rate"))
             finally:
                 self.rebuilding.discard(slot)
         raise ValueError(f"unknown control request {name!r}")

@@ -36,6 +36,7 @@ def replace(
     device: str | None,
     progress: Progress | None = None,
     stop: threading.Event | None = None,
+    max_rate: int | None = None,
 ) -> dict:
     """Rebuild `slot` onto a new member (or resume an interrupted rebuild of it)."""
     g = volume.geometry
@@ -63,6 +64,6 @@ def replace(
         if cfg.members[slot] != cfg_path:
             cfg.members[slot] = cfg_path
             cfg.save()
-    rebuild(volume, slot, progress, stop)
+    rebuild(volume, slot, progress, stop, max_rate)
     return {"slot": slot, "path": volume.slots[slot].path, "resumed_at_bytes": resumed_at,
             "rebuilt_bytes": g.rows * g.chunk, "state": volume.state()}

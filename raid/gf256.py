@@ -5,15 +5,25 @@ SnapRAID use (x^8 + x^4 + x^3 + x^2 + 1, generator 2). Scalar tables and matrix 
 plain numpy/Python so that nothing on the I/O path has to import `galois` (which costs seconds);
 the tests check every table and the inversion against `galois`.
 
-The bulk kernel multiplies a matrix of field constants by a set of equal-length blocks. It works
-on 64-bit words: a byte-wise multiplication by 2 of eight bytes at once is a shift, a mask and a
-conditional XOR of 0x1d, so multiplying by any constant is XORing the doublings selected by the
-constant's bits. numba compiles it (cached on disk) into vectorised machine code.
+Two bulk kernels work on equal-length byte blocks, 64 bits at a time: a byte-wise multiplication
+by 2 of eight bytes is shifts, masks and a conditional XOR of 0x1d (no multiply: AVX2 has no
+64-bit one). `gf_matmul` multiplies a matrix of field constants by the blocks, each result row by
+Horner's rule over the bits of its coefficients (double, XOR the sources having the bit);
+`gf_horner` evaluates sums of powers of 1, 2 or 4 (md/ZFS P, Q, R) by Horner's rule over the
+blocks, one or two doublings per block, and can solve for lost data from such syndromes in the
+same pass. numba compiles them (cached on disk, imported only on first use) into vectorised
+machine code.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import TypeAlias, TypeVar, overload
+
 import numpy as np
+from numpy.typing import ArrayLike
+
+from raid.gf256_kernels import Kernels, get_kernels
 
 POLY = 0x11D
 GENERATOR = 2
@@ -110,80 +120,177 @@ def mat_inv(m: np.ndarray) -> np.ndarray:
     return aug[:, n:].copy()
 
 
-# --- bulk kernels -------------------------------------------------------------------------------
+# --- bulk kernels: the compiled code is in raid/gf256_kernels.py ---------------------------------
 
-_kernel = None
-
-
-def _compile_kernel():  # pragma: no cover - exercised through gf_matmul
-    from numba import njit
-
-    hi_mask = np.uint64(0x8080808080808080)
-    lo_mask = np.uint64(0xFEFEFEFEFEFEFEFE)
-    poly = np.uint64(0x1D)
-    seven = np.uint64(7)
-    one = np.uint64(1)
-
-    @njit(cache=True, nogil=True, fastmath=False)
-    def gf_matmul_words(coef, src, dst):
-        rows, n = coef.shape
-        words = src.shape[1]
-        blk = 256
-        scratch = np.empty((8, blk), dtype=np.uint64)
-        for start in range(0, words, blk):
-            end = min(start + blk, words)
-            width = end - start
-            for j in range(rows):
-                for w in range(width):
-                    dst[j, start + w] = 0
-            for i in range(n):
-                colmask = 0
-                for j in range(rows):
-                    colmask |= coef[j, i]
-                if colmask == 0:
-                    continue
-                top = 0
-                for b in range(8):
-                    if (colmask >> b) & 1:
-                        top = b
-                for w in range(width):
-                    scratch[0, w] = src[i, start + w]
-                for b in range(1, top + 1):
-                    for w in range(width):
-                        x = scratch[b - 1, w]
-                        scratch[b, w] = ((x << one) & lo_mask) ^ (((x & hi_mask) >> seven) * poly)
-                for j in range(rows):
-                    c = coef[j, i]
-                    for b in range(top + 1):
-                        if (c >> b) & 1:
-                            for w in range(width):
-                                dst[j, start + w] ^= scratch[b, w]
-
-    return gf_matmul_words
+_NO_COEF = np.zeros((0, 0), dtype=np.uint8)
+_Dst = TypeVar("_Dst", bound="np.ndarray | Sequence[np.ndarray | None]")
 
 
-def gf_matmul(coef: np.ndarray, src: np.ndarray, dst: np.ndarray | None = None) -> np.ndarray:
+Blocks: TypeAlias = np.ndarray | Sequence[np.ndarray | None]
+"""Equal-length uint8 blocks: an (n, L) array or a sequence of n 1-D arrays (None: zeros)."""
+
+
+def _length_of(*groups: Blocks | None) -> int:
+    """The block length: of the first 2-D array or block found."""
+    for blocks in groups:
+        if isinstance(blocks, np.ndarray):
+            if blocks.ndim != 2:
+                raise ValueError(f"blocks must form a 2-D array, got shape {blocks.shape}")
+            return blocks.shape[1]
+        for b in blocks if blocks is not None else ():
+            if b is not None:
+                return np.shape(b)[-1] if np.ndim(b) else 0
+    raise ValueError("no block gives the length")
+
+
+def _addresses(
+    kernels: Kernels,
+    blocks: Blocks,
+    count: int,
+    length: int,
+    what: str,
+    copies: list[tuple[np.ndarray, np.ndarray]],
+    write: bool = False,
+    optional: bool = False,
+) -> np.ndarray:
+    """Addresses of `count` blocks of `length` bytes (0 for None, if `optional`).
+
+    The kernels need rows of contiguous, 8-byte aligned bytes: other blocks are copied, and the
+    pairs (block, copy) added to `copies` (a destination's copy is copied back afterwards).
+    """
+    if isinstance(blocks, np.ndarray):
+        if blocks.dtype != np.uint8 or blocks.shape != (count, length):
+            # The kernels do no bounds checking: a wrong block would be accessed out of bounds.
+            raise ValueError(f"{what} {blocks.dtype} {blocks.shape} is not uint8 {(count, length)}")
+        if write and not blocks.flags.writeable:
+            raise ValueError(f"{what} is read-only")
+        out = np.empty(count, dtype=np.intp)
+        if not kernels.row_addresses(blocks, out):
+            copy = np.empty((count, length), dtype=np.uint8)
+            if not write:
+                copy[...] = blocks
+            copies.append((blocks, copy))
+            kernels.row_addresses(copy, out)
+        return out
+    if len(blocks) != count:
+        raise ValueError(f"{len(blocks)} {what} blocks, expected {count}")
+    addresses = []
+    for i, b in enumerate(blocks):
+        if b is None:
+            if not optional:
+                raise ValueError(f"{what} block {i} is missing")
+            addresses.append(0)
+            continue
+        if not isinstance(b, np.ndarray) or b.dtype != np.uint8 or b.shape != (length,):
+            raise ValueError(f"{what} block {i} is not a uint8 array of {length} bytes")
+        if write and not b.flags.writeable:
+            raise ValueError(f"{what} block {i} is read-only")
+        address = kernels.address(b)
+        if address < 0:
+            spare = b.copy() if not write else np.empty(length, dtype=np.uint8)
+            copies.append((b, spare))
+            address = kernels.address(spare)
+        addresses.append(address)
+    return np.array(addresses, dtype=np.intp)
+
+
+def _write_back(copies: list[tuple[np.ndarray, np.ndarray]]) -> None:
+    for target, copy in copies:
+        target[...] = copy
+
+
+@overload
+def gf_matmul(coef: ArrayLike, src: Blocks, dst: None = None) -> np.ndarray: ...
+@overload
+def gf_matmul(coef: ArrayLike, src: Blocks, dst: _Dst) -> _Dst: ...
+
+
+def gf_matmul(coef: ArrayLike, src: Blocks, dst: Blocks | None = None) -> Blocks:
     """dst[j] = sum_i coef[j, i] * src[i] over GF(2^8), for byte blocks.
 
-    `coef` is an (r, n) uint8 matrix; `src` an (n, L) uint8 array with L a multiple of 8;
-    `dst`, if given, an (r, L) uint8 array that receives the result (and is returned).
+    `coef` is an (r, n) matrix; `src` n blocks of L bytes (an (n, L) uint8 array or a sequence of
+    1-D arrays), L a multiple of 8; `dst`, if given, r writable blocks (an (r, L) array or a
+    sequence) that do not overlap `src`, receive the result and are returned.
     """
-    global _kernel
-    if _kernel is None:
-        _kernel = _compile_kernel()
+    kernels = get_kernels()
     coef = np.ascontiguousarray(coef, dtype=np.uint8)
-    if coef.ndim != 2 or src.ndim != 2 or src.shape[0] != coef.shape[1]:
-        raise ValueError(f"src shape {src.shape} does not fit coefficients {coef.shape}")
-    if src.dtype != np.uint8:
-        raise ValueError(f"src must be uint8, not {src.dtype}")
-    length = src.shape[1]
+    if coef.ndim != 2:
+        raise ValueError(f"coefficients must be a matrix, got shape {coef.shape}")
+    rows, n = coef.shape
+    length = _length_of(src, dst)
     if length % 8:
         raise ValueError(f"block length {length} is not a multiple of 8")
     if dst is None:
-        dst = np.empty((coef.shape[0], length), dtype=np.uint8)
-    elif dst.dtype != np.uint8 or dst.shape != (coef.shape[0], length):
-        # The compiled kernel does no bounds checking: a wrong dst would be written out of bounds.
-        raise ValueError(f"dst {dst.dtype} {dst.shape} must be uint8 {(coef.shape[0], length)}")
-    src = np.ascontiguousarray(src)
-    _kernel(coef, src.view(np.uint64), dst.view(np.uint64))
+        dst = np.empty((rows, length), dtype=np.uint8)
+    inputs: list[tuple[np.ndarray, np.ndarray]] = []
+    outputs: list[tuple[np.ndarray, np.ndarray]] = []
+    srcs = _addresses(kernels, src, n, length, "src", inputs)
+    dsts = _addresses(kernels, dst, rows, length, "dst", outputs, write=True)
+    kernels.matmul(coef, srcs, dsts, length // 8)
+    _write_back(outputs)
+    return dst
+
+
+@overload
+def gf_horner(
+    steps: ArrayLike,
+    src: Blocks,
+    dst: None = None,
+    tails: Blocks | None = None,
+    coef: ArrayLike | None = None,
+) -> np.ndarray: ...
+@overload
+def gf_horner(
+    steps: ArrayLike,
+    src: Blocks,
+    dst: _Dst,
+    tails: Blocks | None = None,
+    coef: ArrayLike | None = None,
+) -> _Dst: ...
+
+
+def gf_horner(
+    steps: ArrayLike,
+    src: Blocks,
+    dst: Blocks | None = None,
+    tails: Blocks | None = None,
+    coef: ArrayLike | None = None,
+) -> Blocks:
+    """dst = coef x y, y[j] = tails[j] + sum_i g_j^(n-1-i) * src[i], g_j = 2^steps[j] in {1, 2, 4}.
+
+    The sums are evaluated by Horner's rule (XOR, then doubling), the way Linux md and ZFS compute
+    P, Q and R: much faster than `gf_matmul` with those coefficients. A source None is a zero
+    block (its power still counts); `tails`, if given, are r blocks (or None) added at the end;
+    `coef`, if given, an (r', r) matrix applied to the r sums in the same pass (dst has r' rows;
+    solving for lost data from syndromes). Blocks are given as for `gf_matmul`.
+    """
+    kernels = get_kernels()
+    steps = np.ascontiguousarray(steps, dtype=np.int64)
+    if steps.ndim != 1:
+        raise ValueError(f"steps must be a sequence, got shape {steps.shape}")
+    rows = steps.shape[0]
+    if coef is None:
+        solve, coef, outs = False, _NO_COEF, rows
+    else:
+        coef = np.ascontiguousarray(coef, dtype=np.uint8)
+        if coef.ndim != 2 or coef.shape[1] != rows:
+            raise ValueError(f"coefficients {coef.shape} do not fit {rows} sums")
+        solve, outs = True, coef.shape[0]
+    n = src.shape[0] if isinstance(src, np.ndarray) else len(src)
+    length = _length_of(src, tails, dst)
+    if length % 8:
+        raise ValueError(f"block length {length} is not a multiple of 8")
+    if dst is None:
+        dst = np.empty((outs, length), dtype=np.uint8)
+    inputs: list[tuple[np.ndarray, np.ndarray]] = []
+    outputs: list[tuple[np.ndarray, np.ndarray]] = []
+    srcs = _addresses(kernels, src, n, length, "src", inputs, optional=True)
+    if tails is None:
+        tail_addrs = np.zeros(rows, dtype=np.intp)
+    else:
+        tail_addrs = _addresses(kernels, tails, rows, length, "tail", inputs, optional=True)
+    dsts = _addresses(kernels, dst, outs, length, "dst", outputs, write=True)
+    if not kernels.horner(steps, srcs, tail_addrs, solve, coef, dsts, length // 8):
+        raise ValueError(f"steps must be 0, 1 or 2, got {steps}")
+    _write_back(outputs)
     return dst

@@ -67,10 +67,12 @@ def rebuild(
     slot: int,
     progress: Progress | None = None,
     stop: threading.Event | None = None,
+    max_rate: int | None = None,
 ) -> None:
     """Reconstruct every chunk of a rebuilding slot, from its checkpoint to the end.
 
-    Setting `stop` makes it checkpoint and raise RebuildStopped.
+    Setting `stop` makes it checkpoint and raise RebuildStopped. `max_rate` (bytes per second)
+    paces it, like md's speed_limit_max, so that the array stays responsive.
     """
     g = volume.geometry
     s = volume.slots[slot]
@@ -81,7 +83,7 @@ def rebuild(
     start = s.rebuilt_rows
     if start:
         log.info("slot %d: resuming rebuild at row %d of %d", slot, start, g.rows)
-    last = time.monotonic()
+    last = began = time.monotonic()
     row = start
     while row < g.rows:
         if stop is not None and stop.is_set():
@@ -111,6 +113,10 @@ def rebuild(
                     volume.table.forget()
         if progress:
             progress(row * g.chunk, total)
+        if max_rate:
+            ahead = (row - start) * g.chunk / max_rate - (time.monotonic() - began)
+            if ahead > 0:
+                time.sleep(ahead)
     with volume.lock:
         volume.flush()
         s.state = "active"

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+from pathlib import Path
+
 import galois
 import numpy as np
 import pytest
@@ -354,3 +358,177 @@ def test_gf_matmul_bad_dst(dst):
 def test_gf_matmul_bad_src_dtype():
     with pytest.raises(ValueError):
         gf256.gf_matmul(np.ones((3, 3), dtype=np.uint8), np.zeros((3, 64), dtype=np.int64))
+
+
+def test_import_does_not_load_numba():
+    # numba takes a second or more to import: only the first bulk operation may load it.
+    code = "import sys, raid.gf256, raid.codec; sys.exit('numba' in sys.modules)"
+    root = Path(__file__).resolve().parent.parent
+    assert subprocess.run([sys.executable, "-c", code], cwd=root).returncode == 0
+
+
+def unaligned_copy(block: np.ndarray) -> np.ndarray:
+    """A read-only copy of a block that starts one byte past an 8-byte boundary."""
+    buf = b"\0" + block.tobytes()
+    view = np.frombuffer(buf, dtype=np.uint8, offset=1)
+    assert view.ctypes.data % 8 and not view.flags.writeable
+    return view
+
+
+def test_gf_matmul_sequences_of_blocks():
+    # Sources as separate arrays (read-only, unaligned, strided), results into separate rows.
+    rng = np.random.default_rng(8)
+    coef = rng.integers(0, 256, (3, 5), dtype=np.uint8)
+    src = rng.integers(0, 256, (5, 8 * 300), dtype=np.uint8)
+    expected = reference_matmul(coef, src)
+    wide = np.repeat(src[2:3], 2, axis=1)  # row 2 at every other byte of a wider row
+    blocks = [
+        np.frombuffer(src[0].tobytes(), dtype=np.uint8),
+        unaligned_copy(src[1]),
+        wide[0, ::2],
+        src[3],
+        src[4].copy(),
+    ]
+    assert np.array_equal(blocks[2], src[2]) and blocks[2].strides != (1,)
+    assert np.array_equal(gf256.gf_matmul(coef, blocks), expected)
+    dst_buf = np.zeros((3, 2 * 8 * 300), dtype=np.uint8)
+    dst = [dst_buf[0, : 8 * 300], dst_buf[1, ::2], dst_buf[2, 1 : 1 + 8 * 300]]
+    assert gf256.gf_matmul(coef, blocks, dst) is dst
+    assert all(np.array_equal(d, e) for d, e in zip(dst, expected, strict=True))
+    assert not dst_buf[1, 1::2].any()
+    # A reversed view (negative row stride) and an unaligned 2-D source.
+    assert np.array_equal(gf256.gf_matmul(coef, src[::-1]), reference_matmul(coef, src[::-1]))
+    buf = np.zeros(src.size + 1, dtype=np.uint8)
+    unaligned = buf[1:].reshape(src.shape)
+    unaligned[...] = src
+    assert np.array_equal(gf256.gf_matmul(coef, unaligned), expected)
+
+
+def test_gf_matmul_bad_blocks():
+    coef = np.ones((2, 2), dtype=np.uint8)
+    good = np.zeros(64, dtype=np.uint8)
+    for src in ([good, None], [good, np.zeros(72, np.uint8)], [good, good.view(np.int8)], [good]):
+        with pytest.raises(ValueError):
+            gf256.gf_matmul(coef, src)
+    readonly = np.zeros((2, 64), dtype=np.uint8)
+    readonly.flags.writeable = False
+    with pytest.raises(ValueError, match="read-only"):
+        gf256.gf_matmul(coef, [good, good], readonly)
+    with pytest.raises(ValueError, match="read-only"):
+        gf256.gf_matmul(coef, [good, good], [good, np.frombuffer(bytes(64), np.uint8)])
+
+
+def reference_horner(steps, src, tails, coef, length: int) -> np.ndarray:
+    """coef x (tails + sum_i g^(n-1-i) src[i]) with galois, g = 2^step per row."""
+    n = len(src)
+    blocks = GF(np.zeros((n, length), dtype=np.uint8))
+    for i, s in enumerate(src):
+        if s is not None:
+            blocks[i] = GF(s)
+    rows = []
+    for j, step in enumerate(steps):
+        g = GF(1 << step)
+        powers = GF(np.array([int(g ** (n - 1 - i)) for i in range(n)], dtype=np.uint8))
+        row = powers @ blocks if n else GF(np.zeros(length, np.uint8))
+        if tails is not None and tails[j] is not None:
+            row = row + GF(tails[j])
+        rows.append(row)
+    y = GF(np.stack([plain(r) for r in rows])) if rows else GF(np.zeros((0, length), np.uint8))
+    return plain(y if coef is None else GF(coef) @ y)
+
+
+@settings(deadline=None, max_examples=60)
+@given(
+    data=st.data(),
+    rows=st.integers(1, 5),
+    n=st.integers(0, 12),
+    words=st.sampled_from(WORDS),
+    seed=st.integers(0, 2**32 - 1),
+)
+def test_gf_horner_matches_galois(data, rows, n, words, seed):
+    rng = np.random.default_rng(seed)
+    length = 8 * words
+    steps = data.draw(st.lists(st.integers(0, 2), min_size=rows, max_size=rows))
+    src = [
+        None if rng.random() < 0.25 else rng.integers(0, 256, length, dtype=np.uint8)
+        for _ in range(n)
+    ]
+    tails = None
+    if data.draw(st.booleans()):
+        tails = [
+            None if rng.random() < 0.25 else rng.integers(0, 256, length, dtype=np.uint8)
+            for _ in range(rows)
+        ]
+    coef = None
+    if data.draw(st.booleans()):
+        coef = data.draw(hnp.arrays(np.uint8, (data.draw(st.integers(1, 4)), rows)))
+    if all(s is None for s in src) and not any(t is not None for t in tails or ()):
+        src.append(rng.integers(0, 256, length, dtype=np.uint8))  # something gives the length
+    got = gf256.gf_horner(steps, src, tails=tails, coef=coef)
+    assert np.array_equal(got, reference_horner(steps, src, tails, coef, length))
+
+
+def test_gf_horner_md_and_zfs_parity():
+    # md Q is a Horner sum of the data from the last block down, ZFS Q and R from the first.
+    rng = np.random.default_rng(9)
+    data = rng.integers(0, 256, (7, 8 * 300), dtype=np.uint8)
+    md = np.array([[1] * 7, [gf256.power(2, i) for i in range(7)]], dtype=np.uint8)
+    assert np.array_equal(gf256.gf_horner([0, 1], data[::-1]), reference_matmul(md, data))
+    zfs = np.array([[gf256.power(g, 6 - i) for i in range(7)] for g in (1, 2, 4)], np.uint8)
+    assert np.array_equal(gf256.gf_horner([0, 1, 2], data), reference_matmul(zfs, data))
+    out = np.full((3, 8 * 300), 0xA5, dtype=np.uint8)
+    assert gf256.gf_horner([0, 1, 2], list(data), out) is out
+    assert np.array_equal(out, reference_matmul(zfs, data))
+
+
+@pytest.mark.parametrize("lost", [(0, 1), (2, 5), (0, 6), (3, 4)])
+def test_gf_horner_solves_raid6_syndromes(lost):
+    # Two lost data blocks of md raid6 from the P and Q syndromes, in one pass.
+    rng = np.random.default_rng(10)
+    k = 7
+    data = rng.integers(0, 256, (k, 8 * 520), dtype=np.uint8)
+    md = np.array([[1] * k, [gf256.power(2, i) for i in range(k)]], dtype=np.uint8)
+    p, q = reference_matmul(md, data)
+    src = [None if i in lost else data[i] for i in range(k)][::-1]
+    inverse = gf256.mat_inv(md[:, list(lost)])
+    got = gf256.gf_horner([0, 1], src, tails=[p, q], coef=inverse)
+    assert np.array_equal(got, data[list(lost)])
+
+
+def test_gf_horner_bad_arguments():
+    src = np.zeros((3, 64), dtype=np.uint8)
+    for steps in ([3], [-1], [0, 1, 4]):
+        with pytest.raises(ValueError, match="steps"):
+            gf256.gf_horner(steps, src)
+    with pytest.raises(ValueError, match="coefficients"):
+        gf256.gf_horner([0, 1], src, coef=np.ones((2, 3), dtype=np.uint8))
+    with pytest.raises(ValueError, match="multiple of 8"):
+        gf256.gf_horner([0], np.zeros((3, 12), dtype=np.uint8))
+    with pytest.raises(ValueError):
+        gf256.gf_horner([0], src, tails=[np.zeros(8, dtype=np.uint8)])
+    with pytest.raises(ValueError):
+        gf256.gf_horner([0, 1], src, np.zeros((1, 64), dtype=np.uint8))
+
+
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5])
+def test_gf_horner_solve_every_row_kind(rows):
+    # Rows of 0s and 1s, rows one bit-0 flip away from an earlier row (computed from it), dense
+    # rows, zero rows; more than three sums take the general path.
+    rng = np.random.default_rng(20 + rows)
+    length = 8 * 513
+    src = [rng.integers(0, 256, length, dtype=np.uint8) for _ in range(6)]
+    tails = [rng.integers(0, 256, length, dtype=np.uint8) for _ in range(rows)]
+    steps = [j % 3 for j in range(rows)]
+    dense = rng.integers(2, 256, rows, dtype=np.uint8)
+    coef = np.stack(
+        [
+            dense,
+            dense ^ np.eye(rows, dtype=np.uint8)[0],
+            rng.integers(0, 2, rows, dtype=np.uint8),
+            np.zeros(rows, dtype=np.uint8),
+            np.ones(rows, dtype=np.uint8),
+            rng.integers(0, 256, rows, dtype=np.uint8),
+        ]
+    )
+    got = gf256.gf_horner(steps, src, tails=tails, coef=coef)
+    assert np.array_equal(got, reference_horner(steps, src, tails, coef, length))

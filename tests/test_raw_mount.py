@@ -329,7 +329,9 @@ def _fill_and_kill_replace_half_way(wh, blob):
     v.close()
     victim = status(wh)["members"][1]["path"]
     os.unlink(victim)
-    proc = subprocess.Popen([sys.executable, "-m", "dwfs.cli", "replace", str(wh), "1"],
+    # Paced, so that the rebuild is surely still running when it is killed.
+    proc = subprocess.Popen([sys.executable, "-m", "dwfs.cli", "replace", str(wh), "1",
+                             "--max-rate", "20M"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 120
     rebuilt = 0
