@@ -132,13 +132,20 @@ class Volume:
         """Ask members to start reading what this read (and, if sequential, the next) needs."""
         end = offset + length
         start = offset
-        if offset == self._last_read_end:
-            start = max(offset, self._prefetched_until)
+        # Sequential, give or take reordering (the kernel sends several readahead requests at
+        # once, and worker threads may take them out of order).
+        near = abs(offset - self._last_read_end) <= READ_AHEAD_BYTES
+        if near:
             end = min(self.capacity, end + READ_AHEAD_BYTES)
-        self._last_read_end = offset + length
-        if start >= end:
+            if start < self._prefetched_until <= end:
+                start = self._prefetched_until
+            self._last_read_end = max(self._last_read_end, offset + length)
+        else:
+            self._last_read_end = offset + length
+            self._prefetched_until = 0
+        if start >= end or (near and end <= self._prefetched_until):
             return
-        self._prefetched_until = end
+        self._prefetched_until = max(self._prefetched_until, end)
         g = self.geometry
         sb, chunk = g.stripe_bytes, g.chunk
         runs: dict[int, list[int]] = {}
