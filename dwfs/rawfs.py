@@ -48,7 +48,9 @@ class RawOperations(pyfuse3.Operations):
         super().__init__()
         self.volume = volume
         self.writes = WriteBehind(volume)
-        self.limiter = trio.CapacityLimiter(2)
+        # One request at a time reaches the volume (its lock would serialise them anyway), in
+        # arrival order: two threads taking sequential reads out of order measured ~20% slower.
+        self.limiter = trio.CapacityLimiter(1)
         now = time.time_ns()
         self._mode = {pyfuse3.ROOT_INODE: stat.S_IFDIR | 0o755, VOLUME_INODE: stat.S_IFREG | 0o600}
         self._owner = {ino: (os.getuid(), os.getgid()) for ino in self._mode}
