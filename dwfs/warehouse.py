@@ -13,9 +13,10 @@ from dataclasses import dataclass
 
 from backends import BACKENDS, Member, MemberIOError, create_member, open_member
 from dwfs.config import CONFIG_NAME, WarehouseConfig, load_config
-from raid.assemble import assemble, create_array
+from raid.assemble import assemble, create_array, read_label
 from raid.errors import ArrayCreateError, RaidError
 from raid.geometry import Geometry
+from raid.label import LabelError
 from raid.volume import Volume
 
 log = logging.getLogger(__name__)
@@ -203,7 +204,21 @@ def replacement_member(cfg: WarehouseConfig, slot: int, device: str | None,
         path = os.path.abspath(device)
         if not os.path.exists(path):
             raise WarehouseError(f"--device {path} does not exist", errno.ENOENT)
+        listed = {os.path.realpath(p): i for i, p in enumerate(cfg.member_paths())}
+        other = listed.get(os.path.realpath(path))
+        if other is not None and other != slot:
+            raise WarehouseError(f"--device {path} is the member in slot {other} of this array",
+                                 errno.EBUSY)
         member = open_member(path)
+        try:
+            label = read_label(member)
+        except (LabelError, MemberIOError):
+            label = None  # no dwfs label: free to use
+        if label is not None and label.array_uuid != cfg.array_uuid:
+            member.close()
+            raise WarehouseError(
+                f"--device {path} holds a member of another dwfs array ({label.array_uuid}); "
+                "wipe its first 4 KiB if it is really free", errno.EBUSY)
         return member, path, path
     path = cfg.member_path(slot)
     if os.path.exists(path):

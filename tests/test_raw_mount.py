@@ -447,3 +447,25 @@ def test_random_io_matches_a_model(tmp_path, raw_mount, level, devices):
     _drop_caches()
     with open(m.volume, "rb") as f:
         assert f.read() == bytes(model)
+
+
+def test_replace_refuses_a_device_that_is_in_use(tmp_path):
+    wh = _mkfs(tmp_path, level="raid5", devices=3, size="8M")
+    other = tmp_path / "other"
+    dwfs("mkfs", other, "--level", "raid1", "--devices", 2, "--device-size", "8M")
+    os.unlink(status(wh)["members"][2]["path"])
+    sibling = status(wh)["members"][0]["path"]
+    before = open(sibling, "rb").read()[4096:]  # the label's event count may move on
+    p = dwfs("replace", wh, "2", "--device", sibling, check=False)
+    assert p.returncode == 1 and "is the member in slot 0 of this array" in p.stderr
+    assert open(sibling, "rb").read()[4096:] == before
+    foreign = status(other)["members"][1]["path"]
+    p = dwfs("replace", wh, "2", "--device", foreign, check=False)
+    assert p.returncode == 1 and "holds a member of another dwfs array" in p.stderr
+    assert status(other)["state"] == "clean"
+    blank = tmp_path / "blank.img"
+    with open(blank, "wb") as f:
+        f.truncate(8 << 20)
+    dwfs("replace", wh, "2", "--device", blank)
+    doc = status(wh)
+    assert doc["state"] == "clean" and doc["members"][2]["path"] == str(blank)
