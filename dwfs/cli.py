@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import logging
 import os
@@ -20,7 +21,7 @@ from rich.table import Table
 
 from dwfs import control, service
 from dwfs.config import ConfigError, WarehouseConfig, load_config
-from dwfs.mounts import canonical, find_mount, fusermount_unmount
+from dwfs.mounts import canonical, find_mount, fusermount_unmount, pid_alive
 from dwfs.sizes import format_size, parse_size
 from dwfs.warehouse import (
     MkfsRequest,
@@ -89,20 +90,12 @@ def with_volume(
     try:
         return control.request(sock, remote, progress)
     except control.ControlError as exc:
-        if exc.errno == 111:  # ECONNREFUSED: no daemon answers
+        if exc.errno == errno.ECONNREFUSED:  # no daemon answers
             raise CommandError(
                 f"warehouse {cfg.directory} is in use by process {lock.holder()}, "
                 "which does not answer control requests"
             ) from exc
         raise
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat", encoding="ascii") as f:
-            return f.read().split(")")[-1].split()[0] != "Z"
-    except FileNotFoundError:
-        return False
 
 
 # --- commands -----------------------------------------------------------------------------------
@@ -211,7 +204,7 @@ def cmd_umount(args: argparse.Namespace) -> int:
         fusermount_unmount(mountpoint, lazy=True)
     if pid is not None:
         deadline = time.monotonic() + UMOUNT_TIMEOUT
-        while _pid_alive(pid):
+        while pid_alive(pid):
             if time.monotonic() > deadline:
                 raise CommandError(f"the daemon (pid {pid}) did not exit after unmounting")
             time.sleep(0.05)

@@ -43,12 +43,3 @@ def request(sock_path: str, op: dict, progress: Callable[[int, int], None] | Non
                 return msg.get("result")
             raise ControlError(msg.get("errno", errno.EIO), msg.get("error", "request failed"))
     raise ControlError(errno.EPIPE, "the daemon closed the connection without an answer")
-
-
-def reachable(sock_path: str) -> bool:
-    """Whether a daemon answers on this socket."""
-    try:
-        request(sock_path, {"op": "ping"}, timeout=5)
-    except (ControlError, OSError):
-        return False
-    return True

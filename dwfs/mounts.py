@@ -64,6 +64,15 @@ def fusermount_unmount(mountpoint: str, lazy: bool = False) -> subprocess.Comple
     return subprocess.run(args, capture_output=True, text=True, check=False)
 
 
+def pid_alive(pid: int) -> bool:
+    """Whether a process exists and has not exited (a zombie counts as exited)."""
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii") as f:
+            return f.read().split(")")[-1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
 def mount_device(mountpoint: str) -> str | None:
     """The "major:minor" of the mount at `mountpoint`, from /proc/self/mountinfo."""
     target = canonical(mountpoint)

@@ -12,7 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from backends import BACKENDS, Member, MemberIOError, create_member, open_member
-from dwfs.config import CONFIG_NAME, WarehouseConfig, load_config
+from dwfs.config import CONFIG_NAME, WarehouseConfig
 from raid.assemble import assemble, create_array, read_label
 from raid.errors import ArrayCreateError, RaidError
 from raid.geometry import Geometry
@@ -64,9 +64,9 @@ def mkfs(req: MkfsRequest, progress: Progress | None = None) -> tuple[WarehouseC
     try:
         if req.device_paths:
             rel = [os.path.abspath(p) for p in req.device_paths]
+            if len(set(rel)) != len(rel):
+                raise WarehouseError("the same --device is given twice")
             for p in rel:
-                if len(set(rel)) != len(rel):
-                    raise WarehouseError("the same --device is given twice")
                 if os.path.exists(p):
                     members.append(open_member(p))
                 else:
@@ -170,11 +170,6 @@ def open_volume(cfg: WarehouseConfig, allow_failed: bool = False, resync: bool =
     """Assemble the warehouse's array from the members listed in its config."""
     return assemble(cfg.member_paths(), cfg.array_uuid, open_member,
                     allow_failed=allow_failed, resync=resync)
-
-
-def load(directory: str) -> WarehouseConfig:
-    """The warehouse's configuration."""
-    return load_config(directory)
 
 
 def runtime_dir() -> str:

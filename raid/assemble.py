@@ -9,7 +9,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 
 from backends.member import Member, MemberIOError
-from raid.checksums import UNWRITTEN, array_seed, chunk_checksum
+from raid.checksums import UNWRITTEN, array_seed
 from raid.errors import ArrayCreateError, AssemblyError, UnrecoverableError
 from raid.geometry import BITMAP_OFFSET, BITMAP_SIZE, LABEL_OFFSET, LABEL_SIZE, Geometry
 from raid.label import Label, LabelError, SlotRecord
@@ -249,7 +249,7 @@ def resync_row(volume: Volume, group: int, row: int) -> None:
     for c in range(g.k):
         slot = slots[c]
         entry = volume.table.get(slot, row)
-        buf, how = volume.load_chunk(slot, row)
+        buf, how = volume.load_chunk(slot, row, count=False)
         if how == "ok":
             data[c] = buf
             continue
@@ -270,11 +270,8 @@ def resync_row(volume: Volume, group: int, row: int) -> None:
                 "(entry %x)", row, slot, entry,
             )
             data[c] = buf
-            volume.slots[slot].checksum_errors -= 1  # not corruption: an unflushed write
             changed.append(c)
             continue
     if all(volume.table.get(slots[c], row) == UNWRITTEN for c in range(g.k)) and not changed:
         return
-    volume.store_row(group, row, data, changed)
-    for c in changed:
-        volume.table.set(slots[c], row, chunk_checksum(data[c], slots[c], row))
+    volume.store_row(group, row, data, changed)  # also records the kept chunks' checksums

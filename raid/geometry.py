@@ -12,8 +12,6 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from functools import cached_property
 
-import numpy as np
-
 from raid import levels
 from raid.codec import Codec
 
@@ -180,8 +178,3 @@ class Geometry:
     @property
     def table_pages(self) -> int:
         return table_pages(self.rows, self.members)
-
-
-def zero_checksum_table_page() -> np.ndarray:
-    """An empty page of entries (every chunk 'never written')."""
-    return np.zeros(TABLE_PAGE // 8, dtype=np.uint64)

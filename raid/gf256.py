@@ -194,6 +194,16 @@ def _addresses(
     return np.array(addresses, dtype=np.intp)
 
 
+def _length_and_dst(
+    groups: tuple[Blocks | None, ...], dst: Blocks | None, rows: int
+) -> tuple[int, Blocks]:
+    """The checked block length, and `dst` or a new (rows, length) array."""
+    length = _length_of(*groups)
+    if length % 8:
+        raise ValueError(f"block length {length} is not a multiple of 8")
+    return length, (np.empty((rows, length), dtype=np.uint8) if dst is None else dst)
+
+
 def _write_back(copies: list[tuple[np.ndarray, np.ndarray]]) -> None:
     for target, copy in copies:
         target[...] = copy
@@ -217,11 +227,7 @@ def gf_matmul(coef: ArrayLike, src: Blocks, dst: Blocks | None = None) -> Blocks
     if coef.ndim != 2:
         raise ValueError(f"coefficients must be a matrix, got shape {coef.shape}")
     rows, n = coef.shape
-    length = _length_of(src, dst)
-    if length % 8:
-        raise ValueError(f"block length {length} is not a multiple of 8")
-    if dst is None:
-        dst = np.empty((rows, length), dtype=np.uint8)
+    length, dst = _length_and_dst((src, dst), dst, rows)
     inputs: list[tuple[np.ndarray, np.ndarray]] = []
     outputs: list[tuple[np.ndarray, np.ndarray]] = []
     srcs = _addresses(kernels, src, n, length, "src", inputs)
@@ -277,11 +283,7 @@ def gf_horner(
             raise ValueError(f"coefficients {coef.shape} do not fit {rows} sums")
         solve, outs = True, coef.shape[0]
     n = src.shape[0] if isinstance(src, np.ndarray) else len(src)
-    length = _length_of(src, tails, dst)
-    if length % 8:
-        raise ValueError(f"block length {length} is not a multiple of 8")
-    if dst is None:
-        dst = np.empty((outs, length), dtype=np.uint8)
+    length, dst = _length_and_dst((src, tails, dst), dst, outs)
     inputs: list[tuple[np.ndarray, np.ndarray]] = []
     outputs: list[tuple[np.ndarray, np.ndarray]] = []
     srcs = _addresses(kernels, src, n, length, "src", inputs, optional=True)

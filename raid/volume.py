@@ -283,11 +283,12 @@ class Volume:
     # --- reading ------------------------------------------------------------------------------
 
     def load_chunk(
-        self, slot: int, row: int, out: np.ndarray | None = None
+        self, slot: int, row: int, out: np.ndarray | None = None, count: bool = True
     ) -> tuple[np.ndarray | None, str]:
         """A chunk as stored, verified: (data, "ok"), (None, "missing") or (data, "corrupt").
 
-        The chunk is read into `out` when given.
+        The chunk is read into `out` when given. A mismatch counts as a checksum error of the
+        member unless `count` is False (resync, where it may be an interrupted write).
         """
         entry = self.table.get(slot, row)
         if entry == UNWRITTEN:
@@ -306,6 +307,8 @@ class Volume:
             self.member_failed(slot, exc)
             return None, "missing"
         if chunk_checksum(buf, slot, row) != entry:
+            if not count:
+                return buf, "corrupt"
             s.checksum_errors += 1
             log.warning(
                 "slot %d (%s): checksum mismatch in row %d; reconstructing", slot, s.path, row

@@ -9,6 +9,8 @@ import subprocess
 import sys
 import time
 
+from dwfs.mounts import pid_alive  # noqa: F401 (re-exported for the tests)
+
 DWFS = [sys.executable, "-m", "dwfs.cli"]
 
 
@@ -42,14 +44,6 @@ def daemon_pid(warehouse) -> int | None:
     except FileNotFoundError:
         return None
     return int(text) if text.isdigit() else None
-
-
-def pid_alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat", encoding="ascii") as f:
-            return f.read().split(")")[-1].split()[0] != "Z"
-    except FileNotFoundError:
-        return False
 
 
 def force_unmount(mountpoint, warehouse=None) -> None:
