@@ -21,6 +21,7 @@ from rich.table import Table
 
 from dwfs import control, service
 from dwfs.config import ConfigError, WarehouseConfig, load_config
+from dwfs.mountopts import MountOptionError, parse_options
 from dwfs.mounts import canonical, find_mount, fusermount_unmount, pid_alive
 from dwfs.sizes import format_size, parse_size
 from dwfs.warehouse import (
@@ -28,6 +29,7 @@ from dwfs.warehouse import (
     WarehouseError,
     WarehouseLock,
     control_socket_path,
+    meta_path,
     mkfs,
     open_volume,
 )
@@ -137,22 +139,30 @@ def cmd_mkfs(args: argparse.Namespace) -> int:
 
 
 def cmd_mount(args: argparse.Namespace) -> int:
-    if not args.raw:
-        raise CommandError(
-            "mounting the warehouse as a filesystem is not available yet; "
-            "use `dwfs mount --raw` to mount its raw volume"
-        )
-    cfg = load_config(args.warehouse)
-    mountpoint = os.path.abspath(args.mountpoint)
-    if args.foreground:
+    return mount_warehouse(args.warehouse, args.mountpoint, args.options, raw=args.raw,
+                           foreground=args.foreground, debug=args.debug)
+
+
+def mount_warehouse(warehouse: str, mountpoint: str, options: str = "", raw: bool = False,
+                    foreground: bool = False, debug: bool = False) -> int:
+    """Mount a warehouse; returns once the mount is ready (or, in the foreground, unmounted)."""
+    opts = parse_options(options)
+    foreground = foreground or opts.foreground
+    debug = debug or opts.debug
+    cfg = load_config(warehouse)
+    mountpoint = os.path.abspath(mountpoint)
+    what = "raw volume" if raw else "filesystem"
+    if foreground:
         from dwfs import daemon
 
         logging.basicConfig(level=logging.INFO, stream=sys.stderr)
-        return daemon.serve(cfg.directory, mountpoint, None, args.debug)
+        return daemon.serve(cfg.directory, mountpoint, None, debug, raw, options)
     read_fd, write_fd = os.pipe()
-    cmd = [sys.executable, "-m", "dwfs.daemon", cfg.directory, mountpoint, "--raw",
-           "--ready-fd", str(write_fd)]
-    if args.debug:
+    cmd = [sys.executable, "-m", "dwfs.daemon", cfg.directory, mountpoint,
+           "--ready-fd", str(write_fd), "-o", options]
+    if raw:
+        cmd.append("--raw")
+    if debug:
         cmd.append("--debug")
     with open(os.path.join(cfg.directory, "dwfs.log"), "ab") as logf:
         proc = subprocess.Popen(cmd, pass_fds=(write_fd,), stdin=subprocess.DEVNULL,
@@ -171,7 +181,7 @@ def cmd_mount(args: argparse.Namespace) -> int:
                 break
     text = line.decode(errors="replace").strip()
     if text == "ready":
-        out.print(f"mounted {cfg.directory} at {mountpoint} (raw volume, pid {proc.pid})")
+        out.print(f"mounted {cfg.directory} at {mountpoint} ({what}, pid {proc.pid})")
         return 0
     if not text:
         if proc.poll() is None:
@@ -210,6 +220,91 @@ def cmd_umount(args: argparse.Namespace) -> int:
             time.sleep(0.05)
     out.print(f"unmounted {mountpoint}")
     return 0
+
+
+def cmd_fsck(args: argparse.Namespace) -> int:
+    """Exit status as e2fsck: 0 clean, 1 errors corrected, 4 errors left, 8 cannot check."""
+    from vfs import fsck as vfsck
+    from vfs.errors import FSError
+    from vfs.fs import Filesystem
+    from vfs.metacopy import latest_copy, restore_copy, write_copy
+    from vfs.metadb import MetaDB
+
+    cfg = load_config(args.warehouse)
+    lock = WarehouseLock(cfg.directory)
+    if not lock.try_acquire():
+        raise CommandError(f"warehouse {cfg.directory} is in use by process {lock.holder()} "
+                           "(mounted?); unmount it before fsck")
+    try:
+        volume = open_volume(cfg, allow_failed=not args.repair, resync=args.repair)
+        try:
+            path = meta_path(cfg)
+            restored = None
+            db = None
+            why = None
+            try:
+                db = MetaDB(path)
+                errors = db.integrity_errors()
+                if errors:
+                    why = f"the metadata database is corrupt ({errors[0]})"
+                    db.close()
+                    db = None
+            except FSError as exc:
+                why = str(exc.message)
+            if db is None:
+                copy = latest_copy(volume)
+                when = f"copy {copy[0].generation} taken {copy[0].age_text()}" if copy else None
+                if not args.repair:
+                    err.print(f"dwfs fsck: {why}")
+                    if when:
+                        err.print(f"  the volume holds a metadata {when}; "
+                                  "`dwfs fsck --repair` restores it")
+                    return 4
+                if copy is None:
+                    raise CommandError(f"{why}, and the volume holds no intact metadata copy")
+                if os.path.exists(path):
+                    aside = path + ".damaged"
+                    os.replace(path, aside)
+                    err.print(f"dwfs fsck: moved the damaged database aside to {aside}")
+                restored = restore_copy(volume, path)
+                out.print(f"restored the metadata from the {when}; changes made after it are "
+                          "lost")
+                db = MetaDB(path)
+            try:
+                with progress_bar("verifying file data") as update:
+                    report = vfsck.check(db, volume, repair=args.repair,
+                                         verify_data=args.verify_data or restored is not None,
+                                         progress=update)
+                doc = report.to_dict()
+                doc["restored_from_copy"] = (
+                    {"generation": restored.generation, "time_ns": restored.time_ns,
+                     "taken": restored.age_text()} if restored else None)
+                doc["damaged_paths"] = {str(i): vfsck.paths_of(db, i)
+                                        for i in report.damaged_files}
+                if args.repair and (not report.clean or restored is not None):
+                    fs = Filesystem(db, volume)
+                    write_copy(fs)
+                    fs.close()
+            finally:
+                db.close()
+        finally:
+            volume.close(write=args.repair)
+    finally:
+        lock.release()
+    if args.json:
+        print(json.dumps(doc, indent=2))
+    else:
+        out.print(f"{doc['inodes']} inodes, {doc['blocks']} blocks"
+                  + (f", {doc['blocks_verified']} verified" if doc["blocks_verified"] else ""))
+        for line in doc["problems"]:
+            out.print(f"  {'fixed' if args.repair else 'found'}: {line}")
+        for ino, paths in doc["damaged_paths"].items():
+            out.print(f"  damaged: inode {ino} {' '.join(paths)}")
+        out.print("clean" if report.clean and not restored else
+                  "errors corrected" if args.repair else "errors found; run with --repair")
+    if report.clean and restored is None:
+        return 0
+    return 1 if args.repair else 4
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -327,6 +422,15 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("mountpoint")
     m.set_defaults(func=cmd_umount)
 
+    m = sub.add_parser("fsck", help="check (and repair) the filesystem's metadata")
+    m.add_argument("warehouse")
+    m.add_argument("--repair", action="store_true",
+                   help="fix what is found; restore a lost metadata database from its copy")
+    m.add_argument("--verify-data", action="store_true",
+                   help="also read every stored block and check its checksum")
+    m.add_argument("--json", action="store_true")
+    m.set_defaults(func=cmd_fsck)
+
     m = sub.add_parser("status", help="array state and member health")
     m.add_argument("warehouse")
     m.add_argument("--json", action="store_true")
@@ -355,7 +459,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except (CommandError, ConfigError, RaidError, WarehouseError, control.ControlError,
-            levels.LevelError, ValueError) as exc:
+            levels.LevelError, MountOptionError, ValueError) as exc:
         print(f"dwfs: error: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

@@ -14,17 +14,28 @@ import os
 import signal
 import sys
 import threading
+import time
 
 import pyfuse3
 import trio
 
 from dwfs import control_server, service
 from dwfs.config import ConfigError, WarehouseConfig, load_config
+from dwfs.fusefs import FuseOperations
+from dwfs.mountopts import MountOptions, parse_options
 from dwfs.mounts import is_mounted, mount_device
 from dwfs.rawfs import RawOperations
-from dwfs.warehouse import WarehouseError, WarehouseLock, control_socket_path, open_volume
+from dwfs.warehouse import (
+    WarehouseError,
+    WarehouseLock,
+    control_socket_path,
+    open_filesystem,
+    open_volume,
+)
 from raid.errors import RaidError
 from raid.rebuild import RebuildStopped
+from vfs.fs import Filesystem
+from vfs.metacopy import write_copy
 
 log = logging.getLogger("dwfs.daemon")
 
@@ -32,10 +43,14 @@ log = logging.getLogger("dwfs.daemon")
 class Daemon:
     """One mounted warehouse: its volume, FUSE session and control server."""
 
-    def __init__(self, cfg: WarehouseConfig, ops: RawOperations, mountpoint: str) -> None:
+    def __init__(self, cfg: WarehouseConfig, ops: RawOperations | FuseOperations,
+                 volume, mountpoint: str, fs: Filesystem | None = None) -> None:
         self.cfg = cfg
         self.ops = ops
-        self.volume = ops.volume
+        self.volume = volume
+        self.fs = fs
+        self.last_copy = time.monotonic()
+        self.commits_since_copy = 0
         self.mountpoint = mountpoint
         self.sock_path = control_socket_path(cfg.directory)
         self.rebuilding: set[int] = set()
@@ -51,6 +66,7 @@ class Daemon:
             doc = service.status(self.volume, self.cfg)
             doc["mountpoint"] = self.mountpoint
             doc["pid"] = os.getpid()
+            doc["mode"] = "filesystem" if self.fs is not None else "raw"
             return doc
         if name == "flush":
             self.ops.sync()
@@ -77,6 +93,8 @@ class Daemon:
             nursery.start_soon(self._signals, nursery)
             nursery.start_soon(self._tune_readahead)
             nursery.start_soon(self._watch_members)
+            if self.fs is not None:
+                nursery.start_soon(self._commit_periodically)
             for s in self.volume.slots:
                 if s.state == "rebuilding":
                     nursery.start_soon(self._resume_rebuild, s.index)
@@ -95,6 +113,23 @@ class Daemon:
             log.info("%s; it resumes at the next mount", exc)
         except OSError as exc:
             log.error("slot %d: background rebuild failed: %s", slot, exc)
+
+    async def _commit_periodically(self) -> None:
+        """Make changes durable every few seconds; refresh the metadata copy now and then."""
+        assert self.fs is not None
+        while True:
+            await trio.sleep(COMMIT_SECONDS)
+            try:
+                if self.fs.needs_commit():
+                    await trio.to_thread.run_sync(self.fs.commit)
+                    self.commits_since_copy += 1
+                if (self.commits_since_copy
+                        and time.monotonic() - self.last_copy > METACOPY_SECONDS):
+                    await trio.to_thread.run_sync(write_copy, self.fs)
+                    self.commits_since_copy = 0
+                    self.last_copy = time.monotonic()
+            except OSError as exc:
+                log.error("background commit of %s failed: %s", self.cfg.directory, exc)
 
     async def _watch_members(self) -> None:
         """Notice members that vanish (deleted, detached) even while nobody asks for status."""
@@ -118,14 +153,15 @@ class Daemon:
             async for sig in sigs:
                 if sig == signal.SIGHUP:
                     log.info("SIGHUP: flushing")
-                    await trio.to_thread.run_sync(self.volume.flush)
+                    await trio.to_thread.run_sync(self.ops.sync)
                     continue
                 log.info("signal %d: unmounting %s", sig, self.mountpoint)
                 pyfuse3.terminate()
                 return
 
 
-def serve(warehouse: str, mountpoint: str, ready_fd: int | None, debug: bool = False) -> int:
+def serve(warehouse: str, mountpoint: str, ready_fd: int | None, debug: bool = False,
+          raw: bool = False, options: str = "") -> int:
     """Mount and serve until unmounted; returns the exit status."""
     def report(line: str) -> None:
         if ready_fd is not None:
@@ -134,9 +170,11 @@ def serve(warehouse: str, mountpoint: str, ready_fd: int | None, debug: bool = F
 
     lock = None
     volume = None
-    ops = None
+    fs = None
+    ops: RawOperations | FuseOperations | None = None
     mounted = False
     try:
+        opts: MountOptions = parse_options(options)
         cfg = load_config(warehouse)
         mountpoint = os.path.abspath(mountpoint)
         if not os.path.isdir(mountpoint):
@@ -150,31 +188,37 @@ def serve(warehouse: str, mountpoint: str, ready_fd: int | None, debug: bool = F
             )
         _log_to_file(cfg.directory, debug)
         volume = open_volume(cfg)
-        ops = RawOperations(volume)
-        options = set(pyfuse3.default_options)
-        options.discard("default_permissions")
-        options |= {f"fsname={cfg.directory}", "subtype=dwfs", "default_permissions"}
+        if raw:
+            ops = RawOperations(volume)
+        else:
+            fs = open_filesystem(cfg, volume)
+            ops = FuseOperations(fs)
+        fuse_options = set(pyfuse3.default_options)
+        fuse_options |= {f"fsname={cfg.directory}", "subtype=dwfs", "default_permissions"}
+        fuse_options |= opts.fuse
         if os.getuid() == 0:
-            options.add("allow_other")
-        pyfuse3.init(ops, mountpoint, options)
+            fuse_options.add("allow_other")
+        pyfuse3.init(ops, mountpoint, fuse_options)
         mounted = True
-        log.info("mounted %s (raw volume, %s) at %s", cfg.directory, volume.geometry.level,
-                 mountpoint)
-        daemon = Daemon(cfg, ops, mountpoint)
+        log.info("mounted %s (%s, %s) at %s", cfg.directory, "raw volume" if raw else "filesystem",
+                 volume.geometry.level, mountpoint)
+        daemon = Daemon(cfg, ops, volume, mountpoint, fs)
         trio.run(daemon.run, lambda: report("ready"))
         return 0
-    except (ConfigError, RaidError, OSError) as exc:
+    except (ConfigError, RaidError, OSError, ValueError) as exc:
         log.error("mount of %s failed: %s", warehouse, exc)
         report(f"error: {exc}")
         return 1
     finally:
         if mounted:
             pyfuse3.close(unmount=is_mounted(os.path.abspath(mountpoint)))
-        if ops is not None:
+        if isinstance(ops, RawOperations):
             try:
                 ops.writes.close()
             except OSError as exc:
                 log.error("queued writes to %s failed: %s", warehouse, exc)
+        if fs is not None:
+            _close_filesystem(fs, warehouse)
         if volume is not None:
             try:
                 volume.close()
@@ -184,6 +228,20 @@ def serve(warehouse: str, mountpoint: str, ready_fd: int | None, debug: bool = F
             lock.release()
 
 
+def _close_filesystem(fs: Filesystem, warehouse: str) -> None:
+    """Commit, refresh the metadata copy on the volume and close the database."""
+    try:
+        fs.commit()
+        write_copy(fs)
+        fs.close()
+    except OSError as exc:
+        log.error("closing the filesystem of %s failed: %s", warehouse, exc)
+    finally:
+        fs.db.close()
+
+
+COMMIT_SECONDS = 5.0
+METACOPY_SECONDS = 600.0
 READAHEAD_KB = 1024
 MEMBER_CHECK_SECONDS = 5.0
 
@@ -216,11 +274,13 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="dwfs-daemon")
     p.add_argument("warehouse")
     p.add_argument("mountpoint")
-    p.add_argument("--raw", action="store_true", required=True)
+    p.add_argument("--raw", action="store_true")
+    p.add_argument("-o", dest="options", default="")
     p.add_argument("--ready-fd", type=int)
     p.add_argument("--debug", action="store_true")
     args = p.parse_args(argv)
-    return serve(args.warehouse, args.mountpoint, args.ready_fd, args.debug)
+    return serve(args.warehouse, args.mountpoint, args.ready_fd, args.debug, args.raw,
+                 args.options)
 
 
 if __name__ == "__main__":

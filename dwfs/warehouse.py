@@ -18,6 +18,9 @@ from raid.errors import ArrayCreateError, RaidError
 from raid.geometry import Geometry
 from raid.label import LabelError
 from raid.volume import Volume
+from vfs.fs import Filesystem
+from vfs.metacopy import write_copy
+from vfs.metadb import META_NAME, MetaDB
 
 log = logging.getLogger(__name__)
 
@@ -90,9 +93,11 @@ def mkfs(req: MkfsRequest, progress: Progress | None = None) -> tuple[WarehouseC
             created=datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         )
         cfg.save()
+        format_filesystem(cfg)
         return cfg, geometry
     except (RaidError, ValueError, OSError) as exc:
-        for p in created:
+        for p in [*created, os.path.join(directory, CONFIG_NAME),
+                  os.path.join(directory, META_NAME)]:
             _remove_quietly(p)
         if made_dir:
             _remove_tree_quietly(directory)
@@ -170,6 +175,37 @@ def open_volume(cfg: WarehouseConfig, allow_failed: bool = False, resync: bool =
     """Assemble the warehouse's array from the members listed in its config."""
     return assemble(cfg.member_paths(), cfg.array_uuid, open_member,
                     allow_failed=allow_failed, resync=resync)
+
+
+def meta_path(cfg: WarehouseConfig) -> str:
+    """Where the warehouse's metadata database lives."""
+    return os.path.join(cfg.directory, META_NAME)
+
+
+def format_filesystem(cfg: WarehouseConfig) -> None:
+    """Write an empty filesystem (root directory and a first metadata copy) onto a new array."""
+    volume = open_volume(cfg)
+    try:
+        db = MetaDB(meta_path(cfg), create=True)
+        try:
+            Filesystem.format(db, os.getuid(), os.getgid())
+            fs = Filesystem(db, volume)
+            write_copy(fs)
+            fs.close()
+        finally:
+            db.close()
+    finally:
+        volume.close()
+
+
+def open_filesystem(cfg: WarehouseConfig, volume: Volume) -> Filesystem:
+    """The filesystem stored in an assembled warehouse volume."""
+    path = meta_path(cfg)
+    if not os.path.exists(path):
+        raise WarehouseError(
+            f"the metadata database {path} is missing; `dwfs fsck --repair {cfg.directory}` "
+            "restores it from the copy on the volume", errno.ENOENT)
+    return Filesystem(MetaDB(path), volume)
 
 
 def runtime_dir() -> str:

@@ -1,0 +1,272 @@
+"""The FUSE adapter of the filesystem: translates pyfuse3 requests into vfs calls.
+
+It decides nothing: every rule lives in `vfs.Filesystem`. Metadata requests run inline on the
+trio thread when the filesystem's lock is free (SQLite answers in microseconds, a thread hop
+costs more); requests that move file data, and any request that would wait for the lock, run
+in a worker thread so the event loop never blocks on the volume.
+"""
+
+from __future__ import annotations
+
+import errno
+import functools
+import logging
+import stat
+from collections.abc import Callable
+from typing import Any
+
+import pyfuse3
+import trio
+
+from vfs.attrs import Attr, Caller, SetAttr
+from vfs.fs import Filesystem
+
+log = logging.getLogger(__name__)
+
+CACHE_SECONDS = 300.0
+QUIET_ERRNOS = {errno.ENOENT, errno.EEXIST, errno.ENOTEMPTY, errno.ENODATA, errno.ENOTDIR,
+                errno.EISDIR, errno.EINVAL, errno.ENAMETOOLONG, errno.EPERM, errno.EXDEV,
+                errno.EOPNOTSUPP, errno.ERANGE, errno.ENOSPC, errno.EFBIG, errno.E2BIG,
+                errno.EMLINK, errno.ELOOP}
+
+
+def fuse_errors(func: Callable[..., Any]) -> Callable[..., Any]:
+    """Answer OSErrors from lower layers with their errno; log the unexpected ones."""
+
+    @functools.wraps(func)
+    async def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return await func(*args, **kwargs)
+        except pyfuse3.FUSEError:
+            raise
+        except OSError as exc:
+            code = exc.errno or errno.EIO
+            if code in QUIET_ERRNOS:
+                log.debug("%s%r: %s", func.__name__, args[1:], exc)
+            else:
+                log.error("%s%r failed: %s", func.__name__, args[1:], exc)
+            raise pyfuse3.FUSEError(code) from exc
+
+    return wrapper
+
+
+def entry(a: Attr) -> pyfuse3.EntryAttributes:
+    """pyfuse3 attributes of a vfs Attr."""
+    e = pyfuse3.EntryAttributes()
+    e.st_ino = a.ino
+    e.st_mode = a.mode
+    e.st_nlink = a.nlink
+    e.st_uid = a.uid
+    e.st_gid = a.gid
+    e.st_size = a.size
+    e.st_rdev = a.rdev
+    e.st_atime_ns = a.atime_ns
+    e.st_mtime_ns = a.mtime_ns
+    e.st_ctime_ns = a.ctime_ns
+    e.st_blocks = a.blocks
+    e.st_blksize = a.blksize
+    e.entry_timeout = CACHE_SECONDS
+    e.attr_timeout = CACHE_SECONDS
+    return e
+
+
+def caller(ctx: pyfuse3.RequestContext, mode: int = 0) -> Caller:
+    """The requesting process; its supplementary groups only when setgid rules need them."""
+    groups: tuple[int, ...] = ()
+    if mode & stat.S_ISGID and ctx.uid != 0:
+        try:
+            groups = tuple(pyfuse3.get_sup_groups(ctx.pid))
+        except OSError as exc:
+            log.info("groups of pid %d unknown (%s); using its primary group only", ctx.pid, exc)
+    return Caller(ctx.uid, ctx.gid, groups)
+
+
+class FuseOperations(pyfuse3.Operations):
+    """pyfuse3 operations over a vfs Filesystem."""
+
+    enable_writeback_cache = False  # write errors (ENOSPC) must reach the writer at write()
+
+    def __init__(self, fs: Filesystem) -> None:
+        super().__init__()
+        self.fs = fs
+        self.limiter = trio.CapacityLimiter(1)
+
+    async def _meta(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """Run a metadata call inline if the lock is free, else in a worker thread."""
+        if self.fs.lock.acquire(blocking=False):
+            try:
+                return fn(*args)
+            finally:
+                self.fs.lock.release()
+        return await trio.to_thread.run_sync(fn, *args, limiter=self.limiter)
+
+    async def _data(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """Run a call that may touch the volume in a worker thread."""
+        return await trio.to_thread.run_sync(fn, *args, limiter=self.limiter)
+
+    def sync(self) -> None:
+        """Make everything durable (control socket `flush`, SIGHUP)."""
+        self.fs.commit()
+
+    # --- names and attributes -----------------------------------------------------------------
+
+    @fuse_errors
+    async def lookup(self, parent_inode, name, ctx=None):
+        try:
+            return entry(await self._meta(self.fs.lookup, parent_inode, name))
+        except OSError as exc:
+            if exc.errno != errno.ENOENT:
+                raise
+            neg = pyfuse3.EntryAttributes()
+            neg.st_ino = 0  # a negative entry the kernel may cache
+            neg.entry_timeout = CACHE_SECONDS
+            return neg
+
+    @fuse_errors
+    async def getattr(self, inode, ctx=None):
+        return entry(await self._meta(self.fs.getattr, inode))
+
+    @fuse_errors
+    async def setattr(self, inode, attr, fields, fh, ctx):
+        ch = SetAttr(
+            mode=attr.st_mode if fields.update_mode else None,
+            uid=attr.st_uid if fields.update_uid else None,
+            gid=attr.st_gid if fields.update_gid else None,
+            size=attr.st_size if fields.update_size else None,
+            atime_ns=attr.st_atime_ns if fields.update_atime else None,
+            mtime_ns=attr.st_mtime_ns if fields.update_mtime else None,
+            ctime_ns=attr.st_ctime_ns if fields.update_ctime else None,
+        )
+        run = self._data if ch.size is not None else self._meta
+        return entry(await run(self.fs.setattr, inode, ch))
+
+    @fuse_errors
+    async def readlink(self, inode, ctx):
+        return await self._meta(self.fs.readlink, inode)
+
+    @fuse_errors
+    async def mknod(self, parent_inode, name, mode, rdev, ctx):
+        return entry(await self._meta(self.fs.mknod, parent_inode, name, mode, rdev,
+                                      caller(ctx, mode)))
+
+    @fuse_errors
+    async def mkdir(self, parent_inode, name, mode, ctx):
+        return entry(await self._meta(self.fs.mkdir, parent_inode, name, mode, caller(ctx)))
+
+    @fuse_errors
+    async def symlink(self, parent_inode, name, target, ctx):
+        return entry(await self._meta(self.fs.symlink, parent_inode, name, target, caller(ctx)))
+
+    @fuse_errors
+    async def link(self, inode, new_parent_inode, new_name, ctx):
+        return entry(await self._meta(self.fs.link, inode, new_parent_inode, new_name))
+
+    @fuse_errors
+    async def unlink(self, parent_inode, name, ctx):
+        await self._meta(self.fs.unlink, parent_inode, name)
+
+    @fuse_errors
+    async def rmdir(self, parent_inode, name, ctx):
+        await self._meta(self.fs.rmdir, parent_inode, name)
+
+    @fuse_errors
+    async def rename(self, parent_inode_old, name_old, parent_inode_new, name_new, flags, ctx):
+        await self._meta(self.fs.rename, parent_inode_old, name_old, parent_inode_new,
+                         name_new, flags)
+
+    # --- files --------------------------------------------------------------------------------
+
+    @fuse_errors
+    async def create(self, parent_inode, name, mode, flags, ctx):
+        a = await self._meta(self.fs.create, parent_inode, name, mode, flags, caller(ctx, mode))
+        return pyfuse3.FileInfo(fh=a.ino, keep_cache=True), entry(a)
+
+    @fuse_errors
+    async def open(self, inode, flags, ctx):
+        await self._data(self.fs.open, inode, flags)
+        return pyfuse3.FileInfo(fh=inode, keep_cache=True)
+
+    @fuse_errors
+    async def read(self, fh, off, size):
+        return await self._data(self.fs.read, fh, off, size)
+
+    @fuse_errors
+    async def write(self, fh, off, buf):
+        if len(buf) < 65536:
+            return await self._meta(self.fs.write, fh, off, buf)
+        return await self._data(self.fs.write, fh, off, buf)
+
+    async def flush(self, fh):
+        return None
+
+    @fuse_errors
+    async def fsync(self, fh, datasync):
+        await self._data(self.fs.commit)
+
+    @fuse_errors
+    async def release(self, fh):
+        await self._meta(self.fs.release, fh)
+
+    # --- directories --------------------------------------------------------------------------
+
+    @fuse_errors
+    async def opendir(self, inode, ctx):
+        await self._meta(self.fs.opendir, inode)
+        return inode
+
+    @fuse_errors
+    async def readdir(self, fh, start_id, token):
+        cookie = start_id
+        while True:
+            batch = await self._meta(self.fs.readdir, fh, cookie)
+            if not batch:
+                return
+            for e in batch:
+                if not pyfuse3.readdir_reply(token, e.name, entry(e.attr), e.next_cookie):
+                    return
+                cookie = e.next_cookie
+
+    async def releasedir(self, fh):
+        return None
+
+    @fuse_errors
+    async def fsyncdir(self, fh, datasync):
+        await self._data(self.fs.commit)
+
+    # --- extended attributes ------------------------------------------------------------------
+
+    @fuse_errors
+    async def setxattr(self, inode, name, value, ctx):
+        await self._meta(self.fs.setxattr, inode, name, value)
+
+    @fuse_errors
+    async def getxattr(self, inode, name, ctx):
+        return await self._meta(self.fs.getxattr, inode, name)
+
+    @fuse_errors
+    async def listxattr(self, inode, ctx):
+        return await self._meta(self.fs.listxattr, inode)
+
+    @fuse_errors
+    async def removexattr(self, inode, name, ctx):
+        await self._meta(self.fs.removexattr, inode, name)
+
+    # --- whole filesystem ---------------------------------------------------------------------
+
+    @fuse_errors
+    async def statfs(self, ctx):
+        d = await self._meta(self.fs.statfs)
+        s = pyfuse3.StatvfsData()
+        s.f_bsize = d["bsize"]
+        s.f_frsize = d["frsize"]
+        s.f_blocks = d["blocks"]
+        s.f_bfree = d["bfree"]
+        s.f_bavail = d["bavail"]
+        s.f_files = d["files"]
+        s.f_ffree = d["ffree"]
+        s.f_favail = d["ffree"]
+        s.f_namemax = d["namemax"]
+        return s
+
+    async def forget(self, inode_list):
+        return None

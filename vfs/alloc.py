@@ -1,0 +1,161 @@
+"""Free space of the volume, in 4 KiB sectors: a sorted list of free extents, next-fit.
+
+Freed space is held back until the metadata commit that frees it is durable (`release`), so a
+crash can never leave the committed block map pointing at space already reused.
+"""
+
+from __future__ import annotations
+
+import bisect
+import errno
+from collections.abc import Iterable
+
+from vfs.errors import FSError
+
+SECTOR = 4096
+
+
+class Allocator:
+    """Hands out runs of free sectors, sequentially from a moving cursor."""
+
+    def __init__(self, total: int, used: Iterable[tuple[int, int]]) -> None:
+        """`total` sectors, of which the (start, count) extents in `used` are taken."""
+        self.total = total
+        self._starts: list[int] = []
+        self._lens: list[int] = []
+        self.free_count = 0
+        pos = 0
+        for start, count in sorted(used):
+            if start < pos:
+                raise FSError(errno.EUCLEAN, f"sectors {start}+{count} are used twice")
+            if start > pos:
+                self._append(pos, start - pos)
+            pos = start + count
+        if pos < total:
+            self._append(pos, total - pos)
+        self._cursor = 0
+        self._held: list[tuple[int, int]] = []
+        self._taken: list[tuple[int, int]] = []  # allocated since the last mark was dropped
+
+    def _append(self, start: int, count: int) -> None:
+        self._starts.append(start)
+        self._lens.append(count)
+        self.free_count += count
+
+    @property
+    def held_count(self) -> int:
+        """Sectors freed but not yet reusable."""
+        return sum(c for _s, c in self._held)
+
+    def allocate_each(self, sizes: list[int]) -> list[int]:
+        """One start sector per requested size, each a contiguous piece, next-fit in order."""
+        total = sum(sizes)
+        if total > self.free_count:
+            raise FSError(errno.ENOSPC, f"no space left: {total} sectors wanted, "
+                          f"{self.free_count} free")
+        starts: list[int] = []
+        try:
+            for n in sizes:
+                starts.append(self._take(n))
+        except FSError:
+            for start, n in zip(starts, sizes, strict=False):
+                self.free(start, n)
+            raise
+        self._taken.extend(zip(starts, sizes, strict=False))
+        return starts
+
+    def _take(self, n: int) -> int:
+        """Carve `n` contiguous sectors from the first free extent at or after the cursor."""
+        count = len(self._starts)
+        i = bisect.bisect_right(self._starts, self._cursor) - 1
+        if i < 0:
+            i = 0
+        for _ in range(count + 1):
+            if i >= len(self._starts):
+                i = 0
+                if not self._starts:
+                    break
+            start, length = self._starts[i], self._lens[i]
+            at = self._cursor if start < self._cursor < start + length else start
+            if start + length - at >= n:
+                head, tail = at - start, start + length - (at + n)
+                if head and tail:
+                    self._lens[i] = head
+                    self._starts.insert(i + 1, at + n)
+                    self._lens.insert(i + 1, tail)
+                elif head:
+                    self._lens[i] = head
+                elif tail:
+                    self._starts[i], self._lens[i] = at + n, tail
+                else:
+                    del self._starts[i]
+                    del self._lens[i]
+                self.free_count -= n
+                self._cursor = at + n if at + n < self.total else 0
+                return at
+            i += 1
+        raise FSError(errno.ENOSPC, f"no space left: no free run of {n} sectors")
+
+    def hold(self, start: int, count: int) -> None:
+        """Mark sectors freed; they become reusable at the next `release`."""
+        self._held.append((start, count))
+
+    def release(self) -> None:
+        """Return every held extent to the free list (call after a durable commit)."""
+        held, self._held = self._held, []
+        for start, count in held:
+            self.free(start, count)
+
+    def forget_held(self) -> None:
+        """Drop held extents without freeing them (their frees were rolled back)."""
+        self._held = []
+
+    def free(self, start: int, count: int) -> None:
+        """Return sectors to the free list at once, merging with neighbours."""
+        if count <= 0:
+            return
+        i = bisect.bisect_left(self._starts, start)
+        if i > 0 and self._starts[i - 1] + self._lens[i - 1] > start:
+            raise FSError(errno.EUCLEAN, f"sectors {start}+{count} freed twice")
+        if i < len(self._starts) and start + count > self._starts[i]:
+            raise FSError(errno.EUCLEAN, f"sectors {start}+{count} freed twice")
+        self.free_count += count
+        if i > 0 and self._starts[i - 1] + self._lens[i - 1] == start:
+            self._lens[i - 1] += count
+            if i < len(self._starts) and start + count == self._starts[i]:
+                self._lens[i - 1] += self._lens[i]
+                del self._starts[i]
+                del self._lens[i]
+            return
+        if i < len(self._starts) and start + count == self._starts[i]:
+            self._starts[i] = start
+            self._lens[i] += count
+            return
+        self._starts.insert(i, start)
+        self._lens.insert(i, count)
+
+    def mark(self) -> AllocatorMark:
+        """Remember the current state before an operation that may fail half-way."""
+        self._taken.clear()
+        return AllocatorMark(len(self._held), 0)
+
+    def undo(self, mark: AllocatorMark) -> None:
+        """Give back what was allocated and forget what was held since `mark`."""
+        del self._held[mark.held:]
+        taken, self._taken = self._taken, []
+        for start, count in taken:
+            self.free(start, count)
+
+    def extents(self) -> list[tuple[int, int]]:
+        """The free extents, in order (for checks)."""
+        return list(zip(self._starts, self._lens, strict=True))
+
+
+class AllocatorMark:
+    """Where an operation started, so that a failed one can give back what it took."""
+
+    __slots__ = ("held", "taken")
+
+    def __init__(self, held: int, taken: int) -> None:
+        self.held = held
+        self.taken = taken

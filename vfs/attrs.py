@@ -1,0 +1,61 @@
+"""Plain records exchanged with the filesystem: attributes, attribute changes, the caller."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+ROOT_INODE = 1
+NAME_MAX = 255
+
+
+@dataclass(slots=True)
+class Attr:
+    """What stat(2) shows of an inode."""
+
+    ino: int
+    mode: int
+    nlink: int
+    uid: int
+    gid: int
+    size: int
+    rdev: int
+    atime_ns: int
+    mtime_ns: int
+    ctime_ns: int
+    blocks: int  # 512-byte units actually stored
+    blksize: int
+
+
+@dataclass(slots=True)
+class SetAttr:
+    """The attribute changes of one setattr call; None means unchanged."""
+
+    mode: int | None = None
+    uid: int | None = None
+    gid: int | None = None
+    size: int | None = None
+    atime_ns: int | None = None
+    mtime_ns: int | None = None
+    ctime_ns: int | None = None
+
+
+@dataclass(slots=True)
+class Caller:
+    """Who asks: user, primary group, supplementary groups and umask-applied creation."""
+
+    uid: int = 0
+    gid: int = 0
+    groups: tuple[int, ...] = field(default_factory=tuple)
+
+    def in_group(self, gid: int) -> bool:
+        """True if the caller belongs to group `gid`."""
+        return gid == self.gid or gid in self.groups
+
+
+@dataclass(slots=True)
+class DirEntry:
+    """One readdir entry and the cookie that resumes after it."""
+
+    name: bytes
+    attr: Attr
+    next_cookie: int

@@ -1,0 +1,664 @@
+"""The POSIX filesystem over a redundant volume: inodes, names, contents, links, xattrs.
+
+Every public method takes inode numbers, is safe to call from several threads (one lock), and
+raises FSError with the errno POSIX and Linux prescribe. Permission bits are checked by the
+kernel (the mount uses default_permissions); this class does what the kernel leaves to the
+filesystem: name rules, rename and rmdir rules, setgid inheritance, times and link counts.
+
+Metadata changes are collected in one open SQLite transaction. `commit` makes them durable
+after the file data they point to: dirty blocks are written out, the volume is flushed, then the
+transaction commits (like ext4's data=ordered).
+"""
+
+from __future__ import annotations
+
+import errno
+import functools
+import logging
+import os
+import stat
+import threading
+import time
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+from vfs.alloc import SECTOR, Allocator
+from vfs.attrs import NAME_MAX, ROOT_INODE, Attr, Caller, DirEntry, SetAttr
+from vfs.errors import FSError
+from vfs.filedata import BLOCK, FileData, VolumeLike
+from vfs.metadb import MetaDB
+
+log = logging.getLogger(__name__)
+
+MAX_FILE_SIZE = 1 << 44  # 16 TiB, as ext4 with 4 KiB blocks
+LINK_MAX = 65000
+XATTR_NAME_MAX = 255
+XATTR_SIZE_MAX = 65536
+XATTR_CREATE = 1
+XATTR_REPLACE = 2
+XATTR_NAMESPACES = (b"user.", b"trusted.", b"security.")
+RENAME_NOREPLACE = 1
+RENAME_EXCHANGE = 2
+RESERVED_SECTORS = 2 * BLOCK // SECTOR  # the two metadata-copy superblocks at the start
+DIR_SIZE = 4096
+RELATIME_SECONDS = 24 * 3600
+
+_INODE_COLS = "id, mode, nlink, uid, gid, size, rdev, atime_ns, mtime_ns, ctime_ns, sectors"
+
+T = TypeVar("T")
+
+
+def _now() -> int:
+    return time.time_ns()
+
+
+def operation(func: Callable[..., T]) -> Callable[..., T]:
+    """Run a method under the lock, all-or-nothing: a failure undoes its partial changes."""
+
+    @functools.wraps(func)
+    def wrapper(self: Filesystem, *args: Any, **kwargs: Any) -> T:
+        with self.lock:
+            self._check_open()
+            if self._depth:
+                return func(self, *args, **kwargs)
+            self._depth += 1
+            mark = self.alloc.mark()
+            self.db.execute("SAVEPOINT op")
+            try:
+                result = func(self, *args, **kwargs)
+            except BaseException:
+                self.db.execute("ROLLBACK TO op")
+                self.db.execute("RELEASE op")
+                self.alloc.undo(mark)
+                raise
+            else:
+                self.db.execute("RELEASE op")
+                return result
+            finally:
+                self._depth -= 1
+
+    return wrapper
+
+
+def check_name(name: bytes) -> None:
+    """Refuse names the filesystem cannot hold."""
+    if len(name) > NAME_MAX:
+        raise FSError(errno.ENAMETOOLONG, f"name of {len(name)} bytes (limit {NAME_MAX})")
+    if not name or b"/" in name or b"\0" in name:
+        raise FSError(errno.EINVAL, f"invalid name {name!r}")
+
+
+class Filesystem:
+    """A mounted dwfs filesystem: metadata database + file contents on the volume."""
+
+    def __init__(self, db: MetaDB, volume: VolumeLike) -> None:
+        self.db = db
+        self.volume = volume
+        self.lock = threading.RLock()
+        self._depth = 0
+        self._closed = False
+        total = volume.capacity // SECTOR
+        used = [(0, RESERVED_SECTORS)]
+        used += list(db.rows("SELECT addr, nsect FROM blocks"))
+        used += list(db.rows("SELECT addr, nsect FROM metacopy"))
+        self.alloc = Allocator(total, used)
+        self.data = FileData(db, volume, self.alloc)
+        self.opens: dict[int, int] = {}
+        self._free_orphans()
+
+    @classmethod
+    def format(cls, db: MetaDB, uid: int, gid: int, mode: int = 0o755) -> None:
+        """Write the root directory of a new, empty filesystem."""
+        now = _now()
+        db.change(
+            "INSERT INTO inodes (id, mode, nlink, uid, gid, size, atime_ns, mtime_ns, ctime_ns) "
+            "VALUES (?, ?, 2, ?, ?, 0, ?, ?, ?)",
+            (ROOT_INODE, stat.S_IFDIR | mode, uid, gid, now, now, now))
+        db.set_setting("block_size", BLOCK)
+        db.commit()
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise FSError(errno.EIO, "the filesystem is closed")
+
+    def _free_orphans(self) -> None:
+        """Free inodes left without names by a crash while they were open."""
+        with self.lock:
+            orphans = [r[0] for r in self.db.rows("SELECT id FROM inodes WHERE nlink=0")]
+            for ino in orphans:
+                log.info("inode %d: freeing it, unlinked while open before a crash", ino)
+                self._free_inode(ino)
+            if orphans:
+                self.commit()
+
+    # --- inode records ------------------------------------------------------------------------
+
+    def _row(self, ino: int) -> tuple:
+        r = self.db.row(f"SELECT {_INODE_COLS} FROM inodes WHERE id=?", (ino,))
+        if r is None:
+            raise FSError(errno.ENOENT, f"no inode {ino}")
+        return r
+
+    def _attr(self, r: tuple) -> Attr:
+        mode = r[1]
+        size = DIR_SIZE if stat.S_ISDIR(mode) else r[5]
+        sectors = r[10] + (self.data.dirty_sectors(r[0]) if r[0] in self.data.dirty else 0)
+        return Attr(ino=r[0], mode=mode, nlink=r[2], uid=r[3], gid=r[4], size=size, rdev=r[6],
+                    atime_ns=r[7], mtime_ns=r[8], ctime_ns=r[9], blocks=sectors * (SECTOR // 512),
+                    blksize=BLOCK)
+
+    def _dir_row(self, ino: int) -> tuple:
+        r = self._row(ino)
+        if not stat.S_ISDIR(r[1]):
+            raise FSError(errno.ENOTDIR, f"inode {ino} is not a directory")
+        return r
+
+    def _live_dir(self, ino: int) -> tuple:
+        """A directory that can still get entries (not removed)."""
+        r = self._dir_row(ino)
+        if r[2] == 0:
+            raise FSError(errno.ENOENT, f"directory inode {ino} has been removed")
+        return r
+
+    def _entry(self, parent: int, name: bytes) -> tuple[int, int] | None:
+        """(dentry id, inode) of a name in a directory, or None."""
+        return self.db.row("SELECT id, inode FROM dentries WHERE parent=? AND name=?",
+                           (parent, name))
+
+    def _parent_of(self, ino: int) -> int:
+        if ino == ROOT_INODE:
+            return ROOT_INODE
+        p = self.db.value("SELECT parent FROM dentries WHERE inode=? LIMIT 1", (ino,))
+        if p is None:
+            raise FSError(errno.ENOENT, f"inode {ino} has no parent")
+        return p
+
+    def _touch(self, ino: int, mtime: bool = True, now: int | None = None) -> None:
+        now = now or _now()
+        if mtime:
+            self.db.change("UPDATE inodes SET mtime_ns=?, ctime_ns=? WHERE id=?", (now, now, ino))
+        else:
+            self.db.change("UPDATE inodes SET ctime_ns=? WHERE id=?", (now, ino))
+
+    def _add_links(self, ino: int, delta: int) -> None:
+        self.db.change("UPDATE inodes SET nlink=nlink+? WHERE id=?", (delta, ino))
+
+    def _free_inode(self, ino: int) -> None:
+        self.data.drop(ino)
+        self.db.change("DELETE FROM xattrs WHERE inode=?", (ino,))
+        self.db.change("DELETE FROM inodes WHERE id=?", (ino,))
+
+    def _maybe_free(self, ino: int) -> None:
+        r = self.db.row("SELECT nlink FROM inodes WHERE id=?", (ino,))
+        if r is not None and r[0] == 0 and not self.opens.get(ino):
+            self._free_inode(ino)
+
+    # --- lookups and attributes ---------------------------------------------------------------
+
+    @operation
+    def lookup(self, parent: int, name: bytes) -> Attr:
+        """The attributes of `name` in directory `parent`."""
+        if len(name) > NAME_MAX:
+            raise FSError(errno.ENAMETOOLONG, f"name of {len(name)} bytes")
+        self._dir_row(parent)
+        if name == b".":
+            return self._attr(self._row(parent))
+        if name == b"..":
+            return self._attr(self._row(self._parent_of(parent)))
+        e = self._entry(parent, name)
+        if e is None:
+            raise FSError(errno.ENOENT, f"{name!r} not in directory {parent}")
+        return self._attr(self._row(e[1]))
+
+    @operation
+    def getattr(self, ino: int) -> Attr:
+        """The attributes of an inode."""
+        return self._attr(self._row(ino))
+
+    @operation
+    def setattr(self, ino: int, ch: SetAttr) -> Attr:
+        """Change mode, owner, size or times; ctime follows every change."""
+        r = self._row(ino)
+        now = _now()
+        sets: list[str] = []
+        args: list[Any] = []
+        if ch.size is not None and ch.size != r[5]:
+            self._truncate(r, ch.size)
+            sets.append("mtime_ns=?")
+            args.append(now if ch.mtime_ns is None else ch.mtime_ns)
+        elif ch.size is not None:
+            self._check_truncatable(r, ch.size)
+        if ch.mode is not None:
+            sets.append("mode=?")
+            args.append(stat.S_IFMT(r[1]) | (ch.mode & 0o7777))
+        if ch.uid is not None:
+            sets.append("uid=?")
+            args.append(ch.uid)
+        if ch.gid is not None:
+            sets.append("gid=?")
+            args.append(ch.gid)
+        if ch.atime_ns is not None:
+            sets.append("atime_ns=?")
+            args.append(ch.atime_ns)
+        if ch.mtime_ns is not None and "mtime_ns=?" not in sets:
+            sets.append("mtime_ns=?")
+            args.append(ch.mtime_ns)
+        sets.append("ctime_ns=?")
+        args.append(now if ch.ctime_ns is None else ch.ctime_ns)
+        self.db.change(f"UPDATE inodes SET {', '.join(sets)} WHERE id=?", (*args, ino))
+        return self._attr(self._row(ino))
+
+    def _check_truncatable(self, r: tuple, size: int) -> None:
+        if stat.S_ISDIR(r[1]):
+            raise FSError(errno.EISDIR, f"inode {r[0]} is a directory")
+        if not stat.S_ISREG(r[1]):
+            raise FSError(errno.EINVAL, f"inode {r[0]} is not a regular file")
+        if size < 0:
+            raise FSError(errno.EINVAL, f"negative size {size}")
+        if size > MAX_FILE_SIZE:
+            raise FSError(errno.EFBIG, f"size {size} is past the largest file ({MAX_FILE_SIZE})")
+
+    def _truncate(self, r: tuple, size: int) -> None:
+        self._check_truncatable(r, size)
+        self.data.truncate(r[0], r[5], size)
+        self.db.change("UPDATE inodes SET size=? WHERE id=?", (size, r[0]))
+
+    # --- creating names -----------------------------------------------------------------------
+
+    def _make(self, parent: int, name: bytes, mode: int, caller: Caller, rdev: int = 0,
+              target: bytes | None = None) -> Attr:
+        check_name(name)
+        p = self._live_dir(parent)
+        if self._entry(parent, name) is not None:
+            raise FSError(errno.EEXIST, f"{name!r} exists in directory {parent}")
+        gid = caller.gid
+        if p[1] & stat.S_ISGID:
+            gid = p[4]
+            if stat.S_ISDIR(mode):
+                mode |= stat.S_ISGID
+        if (not stat.S_ISDIR(mode) and mode & stat.S_ISGID and caller.uid != 0
+                and not caller.in_group(gid)):
+            mode &= ~stat.S_ISGID
+        now = _now()
+        is_dir = stat.S_ISDIR(mode)
+        self.db.change(
+            "INSERT INTO inodes (mode, nlink, uid, gid, size, rdev, atime_ns, mtime_ns, "
+            "ctime_ns, target) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (mode, 2 if is_dir else 1, caller.uid, gid, len(target) if target else 0, rdev,
+             now, now, now, target))
+        ino = self.db.last_id()
+        self.db.change("INSERT INTO dentries (parent, name, inode) VALUES (?, ?, ?)",
+                       (parent, name, ino))
+        if is_dir:
+            self._add_links(parent, 1)
+        self._touch(parent, now=now)
+        return self._attr(self._row(ino))
+
+    @operation
+    def mknod(self, parent: int, name: bytes, mode: int, rdev: int, caller: Caller) -> Attr:
+        """Create a regular file, FIFO, socket or device node."""
+        kind = stat.S_IFMT(mode) or stat.S_IFREG
+        if kind not in (stat.S_IFREG, stat.S_IFIFO, stat.S_IFSOCK, stat.S_IFCHR, stat.S_IFBLK):
+            raise FSError(errno.EINVAL, f"mknod of file type {kind:o}")
+        keep_rdev = rdev if kind in (stat.S_IFCHR, stat.S_IFBLK) else 0
+        return self._make(parent, name, kind | (mode & 0o7777), caller, rdev=keep_rdev)
+
+    @operation
+    def mkdir(self, parent: int, name: bytes, mode: int, caller: Caller) -> Attr:
+        """Create a directory."""
+        return self._make(parent, name, stat.S_IFDIR | (mode & 0o7777), caller)
+
+    @operation
+    def create(self, parent: int, name: bytes, mode: int, flags: int, caller: Caller) -> Attr:
+        """Create a regular file and open it."""
+        attr = self._make(parent, name, stat.S_IFREG | (mode & 0o7777), caller)
+        self.opens[attr.ino] = self.opens.get(attr.ino, 0) + 1
+        return attr
+
+    @operation
+    def symlink(self, parent: int, name: bytes, target: bytes, caller: Caller) -> Attr:
+        """Create a symbolic link to `target`."""
+        if not target:
+            raise FSError(errno.ENOENT, "empty symlink target")
+        if len(target) >= os.pathconf("/", "PC_PATH_MAX"):
+            raise FSError(errno.ENAMETOOLONG, f"symlink target of {len(target)} bytes")
+        return self._make(parent, name, stat.S_IFLNK | 0o777, caller, target=target)
+
+    @operation
+    def readlink(self, ino: int) -> bytes:
+        """The target of a symbolic link."""
+        r = self.db.row("SELECT mode, target FROM inodes WHERE id=?", (ino,))
+        if r is None:
+            raise FSError(errno.ENOENT, f"no inode {ino}")
+        if not stat.S_ISLNK(r[0]):
+            raise FSError(errno.EINVAL, f"inode {ino} is not a symbolic link")
+        return bytes(r[1])
+
+    @operation
+    def link(self, ino: int, parent: int, name: bytes) -> Attr:
+        """Give inode `ino` another name."""
+        check_name(name)
+        r = self._row(ino)
+        if stat.S_ISDIR(r[1]):
+            raise FSError(errno.EPERM, "hard links to directories are not allowed")
+        if r[2] == 0:
+            raise FSError(errno.ENOENT, f"inode {ino} has been removed")
+        if r[2] >= LINK_MAX:
+            raise FSError(errno.EMLINK, f"inode {ino} has {r[2]} links already")
+        self._live_dir(parent)
+        if self._entry(parent, name) is not None:
+            raise FSError(errno.EEXIST, f"{name!r} exists in directory {parent}")
+        self.db.change("INSERT INTO dentries (parent, name, inode) VALUES (?, ?, ?)",
+                       (parent, name, ino))
+        now = _now()
+        self._add_links(ino, 1)
+        self._touch(ino, mtime=False, now=now)
+        self._touch(parent, now=now)
+        return self._attr(self._row(ino))
+
+    # --- removing names -----------------------------------------------------------------------
+
+    def _existing(self, parent: int, name: bytes) -> tuple[int, int, tuple]:
+        if len(name) > NAME_MAX:
+            raise FSError(errno.ENAMETOOLONG, f"name of {len(name)} bytes")
+        self._dir_row(parent)
+        e = self._entry(parent, name)
+        if e is None:
+            raise FSError(errno.ENOENT, f"{name!r} not in directory {parent}")
+        return e[0], e[1], self._row(e[1])
+
+    def _has_entries(self, ino: int) -> bool:
+        return self.db.row("SELECT 1 FROM dentries WHERE parent=? LIMIT 1", (ino,)) is not None
+
+    @operation
+    def unlink(self, parent: int, name: bytes) -> None:
+        """Remove a non-directory name; the inode goes with its last name and last close."""
+        did, ino, r = self._existing(parent, name)
+        if stat.S_ISDIR(r[1]):
+            raise FSError(errno.EISDIR, f"{name!r} is a directory")
+        self._remove_entry(did, parent, ino, r)
+
+    @operation
+    def rmdir(self, parent: int, name: bytes) -> None:
+        """Remove an empty directory."""
+        if name == b".":
+            raise FSError(errno.EINVAL, "cannot remove '.'")
+        if name == b"..":
+            raise FSError(errno.ENOTEMPTY, "cannot remove '..'")
+        did, ino, r = self._existing(parent, name)
+        if not stat.S_ISDIR(r[1]):
+            raise FSError(errno.ENOTDIR, f"{name!r} is not a directory")
+        if self._has_entries(ino):
+            raise FSError(errno.ENOTEMPTY, f"directory {name!r} is not empty")
+        self._remove_entry(did, parent, ino, r)
+
+    def _remove_entry(self, did: int, parent: int, ino: int, r: tuple) -> None:
+        now = _now()
+        self.db.change("DELETE FROM dentries WHERE id=?", (did,))
+        if stat.S_ISDIR(r[1]):
+            self.db.change("UPDATE inodes SET nlink=0, ctime_ns=? WHERE id=?", (now, ino))
+            self._add_links(parent, -1)
+        else:
+            self.db.change("UPDATE inodes SET nlink=nlink-1, ctime_ns=? WHERE id=?", (now, ino))
+        self._touch(parent, now=now)
+        self._maybe_free(ino)
+
+    # --- rename -------------------------------------------------------------------------------
+
+    def _is_within(self, ino: int, ancestor: int) -> bool:
+        """True if directory `ino` is `ancestor` or lies below it."""
+        seen = 0
+        while True:
+            if ino == ancestor:
+                return True
+            if ino == ROOT_INODE:
+                return False
+            ino = self._parent_of(ino)
+            seen += 1
+            if seen > 100000:
+                raise FSError(errno.ELOOP, "directory tree has a cycle")
+
+    @operation
+    def rename(self, parent: int, name: bytes, new_parent: int, new_name: bytes,
+               flags: int = 0) -> None:
+        """Move a name, replacing or exchanging with what is at the destination."""
+        if flags & ~(RENAME_NOREPLACE | RENAME_EXCHANGE):
+            raise FSError(errno.EINVAL, f"unsupported rename flags {flags:#x}")
+        if flags & RENAME_NOREPLACE and flags & RENAME_EXCHANGE:
+            raise FSError(errno.EINVAL, "RENAME_NOREPLACE and RENAME_EXCHANGE together")
+        check_name(new_name)
+        sid, sino, srow = self._existing(parent, name)
+        self._live_dir(new_parent)
+        dst = self._entry(new_parent, new_name)
+        src_dir = stat.S_ISDIR(srow[1])
+        now = _now()
+        if flags & RENAME_EXCHANGE:
+            if dst is None:
+                raise FSError(errno.ENOENT, f"{new_name!r} not in directory {new_parent}")
+            self._exchange(parent, sid, sino, srow, new_parent, dst, now)
+            return
+        if dst is not None and flags & RENAME_NOREPLACE:
+            raise FSError(errno.EEXIST, f"{new_name!r} exists in directory {new_parent}")
+        if dst is not None and dst[1] == sino:
+            return  # two names of one inode: POSIX says do nothing
+        if src_dir and self._is_within(new_parent, sino):
+            raise FSError(errno.EINVAL, "cannot move a directory into itself")
+        if dst is not None:
+            drow = self._row(dst[1])
+            if stat.S_ISDIR(drow[1]):
+                if not src_dir:
+                    raise FSError(errno.EISDIR, f"{new_name!r} is a directory")
+                if self._has_entries(dst[1]):
+                    raise FSError(errno.ENOTEMPTY, f"directory {new_name!r} is not empty")
+            elif src_dir:
+                raise FSError(errno.ENOTDIR, f"{new_name!r} is not a directory")
+            self._remove_entry(dst[0], new_parent, dst[1], drow)
+        self.db.change("UPDATE dentries SET parent=?, name=? WHERE id=?",
+                       (new_parent, new_name, sid))
+        if src_dir and parent != new_parent:
+            self._add_links(parent, -1)
+            self._add_links(new_parent, 1)
+        self._touch(sino, mtime=False, now=now)
+        self._touch(parent, now=now)
+        if new_parent != parent:
+            self._touch(new_parent, now=now)
+
+    def _exchange(self, parent: int, sid: int, sino: int, srow: tuple, new_parent: int,
+                  dst: tuple[int, int], now: int) -> None:
+        did, dino = dst
+        if dino == sino:
+            return
+        drow = self._row(dino)
+        s_dir, d_dir = stat.S_ISDIR(srow[1]), stat.S_ISDIR(drow[1])
+        if s_dir and self._is_within(new_parent, sino):
+            raise FSError(errno.EINVAL, "cannot move a directory into itself")
+        if d_dir and self._is_within(parent, dino):
+            raise FSError(errno.EINVAL, "cannot move a directory into itself")
+        self.db.change("UPDATE dentries SET inode=? WHERE id=?", (dino, sid))
+        self.db.change("UPDATE dentries SET inode=? WHERE id=?", (sino, did))
+        if parent != new_parent and s_dir != d_dir:
+            moved_to_new = 1 if s_dir else -1
+            self._add_links(new_parent, moved_to_new)
+            self._add_links(parent, -moved_to_new)
+        for ino in (sino, dino):
+            self._touch(ino, mtime=False, now=now)
+        self._touch(parent, now=now)
+        if new_parent != parent:
+            self._touch(new_parent, now=now)
+
+    # --- open files ---------------------------------------------------------------------------
+
+    @operation
+    def open(self, ino: int, flags: int) -> Attr:
+        """Open an inode; O_TRUNC empties a regular file."""
+        r = self._row(ino)
+        if flags & os.O_TRUNC and stat.S_ISREG(r[1]) and flags & os.O_ACCMODE != os.O_RDONLY:
+            if r[5]:
+                self._truncate(r, 0)
+            self._touch(ino)
+        self.opens[ino] = self.opens.get(ino, 0) + 1
+        return self._attr(self._row(ino))
+
+    @operation
+    def release(self, ino: int) -> None:
+        """Close one open of an inode; an unlinked inode goes with its last close."""
+        n = self.opens.get(ino, 0) - 1
+        if n > 0:
+            self.opens[ino] = n
+            return
+        self.opens.pop(ino, None)
+        self._maybe_free(ino)
+
+    @operation
+    def read(self, ino: int, offset: int, length: int) -> bytes:
+        """Up to `length` bytes at `offset`; updates atime as relatime does."""
+        r = self._row(ino)
+        if stat.S_ISDIR(r[1]):
+            raise FSError(errno.EISDIR, f"inode {ino} is a directory")
+        if offset < 0:
+            raise FSError(errno.EINVAL, f"negative offset {offset}")
+        data = self.data.read(ino, r[5], offset, length)
+        now = _now()
+        if r[7] <= r[8] or r[7] <= r[9] or now - r[7] > RELATIME_SECONDS * 10**9:
+            self.db.change("UPDATE inodes SET atime_ns=? WHERE id=?", (now, ino))
+        return data
+
+    @operation
+    def write(self, ino: int, offset: int, data: bytes | memoryview) -> int:
+        """Write bytes at `offset`; returns how many were written."""
+        r = self._row(ino)
+        if not stat.S_ISREG(r[1]):
+            raise FSError(errno.EISDIR if stat.S_ISDIR(r[1]) else errno.EINVAL,
+                          f"inode {ino} is not a regular file")
+        n = len(data)
+        if offset < 0:
+            raise FSError(errno.EINVAL, f"negative offset {offset}")
+        if offset + n > MAX_FILE_SIZE:
+            raise FSError(errno.EFBIG, f"write past the largest file size ({MAX_FILE_SIZE})")
+        if n == 0:
+            return 0
+        new_size = self.data.write(ino, r[5], offset, data)
+        now = _now()
+        self.db.change("UPDATE inodes SET size=?, mtime_ns=?, ctime_ns=? WHERE id=?",
+                       (new_size, now, now, ino))
+        return n
+
+    # --- directories --------------------------------------------------------------------------
+
+    @operation
+    def opendir(self, ino: int) -> None:
+        """Check that an inode is a directory that can be listed."""
+        self._dir_row(ino)
+
+    @operation
+    def readdir(self, ino: int, cookie: int, limit: int = 256) -> list[DirEntry]:
+        """Entries after `cookie` (0 starts at '.'), with attributes and resume cookies."""
+        r = self._dir_row(ino)
+        out: list[DirEntry] = []
+        if cookie == 0:
+            out.append(DirEntry(b".", self._attr(r), 1))
+        if cookie <= 1:
+            out.append(DirEntry(b"..", self._attr(self._row(self._parent_of(ino))), 2))
+        after = max(cookie - 2, 0)
+        for row in self.db.rows(
+            f"SELECT d.id, d.name, {', '.join('i.' + c.strip() for c in _INODE_COLS.split(','))}"
+            " FROM dentries d JOIN inodes i ON i.id = d.inode"
+            " WHERE d.parent=? AND d.id>? ORDER BY d.id LIMIT ?",
+            (ino, after, limit),
+        ):
+            out.append(DirEntry(bytes(row[1]), self._attr(row[2:]), row[0] + 2))
+        return out
+
+    # --- extended attributes ------------------------------------------------------------------
+
+    @staticmethod
+    def _check_xattr_name(name: bytes) -> None:
+        if not name:
+            raise FSError(errno.EINVAL, "empty attribute name")
+        if len(name) > XATTR_NAME_MAX:
+            raise FSError(errno.ERANGE, f"attribute name of {len(name)} bytes")
+        if not name.startswith(XATTR_NAMESPACES):
+            raise FSError(errno.EOPNOTSUPP, f"attribute namespace of {name!r} not supported")
+
+    @operation
+    def setxattr(self, ino: int, name: bytes, value: bytes, flags: int = 0) -> None:
+        """Set an extended attribute (XATTR_CREATE / XATTR_REPLACE as setxattr(2))."""
+        self._check_xattr_name(name)
+        self._row(ino)
+        if len(value) > XATTR_SIZE_MAX:
+            raise FSError(errno.E2BIG, f"attribute value of {len(value)} bytes")
+        exists = self.db.row("SELECT 1 FROM xattrs WHERE inode=? AND name=?",
+                             (ino, name)) is not None
+        if flags & XATTR_CREATE and exists:
+            raise FSError(errno.EEXIST, f"attribute {name!r} exists")
+        if flags & XATTR_REPLACE and not exists:
+            raise FSError(errno.ENODATA, f"no attribute {name!r}")
+        self.db.change("INSERT OR REPLACE INTO xattrs (inode, name, value) VALUES (?, ?, ?)",
+                       (ino, name, value))
+        self._touch(ino, mtime=False)
+
+    @operation
+    def getxattr(self, ino: int, name: bytes) -> bytes:
+        """The value of an extended attribute."""
+        self._check_xattr_name(name)
+        self._row(ino)
+        v = self.db.value("SELECT value FROM xattrs WHERE inode=? AND name=?", (ino, name))
+        if v is None:
+            raise FSError(errno.ENODATA, f"no attribute {name!r}")
+        return bytes(v)
+
+    @operation
+    def listxattr(self, ino: int) -> list[bytes]:
+        """Names of an inode's extended attributes."""
+        self._row(ino)
+        return [bytes(r[0]) for r in self.db.rows(
+            "SELECT name FROM xattrs WHERE inode=? ORDER BY name", (ino,))]
+
+    @operation
+    def removexattr(self, ino: int, name: bytes) -> None:
+        """Remove an extended attribute."""
+        self._check_xattr_name(name)
+        self._row(ino)
+        if not self.db.change("DELETE FROM xattrs WHERE inode=? AND name=?", (ino, name)):
+            raise FSError(errno.ENODATA, f"no attribute {name!r}")
+        self._touch(ino, mtime=False)
+
+    # --- whole filesystem ---------------------------------------------------------------------
+
+    @operation
+    def statfs(self) -> dict[str, int]:
+        """Sizes for statfs(2), in 4 KiB units."""
+        inodes = self.db.value("SELECT count(*) FROM inodes", (), 0)
+        free = self.alloc.free_count
+        return {
+            "bsize": SECTOR,
+            "frsize": SECTOR,
+            "blocks": self.alloc.total - RESERVED_SECTORS,
+            "bfree": free,
+            "bavail": free,
+            "files": inodes + free,
+            "ffree": free,
+            "namemax": NAME_MAX,
+        }
+
+    def commit(self) -> None:
+        """Make every change so far durable: file data first, then the metadata."""
+        with self.lock:
+            self._check_open()
+            self.alloc.mark()
+            self.data.write_out_all()
+            self.volume.flush()
+            self.db.commit()
+            self.alloc.release()
+
+    def needs_commit(self) -> bool:
+        """True if there are changes not yet durable."""
+        return self.db.dirty or bool(self.data.dirty)
+
+    def close(self) -> None:
+        """Commit and stop; the volume stays open (its owner closes it)."""
+        with self.lock:
+            if self._closed:
+                return
+            self.commit()
+            self._closed = True

@@ -1,0 +1,168 @@
+"""The metadata database (SQLite through apsw): schema, format checks and transactions."""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+import apsw
+
+from vfs.errors import MetadataError
+
+log = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+META_NAME = "meta.db"
+
+SCHEMA = """
+CREATE TABLE settings (key TEXT PRIMARY KEY, value) WITHOUT ROWID;
+CREATE TABLE inodes (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    mode INTEGER NOT NULL,
+    nlink INTEGER NOT NULL,
+    uid INTEGER NOT NULL,
+    gid INTEGER NOT NULL,
+    size INTEGER NOT NULL DEFAULT 0,
+    rdev INTEGER NOT NULL DEFAULT 0,
+    atime_ns INTEGER NOT NULL,
+    mtime_ns INTEGER NOT NULL,
+    ctime_ns INTEGER NOT NULL,
+    sectors INTEGER NOT NULL DEFAULT 0,
+    target BLOB
+);
+CREATE TABLE dentries (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    parent INTEGER NOT NULL,
+    name BLOB NOT NULL,
+    inode INTEGER NOT NULL,
+    UNIQUE (parent, name)
+);
+CREATE INDEX dentries_inode ON dentries (inode);
+CREATE TABLE xattrs (
+    inode INTEGER NOT NULL,
+    name BLOB NOT NULL,
+    value BLOB NOT NULL,
+    PRIMARY KEY (inode, name)
+) WITHOUT ROWID;
+CREATE TABLE blocks (
+    inode INTEGER NOT NULL,
+    blkno INTEGER NOT NULL,
+    addr INTEGER NOT NULL,
+    nsect INTEGER NOT NULL,
+    csum INTEGER NOT NULL,
+    PRIMARY KEY (inode, blkno)
+) WITHOUT ROWID;
+CREATE INDEX blocks_addr ON blocks (addr);
+CREATE TABLE metacopy (generation INTEGER NOT NULL, addr INTEGER NOT NULL, nsect INTEGER NOT NULL);
+"""
+
+
+class MetaDB:
+    """One connection to a warehouse's metadata database, always inside a transaction."""
+
+    def __init__(self, path: str, create: bool = False) -> None:
+        self.path = path
+        exists = os.path.exists(path)
+        if not exists and not create:
+            raise MetadataError(f"metadata database {path} is missing")
+        if exists and create:
+            raise MetadataError(f"metadata database {path} already exists")
+        try:
+            self.conn = apsw.Connection(path)
+            self.conn.setbusytimeout(5000)
+            self.conn.execute("PRAGMA journal_mode=WAL")
+            self.conn.execute("PRAGMA synchronous=FULL")
+            self.conn.execute("PRAGMA cache_size=-65536")
+            self.conn.execute("PRAGMA temp_store=MEMORY")
+            if create:
+                with self.conn:
+                    self.conn.execute(SCHEMA)
+                    self.conn.execute("INSERT INTO settings VALUES ('format', ?)",
+                                      (FORMAT_VERSION,))
+            else:
+                self._check_format()
+        except apsw.Error as exc:
+            raise MetadataError(f"metadata database {path}: {exc}") from exc
+        self.conn.execute("BEGIN")
+        self.dirty = False
+
+    def _check_format(self) -> None:
+        try:
+            row = self.conn.execute("SELECT value FROM settings WHERE key='format'").fetchone()
+        except apsw.SQLError as exc:
+            raise MetadataError(f"{self.path} is not a dwfs metadata database: {exc}") from exc
+        if row is None or row[0] != FORMAT_VERSION:
+            found = row[0] if row else "none"
+            raise MetadataError(
+                f"{self.path}: metadata format {found}, this dwfs reads format {FORMAT_VERSION}")
+
+    def execute(self, sql: str, args: Iterable[Any] = ()) -> apsw.Cursor:
+        """Run one statement inside the open transaction."""
+        return self.conn.execute(sql, tuple(args))
+
+    def change(self, sql: str, args: Iterable[Any] = ()) -> int:
+        """Run one modifying statement; returns the number of rows changed."""
+        self.conn.execute(sql, tuple(args))
+        self.dirty = True
+        return self.conn.changes()
+
+    def changemany(self, sql: str, rows: Iterable[Iterable[Any]]) -> None:
+        """Run one modifying statement for each row of arguments."""
+        self.conn.executemany(sql, rows)
+        self.dirty = True
+
+    def row(self, sql: str, args: Iterable[Any] = ()) -> tuple | None:
+        """The first row of a query, or None."""
+        return self.conn.execute(sql, tuple(args)).fetchone()
+
+    def value(self, sql: str, args: Iterable[Any] = (), default: Any = None) -> Any:
+        """The first column of the first row of a query, or `default`."""
+        r = self.conn.execute(sql, tuple(args)).fetchone()
+        return default if r is None else r[0]
+
+    def rows(self, sql: str, args: Iterable[Any] = ()) -> Iterator[tuple]:
+        """All rows of a query."""
+        return iter(self.conn.execute(sql, tuple(args)))
+
+    def last_id(self) -> int:
+        """The rowid of the last insert."""
+        return self.conn.last_insert_rowid()
+
+    def setting(self, key: str, default: Any = None) -> Any:
+        """A value from the settings table."""
+        return self.value("SELECT value FROM settings WHERE key=?", (key,), default)
+
+    def set_setting(self, key: str, value: Any) -> None:
+        """Store a value in the settings table."""
+        self.change("INSERT OR REPLACE INTO settings VALUES (?, ?)", (key, value))
+
+    def commit(self) -> None:
+        """Make everything since the last commit durable, then open the next transaction."""
+        self.conn.execute("COMMIT")
+        self.conn.execute("BEGIN")
+        self.dirty = False
+
+    def rollback(self) -> None:
+        """Drop everything since the last commit."""
+        self.conn.execute("ROLLBACK")
+        self.conn.execute("BEGIN")
+        self.dirty = False
+
+    def image(self) -> bytes:
+        """The committed database as one byte string (for the copy kept on the volume)."""
+        return self.conn.serialize("main")
+
+    def integrity_errors(self) -> list[str]:
+        """SQLite's own integrity check; empty when the database is sound."""
+        rows = [r[0] for r in self.conn.execute("PRAGMA integrity_check")]
+        return [] if rows == ["ok"] else rows
+
+    def close(self) -> None:
+        """Commit what is pending and close the connection."""
+        try:
+            self.conn.execute("COMMIT")
+        except apsw.SQLError as exc:
+            log.warning("%s: final commit: %s", self.path, exc)
+        self.conn.close()
