@@ -33,3 +33,30 @@ def raw_mount(tmp_path):
     yield make
     for m in made:
         m.cleanup()
+
+
+@pytest.fixture
+def fs_mount(tmp_path):
+    """A factory of filesystem mounts that are always unmounted at teardown."""
+    from mountutil import FsMount
+
+    made: list[FsMount] = []
+
+    def make(warehouse, name="mnt"):
+        m = FsMount(warehouse, tmp_path / name)
+        made.append(m)
+        return m
+
+    yield make
+    for m in made:
+        m.cleanup()
+
+
+@pytest.fixture
+def mounted_fs(tmp_path, fs_mount):
+    """A fresh raidz2 warehouse of five 64 MiB members, mounted; yields the FsMount."""
+    from mountutil import make_warehouse
+
+    m = fs_mount(make_warehouse(tmp_path / "wh"))
+    m.mount()
+    yield m

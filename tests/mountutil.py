@@ -63,20 +63,25 @@ def force_unmount(mountpoint, warehouse=None) -> None:
                 os.kill(pid, signal.SIGKILL)
 
 
-class RawMount:
-    """A warehouse's raw volume mounted through the dwfs command line."""
+class FsMount:
+    """A warehouse's filesystem mounted through the dwfs command line."""
+
+    raw = False
 
     def __init__(self, warehouse, mountpoint) -> None:
         self.warehouse = str(warehouse)
         self.mountpoint = str(mountpoint)
         os.makedirs(self.mountpoint, exist_ok=True)
 
-    @property
-    def volume(self) -> str:
-        return os.path.join(self.mountpoint, "volume")
+    def path(self, *parts: str) -> str:
+        """A path inside the mount."""
+        return os.path.join(self.mountpoint, *parts)
 
-    def mount(self) -> None:
-        dwfs("mount", "--raw", self.warehouse, self.mountpoint)
+    def mount(self, *options: str) -> None:
+        args = ["mount", *(["--raw"] if self.raw else []), self.warehouse, self.mountpoint]
+        if options:
+            args += ["-o", ",".join(options)]
+        dwfs(*args)
         assert is_mounted(self.mountpoint)
 
     def umount(self) -> None:
@@ -85,3 +90,21 @@ class RawMount:
 
     def cleanup(self) -> None:
         force_unmount(self.mountpoint, self.warehouse)
+
+
+class RawMount(FsMount):
+    """A warehouse's raw volume mounted through the dwfs command line."""
+
+    raw = True
+
+    @property
+    def volume(self) -> str:
+        return os.path.join(self.mountpoint, "volume")
+
+
+def make_warehouse(path, level: str = "raidz2", devices: int = 5, size: str = "64M",
+                   backend: str = "file") -> str:
+    """A new warehouse of small block-file (or sqlite) members."""
+    dwfs("mkfs", path, "--level", level, "--devices", str(devices), "--device-size", size,
+         "--backend", backend)
+    return str(path)
