@@ -510,7 +510,7 @@ class Filesystem:
         self._maybe_free(ino)
 
     @operation
-    def read(self, ino: int, offset: int, length: int) -> bytes:
+    def read(self, ino: int, offset: int, length: int) -> bytes | bytearray | memoryview:
         """Up to `length` bytes at `offset`; updates atime as relatime does."""
         r = self._row(ino)
         if stat.S_ISDIR(r[1]):
