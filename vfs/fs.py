@@ -53,7 +53,11 @@ def _now() -> int:
 
 
 def operation(func: Callable[..., T]) -> Callable[..., T]:
-    """Run a method under the lock, all-or-nothing: a failure undoes its partial changes."""
+    """Run a method under the lock, all-or-nothing: a failure undoes its partial changes.
+
+    A method that runs out of space while deleted blocks wait for the next commit to become
+    free commits and tries once more, so space comes back as soon as files are deleted.
+    """
 
     @functools.wraps(func)
     def wrapper(self: Filesystem, *args: Any, **kwargs: Any) -> T:
@@ -61,21 +65,15 @@ def operation(func: Callable[..., T]) -> Callable[..., T]:
             self._check_open()
             if self._depth:
                 return func(self, *args, **kwargs)
-            self._depth += 1
-            mark = self.alloc.mark()
-            self.db.execute("SAVEPOINT op")
             try:
-                result = func(self, *args, **kwargs)
-            except BaseException:
-                self.db.execute("ROLLBACK TO op")
-                self.db.execute("RELEASE op")
-                self.alloc.undo(mark)
-                raise
-            else:
-                self.db.execute("RELEASE op")
-                return result
-            finally:
-                self._depth -= 1
+                return self._attempt(func, args, kwargs)
+            except FSError as exc:
+                if exc.errno != errno.ENOSPC or not self.alloc.held_count:
+                    raise
+                log.info("out of space with %d sectors waiting for a commit: committing",
+                         self.alloc.held_count)
+                self.commit()
+                return self._attempt(func, args, kwargs)
 
     return wrapper
 
@@ -116,6 +114,24 @@ class Filesystem:
             (ROOT_INODE, stat.S_IFDIR | mode, uid, gid, now, now, now))
         db.set_setting("block_size", BLOCK)
         db.commit()
+
+    def _attempt(self, func: Callable[..., T], args: tuple, kwargs: dict) -> T:
+        """One all-or-nothing run of an operation (inside a savepoint)."""
+        self._depth += 1
+        mark = self.alloc.mark()
+        self.db.execute("SAVEPOINT op")
+        try:
+            result = func(self, *args, **kwargs)
+        except BaseException:
+            self.db.execute("ROLLBACK TO op")
+            self.db.execute("RELEASE op")
+            self.alloc.undo(mark)
+            raise
+        else:
+            self.db.execute("RELEASE op")
+            return result
+        finally:
+            self._depth -= 1
 
     def _check_open(self) -> None:
         if self._closed:
