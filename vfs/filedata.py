@@ -315,12 +315,14 @@ class FileData:
         if not dirty:
             self.dirty.pop(ino, None)
 
-    def drop(self, ino: int) -> None:
-        """Forget a deleted file's contents and free its sectors."""
+    def drop(self, ino: int, stored: bool = True) -> None:
+        """Forget a deleted file's contents and free its sectors (`stored`: it has some)."""
         dirty = self.dirty.pop(ino, None)
         if dirty:
             self.dirty_bytes -= BLOCK * len(dirty)
         self._seq_end.pop(ino, None)
+        if not stored:
+            return
         for addr, nsect in self.db.rows("SELECT addr, nsect FROM blocks WHERE inode=?", (ino,)):
             self.alloc.hold(addr, nsect)
         self.db.change("DELETE FROM blocks WHERE inode=?", (ino,))

@@ -44,6 +44,7 @@ DIR_SIZE = 4096
 RELATIME_SECONDS = 24 * 3600
 
 _INODE_COLS = "id, mode, nlink, uid, gid, size, rdev, atime_ns, mtime_ns, ctime_ns, sectors"
+_JOINED_COLS = ", ".join("i." + c.strip() for c in _INODE_COLS.split(","))
 
 T = TypeVar("T")
 
@@ -74,6 +75,18 @@ def operation(func: Callable[..., T]) -> Callable[..., T]:
                          self.alloc.held_count)
                 self.commit()
                 return self._attempt(func, args, kwargs)
+
+    return wrapper
+
+
+def query(func: Callable[..., T]) -> Callable[..., T]:
+    """Run a read-only method under the lock (no savepoint needed: it changes nothing)."""
+
+    @functools.wraps(func)
+    def wrapper(self: Filesystem, *args: Any, **kwargs: Any) -> T:
+        with self.lock:
+            self._check_open()
+            return func(self, *args, **kwargs)
 
     return wrapper
 
@@ -199,34 +212,44 @@ class Filesystem:
     def _add_links(self, ino: int, delta: int) -> None:
         self.db.change("UPDATE inodes SET nlink=nlink+? WHERE id=?", (delta, ino))
 
-    def _free_inode(self, ino: int) -> None:
-        self.data.drop(ino)
+    def _free_inode(self, ino: int, sectors: int | None = None) -> None:
+        self.data.drop(ino, stored=sectors != 0)
         self.db.change("DELETE FROM xattrs WHERE inode=?", (ino,))
         self.db.change("DELETE FROM inodes WHERE id=?", (ino,))
 
     def _maybe_free(self, ino: int) -> None:
-        r = self.db.row("SELECT nlink FROM inodes WHERE id=?", (ino,))
+        r = self.db.row("SELECT nlink, sectors FROM inodes WHERE id=?", (ino,))
         if r is not None and r[0] == 0 and not self.opens.get(ino):
-            self._free_inode(ino)
+            self._free_inode(ino, r[1])
 
     # --- lookups and attributes ---------------------------------------------------------------
 
-    @operation
+    @query
     def lookup(self, parent: int, name: bytes) -> Attr:
         """The attributes of `name` in directory `parent`."""
+        attr = self.find(parent, name)
+        if attr is None:
+            raise FSError(errno.ENOENT, f"{name!r} not in directory {parent}")
+        return attr
+
+    @query
+    def find(self, parent: int, name: bytes) -> Attr | None:
+        """Like `lookup`, but None when the name does not exist."""
         if len(name) > NAME_MAX:
             raise FSError(errno.ENAMETOOLONG, f"name of {len(name)} bytes")
-        self._dir_row(parent)
         if name == b".":
-            return self._attr(self._row(parent))
+            return self._attr(self._dir_row(parent))
         if name == b"..":
+            self._dir_row(parent)
             return self._attr(self._row(self._parent_of(parent)))
-        e = self._entry(parent, name)
-        if e is None:
-            raise FSError(errno.ENOENT, f"{name!r} not in directory {parent}")
-        return self._attr(self._row(e[1]))
+        r = self.db.row(f"SELECT {_JOINED_COLS} FROM dentries d JOIN inodes i ON i.id = d.inode "
+                        "WHERE d.parent=? AND d.name=?", (parent, name))
+        if r is not None:
+            return self._attr(r)
+        self._dir_row(parent)  # ENOENT or ENOTDIR for the parent itself
+        return None
 
-    @operation
+    @query
     def getattr(self, ino: int) -> Attr:
         """The attributes of an inode."""
         return self._attr(self._row(ino))
@@ -340,7 +363,7 @@ class Filesystem:
             raise FSError(errno.ENAMETOOLONG, f"symlink target of {len(target)} bytes")
         return self._make(parent, name, stat.S_IFLNK | 0o777, caller, target=target)
 
-    @operation
+    @query
     def readlink(self, ino: int) -> bytes:
         """The target of a symbolic link."""
         r = self.db.row("SELECT mode, target FROM inodes WHERE id=?", (ino,))
@@ -375,13 +398,15 @@ class Filesystem:
     # --- removing names -----------------------------------------------------------------------
 
     def _existing(self, parent: int, name: bytes) -> tuple[int, int, tuple]:
+        """(dentry id, inode, inode row) of an existing name."""
         if len(name) > NAME_MAX:
             raise FSError(errno.ENAMETOOLONG, f"name of {len(name)} bytes")
-        self._dir_row(parent)
-        e = self._entry(parent, name)
-        if e is None:
+        r = self.db.row(f"SELECT d.id, {_JOINED_COLS} FROM dentries d JOIN inodes i "
+                        "ON i.id = d.inode WHERE d.parent=? AND d.name=?", (parent, name))
+        if r is None:
+            self._dir_row(parent)
             raise FSError(errno.ENOENT, f"{name!r} not in directory {parent}")
-        return e[0], e[1], self._row(e[1])
+        return r[0], r[1], r[1:]
 
     def _has_entries(self, ino: int) -> bool:
         return self.db.row("SELECT 1 FROM dentries WHERE parent=? LIMIT 1", (ino,)) is not None
@@ -561,12 +586,12 @@ class Filesystem:
 
     # --- directories --------------------------------------------------------------------------
 
-    @operation
+    @query
     def opendir(self, ino: int) -> None:
         """Check that an inode is a directory that can be listed."""
         self._dir_row(ino)
 
-    @operation
+    @query
     def readdir(self, ino: int, cookie: int, limit: int = 256) -> list[DirEntry]:
         """Entries after `cookie` (0 starts at '.'), with attributes and resume cookies."""
         r = self._dir_row(ino)
@@ -577,7 +602,7 @@ class Filesystem:
             out.append(DirEntry(b"..", self._attr(self._row(self._parent_of(ino))), 2))
         after = max(cookie - 2, 0)
         for row in self.db.rows(
-            f"SELECT d.id, d.name, {', '.join('i.' + c.strip() for c in _INODE_COLS.split(','))}"
+            f"SELECT d.id, d.name, {_JOINED_COLS}"
             " FROM dentries d JOIN inodes i ON i.id = d.inode"
             " WHERE d.parent=? AND d.id>? ORDER BY d.id LIMIT ?",
             (ino, after, limit),
@@ -613,7 +638,7 @@ class Filesystem:
                        (ino, name, value))
         self._touch(ino, mtime=False)
 
-    @operation
+    @query
     def getxattr(self, ino: int, name: bytes) -> bytes:
         """The value of an extended attribute."""
         self._check_xattr_name(name)
@@ -623,7 +648,7 @@ class Filesystem:
             raise FSError(errno.ENODATA, f"no attribute {name!r}")
         return bytes(v)
 
-    @operation
+    @query
     def listxattr(self, ino: int) -> list[bytes]:
         """Names of an inode's extended attributes."""
         self._row(ino)
@@ -641,7 +666,7 @@ class Filesystem:
 
     # --- whole filesystem ---------------------------------------------------------------------
 
-    @operation
+    @query
     def statfs(self) -> dict[str, int]:
         """Sizes for statfs(2), in 4 KiB units."""
         inodes = self.db.value("SELECT count(*) FROM inodes", (), 0)
