@@ -78,13 +78,14 @@ class Allocator:
         i = bisect.bisect_right(self._starts, self._cursor) - 1
         if i < 0:
             i = 0
-        for _ in range(count + 1):
+        for turn in range(count + 1):
             if i >= len(self._starts):
                 i = 0
                 if not self._starts:
                     break
             start, length = self._starts[i], self._lens[i]
-            at = self._cursor if start < self._cursor < start + length else start
+            # Only the first look starts at the cursor; after the wrap the whole extent counts.
+            at = self._cursor if turn == 0 and start < self._cursor < start + length else start
             if start + length - at >= n:
                 head, tail = at - start, start + length - (at + n)
                 if head and tail:

@@ -164,7 +164,6 @@ class FileData:
         if not len(view):
             return size
         dirty = self.dirty.setdefault(ino, {})
-        self._check_space(ino, offset, end, dirty)
         sequential = self._seq_end.get(ino) == offset
         ready: list[tuple[int, bytes | bytearray | memoryview]] = []
         for blk in range(offset // BLOCK, (end - 1) // BLOCK + 1):
@@ -193,19 +192,6 @@ class FileData:
         if self.dirty_bytes > DIRTY_LIMIT:
             self.write_out_all(lambda i: new_size if i == ino else None)
         return new_size
-
-    def _check_space(self, ino: int, offset: int, end: int, dirty: dict[int, bytearray]) -> None:
-        """Refuse a write (ENOSPC) that the volume could not hold once its blocks are stored.
-
-        Dirty blocks hold a reservation of a full block each, so space promised to buffered
-        writes is never handed to another write.
-        """
-        new_blocks = sum(1 for b in range(offset // BLOCK, (end - 1) // BLOCK + 1)
-                         if b not in dirty)
-        reserved = (self.dirty_bytes // BLOCK) * SECTORS_PER_BLOCK
-        if new_blocks * SECTORS_PER_BLOCK > self.alloc.free_count - reserved:
-            raise FSError(errno.ENOSPC, f"inode {ino}: no space for {end - offset} bytes at "
-                          f"{offset}")
 
     def store(self, ino: int, blocks: list[tuple[int, bytes | bytearray | memoryview]],
               size: int) -> None:

@@ -25,7 +25,7 @@ from typing import Any, TypeVar
 from vfs.alloc import SECTOR, Allocator
 from vfs.attrs import NAME_MAX, ROOT_INODE, Attr, Caller, DirEntry, SetAttr
 from vfs.errors import FSError
-from vfs.filedata import BLOCK, FileData, VolumeLike
+from vfs.filedata import BLOCK, SECTORS_PER_BLOCK, FileData, VolumeLike
 from vfs.metadb import MetaDB
 
 log = logging.getLogger(__name__)
@@ -54,11 +54,7 @@ def _now() -> int:
 
 
 def operation(func: Callable[..., T]) -> Callable[..., T]:
-    """Run a method under the lock, all-or-nothing: a failure undoes its partial changes.
-
-    A method that runs out of space while deleted blocks wait for the next commit to become
-    free commits and tries once more, so space comes back as soon as files are deleted.
-    """
+    """Run a method under the lock, all-or-nothing: a failure undoes its partial changes."""
 
     @functools.wraps(func)
     def wrapper(self: Filesystem, *args: Any, **kwargs: Any) -> T:
@@ -66,15 +62,7 @@ def operation(func: Callable[..., T]) -> Callable[..., T]:
             self._check_open()
             if self._depth:
                 return func(self, *args, **kwargs)
-            try:
-                return self._attempt(func, args, kwargs)
-            except FSError as exc:
-                if exc.errno != errno.ENOSPC or not self.alloc.held_count:
-                    raise
-                log.info("out of space with %d sectors waiting for a commit: committing",
-                         self.alloc.held_count)
-                self.commit()
-                return self._attempt(func, args, kwargs)
+            return self._attempt(func, args, kwargs)
 
     return wrapper
 
@@ -254,9 +242,18 @@ class Filesystem:
         """The attributes of an inode."""
         return self._attr(self._row(ino))
 
-    @operation
     def setattr(self, ino: int, ch: SetAttr) -> Attr:
         """Change mode, owner, size or times; ctime follows every change."""
+        with self.lock:
+            self._check_open()
+            if ch.size is not None and ch.size % BLOCK:
+                r = self._row(ino)
+                if stat.S_ISREG(r[1]) and 0 < ch.size < r[5]:
+                    self._reserve(ino, ch.size // BLOCK, ch.size // BLOCK)  # the new tail
+            return self._setattr(ino, ch)
+
+    @operation
+    def _setattr(self, ino: int, ch: SetAttr) -> Attr:
         r = self._row(ino)
         now = _now()
         sets: list[str] = []
@@ -299,6 +296,8 @@ class Filesystem:
 
     def _truncate(self, r: tuple, size: int) -> None:
         self._check_truncatable(r, size)
+        if size < r[5] and size % BLOCK:
+            self._reserve(r[0], size // BLOCK, size // BLOCK)
         self.data.truncate(r[0], r[5], size)
         self.db.change("UPDATE inodes SET size=? WHERE id=?", (size, r[0]))
 
@@ -315,9 +314,10 @@ class Filesystem:
             gid = p[4]
             if stat.S_ISDIR(mode):
                 mode |= stat.S_ISGID
-        if (not stat.S_ISDIR(mode) and mode & stat.S_ISGID and caller.uid != 0
+        setgid_exec = stat.S_ISGID | stat.S_IXGRP
+        if (not stat.S_ISDIR(mode) and mode & setgid_exec == setgid_exec and caller.uid != 0
                 and not caller.in_group(gid)):
-            mode &= ~stat.S_ISGID
+            mode &= ~stat.S_ISGID  # as the kernel's mode_strip_sgid
         now = _now()
         is_dir = stat.S_ISDIR(mode)
         self.db.change(
@@ -564,18 +564,60 @@ class Filesystem:
             self.db.change("UPDATE inodes SET atime_ns=? WHERE id=?", (now, ino))
         return data
 
-    @operation
-    def write(self, ino: int, offset: int, data: bytes | memoryview) -> int:
-        """Write bytes at `offset`; returns how many were written."""
+    def _sectors_short(self, ino: int, first: int, last: int) -> int:
+        """How many sectors are missing to make blocks first..last of a file dirty.
+
+        Space is promised before it is used: every dirty block (and every block a change is
+        about to dirty) may need a whole block of new sectors when it is written out
+        (copy-on-write), so a write accepted now can always be stored by the next commit.
+        """
+        dirty = self.data.dirty.get(ino, {})
+        already = sum(1 for b in dirty if first <= b <= last)
+        blocks = self.data.dirty_bytes // BLOCK + (last - first + 1) - already
+        return max(0, blocks * SECTORS_PER_BLOCK - self.alloc.free_count)
+
+    def _reserve(self, ino: int, first: int, last: int) -> None:
+        """Make sure blocks first..last of a file can become dirty, else raise ENOSPC.
+
+        Sectors freed since the last commit (deleted files, overwritten blocks) become usable
+        only after a commit, so one is made when the free ones do not suffice.
+        """
+        if not self._sectors_short(ino, first, last):
+            return
+        if self._depth == 0 and (self.alloc.held_count or self.needs_commit()):
+            self.commit()
+        short = self._sectors_short(ino, first, last)
+        if short:
+            raise FSError(errno.ENOSPC, f"no space left on the volume ({short} sectors short)")
+
+    def _check_write(self, ino: int, offset: int, n: int) -> tuple:
         r = self._row(ino)
         if not stat.S_ISREG(r[1]):
             raise FSError(errno.EISDIR if stat.S_ISDIR(r[1]) else errno.EINVAL,
                           f"inode {ino} is not a regular file")
-        n = len(data)
         if offset < 0:
             raise FSError(errno.EINVAL, f"negative offset {offset}")
         if offset + n > MAX_FILE_SIZE:
             raise FSError(errno.EFBIG, f"write past the largest file size ({MAX_FILE_SIZE})")
+        return r
+
+    def write(self, ino: int, offset: int, data: bytes | memoryview) -> int:
+        """Write bytes at `offset`; returns how many were written.
+
+        ENOSPC comes before anything changes: a failed write leaves the file as it was.
+        """
+        with self.lock:
+            self._check_open()
+            n = len(data)
+            self._check_write(ino, offset, n)
+            if n:
+                self._reserve(ino, offset // BLOCK, (offset + n - 1) // BLOCK)
+            return self._write(ino, offset, data)
+
+    @operation
+    def _write(self, ino: int, offset: int, data: bytes | memoryview) -> int:
+        r = self._check_write(ino, offset, len(data))
+        n = len(data)
         if n == 0:
             return 0
         new_size = self.data.write(ino, r[5], offset, data)
@@ -620,6 +662,8 @@ class Filesystem:
             raise FSError(errno.ERANGE, f"attribute name of {len(name)} bytes")
         if not name.startswith(XATTR_NAMESPACES):
             raise FSError(errno.EOPNOTSUPP, f"attribute namespace of {name!r} not supported")
+        if name in XATTR_NAMESPACES:
+            raise FSError(errno.EINVAL, f"attribute name {name!r} is only a namespace")
 
     @operation
     def setxattr(self, ino: int, name: bytes, value: bytes, flags: int = 0) -> None:
@@ -670,7 +714,10 @@ class Filesystem:
     def statfs(self) -> dict[str, int]:
         """Sizes for statfs(2), in 4 KiB units."""
         inodes = self.db.value("SELECT count(*) FROM inodes", (), 0)
-        free = self.alloc.free_count
+        # Held sectors come back at the next commit (made on demand by a write that needs
+        # them); dirty blocks have space promised to them.
+        free = max(0, self.alloc.free_count + self.alloc.held_count
+                   - self.data.dirty_bytes // SECTOR)
         return {
             "bsize": SECTOR,
             "frsize": SECTOR,
