@@ -94,13 +94,27 @@ class Volume:
 
     def read(self, offset: int, length: int) -> bytearray:
         """Bytes at [offset, offset + length), short at the end of the volume."""
+        n = self._clamp(offset, length)
+        out = bytearray(n)
+        self._read_into(offset, np.frombuffer(out, dtype=np.uint8))
+        return out
+
+    def read_array(self, offset: int, length: int) -> np.ndarray:
+        """Like `read`, as a new uint8 array, sparing the zero-filling of a bytearray."""
+        out = np.empty(self._clamp(offset, length), dtype=np.uint8)
+        self._read_into(offset, out)
+        return out
+
+    def _clamp(self, offset: int, length: int) -> int:
         if offset < 0 or length < 0:
             raise RaidError(f"invalid read range {offset}+{length}", errno.EINVAL)
-        length = max(0, min(length, self.capacity - offset))
-        out = bytearray(length)
+        return max(0, min(length, self.capacity - offset))
+
+    def _read_into(self, offset: int, outv: np.ndarray) -> None:
+        """Fill `outv` (every byte of it) with the verified bytes at `offset`."""
+        length = len(outv)
         if not length:
-            return out
-        outv = np.frombuffer(out, dtype=np.uint8)
+            return
         sb = self.geometry.stripe_bytes
         with self.lock:
             self._check_open()
@@ -109,7 +123,6 @@ class Volume:
             self._read_ahead(offset, length)
             for stripe in self._read_batched(offset, outv):
                 self._read_stripe(offset, outv, stripe)
-        return out
 
     def _read_batched(self, offset: int, outv: np.ndarray) -> list[int]:
         """Fill `outv` with the bytes at `offset`, reading each member's run of consecutive
