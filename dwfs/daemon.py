@@ -224,6 +224,8 @@ def serve(warehouse: str, mountpoint: str, ready_fd: int | None, debug: bool = F
     finally:
         if mounted:
             pyfuse3.close(unmount=is_mounted(os.path.abspath(mountpoint)))
+        if ops is not None:
+            ops.worker.close()
         if isinstance(ops, RawOperations):
             try:
                 ops.writes.close()

@@ -3,7 +3,7 @@
 It decides nothing: every rule lives in `vfs.Filesystem`. Metadata requests run inline on the
 trio thread when the filesystem's lock is free (SQLite answers in microseconds, a thread hop
 costs more); requests that move file data, and any request that would wait for the lock, run
-in a worker thread so the event loop never blocks on the volume.
+in one dedicated worker thread (in arrival order) so the event loop never blocks on the volume.
 """
 
 from __future__ import annotations
@@ -16,8 +16,8 @@ from collections.abc import Callable
 from typing import Any
 
 import pyfuse3
-import trio
 
+from dwfs.volumeworker import VolumeWorker
 from vfs.attrs import Attr, Caller, SetAttr
 from vfs.fs import Filesystem
 
@@ -89,7 +89,7 @@ class FuseOperations(pyfuse3.Operations):
     def __init__(self, fs: Filesystem) -> None:
         super().__init__()
         self.fs = fs
-        self.limiter = trio.CapacityLimiter(1)
+        self.worker = VolumeWorker("fs-worker")
 
     async def _meta(self, fn: Callable[..., Any], *args: Any) -> Any:
         """Run a metadata call inline if the lock is free, else in a worker thread."""
@@ -98,11 +98,11 @@ class FuseOperations(pyfuse3.Operations):
                 return fn(*args)
             finally:
                 self.fs.lock.release()
-        return await trio.to_thread.run_sync(fn, *args, limiter=self.limiter)
+        return await self.worker.run(fn, *args)
 
     async def _data(self, fn: Callable[..., Any], *args: Any) -> Any:
-        """Run a call that may touch the volume in a worker thread."""
-        return await trio.to_thread.run_sync(fn, *args, limiter=self.limiter)
+        """Run a call that may touch the volume in the worker thread."""
+        return await self.worker.run(fn, *args)
 
     def sync(self) -> None:
         """Make everything durable (control socket `flush`, SIGHUP)."""
