@@ -209,10 +209,15 @@ def open_filesystem(cfg: WarehouseConfig, volume: Volume) -> Filesystem:
 
 
 def runtime_dir() -> str:
-    """Where control sockets live."""
-    base = os.environ.get("XDG_RUNTIME_DIR") or (
-        "/run" if os.getuid() == 0 and os.path.isdir("/run") else "/tmp"
-    )
+    """Where control sockets live.
+
+    For root always /run: a mount made by mount(8) or systemd (no XDG_RUNTIME_DIR) must be
+    found by `dwfs status` from a login shell (XDG_RUNTIME_DIR=/run/user/0) and vice versa.
+    """
+    if os.getuid() == 0 and os.path.isdir("/run"):
+        base = "/run"
+    else:
+        base = os.environ.get("XDG_RUNTIME_DIR") or "/tmp"
     path = os.path.join(base, f"dwfs-{os.getuid()}")
     os.makedirs(path, mode=0o700, exist_ok=True)
     return path
