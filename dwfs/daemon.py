@@ -217,6 +217,10 @@ def serve(warehouse: str, mountpoint: str, ready_fd: int | None, debug: bool = F
         report(f"error: {exc}")
         return 1
     finally:
+        # Closing commits and writes the metadata copy: let nothing cut that short. systemd
+        # stops a .mount unit with umount(8), then sends SIGTERM to the processes left.
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            signal.signal(sig, signal.SIG_IGN)
         if mounted:
             pyfuse3.close(unmount=is_mounted(os.path.abspath(mountpoint)))
         if isinstance(ops, RawOperations):
