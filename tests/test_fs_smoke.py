@@ -1,4 +1,3 @@
-import os
 def test_smoke(mounted_fs):
     p = mounted_fs.path("x")
     with open(p, "w") as f:
