@@ -38,7 +38,7 @@ from raid.errors import RaidError
 
 log = logging.getLogger("dwfs")
 out = Console(soft_wrap=True, width=None if sys.stdout.isatty() else 160)
-err = Console(stderr=True)
+err = Console(stderr=True, soft_wrap=True)
 
 MOUNT_TIMEOUT = 120.0
 UMOUNT_TIMEOUT = 300.0
