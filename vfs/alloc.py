@@ -76,7 +76,9 @@ class Allocator:
                 if not self._starts:
                     break
             start, length = self._starts[i], self._lens[i]
-            at = self._cursor if start < self._cursor < start + length else start
+            # From the cursor if the rest of this extent fits; else from its start (the cursor
+            # may sit near the end of an extent that grew by frees before it).
+            at = self._cursor if start < self._cursor < start + length - n + 1 else start
             if start + length - at >= n:
                 head, tail = at - start, start + length - (at + n)
                 if head and tail:
