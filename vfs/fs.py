@@ -61,21 +61,35 @@ def operation(func: Callable[..., T]) -> Callable[..., T]:
             self._check_open()
             if self._depth:
                 return func(self, *args, **kwargs)
-            self._depth += 1
-            mark = self.alloc.mark()
-            self.db.execute("SAVEPOINT op")
             try:
-                result = func(self, *args, **kwargs)
-            except BaseException:
-                self.db.execute("ROLLBACK TO op")
-                self.db.execute("RELEASE op")
-                self.alloc.undo(mark)
-                raise
-            else:
-                self.db.execute("RELEASE op")
-                return result
-            finally:
-                self._depth -= 1
+                return run(self, *args, **kwargs)
+            except FSError as exc:
+                if exc.errno != errno.ENOSPC or not self.alloc.held_count:
+                    raise
+            # Space freed since the last commit (rm, truncate, overwrite) becomes reusable
+            # only once that commit is durable: commit now and try once more.
+            log.info("out of space with %d freed sectors held: committing to reuse them",
+                     self.alloc.held_count)
+            self.commit()
+            return run(self, *args, **kwargs)
+
+    def run(self: Filesystem, *args: Any, **kwargs: Any) -> T:
+        """One attempt: under a savepoint, undone on failure."""
+        self._depth += 1
+        mark = self.alloc.mark()
+        self.db.execute("SAVEPOINT op")
+        try:
+            result = func(self, *args, **kwargs)
+        except BaseException:
+            self.db.execute("ROLLBACK TO op")
+            self.db.execute("RELEASE op")
+            self.alloc.undo(mark)
+            raise
+        else:
+            self.db.execute("RELEASE op")
+            return result
+        finally:
+            self._depth -= 1
 
     return wrapper
 
@@ -629,7 +643,8 @@ class Filesystem:
     def statfs(self) -> dict[str, int]:
         """Sizes for statfs(2), in 4 KiB units."""
         inodes = self.db.value("SELECT count(*) FROM inodes", (), 0)
-        free = self.alloc.free_count
+        # Freed space not yet reusable counts as free: running out of space commits to free it.
+        free = self.alloc.free_count + self.alloc.held_count
         return {
             "bsize": SECTOR,
             "frsize": SECTOR,
@@ -646,7 +661,18 @@ class Filesystem:
         with self.lock:
             self._check_open()
             self.alloc.mark()
-            self.data.write_out_all()
+            try:
+                self.data.write_out_all()
+            except FSError as exc:
+                if exc.errno != errno.ENOSPC or not self.alloc.held_count:
+                    raise
+                # The space freed since the last commit is needed: make what is stored so
+                # far durable (every block-map row points at written data), release it, go on.
+                self.volume.flush()
+                self.db.commit()
+                self.alloc.release()
+                self.alloc.mark()
+                self.data.write_out_all()
             self.volume.flush()
             self.db.commit()
             self.alloc.release()
