@@ -54,31 +54,38 @@ class Allocator:
             raise FSError(errno.ENOSPC, f"no space left: {total} sectors wanted, "
                           f"{self.free_count} free")
         starts: list[int] = []
-        try:
-            for n in sizes:
-                starts.append(self._take(n))
-        except FSError:
-            for start, n in zip(starts, sizes, strict=False):
-                self.free(start, n)
-            raise
+        if len(sizes) > 1:
+            at = self._take(total)  # all pieces back to back, if some free extent holds them
+            if at is not None:
+                for n in sizes:
+                    starts.append(at)
+                    at += n
+                self._taken.extend(zip(starts, sizes, strict=True))
+                return starts
+        for n in sizes:
+            at = self._take(n)
+            if at is None:
+                for start, m in zip(starts, sizes, strict=False):
+                    self.free(start, m)
+                raise FSError(errno.ENOSPC, f"no space left: no free run of {n} sectors")
+            starts.append(at)
         self._taken.extend(zip(starts, sizes, strict=False))
         return starts
 
-    def _take(self, n: int) -> int:
+    def _take(self, n: int) -> int | None:
         """Carve `n` contiguous sectors from the first free extent at or after the cursor."""
         count = len(self._starts)
         i = bisect.bisect_right(self._starts, self._cursor) - 1
         if i < 0:
             i = 0
-        for _ in range(count + 1):
+        for turn in range(count + 1):
             if i >= len(self._starts):
                 i = 0
                 if not self._starts:
                     break
             start, length = self._starts[i], self._lens[i]
-            # From the cursor if the rest of this extent fits; else from its start (the cursor
-            # may sit near the end of an extent that grew by frees before it).
-            at = self._cursor if start < self._cursor < start + length - n + 1 else start
+            # Only the first look starts at the cursor; after the wrap the whole extent counts.
+            at = self._cursor if turn == 0 and start < self._cursor < start + length else start
             if start + length - at >= n:
                 head, tail = at - start, start + length - (at + n)
                 if head and tail:
@@ -96,7 +103,7 @@ class Allocator:
                 self._cursor = at + n if at + n < self.total else 0
                 return at
             i += 1
-        raise FSError(errno.ENOSPC, f"no space left: no free run of {n} sectors")
+        return None
 
     def hold(self, start: int, count: int) -> None:
         """Mark sectors freed; they become reusable at the next `release`."""

@@ -25,7 +25,7 @@ from typing import Any, TypeVar
 from vfs.alloc import SECTOR, Allocator
 from vfs.attrs import NAME_MAX, ROOT_INODE, Attr, Caller, DirEntry, SetAttr
 from vfs.errors import FSError
-from vfs.filedata import BLOCK, FileData, VolumeLike
+from vfs.filedata import BLOCK, SECTORS_PER_BLOCK, FileData, VolumeLike
 from vfs.metadb import MetaDB
 
 log = logging.getLogger(__name__)
@@ -44,6 +44,7 @@ DIR_SIZE = 4096
 RELATIME_SECONDS = 24 * 3600
 
 _INODE_COLS = "id, mode, nlink, uid, gid, size, rdev, atime_ns, mtime_ns, ctime_ns, sectors"
+_JOINED_COLS = ", ".join("i." + c.strip() for c in _INODE_COLS.split(","))
 
 T = TypeVar("T")
 
@@ -61,35 +62,19 @@ def operation(func: Callable[..., T]) -> Callable[..., T]:
             self._check_open()
             if self._depth:
                 return func(self, *args, **kwargs)
-            try:
-                return run(self, *args, **kwargs)
-            except FSError as exc:
-                if exc.errno != errno.ENOSPC or not self.alloc.held_count:
-                    raise
-            # Space freed since the last commit (rm, truncate, overwrite) becomes reusable
-            # only once that commit is durable: commit now and try once more.
-            log.info("out of space with %d freed sectors held: committing to reuse them",
-                     self.alloc.held_count)
-            self.commit()
-            return run(self, *args, **kwargs)
+            return self._attempt(func, args, kwargs)
 
-    def run(self: Filesystem, *args: Any, **kwargs: Any) -> T:
-        """One attempt: under a savepoint, undone on failure."""
-        self._depth += 1
-        mark = self.alloc.mark()
-        self.db.execute("SAVEPOINT op")
-        try:
-            result = func(self, *args, **kwargs)
-        except BaseException:
-            self.db.execute("ROLLBACK TO op")
-            self.db.execute("RELEASE op")
-            self.alloc.undo(mark)
-            raise
-        else:
-            self.db.execute("RELEASE op")
-            return result
-        finally:
-            self._depth -= 1
+    return wrapper
+
+
+def query(func: Callable[..., T]) -> Callable[..., T]:
+    """Run a read-only method under the lock (no savepoint needed: it changes nothing)."""
+
+    @functools.wraps(func)
+    def wrapper(self: Filesystem, *args: Any, **kwargs: Any) -> T:
+        with self.lock:
+            self._check_open()
+            return func(self, *args, **kwargs)
 
     return wrapper
 
@@ -130,6 +115,24 @@ class Filesystem:
             (ROOT_INODE, stat.S_IFDIR | mode, uid, gid, now, now, now))
         db.set_setting("block_size", BLOCK)
         db.commit()
+
+    def _attempt(self, func: Callable[..., T], args: tuple, kwargs: dict) -> T:
+        """One all-or-nothing run of an operation (inside a savepoint)."""
+        self._depth += 1
+        mark = self.alloc.mark()
+        self.db.execute("SAVEPOINT op")
+        try:
+            result = func(self, *args, **kwargs)
+        except BaseException:
+            self.db.execute("ROLLBACK TO op")
+            self.db.execute("RELEASE op")
+            self.alloc.undo(mark)
+            raise
+        else:
+            self.db.execute("RELEASE op")
+            return result
+        finally:
+            self._depth -= 1
 
     def _check_open(self) -> None:
         if self._closed:
@@ -197,41 +200,60 @@ class Filesystem:
     def _add_links(self, ino: int, delta: int) -> None:
         self.db.change("UPDATE inodes SET nlink=nlink+? WHERE id=?", (delta, ino))
 
-    def _free_inode(self, ino: int) -> None:
-        self.data.drop(ino)
+    def _free_inode(self, ino: int, sectors: int | None = None) -> None:
+        self.data.drop(ino, stored=sectors != 0)
         self.db.change("DELETE FROM xattrs WHERE inode=?", (ino,))
         self.db.change("DELETE FROM inodes WHERE id=?", (ino,))
 
     def _maybe_free(self, ino: int) -> None:
-        r = self.db.row("SELECT nlink FROM inodes WHERE id=?", (ino,))
+        r = self.db.row("SELECT nlink, sectors FROM inodes WHERE id=?", (ino,))
         if r is not None and r[0] == 0 and not self.opens.get(ino):
-            self._free_inode(ino)
+            self._free_inode(ino, r[1])
 
     # --- lookups and attributes ---------------------------------------------------------------
 
-    @operation
+    @query
     def lookup(self, parent: int, name: bytes) -> Attr:
         """The attributes of `name` in directory `parent`."""
+        attr = self.find(parent, name)
+        if attr is None:
+            raise FSError(errno.ENOENT, f"{name!r} not in directory {parent}")
+        return attr
+
+    @query
+    def find(self, parent: int, name: bytes) -> Attr | None:
+        """Like `lookup`, but None when the name does not exist."""
         if len(name) > NAME_MAX:
             raise FSError(errno.ENAMETOOLONG, f"name of {len(name)} bytes")
-        self._dir_row(parent)
         if name == b".":
-            return self._attr(self._row(parent))
+            return self._attr(self._dir_row(parent))
         if name == b"..":
+            self._dir_row(parent)
             return self._attr(self._row(self._parent_of(parent)))
-        e = self._entry(parent, name)
-        if e is None:
-            raise FSError(errno.ENOENT, f"{name!r} not in directory {parent}")
-        return self._attr(self._row(e[1]))
+        r = self.db.row(f"SELECT {_JOINED_COLS} FROM dentries d JOIN inodes i ON i.id = d.inode "
+                        "WHERE d.parent=? AND d.name=?", (parent, name))
+        if r is not None:
+            return self._attr(r)
+        self._dir_row(parent)  # ENOENT or ENOTDIR for the parent itself
+        return None
 
-    @operation
+    @query
     def getattr(self, ino: int) -> Attr:
         """The attributes of an inode."""
         return self._attr(self._row(ino))
 
-    @operation
     def setattr(self, ino: int, ch: SetAttr) -> Attr:
         """Change mode, owner, size or times; ctime follows every change."""
+        with self.lock:
+            self._check_open()
+            if ch.size is not None and ch.size % BLOCK:
+                r = self._row(ino)
+                if stat.S_ISREG(r[1]) and 0 < ch.size < r[5]:
+                    self._reserve(ino, ch.size // BLOCK, ch.size // BLOCK)  # the new tail
+            return self._setattr(ino, ch)
+
+    @operation
+    def _setattr(self, ino: int, ch: SetAttr) -> Attr:
         r = self._row(ino)
         now = _now()
         sets: list[str] = []
@@ -274,6 +296,8 @@ class Filesystem:
 
     def _truncate(self, r: tuple, size: int) -> None:
         self._check_truncatable(r, size)
+        if size < r[5] and size % BLOCK:
+            self._reserve(r[0], size // BLOCK, size // BLOCK)
         self.data.truncate(r[0], r[5], size)
         self.db.change("UPDATE inodes SET size=? WHERE id=?", (size, r[0]))
 
@@ -290,9 +314,10 @@ class Filesystem:
             gid = p[4]
             if stat.S_ISDIR(mode):
                 mode |= stat.S_ISGID
-        if (not stat.S_ISDIR(mode) and mode & stat.S_ISGID and caller.uid != 0
+        setgid_exec = stat.S_ISGID | stat.S_IXGRP
+        if (not stat.S_ISDIR(mode) and mode & setgid_exec == setgid_exec and caller.uid != 0
                 and not caller.in_group(gid)):
-            mode &= ~stat.S_ISGID
+            mode &= ~stat.S_ISGID  # as the kernel's mode_strip_sgid
         now = _now()
         is_dir = stat.S_ISDIR(mode)
         self.db.change(
@@ -338,7 +363,7 @@ class Filesystem:
             raise FSError(errno.ENAMETOOLONG, f"symlink target of {len(target)} bytes")
         return self._make(parent, name, stat.S_IFLNK | 0o777, caller, target=target)
 
-    @operation
+    @query
     def readlink(self, ino: int) -> bytes:
         """The target of a symbolic link."""
         r = self.db.row("SELECT mode, target FROM inodes WHERE id=?", (ino,))
@@ -373,13 +398,15 @@ class Filesystem:
     # --- removing names -----------------------------------------------------------------------
 
     def _existing(self, parent: int, name: bytes) -> tuple[int, int, tuple]:
+        """(dentry id, inode, inode row) of an existing name."""
         if len(name) > NAME_MAX:
             raise FSError(errno.ENAMETOOLONG, f"name of {len(name)} bytes")
-        self._dir_row(parent)
-        e = self._entry(parent, name)
-        if e is None:
+        r = self.db.row(f"SELECT d.id, {_JOINED_COLS} FROM dentries d JOIN inodes i "
+                        "ON i.id = d.inode WHERE d.parent=? AND d.name=?", (parent, name))
+        if r is None:
+            self._dir_row(parent)
             raise FSError(errno.ENOENT, f"{name!r} not in directory {parent}")
-        return e[0], e[1], self._row(e[1])
+        return r[0], r[1], r[1:]
 
     def _has_entries(self, ino: int) -> bool:
         return self.db.row("SELECT 1 FROM dentries WHERE parent=? LIMIT 1", (ino,)) is not None
@@ -524,7 +551,7 @@ class Filesystem:
         self._maybe_free(ino)
 
     @operation
-    def read(self, ino: int, offset: int, length: int) -> bytes:
+    def read(self, ino: int, offset: int, length: int) -> bytes | bytearray | memoryview:
         """Up to `length` bytes at `offset`; updates atime as relatime does."""
         r = self._row(ino)
         if stat.S_ISDIR(r[1]):
@@ -537,18 +564,60 @@ class Filesystem:
             self.db.change("UPDATE inodes SET atime_ns=? WHERE id=?", (now, ino))
         return data
 
-    @operation
-    def write(self, ino: int, offset: int, data: bytes | memoryview) -> int:
-        """Write bytes at `offset`; returns how many were written."""
+    def _sectors_short(self, ino: int, first: int, last: int) -> int:
+        """How many sectors are missing to make blocks first..last of a file dirty.
+
+        Space is promised before it is used: every dirty block (and every block a change is
+        about to dirty) may need a whole block of new sectors when it is written out
+        (copy-on-write), so a write accepted now can always be stored by the next commit.
+        """
+        dirty = self.data.dirty.get(ino, {})
+        already = sum(1 for b in dirty if first <= b <= last)
+        blocks = self.data.dirty_bytes // BLOCK + (last - first + 1) - already
+        return max(0, blocks * SECTORS_PER_BLOCK - self.alloc.free_count)
+
+    def _reserve(self, ino: int, first: int, last: int) -> None:
+        """Make sure blocks first..last of a file can become dirty, else raise ENOSPC.
+
+        Sectors freed since the last commit (deleted files, overwritten blocks) become usable
+        only after a commit, so one is made when the free ones do not suffice.
+        """
+        if not self._sectors_short(ino, first, last):
+            return
+        if self._depth == 0 and (self.alloc.held_count or self.needs_commit()):
+            self.commit()
+        short = self._sectors_short(ino, first, last)
+        if short:
+            raise FSError(errno.ENOSPC, f"no space left on the volume ({short} sectors short)")
+
+    def _check_write(self, ino: int, offset: int, n: int) -> tuple:
         r = self._row(ino)
         if not stat.S_ISREG(r[1]):
             raise FSError(errno.EISDIR if stat.S_ISDIR(r[1]) else errno.EINVAL,
                           f"inode {ino} is not a regular file")
-        n = len(data)
         if offset < 0:
             raise FSError(errno.EINVAL, f"negative offset {offset}")
         if offset + n > MAX_FILE_SIZE:
             raise FSError(errno.EFBIG, f"write past the largest file size ({MAX_FILE_SIZE})")
+        return r
+
+    def write(self, ino: int, offset: int, data: bytes | memoryview) -> int:
+        """Write bytes at `offset`; returns how many were written.
+
+        ENOSPC comes before anything changes: a failed write leaves the file as it was.
+        """
+        with self.lock:
+            self._check_open()
+            n = len(data)
+            self._check_write(ino, offset, n)
+            if n:
+                self._reserve(ino, offset // BLOCK, (offset + n - 1) // BLOCK)
+            return self._write(ino, offset, data)
+
+    @operation
+    def _write(self, ino: int, offset: int, data: bytes | memoryview) -> int:
+        r = self._check_write(ino, offset, len(data))
+        n = len(data)
         if n == 0:
             return 0
         new_size = self.data.write(ino, r[5], offset, data)
@@ -559,12 +628,12 @@ class Filesystem:
 
     # --- directories --------------------------------------------------------------------------
 
-    @operation
+    @query
     def opendir(self, ino: int) -> None:
         """Check that an inode is a directory that can be listed."""
         self._dir_row(ino)
 
-    @operation
+    @query
     def readdir(self, ino: int, cookie: int, limit: int = 256) -> list[DirEntry]:
         """Entries after `cookie` (0 starts at '.'), with attributes and resume cookies."""
         r = self._dir_row(ino)
@@ -575,7 +644,7 @@ class Filesystem:
             out.append(DirEntry(b"..", self._attr(self._row(self._parent_of(ino))), 2))
         after = max(cookie - 2, 0)
         for row in self.db.rows(
-            f"SELECT d.id, d.name, {', '.join('i.' + c.strip() for c in _INODE_COLS.split(','))}"
+            f"SELECT d.id, d.name, {_JOINED_COLS}"
             " FROM dentries d JOIN inodes i ON i.id = d.inode"
             " WHERE d.parent=? AND d.id>? ORDER BY d.id LIMIT ?",
             (ino, after, limit),
@@ -593,6 +662,8 @@ class Filesystem:
             raise FSError(errno.ERANGE, f"attribute name of {len(name)} bytes")
         if not name.startswith(XATTR_NAMESPACES):
             raise FSError(errno.EOPNOTSUPP, f"attribute namespace of {name!r} not supported")
+        if name in XATTR_NAMESPACES:
+            raise FSError(errno.EINVAL, f"attribute name {name!r} is only a namespace")
 
     @operation
     def setxattr(self, ino: int, name: bytes, value: bytes, flags: int = 0) -> None:
@@ -611,7 +682,7 @@ class Filesystem:
                        (ino, name, value))
         self._touch(ino, mtime=False)
 
-    @operation
+    @query
     def getxattr(self, ino: int, name: bytes) -> bytes:
         """The value of an extended attribute."""
         self._check_xattr_name(name)
@@ -621,7 +692,7 @@ class Filesystem:
             raise FSError(errno.ENODATA, f"no attribute {name!r}")
         return bytes(v)
 
-    @operation
+    @query
     def listxattr(self, ino: int) -> list[bytes]:
         """Names of an inode's extended attributes."""
         self._row(ino)
@@ -639,12 +710,14 @@ class Filesystem:
 
     # --- whole filesystem ---------------------------------------------------------------------
 
-    @operation
+    @query
     def statfs(self) -> dict[str, int]:
         """Sizes for statfs(2), in 4 KiB units."""
         inodes = self.db.value("SELECT count(*) FROM inodes", (), 0)
-        # Freed space not yet reusable counts as free: running out of space commits to free it.
-        free = self.alloc.free_count + self.alloc.held_count
+        # Held sectors come back at the next commit (made on demand by a write that needs
+        # them); dirty blocks have space promised to them.
+        free = max(0, self.alloc.free_count + self.alloc.held_count
+                   - self.data.dirty_bytes // SECTOR)
         return {
             "bsize": SECTOR,
             "frsize": SECTOR,
@@ -661,18 +734,7 @@ class Filesystem:
         with self.lock:
             self._check_open()
             self.alloc.mark()
-            try:
-                self.data.write_out_all()
-            except FSError as exc:
-                if exc.errno != errno.ENOSPC or not self.alloc.held_count:
-                    raise
-                # The space freed since the last commit is needed: make what is stored so
-                # far durable (every block-map row points at written data), release it, go on.
-                self.volume.flush()
-                self.db.commit()
-                self.alloc.release()
-                self.alloc.mark()
-                self.data.write_out_all()
+            self.data.write_out_all()
             self.volume.flush()
             self.db.commit()
             self.alloc.release()

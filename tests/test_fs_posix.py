@@ -1,0 +1,691 @@
+"""POSIX semantics through a real FUSE mount of the filesystem (one mount for the module)."""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import errno
+import mmap
+import os
+import pickle
+import shutil
+import stat
+import subprocess
+import tempfile
+import traceback
+
+import pytest
+from mountutil import FsMount, make_warehouse
+
+GiB = 1 << 30
+NOBODY = 65534
+
+_libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+RENAME_NOREPLACE = 1
+RENAME_EXCHANGE = 2
+AT_FDCWD = -100
+
+
+def renameat2(old: str, new: str, flags: int) -> None:
+    if _libc.renameat2(AT_FDCWD, old.encode(), AT_FDCWD, new.encode(), flags) != 0:
+        e = ctypes.get_errno()
+        raise OSError(e, os.strerror(e), old)
+
+
+def c_getxattr(path: str, name: str, size: int) -> int:
+    """getxattr(2) with a caller-chosen buffer size; returns the length or raises."""
+    buf = ctypes.create_string_buffer(max(size, 1))
+    n = _libc.getxattr(path.encode(), name.encode(), buf if size else None,
+                       ctypes.c_size_t(size))
+    if n < 0:
+        e = ctypes.get_errno()
+        raise OSError(e, os.strerror(e), path)
+    return n
+
+
+def c_listxattr(path: str, size: int) -> int:
+    buf = ctypes.create_string_buffer(max(size, 1))
+    n = _libc.listxattr(path.encode(), buf if size else None, ctypes.c_size_t(size))
+    if n < 0:
+        e = ctypes.get_errno()
+        raise OSError(e, os.strerror(e), path)
+    return n
+
+
+def errno_of(func, *args, **kw) -> int:
+    with pytest.raises(OSError) as exc:
+        func(*args, **kw)
+    return exc.value.errno
+
+
+def as_user(func, uid: int = NOBODY, gid: int = NOBODY, groups: tuple[int, ...] = ()):
+    """Run `func()` in a forked child as another user; returns its result or re-raises its
+    OSError (with the same errno)."""
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # child
+        code = 0
+        try:
+            os.close(r)
+            os.setgroups(list(groups))
+            os.setresgid(gid, gid, gid)
+            os.setresuid(uid, uid, uid)
+            os.umask(0o022)
+            try:
+                result = ("ok", func())
+            except OSError as exc:
+                result = ("oserror", exc.errno, str(exc))
+            except BaseException:  # noqa: BLE001 - reported to the parent
+                result = ("error", traceback.format_exc())
+            with os.fdopen(w, "wb") as f:
+                pickle.dump(result, f)
+        except BaseException:  # noqa: BLE001
+            code = 1
+        finally:
+            os._exit(code)
+    os.close(w)
+    with os.fdopen(r, "rb") as f:
+        data = f.read()
+    _pid, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0 and data, "child failed"
+    result = pickle.loads(data)
+    if result[0] == "oserror":
+        raise OSError(result[1], result[2])
+    if result[0] == "error":
+        raise AssertionError("in the child:\n" + result[1])
+    return result[1]
+
+
+@pytest.fixture(scope="module")
+def mnt():
+    """One mounted filesystem for the module, in a directory every user can reach."""
+    base = tempfile.mkdtemp(prefix="dwfs-posix-", dir="/var/tmp")
+    os.chmod(base, 0o755)
+    m = FsMount(make_warehouse(os.path.join(base, "wh")), os.path.join(base, "mnt"))
+    try:
+        m.mount()
+        os.chmod(m.mountpoint, 0o755)
+        yield m
+    finally:
+        m.cleanup()
+        shutil.rmtree(base, ignore_errors=True)
+
+
+@pytest.fixture
+def d(mnt, request):
+    """A fresh directory in the mount for one test (world-writable for the non-root tests)."""
+    path = mnt.path(request.node.name.replace("[", "_").replace("]", ""))
+    os.mkdir(path)
+    os.chmod(path, 0o777)
+    return path
+
+
+def mount_options(path: str) -> list[str]:
+    """The options of the mount holding `path` (the longest /proc/mounts match)."""
+    best, opts = "", []
+    with open("/proc/mounts", encoding="utf-8") as f:
+        for line in f:
+            fields = line.split()
+            if path.startswith(fields[1]) and len(fields[1]) > len(best):
+                best, opts = fields[1], fields[3].split(",")
+    return opts
+
+
+def write_file(path: str, data: bytes, mode: int = 0o644) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+    try:
+        assert os.write(fd, data) == len(data)
+    finally:
+        os.close(fd)
+
+
+def read_file(path: str) -> bytes:
+    with open(path, "rb") as f:
+        return f.read()
+
+
+# --- types and names -----------------------------------------------------------------------------
+
+
+def test_file_types(d):
+    os.mkdir(f"{d}/dir", 0o750)
+    write_file(f"{d}/reg", b"abc")
+    os.mkfifo(f"{d}/fifo", 0o640)
+    os.mknod(f"{d}/null", stat.S_IFCHR | 0o666, os.makedev(1, 3))
+    os.mknod(f"{d}/blk", stat.S_IFBLK | 0o600, os.makedev(7, 1))
+    os.symlink("reg", f"{d}/sym")
+    os.link(f"{d}/reg", f"{d}/hard")
+    st = {n: os.lstat(f"{d}/{n}") for n in os.listdir(d)}
+    assert sorted(st) == ["blk", "dir", "fifo", "hard", "null", "reg", "sym"]
+    assert stat.S_ISDIR(st["dir"].st_mode) and stat.S_IMODE(st["dir"].st_mode) == 0o750
+    assert st["dir"].st_nlink == 2 and os.stat(d).st_nlink == 3
+    assert stat.S_ISFIFO(st["fifo"].st_mode) and stat.S_IMODE(st["fifo"].st_mode) == 0o640
+    assert stat.S_ISCHR(st["null"].st_mode) and st["null"].st_rdev == os.makedev(1, 3)
+    assert stat.S_ISBLK(st["blk"].st_mode) and st["blk"].st_rdev == os.makedev(7, 1)
+    assert stat.S_ISLNK(st["sym"].st_mode) and os.readlink(f"{d}/sym") == "reg"
+    assert st["sym"].st_size == 3
+    assert read_file(f"{d}/sym") == b"abc"
+    assert st["reg"].st_ino == st["hard"].st_ino and os.stat(f"{d}/reg").st_nlink == 2
+    # the device node works as /dev/null, unless the mount says nodev (FUSE's default)
+    if "nodev" in mount_options(d):
+        assert errno_of(open, f"{d}/null", "wb") == errno.EACCES
+    else:
+        with open(f"{d}/null", "wb") as f:
+            f.write(b"gone")
+        assert read_file(f"{d}/null") == b""
+    # a FIFO passes data between a writer and a reader
+    pid = os.fork()
+    if pid == 0:
+        try:
+            with open(f"{d}/fifo", "wb") as f:
+                f.write(b"through the fifo")
+        finally:
+            os._exit(0)
+    assert read_file(f"{d}/fifo") == b"through the fifo"
+    os.waitpid(pid, 0)
+    assert errno_of(os.mkdir, f"{d}/reg") == errno.EEXIST
+    assert errno_of(os.readlink, f"{d}/reg") == errno.EINVAL
+    assert errno_of(os.link, f"{d}/dir", f"{d}/dirlink") == errno.EPERM
+    assert errno_of(os.stat, f"{d}/missing") == errno.ENOENT
+    assert errno_of(os.stat, f"{d}/reg/x") == errno.ENOTDIR
+
+
+def test_name_max(d):
+    ok, long = "n" * 255, "n" * 256
+    write_file(f"{d}/{ok}", b"x")
+    assert os.listdir(d) == [ok]
+    assert read_file(f"{d}/{ok}") == b"x"
+    for fn in (lambda: write_file(f"{d}/{long}", b""), lambda: os.mkdir(f"{d}/{long}"),
+               lambda: os.stat(f"{d}/{long}"), lambda: os.symlink("x", f"{d}/{long}"),
+               lambda: os.rename(f"{d}/{ok}", f"{d}/{long}"),
+               lambda: os.link(f"{d}/{ok}", f"{d}/{long}"), lambda: os.mkfifo(f"{d}/{long}")):
+        assert errno_of(fn) == errno.ENAMETOOLONG
+    os.rename(f"{d}/{ok}", f"{d}/{'é' * 127}x")  # 255 bytes of UTF-8
+    assert errno_of(os.mkdir, f"{d}/{'é' * 128}") == errno.ENAMETOOLONG
+
+
+# --- open flags and I/O --------------------------------------------------------------------------
+
+
+def test_open_flags(d):
+    p = f"{d}/f"
+    fd = os.open(p, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+    os.write(fd, b"hello world")
+    os.close(fd)
+    assert stat.S_IMODE(os.stat(p).st_mode) == 0o600
+    assert errno_of(os.open, p, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600) == errno.EEXIST
+    assert errno_of(os.open, f"{d}/nope", os.O_RDONLY) == errno.ENOENT
+    assert errno_of(os.open, d, os.O_WRONLY) == errno.EISDIR
+    assert errno_of(os.open, p, os.O_RDONLY | os.O_DIRECTORY) == errno.ENOTDIR
+    fd = os.open(p, os.O_RDWR | os.O_CREAT, 0o644)  # exists: opened, mode unchanged
+    assert os.read(fd, 5) == b"hello"
+    os.close(fd)
+    fd = os.open(p, os.O_WRONLY | os.O_APPEND)
+    os.write(fd, b"!")
+    os.lseek(fd, 0, os.SEEK_SET)
+    os.write(fd, b"?")  # O_APPEND: always at the end
+    os.pwrite(fd, b"#", 0)  # Linux: pwrite on O_APPEND appends too
+    os.close(fd)
+    assert read_file(p) == b"hello world!?#"
+    fd = os.open(p, os.O_RDWR | os.O_TRUNC)
+    assert os.fstat(fd).st_size == 0
+    os.write(fd, b"new")
+    os.close(fd)
+    assert read_file(p) == b"new"
+
+
+def test_pread_pwrite_any_offset(d):
+    p = f"{d}/f"
+    model = bytearray()
+    import random
+
+    rng = random.Random(7)
+    fd = os.open(p, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        for _ in range(80):
+            off = rng.choice([0, rng.randrange(300_000), 65535, 65536, 131071, len(model),
+                              len(model) + rng.randrange(100_000)])
+            n = rng.choice([1, 13, 4096, 65536, 65537, 200_000])
+            data = rng.randbytes(n)
+            assert os.pwrite(fd, data, off) == n
+            if off > len(model):
+                model += bytes(off - len(model))
+            model[off : off + n] = data
+            if rng.random() < 0.1:
+                size = rng.randrange(len(model) + 70_000)
+                os.ftruncate(fd, size)
+                model = model[:size] + bytes(max(0, size - len(model)))
+            ro, rn = rng.randrange(len(model) + 10), rng.randrange(1, 300_000)
+            assert os.pread(fd, rn, ro) == bytes(model[ro : ro + rn])
+        assert os.fstat(fd).st_size == len(model)
+    finally:
+        os.close(fd)
+    assert read_file(p) == bytes(model)
+
+
+def test_sparse_file_over_4gib(d):
+    p = f"{d}/big"
+    fd = os.open(p, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        os.pwrite(fd, b"head", 0)
+        os.pwrite(fd, b"past4G", 4 * GiB + 10)
+        os.pwrite(fd, b"end", 9 * GiB)
+        st = os.fstat(fd)
+        assert st.st_size == 9 * GiB + 3
+        assert st.st_blocks * 512 < 1 << 20
+        assert os.pread(fd, 20, 4 * GiB) == bytes(10) + b"past4G" + bytes(4)
+        assert os.pread(fd, 10, 2 * GiB) == bytes(10)
+        assert os.pread(fd, 10, 9 * GiB - 2) == b"\0\0end"
+        os.ftruncate(fd, 4 * GiB + 12)
+        assert os.pread(fd, 100, 4 * GiB + 8) == b"\0\0pa"
+        os.ftruncate(fd, 5 * GiB)
+        assert os.pread(fd, 8, 4 * GiB + 10) == b"pa" + bytes(6)
+        assert os.fstat(fd).st_size == 5 * GiB
+    finally:
+        os.close(fd)
+    os.truncate(p, 0)
+    assert os.stat(p).st_blocks == 0
+
+
+def test_truncate_both_ways(d):
+    p = f"{d}/f"
+    write_file(p, b"x" * 100_000)
+    os.truncate(p, 70_000)
+    assert os.stat(p).st_size == 70_000
+    os.truncate(p, 200_000)
+    data = read_file(p)
+    assert data == b"x" * 70_000 + bytes(130_000)
+    fd = os.open(p, os.O_RDWR)
+    os.ftruncate(fd, 3)
+    assert os.fstat(fd).st_size == 3
+    os.ftruncate(fd, 5)
+    os.close(fd)
+    assert read_file(p) == b"xxx\0\0"
+    assert errno_of(os.truncate, d, 0) == errno.EISDIR
+    assert errno_of(os.truncate, p, -1) == errno.EINVAL
+
+
+def test_holes_take_no_space(d):
+    p = f"{d}/f"
+    with open(p, "wb") as f:
+        f.truncate(10 << 20)
+    os.sync()
+    assert os.stat(p).st_blocks == 0
+    assert read_file(p) == bytes(10 << 20)
+    fd = os.open(p, os.O_RDWR)
+    os.pwrite(fd, b"y" * 65536, 5 << 20)
+    os.fsync(fd)
+    assert os.fstat(fd).st_blocks == 65536 // 512
+    os.close(fd)
+
+
+def test_unlink_open_file(mnt, d):
+    p = f"{d}/f"
+    data = os.urandom(300_000)
+    write_file(p, data)
+    free0 = os.statvfs(mnt.mountpoint).f_bfree
+    fd = os.open(p, os.O_RDWR)
+    os.unlink(p)
+    assert not os.path.exists(p)
+    assert os.fstat(fd).st_nlink == 0
+    assert os.pread(fd, len(data), 0) == data
+    os.pwrite(fd, b"more", len(data))
+    assert os.pread(fd, 10, len(data) - 6) == data[-6:] + b"more"
+    fd2 = os.dup(fd)
+    os.close(fd)
+    assert os.pread(fd2, 4, len(data)) == b"more"
+    os.close(fd2)
+    os.sync()
+    assert os.statvfs(mnt.mountpoint).f_bfree >= free0 + 300_000 // 4096 - 1
+
+
+def test_fsync_fdatasync(d):
+    p = f"{d}/f"
+    fd = os.open(p, os.O_RDWR | os.O_CREAT, 0o644)
+    os.write(fd, b"durable")
+    os.fsync(fd)
+    os.write(fd, b" too")
+    os.fdatasync(fd)
+    os.close(fd)
+    dfd = os.open(d, os.O_RDONLY | os.O_DIRECTORY)
+    os.fsync(dfd)
+    os.close(dfd)
+    assert read_file(p) == b"durable too"
+
+
+def test_mmap_read_write(d):
+    p = f"{d}/f"
+    write_file(p, b"\0" * 3 * 4096 + b"tail")
+    fd = os.open(p, os.O_RDWR)
+    try:
+        with mmap.mmap(fd, 0) as m:
+            assert m[-4:] == b"tail"
+            m[0:5] = b"mmap!"
+            m[8190:8194] = b"span"
+            m.flush()
+        assert os.pread(fd, 5, 0) == b"mmap!"
+    finally:
+        os.close(fd)
+    data = read_file(p)
+    assert data[:5] == b"mmap!" and data[8190:8194] == b"span" and data.endswith(b"tail")
+    # a shared mapping sees writes made through write()
+    fd = os.open(p, os.O_RDWR)
+    try:
+        with mmap.mmap(fd, 0, prot=mmap.PROT_READ) as m:
+            os.pwrite(fd, b"WRITE", 100)
+            assert m[100:105] == b"WRITE"
+    finally:
+        os.close(fd)
+
+
+def test_sqlite_database_on_the_mount(d):
+    import sqlite3
+
+    con = sqlite3.connect(f"{d}/db.sqlite")
+    con.execute("PRAGMA journal_mode=WAL")  # WAL uses a shared-memory mmap
+    con.execute("CREATE TABLE t (k INTEGER PRIMARY KEY, v BLOB)")
+    with con:
+        con.executemany("INSERT INTO t VALUES (?, ?)", ((i, os.urandom(200)) for i in range(2000)))
+    assert con.execute("SELECT count(*) FROM t").fetchone()[0] == 2000
+    assert con.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+    con.close()
+
+
+# --- rename --------------------------------------------------------------------------------------
+
+
+def test_rename(d):
+    os.makedirs(f"{d}/a/sub/deep")
+    os.makedirs(f"{d}/b/full")
+    os.mkdir(f"{d}/b/empty")
+    write_file(f"{d}/a/f", b"F")
+    write_file(f"{d}/a/g", b"G")
+    write_file(f"{d}/b/full/x", b"X")
+    os.rename(f"{d}/a/f", f"{d}/a/f2")
+    os.rename(f"{d}/a/f2", f"{d}/b/f3")
+    assert read_file(f"{d}/b/f3") == b"F"
+    os.rename(f"{d}/b/f3", f"{d}/a/g")  # over an existing file
+    assert read_file(f"{d}/a/g") == b"F" and sorted(os.listdir(f"{d}/a")) == ["g", "sub"]
+    assert errno_of(os.rename, f"{d}/a/sub", f"{d}/b/full") == errno.ENOTEMPTY
+    assert errno_of(os.rename, f"{d}/a/g", f"{d}/b/empty") == errno.EISDIR
+    assert errno_of(os.rename, f"{d}/b/empty", f"{d}/a/g") == errno.ENOTDIR
+    assert errno_of(os.rename, f"{d}/a", f"{d}/a/sub/deep/a") == errno.EINVAL
+    assert errno_of(os.rename, f"{d}/a", f"{d}/a/x") == errno.EINVAL
+    assert errno_of(os.rename, f"{d}/missing", f"{d}/x") == errno.ENOENT
+    os.rename(f"{d}/a/sub", f"{d}/b/empty")  # over an empty directory
+    assert os.listdir(f"{d}/b/empty") == ["deep"]
+    assert os.stat(f"{d}/a").st_nlink == 2 and os.stat(f"{d}/b").st_nlink == 4
+    assert os.path.samestat(os.stat(f"{d}/b/empty/deep/.."), os.stat(f"{d}/b/empty"))
+    os.link(f"{d}/a/g", f"{d}/a/g2")
+    os.rename(f"{d}/a/g", f"{d}/a/g2")  # two names of one file: nothing happens
+    assert sorted(os.listdir(f"{d}/a")) == ["g", "g2"]
+
+
+def test_renameat2_flags(d):
+    write_file(f"{d}/a", b"A")
+    write_file(f"{d}/b", b"B")
+    os.makedirs(f"{d}/dir/sub")
+    assert errno_of(renameat2, f"{d}/a", f"{d}/b", RENAME_NOREPLACE) == errno.EEXIST
+    renameat2(f"{d}/a", f"{d}/c", RENAME_NOREPLACE)
+    assert read_file(f"{d}/c") == b"A" and not os.path.exists(f"{d}/a")
+    renameat2(f"{d}/c", f"{d}/b", RENAME_EXCHANGE)
+    assert read_file(f"{d}/c") == b"B" and read_file(f"{d}/b") == b"A"
+    assert errno_of(renameat2, f"{d}/c", f"{d}/none", RENAME_EXCHANGE) == errno.ENOENT
+    renameat2(f"{d}/b", f"{d}/dir", RENAME_EXCHANGE)  # a file and a directory
+    assert read_file(f"{d}/dir") == b"A" and os.listdir(f"{d}/b") == ["sub"]
+    assert errno_of(renameat2, f"{d}/b", f"{d}/b/sub", RENAME_EXCHANGE) == errno.EINVAL
+    assert errno_of(renameat2, f"{d}/b", f"{d}/c", RENAME_EXCHANGE | RENAME_NOREPLACE) \
+        == errno.EINVAL
+
+
+# --- attributes, times, permissions --------------------------------------------------------------
+
+
+def test_chmod_chown_utimensat(d):
+    p = f"{d}/f"
+    write_file(p, b"x")
+    os.chmod(p, 0o4755)
+    assert stat.S_IMODE(os.stat(p).st_mode) == 0o4755
+    os.chown(p, 1234, 5678)
+    st = os.stat(p)
+    assert (st.st_uid, st.st_gid) == (1234, 5678)
+    assert not st.st_mode & stat.S_ISUID  # chown clears set-user-ID
+    os.utime(p, ns=(1_500_000_000_123_456_789, 1_600_000_000_987_654_321))
+    st = os.stat(p)
+    assert st.st_atime_ns == 1_500_000_000_123_456_789
+    assert st.st_mtime_ns == 1_600_000_000_987_654_321
+    ctime = st.st_ctime_ns
+    os.utime(p)  # now
+    st = os.stat(p)
+    assert st.st_mtime_ns > 1_600_000_000_987_654_321 and st.st_ctime_ns >= ctime
+    os.symlink("f", f"{d}/l")
+    os.utime(f"{d}/l", ns=(5, 6), follow_symlinks=False)
+    assert os.lstat(f"{d}/l").st_mtime_ns == 6
+    assert os.stat(p).st_mtime_ns != 6
+
+
+def test_time_rules(d):
+    p = f"{d}/f"
+    write_file(p, b"x")
+    old = 1_000_000_000_000_000_000
+    os.utime(p, ns=(old, old))
+    os.utime(d, ns=(old, old))
+    c0 = os.stat(p).st_ctime_ns
+    with open(p, "ab") as f:
+        f.write(b"y")
+    st = os.stat(p)
+    assert st.st_mtime_ns > old and st.st_ctime_ns >= c0
+    assert os.stat(d).st_mtime_ns == old
+    write_file(f"{d}/g", b"")
+    assert os.stat(d).st_mtime_ns > old
+    os.utime(d, ns=(old, old))
+    os.rename(f"{d}/g", f"{d}/h")
+    assert os.stat(d).st_mtime_ns > old
+    os.utime(p, ns=(old, old))
+    read_file(p)
+    assert os.stat(p).st_atime_ns > old  # relatime: atime before mtime is refreshed
+    os.utime(p, ns=(old, old))
+    c1 = os.stat(p).st_ctime_ns
+    os.setxattr(p, "user.t", b"1")
+    st = os.stat(p)
+    assert st.st_mtime_ns == old and st.st_ctime_ns > c1 - 1
+
+
+def test_permissions_as_nobody(d):
+    secret = f"{d}/secret"
+    write_file(secret, b"root only", 0o600)
+    os.chmod(secret, 0o600)
+    public = f"{d}/public"
+    write_file(public, b"all", 0o644)
+    os.mkdir(f"{d}/closed", 0o755)
+    assert errno_of(as_user, lambda: read_file(secret)) == errno.EACCES
+    assert as_user(lambda: read_file(public)) == b"all"
+    assert errno_of(as_user, lambda: write_file(public, b"no")) == errno.EACCES
+    assert errno_of(as_user, lambda: write_file(f"{d}/closed/x", b"")) == errno.EACCES
+    assert errno_of(as_user, lambda: os.chmod(public, 0o666)) == errno.EPERM
+    assert errno_of(as_user, lambda: os.chown(public, NOBODY, NOBODY)) == errno.EPERM
+    assert errno_of(as_user, lambda: os.utime(public, ns=(1, 1))) == errno.EPERM
+    assert errno_of(as_user, lambda: os.setxattr(public, "user.x", b"1")) == errno.EACCES
+    # what nobody creates is nobody's, with the umask applied
+    as_user(lambda: write_file(f"{d}/mine", b"m", 0o666))
+    st = os.stat(f"{d}/mine")
+    assert (st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode)) == (NOBODY, NOBODY, 0o644)
+    as_user(lambda: os.chmod(f"{d}/mine", 0o600))
+    as_user(lambda: os.utime(f"{d}/mine", ns=(3, 4)))
+    assert os.stat(f"{d}/mine").st_mtime_ns == 4
+    # search permission on a directory
+    os.mkdir(f"{d}/nox", 0o700)
+    write_file(f"{d}/nox/f", b"")
+    assert errno_of(as_user, lambda: os.stat(f"{d}/nox/f")) == errno.EACCES
+    assert errno_of(as_user, lambda: os.listdir(f"{d}/nox")) == errno.EACCES
+    # a non-member cannot give a file to a group; root can read anything
+    assert errno_of(as_user, lambda: os.chown(f"{d}/mine", -1, 0)) == errno.EPERM
+    assert read_file(f"{d}/mine") == b"m"
+    # setgid cleared when a non-member chmods
+    os.chown(f"{d}/mine", NOBODY, 4321)
+    as_user(lambda: os.chmod(f"{d}/mine", 0o2755))
+    assert not os.stat(f"{d}/mine").st_mode & stat.S_ISGID
+
+
+def test_sticky_directory(d):
+    t = f"{d}/tmp"
+    os.mkdir(t)
+    os.chmod(t, 0o1777)
+    write_file(f"{t}/roots", b"r", 0o666)
+    os.chmod(f"{t}/roots", 0o666)
+    as_user(lambda: write_file(f"{t}/nobodys", b"n"))
+    assert errno_of(as_user, lambda: os.unlink(f"{t}/roots")) == errno.EPERM
+    assert errno_of(as_user, lambda: os.rename(f"{t}/roots", f"{t}/x")) == errno.EPERM
+    assert as_user(lambda: read_file(f"{t}/roots")) == b"r"  # writable, not removable
+    as_user(lambda: os.rename(f"{t}/nobodys", f"{t}/renamed"))
+    as_user(lambda: os.unlink(f"{t}/renamed"))
+    assert os.listdir(t) == ["roots"]
+    os.unlink(f"{t}/roots")  # root may
+
+
+def test_setgid_directory(d):
+    g = f"{d}/shared"
+    os.mkdir(g)
+    os.chown(g, 0, 4321)
+    os.chmod(g, 0o2777)
+    as_user(lambda: write_file(f"{g}/f", b""))
+    as_user(lambda: os.mkdir(f"{g}/sub"))
+    st = os.stat(f"{g}/f")
+    assert (st.st_uid, st.st_gid) == (NOBODY, 4321) and not st.st_mode & stat.S_ISGID
+    st = os.stat(f"{g}/sub")
+    assert st.st_gid == 4321 and st.st_mode & stat.S_ISGID
+    as_user(lambda: os.mkdir(f"{g}/sub/deeper"))
+    assert os.stat(f"{g}/sub/deeper").st_gid == 4321
+    # a group-executable setgid file made by a non-member loses the bit
+    as_user(lambda: os.close(os.open(f"{g}/exe", os.O_CREAT | os.O_WRONLY, 0o2755)))
+    assert not os.stat(f"{g}/exe").st_mode & stat.S_ISGID
+    as_user(lambda: os.close(os.open(f"{g}/exe2", os.O_CREAT | os.O_WRONLY, 0o2755)),
+            groups=(4321,))
+    assert os.stat(f"{g}/exe2").st_mode & stat.S_ISGID
+
+
+# --- extended attributes -------------------------------------------------------------------------
+
+
+def test_xattrs(d):
+    p = f"{d}/f"
+    write_file(p, b"")
+    assert os.listxattr(p) == []
+    assert errno_of(os.getxattr, p, "user.a") == errno.ENODATA
+    assert errno_of(os.removexattr, p, "user.a") == errno.ENODATA
+    assert errno_of(os.setxattr, p, "user.a", b"1", os.XATTR_REPLACE) == errno.ENODATA
+    os.setxattr(p, "user.a", b"1", os.XATTR_CREATE)
+    assert errno_of(os.setxattr, p, "user.a", b"2", os.XATTR_CREATE) == errno.EEXIST
+    os.setxattr(p, "user.a", b"22", os.XATTR_REPLACE)
+    assert os.getxattr(p, "user.a") == b"22"
+    os.setxattr(p, "trusted.t", b"T")
+    os.setxattr(p, "security.s", b"S")
+    os.setxattr(p, "user.empty", b"")
+    assert os.getxattr(p, "user.empty") == b""
+    assert sorted(os.listxattr(p)) == ["security.s", "trusted.t", "user.a", "user.empty"]
+    assert c_getxattr(p, "user.a", 0) == 2
+    assert errno_of(c_getxattr, p, "user.a", 1) == errno.ERANGE
+    assert c_getxattr(p, "user.a", 2) == 2
+    need = c_listxattr(p, 0)
+    assert need == len(b"security.s\0trusted.t\0user.a\0user.empty\0")
+    assert errno_of(c_listxattr, p, need - 1) == errno.ERANGE
+    os.removexattr(p, "user.a")
+    assert errno_of(os.getxattr, p, "user.a") == errno.ENODATA
+    assert errno_of(os.setxattr, p, "user." + "n" * 251, b"") == errno.ERANGE
+    assert errno_of(os.setxattr, p, "bogus.x", b"") == errno.EOPNOTSUPP
+    os.setxattr(p, "user.big", b"v" * 65536)
+    assert os.getxattr(p, "user.big") == b"v" * 65536
+    assert errno_of(os.setxattr, p, "user.big", b"v" * 65537) == errno.E2BIG
+    os.setxattr(d, "user.dir", b"on a directory")
+    assert os.getxattr(d, "user.dir") == b"on a directory"
+    os.symlink("f", f"{d}/l")
+    # user.* attributes are refused on symlinks (by the kernel)
+    assert errno_of(os.setxattr, f"{d}/l", "user.x", b"1", follow_symlinks=False) \
+        == errno.EPERM
+    os.setxattr(f"{d}/l", "trusted.x", b"1", follow_symlinks=False)
+    assert os.getxattr(f"{d}/l", "trusted.x", follow_symlinks=False) == b"1"
+
+
+# --- the whole filesystem ------------------------------------------------------------------------
+
+
+def test_statfs_and_df(mnt, d):
+    s = os.statvfs(mnt.mountpoint)
+    assert s.f_namemax == 255 and s.f_bsize > 0
+    assert 0 < s.f_bavail <= s.f_bfree < s.f_blocks
+    write_file(f"{d}/f", os.urandom(1 << 20))
+    os.sync()
+    s2 = os.statvfs(mnt.mountpoint)
+    assert s.f_bfree - s2.f_bfree >= (1 << 20) // s.f_frsize
+    out = subprocess.run(["df", "-P", mnt.mountpoint], capture_output=True, text=True,
+                         check=True).stdout
+    assert mnt.mountpoint in out
+    os.unlink(f"{d}/f")
+    assert os.statvfs(mnt.mountpoint).f_bfree >= s.f_bfree - 16
+
+
+def test_enospc_then_space_back(mnt, d):
+    keep = os.urandom(500_000)
+    write_file(f"{d}/keep", keep)
+    fd = os.open(f"{d}/fill", os.O_WRONLY | os.O_CREAT, 0o644)
+    chunk = b"\x5a" * (1 << 20)
+    written = 0
+    try:
+        with pytest.raises(OSError) as exc:
+            while True:
+                written += os.write(fd, chunk)
+        assert exc.value.errno == errno.ENOSPC
+        assert written > 100 << 20
+        with pytest.raises(OSError) as exc:
+            os.fsync(fd)
+            write_file(f"{d}/more", b"m" * (4 << 20))
+        assert exc.value.errno == errno.ENOSPC
+    finally:
+        os.close(fd)
+    assert os.stat(f"{d}/fill").st_size == written
+    assert read_file(f"{d}/keep") == keep
+    with open(f"{d}/fill", "rb") as f:
+        f.seek(written - 100)
+        assert f.read() == b"\x5a" * 100
+    os.unlink(f"{d}/fill")
+    if os.path.exists(f"{d}/more"):
+        os.unlink(f"{d}/more")
+    # the space is back at once
+    fd = os.open(f"{d}/again", os.O_WRONLY | os.O_CREAT, 0o644)
+    try:
+        for _ in range(50):
+            os.write(fd, chunk)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.unlink(f"{d}/again")
+    assert read_file(f"{d}/keep") == keep
+
+
+def test_remount_keeps_everything(mnt, d):
+    """Last: every test's files survive an unmount and a mount."""
+    write_file(f"{d}/f", b"persist", 0o640)
+    os.setxattr(f"{d}/f", "user.k", b"v")
+    os.symlink("f", f"{d}/l")
+    os.mkfifo(f"{d}/p")
+    os.utime(f"{d}/f", ns=(11, 22))
+    before = {}
+    for root, dirs, files in os.walk(mnt.mountpoint):
+        for n in dirs + files:
+            p = os.path.join(root, n)
+            st = os.lstat(p)
+            before[p] = (st.st_mode, st.st_size, st.st_nlink, st.st_uid, st.st_gid,
+                         st.st_mtime_ns, st.st_ino)
+    mnt.umount()
+    mnt.mount()
+    after = {}
+    for root, dirs, files in os.walk(mnt.mountpoint):
+        for n in dirs + files:
+            p = os.path.join(root, n)
+            st = os.lstat(p)
+            after[p] = (st.st_mode, st.st_size, st.st_nlink, st.st_uid, st.st_gid,
+                        st.st_mtime_ns, st.st_ino)
+    assert after == before
+    assert read_file(f"{d}/f") == b"persist"
+    assert os.getxattr(f"{d}/f", "user.k") == b"v"
+    assert os.readlink(f"{d}/l") == "f"

@@ -1,0 +1,776 @@
+"""Unit tests of vfs.Filesystem without a kernel: a real Volume on block files, POSIX rules,
+persistence across commit + reopen, copy-on-write, ENOSPC, holes, orphans."""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat
+
+import pytest
+from volhelpers import build, close_members, open_vol
+
+from vfs.alloc import SECTOR
+from vfs.attrs import NAME_MAX, ROOT_INODE, Caller, SetAttr
+from vfs.errors import FSError
+from vfs.filedata import BLOCK
+from vfs.fs import RENAME_EXCHANGE, RENAME_NOREPLACE, XATTR_CREATE, XATTR_REPLACE, Filesystem
+from vfs.metadb import MetaDB
+
+ROOT = Caller(0, 0)
+USER = Caller(1000, 1000)
+GiB = 1 << 30
+
+
+class Env:
+    """A filesystem on a small raidz2 volume that can be closed and reopened."""
+
+    def __init__(self, directory, rows: int = 64) -> None:
+        self.directory = str(directory)
+        self.paths, self.uuid, _g = build(os.path.join(self.directory, "members"), "raidz2", 5,
+                                          chunk=65536, rows=rows)
+        self.meta = os.path.join(self.directory, "meta.db")
+        db = MetaDB(self.meta, create=True)
+        Filesystem.format(db, 0, 0)
+        db.close()
+        self.fs: Filesystem | None = None
+        self.open()
+
+    def open(self) -> Filesystem:
+        self.vol = open_vol(self.paths, self.uuid)
+        self.db = MetaDB(self.meta)
+        self.fs = Filesystem(self.db, self.vol)
+        return self.fs
+
+    def close(self, clean: bool = True) -> None:
+        """Close cleanly, or as a crash would: nothing uncommitted reaches the database."""
+        if clean:
+            self.fs.close()
+            self.db.close()
+            self.vol.close()
+        else:
+            self.db.conn.close()  # an open transaction is rolled back
+            close_members(self.vol)
+        self.fs = None
+
+    def reopen(self) -> Filesystem:
+        self.close()
+        return self.open()
+
+
+@pytest.fixture
+def env(tmp_path):
+    e = Env(tmp_path)
+    yield e
+    if e.fs is not None:
+        e.close()
+
+
+@pytest.fixture
+def fs(env) -> Filesystem:
+    return env.fs
+
+
+def errno_of(func, *args, **kw) -> int:
+    """The errno `func(*args)` fails with (fails the test if it succeeds)."""
+    with pytest.raises(FSError) as exc:
+        func(*args, **kw)
+    return exc.value.errno
+
+
+def mkfile(fs: Filesystem, parent: int, name: bytes, data: bytes = b"", mode: int = 0o644,
+           caller: Caller = ROOT) -> int:
+    a = fs.create(parent, name, mode, os.O_RDWR, caller)
+    if data:
+        assert fs.write(a.ino, 0, data) == len(data)
+    fs.release(a.ino)
+    return a.ino
+
+
+def names(fs: Filesystem, ino: int) -> list[bytes]:
+    out, cookie = [], 0
+    while True:
+        batch = fs.readdir(ino, cookie, limit=7)
+        if not batch:
+            return sorted(out)
+        out += [e.name for e in batch]
+        cookie = batch[-1].next_cookie
+
+
+def read_all(fs: Filesystem, ino: int) -> bytes:
+    return fs.read(ino, 0, fs.getattr(ino).size + 10)
+
+
+def free_sectors(fs: Filesystem) -> int:
+    return fs.statfs()["bfree"]
+
+
+# --- names and types -----------------------------------------------------------------------------
+
+
+def test_root_and_dot_entries(fs):
+    a = fs.getattr(ROOT_INODE)
+    assert stat.S_ISDIR(a.mode) and a.nlink == 2
+    assert fs.lookup(ROOT_INODE, b"..").ino == ROOT_INODE
+    assert fs.lookup(ROOT_INODE, b".").ino == ROOT_INODE
+    assert names(fs, ROOT_INODE) == [b".", b".."]
+
+
+def test_file_types_and_link_counts(fs):
+    d = fs.mkdir(ROOT_INODE, b"d", 0o755, ROOT)
+    assert d.nlink == 2 and fs.getattr(ROOT_INODE).nlink == 3
+    f = mkfile(fs, d.ino, b"f", b"hello")
+    fifo = fs.mknod(d.ino, b"fifo", stat.S_IFIFO | 0o600, 0, ROOT)
+    assert stat.S_ISFIFO(fifo.mode) and fifo.rdev == 0
+    chr_ = fs.mknod(d.ino, b"null", stat.S_IFCHR | 0o666, os.makedev(1, 3), ROOT)
+    assert stat.S_ISCHR(chr_.mode) and chr_.rdev == os.makedev(1, 3)
+    blk = fs.mknod(d.ino, b"blk", stat.S_IFBLK | 0o600, os.makedev(7, 0), ROOT)
+    assert stat.S_ISBLK(blk.mode) and blk.rdev == os.makedev(7, 0)
+    sock = fs.mknod(d.ino, b"sock", stat.S_IFSOCK | 0o600, 0, ROOT)
+    assert stat.S_ISSOCK(sock.mode)
+    reg = fs.mknod(d.ino, b"reg", 0o600, 0, ROOT)
+    assert stat.S_ISREG(reg.mode)
+    s = fs.symlink(d.ino, b"sl", b"../target", ROOT)
+    assert stat.S_ISLNK(s.mode) and s.size == len(b"../target")
+    assert fs.readlink(s.ino) == b"../target"
+    assert errno_of(fs.readlink, f) == errno.EINVAL
+    sub = fs.mkdir(d.ino, b"sub", 0o700, ROOT)
+    assert fs.getattr(d.ino).nlink == 3
+    assert fs.lookup(sub.ino, b"..").ino == d.ino
+    assert names(fs, d.ino) == sorted([b".", b"..", b"f", b"fifo", b"null", b"blk", b"sock",
+                                       b"reg", b"sl", b"sub"])
+    assert errno_of(fs.mkdir, d.ino, b"f", 0o755, ROOT) == errno.EEXIST
+    assert errno_of(fs.mknod, d.ino, b"sl", stat.S_IFIFO | 0o600, 0, ROOT) == errno.EEXIST
+    assert errno_of(fs.symlink, d.ino, b"sub", b"x", ROOT) == errno.EEXIST
+    assert errno_of(fs.lookup, d.ino, b"missing") == errno.ENOENT
+    assert errno_of(fs.lookup, f, b"x") == errno.ENOTDIR
+    assert errno_of(fs.mkdir, f, b"x", 0o755, ROOT) == errno.ENOTDIR
+
+
+def test_readdir_cookies_resume(fs):
+    d = fs.mkdir(ROOT_INODE, b"d", 0o755, ROOT).ino
+    want = [b"f%03d" % i for i in range(40)]
+    for n in want:
+        mkfile(fs, d, n)
+    for n in want[::3]:
+        fs.unlink(d, n)
+    got = names(fs, d)
+    assert got == sorted([b".", b".."] + [n for i, n in enumerate(want) if i % 3])
+
+
+def test_name_max(fs):
+    ok = b"n" * NAME_MAX
+    long = b"n" * (NAME_MAX + 1)
+    a = mkfile(fs, ROOT_INODE, ok, b"x")
+    assert fs.lookup(ROOT_INODE, ok).ino == a
+    assert errno_of(fs.lookup, ROOT_INODE, long) == errno.ENAMETOOLONG
+    assert errno_of(fs.create, ROOT_INODE, long, 0o644, os.O_RDWR, ROOT) == errno.ENAMETOOLONG
+    assert errno_of(fs.mkdir, ROOT_INODE, long, 0o755, ROOT) == errno.ENAMETOOLONG
+    assert errno_of(fs.mknod, ROOT_INODE, long, stat.S_IFIFO, 0, ROOT) == errno.ENAMETOOLONG
+    assert errno_of(fs.symlink, ROOT_INODE, long, b"t", ROOT) == errno.ENAMETOOLONG
+    assert errno_of(fs.link, a, ROOT_INODE, long) == errno.ENAMETOOLONG
+    assert errno_of(fs.rename, ROOT_INODE, ok, ROOT_INODE, long) == errno.ENAMETOOLONG
+    assert errno_of(fs.unlink, ROOT_INODE, long) == errno.ENAMETOOLONG
+    assert errno_of(fs.rmdir, ROOT_INODE, long) == errno.ENAMETOOLONG
+    fs.rename(ROOT_INODE, ok, ROOT_INODE, b"m" * NAME_MAX)
+    assert names(fs, ROOT_INODE) == [b".", b"..", b"m" * NAME_MAX]
+    # multi-byte UTF-8: the limit is in bytes
+    utf = "é".encode() * 127 + b"x"  # 255 bytes
+    mkfile(fs, ROOT_INODE, utf)
+    assert errno_of(fs.mkdir, ROOT_INODE, "é".encode() * 128, 0o755, ROOT) == errno.ENAMETOOLONG
+
+
+def test_symlink_target_limits(fs):
+    assert errno_of(fs.symlink, ROOT_INODE, b"s", b"", ROOT) == errno.ENOENT
+    long_target = b"a/" * 2047 + b"b"  # 4095 bytes: fits PATH_MAX with its NUL
+    s = fs.symlink(ROOT_INODE, b"s", long_target, ROOT)
+    assert fs.readlink(s.ino) == long_target
+    assert errno_of(fs.symlink, ROOT_INODE, b"t", b"x" * 4096, ROOT) == errno.ENAMETOOLONG
+
+
+# --- hard links, unlink, rmdir -------------------------------------------------------------------
+
+
+def test_hard_links(fs):
+    d = fs.mkdir(ROOT_INODE, b"d", 0o755, ROOT).ino
+    f = mkfile(fs, ROOT_INODE, b"f", b"data")
+    before = fs.getattr(f).ctime_ns
+    a = fs.link(f, d, b"g")
+    assert a.ino == f and a.nlink == 2 and fs.getattr(f).ctime_ns >= before
+    assert fs.lookup(d, b"g").ino == f
+    assert errno_of(fs.link, f, d, b"g") == errno.EEXIST
+    assert errno_of(fs.link, d, ROOT_INODE, b"dl") == errno.EPERM
+    fs.unlink(ROOT_INODE, b"f")
+    assert fs.getattr(f).nlink == 1
+    assert read_all(fs, f) == b"data"
+    fs.unlink(d, b"g")
+    assert errno_of(fs.getattr, f) == errno.ENOENT
+
+
+def test_unlink_and_rmdir_errors(fs):
+    d = fs.mkdir(ROOT_INODE, b"d", 0o755, ROOT).ino
+    mkfile(fs, d, b"f")
+    assert errno_of(fs.unlink, ROOT_INODE, b"d") == errno.EISDIR
+    assert errno_of(fs.rmdir, d, b"f") == errno.ENOTDIR
+    assert errno_of(fs.rmdir, ROOT_INODE, b"d") == errno.ENOTEMPTY
+    assert errno_of(fs.unlink, ROOT_INODE, b"nope") == errno.ENOENT
+    assert errno_of(fs.rmdir, ROOT_INODE, b"nope") == errno.ENOENT
+    assert errno_of(fs.rmdir, d, b".") == errno.EINVAL
+    assert errno_of(fs.rmdir, d, b"..") == errno.ENOTEMPTY
+    fs.unlink(d, b"f")
+    fs.rmdir(ROOT_INODE, b"d")
+    assert fs.getattr(ROOT_INODE).nlink == 2
+    assert errno_of(fs.getattr, d) == errno.ENOENT
+
+
+def test_unlink_open_file_keeps_data_until_last_close(env, fs):
+    free0 = free_sectors(fs)
+    data = os.urandom(3 * BLOCK + 123)
+    a = fs.create(ROOT_INODE, b"f", 0o644, os.O_RDWR, ROOT)
+    fs.write(a.ino, 0, data)
+    fs.open(a.ino, os.O_RDONLY)  # a second open
+    fs.commit()
+    fs.unlink(ROOT_INODE, b"f")
+    assert errno_of(fs.lookup, ROOT_INODE, b"f") == errno.ENOENT
+    assert fs.getattr(a.ino).nlink == 0
+    assert fs.read(a.ino, 0, len(data)) == data
+    fs.write(a.ino, len(data), b"more")  # still writable through the open file
+    fs.setattr(a.ino, SetAttr(size=len(data) + 2))
+    fs.release(a.ino)
+    assert fs.read(a.ino, 0, len(data) + 10) == data + b"mo"
+    fs.release(a.ino)
+    assert errno_of(fs.getattr, a.ino) == errno.ENOENT
+    fs.commit()
+    assert free_sectors(fs) == free0
+
+
+def test_orphans_freed_at_reopen(env):
+    fs = env.fs
+    free0 = free_sectors(fs)
+    a = fs.create(ROOT_INODE, b"f", 0o644, os.O_RDWR, ROOT)
+    fs.write(a.ino, 0, os.urandom(5 * BLOCK))
+    fs.unlink(ROOT_INODE, b"f")
+    fs.commit()  # the open, unlinked inode is committed
+    assert free_sectors(fs) < free0
+    env.close()  # "crash" with the file still open
+    fs = env.open()
+    assert errno_of(fs.getattr, a.ino) == errno.ENOENT
+    assert fs.db.value("SELECT count(*) FROM blocks") == 0
+    assert free_sectors(fs) == free0
+    env.reopen()
+    assert free_sectors(env.fs) == free0
+
+
+# --- persistence ---------------------------------------------------------------------------------
+
+
+def test_everything_persists_across_reopen(env):
+    fs = env.fs
+    d = fs.mkdir(ROOT_INODE, b"dir", 0o2775, USER).ino
+    data = os.urandom(2 * BLOCK + 777)
+    f = mkfile(fs, d, b"file", data, caller=USER)
+    fs.link(f, ROOT_INODE, b"hard")
+    fs.symlink(d, b"link", b"file", USER)
+    fs.mknod(d, b"dev", stat.S_IFCHR | 0o600, os.makedev(4, 5), ROOT)
+    fs.setxattr(f, b"user.k", b"v\0bin")
+    fs.setattr(f, SetAttr(atime_ns=1_000_000_001, mtime_ns=2_000_000_002))
+    sparse = mkfile(fs, ROOT_INODE, b"sparse")
+    fs.write(sparse, 5 * GiB, b"tail")
+    fs = env.reopen()
+    assert fs.lookup(ROOT_INODE, b"dir").ino == d
+    a = fs.lookup(d, b"file")
+    assert (a.ino, a.size, a.nlink, a.uid, a.gid) == (f, len(data), 2, 1000, 1000)
+    assert (a.atime_ns, a.mtime_ns) == (1_000_000_001, 2_000_000_002)
+    assert read_all(fs, f) == data
+    assert fs.readlink(fs.lookup(d, b"link").ino) == b"file"
+    assert fs.lookup(d, b"dev").rdev == os.makedev(4, 5)
+    assert fs.getxattr(f, b"user.k") == b"v\0bin"
+    assert fs.getattr(d).mode == stat.S_IFDIR | 0o2775
+    s = fs.getattr(sparse)
+    assert s.size == 5 * GiB + 4
+    assert fs.read(sparse, 5 * GiB - 2, 10) == b"\0\0tail"
+
+
+def test_uncommitted_changes_are_lost_not_garbled(env):
+    fs = env.fs
+    f = mkfile(fs, ROOT_INODE, b"f", b"old" * 1000)
+    fs.commit()
+    fs.write(f, 0, b"new" * 30000)
+    mkfile(fs, ROOT_INODE, b"g", b"x")
+    env.close(clean=False)  # no commit
+    fs = env.open()
+    assert read_all(fs, f) == b"old" * 1000
+    assert errno_of(fs.lookup, ROOT_INODE, b"g") == errno.ENOENT
+
+
+# --- contents ------------------------------------------------------------------------------------
+
+
+def test_read_write_at_any_offset(fs):
+    f = mkfile(fs, ROOT_INODE, b"f")
+    model = bytearray()
+    import random
+
+    rng = random.Random(5)
+    for _ in range(60):
+        off = rng.choice([0, rng.randrange(4 * BLOCK), BLOCK - 1, BLOCK, 2 * BLOCK + 3,
+                          len(model), len(model) + rng.randrange(BLOCK)])
+        n = rng.choice([1, 7, 100, BLOCK, BLOCK + 1, 3 * BLOCK - 5])
+        data = rng.randbytes(n)
+        fs.write(f, off, data)
+        if off > len(model):
+            model += bytes(off - len(model))
+        model[off : off + n] = data
+        if rng.random() < 0.2:
+            fs.commit()
+        if rng.random() < 0.15:
+            size = rng.randrange(len(model) + BLOCK)
+            fs.setattr(f, SetAttr(size=size))
+            model = model[:size] + bytes(max(0, size - len(model)))
+        r_off = rng.randrange(len(model) + 10)
+        r_n = rng.randrange(1, 3 * BLOCK)
+        assert fs.read(f, r_off, r_n) == bytes(model[r_off : r_off + r_n])
+    assert fs.getattr(f).size == len(model)
+    assert read_all(fs, f) == bytes(model)
+    fs.commit()
+    assert read_all(fs, f) == bytes(model)
+
+
+def test_read_and_write_errors(fs):
+    d = fs.mkdir(ROOT_INODE, b"d", 0o755, ROOT).ino
+    f = mkfile(fs, ROOT_INODE, b"f", b"abc")
+    assert errno_of(fs.read, d, 0, 10) == errno.EISDIR
+    assert errno_of(fs.write, d, 0, b"x") == errno.EISDIR
+    assert errno_of(fs.write, f, -1, b"x") == errno.EINVAL
+    assert errno_of(fs.write, f, 1 << 44, b"x") == errno.EFBIG
+    assert fs.read(f, 100, 10) == b""
+    assert fs.write(f, 1, b"") == 0 and read_all(fs, f) == b"abc"
+
+
+def test_holes_and_st_blocks(fs):
+    f = mkfile(fs, ROOT_INODE, b"f")
+    fs.setattr(f, SetAttr(size=10 * BLOCK))
+    fs.commit()
+    a = fs.getattr(f)
+    assert a.size == 10 * BLOCK and a.blocks == 0
+    assert fs.read(f, 0, 10 * BLOCK) == bytes(10 * BLOCK)
+    fs.write(f, 4 * BLOCK, b"x" * BLOCK)
+    fs.commit()
+    assert fs.getattr(f).blocks == BLOCK // 512
+    fs.write(f, 4 * BLOCK, bytes(BLOCK))  # zeros punch the block back into a hole
+    fs.commit()
+    assert fs.getattr(f).blocks == 0
+    # a short tail block takes only the sectors it needs
+    g = mkfile(fs, ROOT_INODE, b"g", b"y" * 100)
+    fs.commit()
+    assert fs.getattr(g).blocks == SECTOR // 512
+
+
+def test_large_sparse_offsets(fs):
+    f = mkfile(fs, ROOT_INODE, b"big")
+    offs = [4 * GiB - 1, 4 * GiB, 4 * GiB + BLOCK - 3, 17 * GiB + 5]
+    for i, off in enumerate(offs):
+        fs.write(f, off, bytes([65 + i]) * 5)
+    fs.commit()
+    a = fs.getattr(f)
+    assert a.size == 17 * GiB + 10
+    assert a.blocks <= 4 * BLOCK // 512
+    for i, off in enumerate(offs[1:], 1):
+        assert fs.read(f, off - 1, 7)[1:6] == bytes([65 + i]) * 5
+    assert fs.read(f, 4 * GiB - 2, 8) == b"\0" + b"A" + b"BBBBB" + b"\0"
+    fs.setattr(f, SetAttr(size=4 * GiB + 2))
+    assert fs.read(f, 4 * GiB - 2, 100) == b"\0ABB"
+    fs.setattr(f, SetAttr(size=6 * GiB))
+    assert fs.read(f, 4 * GiB - 2, 8) == b"\0ABB\0\0\0\0"
+    assert fs.read(f, 6 * GiB - 4, 100) == bytes(4)
+
+
+def test_truncate_both_ways_zero_fills(fs):
+    f = mkfile(fs, ROOT_INODE, b"f", b"z" * (2 * BLOCK + 100))
+    fs.commit()
+    fs.setattr(f, SetAttr(size=BLOCK + 10))
+    fs.setattr(f, SetAttr(size=3 * BLOCK))
+    assert read_all(fs, f) == b"z" * (BLOCK + 10) + bytes(2 * BLOCK - 10)
+    fs.commit()
+    fs.setattr(f, SetAttr(size=5))
+    fs.commit()
+    fs.setattr(f, SetAttr(size=BLOCK))
+    assert read_all(fs, f) == b"zzzzz" + bytes(BLOCK - 5)
+    d = fs.mkdir(ROOT_INODE, b"d", 0o755, ROOT).ino
+    assert errno_of(fs.setattr, d, SetAttr(size=0)) == errno.EISDIR
+    assert errno_of(fs.setattr, f, SetAttr(size=-1)) == errno.EINVAL
+    assert errno_of(fs.setattr, f, SetAttr(size=(1 << 44) + 1)) == errno.EFBIG
+    p = fs.mknod(ROOT_INODE, b"p", stat.S_IFIFO | 0o644, 0, ROOT).ino
+    assert errno_of(fs.setattr, p, SetAttr(size=0)) == errno.EINVAL
+
+
+def test_open_trunc(fs):
+    f = mkfile(fs, ROOT_INODE, b"f", b"abcdef")
+    fs.open(f, os.O_RDONLY | os.O_TRUNC)  # O_TRUNC with O_RDONLY: unspecified, Linux keeps
+    fs.release(f)
+    assert read_all(fs, f) == b"abcdef"
+    fs.open(f, os.O_WRONLY | os.O_TRUNC)
+    assert fs.getattr(f).size == 0
+    fs.release(f)
+
+
+def test_copy_on_write_frees_old_sectors_only_after_commit(fs):
+    f = mkfile(fs, ROOT_INODE, b"f", b"A" * BLOCK)
+    fs.commit()
+    addr, nsect = fs.db.row("SELECT addr, nsect FROM blocks WHERE inode=?", (f,))
+    old = fs.volume.read(addr * SECTOR, nsect * SECTOR)
+    free0 = fs.alloc.free_count
+    fs.write(f, 0, b"B" * BLOCK)
+    addr2 = fs.db.value("SELECT addr FROM blocks WHERE inode=?", (f,))
+    assert addr2 != addr
+    # the old sectors are neither free nor overwritten before the commit
+    assert not any(s <= addr < s + n for s, n in fs.alloc.extents())
+    assert fs.alloc.free_count == free0 - nsect
+    mkfile(fs, ROOT_INODE, b"g", os.urandom(4 * BLOCK))
+    assert fs.volume.read(addr * SECTOR, nsect * SECTOR) == old
+    fs.commit()
+    assert any(s <= addr < s + n for s, n in fs.alloc.extents())
+    assert read_all(fs, f) == b"B" * BLOCK
+
+
+def test_failed_operation_changes_nothing(fs):
+    f = mkfile(fs, ROOT_INODE, b"f", b"abc")
+    before = fs.db.value("SELECT count(*) FROM dentries")
+    assert errno_of(fs.rename, ROOT_INODE, b"f", ROOT_INODE, b"x" * 300) == errno.ENAMETOOLONG
+    assert fs.db.value("SELECT count(*) FROM dentries") == before
+    assert fs.lookup(ROOT_INODE, b"f").ino == f
+
+
+# --- ENOSPC --------------------------------------------------------------------------------------
+
+
+def _fill(fs: Filesystem, ino: int, chunk: int, start: int = 0) -> int:
+    """Write `chunk`-byte pieces until ENOSPC; returns the bytes written."""
+    off = start
+    piece = b"\xa5" * chunk
+    while True:
+        try:
+            fs.write(ino, off, piece)
+        except FSError as exc:
+            assert exc.errno == errno.ENOSPC
+            return off - start
+        off += chunk
+
+
+@pytest.mark.parametrize("chunk", [BLOCK, 4 * BLOCK, 1000])
+def test_enospc_keeps_data_and_space_comes_back(env, chunk):
+    fs = env.fs
+    keep = os.urandom(3 * BLOCK + 5)
+    k = mkfile(fs, ROOT_INODE, b"keep", keep)
+    fs.commit()
+    free0 = free_sectors(fs)
+    big = mkfile(fs, ROOT_INODE, b"big")
+    written = _fill(fs, big, chunk)
+    assert written > free0 * SECTOR // 2
+    size = fs.getattr(big).size
+    assert size == written
+    # a failed write changed nothing: the file reads back what was written
+    fs.commit()
+    assert fs.read(big, 0, 10) == b"\xa5" * 10
+    assert fs.read(big, size - 10, 100) == b"\xa5" * 10
+    # other data is intact, and so is new metadata
+    assert read_all(fs, k) == keep
+    g = mkfile(fs, ROOT_INODE, b"empty-ok")
+    assert fs.getattr(g).size == 0
+    # ENOSPC came when the volume was full (a write is refused whole, not cut short)
+    assert fs.statfs()["bfree"] * SECTOR < chunk + 2 * BLOCK
+    assert _fill(fs, g, BLOCK) < chunk + 2 * BLOCK
+    # delete: the space comes back (without an explicit commit first)
+    fs.unlink(ROOT_INODE, b"big")
+    again = mkfile(fs, ROOT_INODE, b"again")
+    assert _fill(fs, again, chunk) >= written - 4 * BLOCK
+    fs.unlink(ROOT_INODE, b"again")
+    fs.unlink(ROOT_INODE, b"empty-ok")
+    fs.commit()
+    assert free_sectors(fs) == free0
+    fs = env.reopen()
+    assert read_all(fs, k) == keep
+    assert free_sectors(fs) == free0
+
+
+def test_enospc_failed_write_keeps_old_bytes(env):
+    """A write that fails with ENOSPC leaves the file as it was, even in a partial block."""
+    fs = env.fs
+    f = mkfile(fs, ROOT_INODE, b"f", b"o" * 100)
+    fs.commit()
+    big = mkfile(fs, ROOT_INODE, b"big")
+    _fill(fs, big, BLOCK)
+    with pytest.raises(FSError) as exc:
+        fs.write(f, 50, b"N" * (8 * BLOCK))
+    assert exc.value.errno == errno.ENOSPC
+    assert fs.getattr(f).size == 100
+    assert read_all(fs, f) == b"o" * 100
+    fs.setattr(f, SetAttr(size=BLOCK))  # nothing of the failed write beyond the end either
+    assert read_all(fs, f) == b"o" * 100 + bytes(BLOCK - 100)
+    fs.unlink(ROOT_INODE, b"big")
+    fs.commit()
+    assert read_all(fs, f) == b"o" * 100 + bytes(BLOCK - 100)
+
+
+def test_enospc_small_writes_then_commit(env):
+    """Small writes that stay buffered must not be accepted beyond what commit can store."""
+    fs = env.fs
+    files = []
+    i = 0
+    try:
+        while True:
+            ino = mkfile(fs, ROOT_INODE, b"s%d" % i)
+            files.append(ino)
+            fs.write(ino, 0, b"s" * 3000)
+            fs.write(ino, BLOCK, b"t" * 3000)
+            i += 1
+    except FSError as exc:
+        assert exc.errno == errno.ENOSPC
+    fs.commit()  # everything accepted can be stored
+    for ino in files[:-1]:
+        assert fs.read(ino, 0, 3000) == b"s" * 3000
+    fs.unlink(ROOT_INODE, b"s0")
+    fs.unlink(ROOT_INODE, b"s1")
+    x = mkfile(fs, ROOT_INODE, b"x")
+    fs.write(x, 0, b"x" * BLOCK)
+    fs.commit()
+
+
+# --- rename --------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def tree(fs):
+    """/a/{f, g, sub/{deep}}, /b/{empty/, full/{x}}, /h (file)."""
+    t = {}
+    t["a"] = fs.mkdir(ROOT_INODE, b"a", 0o755, ROOT).ino
+    t["b"] = fs.mkdir(ROOT_INODE, b"b", 0o755, ROOT).ino
+    t["f"] = mkfile(fs, t["a"], b"f", b"F")
+    t["g"] = mkfile(fs, t["a"], b"g", b"G")
+    t["sub"] = fs.mkdir(t["a"], b"sub", 0o755, ROOT).ino
+    t["deep"] = fs.mkdir(t["sub"], b"deep", 0o755, ROOT).ino
+    t["empty"] = fs.mkdir(t["b"], b"empty", 0o755, ROOT).ino
+    t["full"] = fs.mkdir(t["b"], b"full", 0o755, ROOT).ino
+    t["x"] = mkfile(fs, t["full"], b"x", b"X")
+    t["h"] = mkfile(fs, ROOT_INODE, b"h", b"H")
+    return t
+
+
+def test_rename_within_and_across(fs, tree):
+    a, b = tree["a"], tree["b"]
+    fs.rename(a, b"f", a, b"f2")
+    assert fs.lookup(a, b"f2").ino == tree["f"]
+    fs.rename(a, b"f2", b, b"f3")
+    assert fs.lookup(b, b"f3").ino == tree["f"]
+    assert errno_of(fs.lookup, a, b"f2") == errno.ENOENT
+    # a directory moves: link counts of both parents follow, '..' points to the new parent
+    fs.rename(a, b"sub", b, b"sub")
+    assert fs.getattr(a).nlink == 2 and fs.getattr(b).nlink == 5
+    assert fs.lookup(tree["sub"], b"..").ino == b
+    assert errno_of(fs.rename, a, b"missing", b, b"z") == errno.ENOENT
+
+
+def test_rename_over_existing(fs, tree):
+    a, b = tree["a"], tree["b"]
+    fs.rename(a, b"f", a, b"g")  # file over file: g's inode goes
+    assert fs.lookup(a, b"g").ino == tree["f"]
+    assert errno_of(fs.getattr, tree["g"]) == errno.ENOENT
+    fs.rename(a, b"sub", b, b"empty")  # directory over an empty directory
+    assert fs.lookup(b, b"empty").ino == tree["sub"]
+    assert errno_of(fs.getattr, tree["empty"]) == errno.ENOENT
+    assert fs.getattr(a).nlink == 2 and fs.getattr(b).nlink == 4
+
+
+def test_rename_errors(fs, tree):
+    a, b = tree["a"], tree["b"]
+    assert errno_of(fs.rename, a, b"sub", b, b"full") == errno.ENOTEMPTY
+    assert errno_of(fs.rename, a, b"f", b, b"empty") == errno.EISDIR
+    assert errno_of(fs.rename, b, b"empty", a, b"f") == errno.ENOTDIR
+    assert errno_of(fs.rename, ROOT_INODE, b"a", tree["sub"], b"a2") == errno.EINVAL
+    assert errno_of(fs.rename, ROOT_INODE, b"a", tree["deep"], b"a2") == errno.EINVAL
+    assert errno_of(fs.rename, ROOT_INODE, b"a", tree["a"], b"self") == errno.EINVAL
+    assert errno_of(fs.rename, a, b"f", tree["f"], b"x") == errno.ENOTDIR
+    assert errno_of(fs.rename, a, b"f", a, b"") == errno.EINVAL
+    assert errno_of(fs.rename, a, b"f", a, b"g", 4) == errno.EINVAL
+    assert errno_of(fs.rename, a, b"f", a, b"g", RENAME_EXCHANGE | RENAME_NOREPLACE) \
+        == errno.EINVAL
+    # nothing moved
+    assert sorted(names(fs, a)) == [b".", b"..", b"f", b"g", b"sub"]
+
+
+def test_rename_hard_links_to_each_other(fs, tree):
+    a = tree["a"]
+    fs.link(tree["f"], a, b"f-link")
+    fs.rename(a, b"f", a, b"f-link")  # same inode: nothing happens
+    assert fs.lookup(a, b"f").ino == fs.lookup(a, b"f-link").ino == tree["f"]
+    assert fs.getattr(tree["f"]).nlink == 2
+
+
+def test_rename_noreplace(fs, tree):
+    a = tree["a"]
+    assert errno_of(fs.rename, a, b"f", a, b"g", RENAME_NOREPLACE) == errno.EEXIST
+    fs.rename(a, b"f", a, b"new", RENAME_NOREPLACE)
+    assert fs.lookup(a, b"new").ino == tree["f"]
+
+
+def test_rename_exchange(fs, tree):
+    a, b = tree["a"], tree["b"]
+    assert errno_of(fs.rename, a, b"f", a, b"none", RENAME_EXCHANGE) == errno.ENOENT
+    fs.rename(a, b"f", a, b"g", RENAME_EXCHANGE)
+    assert fs.lookup(a, b"f").ino == tree["g"] and fs.lookup(a, b"g").ino == tree["f"]
+    # a file and a directory in different parents trade places; link counts follow
+    fs.rename(a, b"sub", ROOT_INODE, b"h", RENAME_EXCHANGE)
+    assert fs.lookup(ROOT_INODE, b"h").ino == tree["sub"]
+    assert fs.lookup(a, b"sub").ino == tree["h"]
+    assert fs.getattr(a).nlink == 2 and fs.getattr(ROOT_INODE).nlink == 5
+    assert fs.lookup(tree["sub"], b"..").ino == ROOT_INODE
+    # full and empty directories swap even when not empty
+    fs.rename(b, b"full", b, b"empty", RENAME_EXCHANGE)
+    assert fs.lookup(b, b"empty").ino == tree["full"]
+    assert errno_of(fs.rename, ROOT_INODE, b"b", tree["full"], b"x", RENAME_EXCHANGE) \
+        == errno.EINVAL
+
+
+# --- attributes and times ------------------------------------------------------------------------
+
+
+def test_chmod_chown_and_ctime(fs):
+    f = mkfile(fs, ROOT_INODE, b"f", b"x")
+    a0 = fs.getattr(f)
+    a = fs.setattr(f, SetAttr(mode=0o4751))
+    assert a.mode == stat.S_IFREG | 0o4751 and a.ctime_ns >= a0.ctime_ns
+    assert a.mtime_ns == a0.mtime_ns
+    a = fs.setattr(f, SetAttr(uid=7, gid=8))
+    assert (a.uid, a.gid) == (7, 8)
+    d = fs.mkdir(ROOT_INODE, b"d", 0o755, ROOT).ino
+    a = fs.setattr(d, SetAttr(mode=0o1777 | stat.S_IFREG))  # file type bits cannot change
+    assert a.mode == stat.S_IFDIR | 0o1777
+
+
+def test_utimens_nanoseconds(fs):
+    f = mkfile(fs, ROOT_INODE, b"f", b"x")
+    a = fs.setattr(f, SetAttr(atime_ns=1_234_567_890_123_456_789, mtime_ns=987_654_321))
+    assert a.atime_ns == 1_234_567_890_123_456_789 and a.mtime_ns == 987_654_321
+    a2 = fs.setattr(f, SetAttr(mtime_ns=5))  # atime omitted: unchanged
+    assert a2.atime_ns == 1_234_567_890_123_456_789 and a2.mtime_ns == 5
+    assert a2.ctime_ns >= a.ctime_ns
+
+
+def test_time_rules(fs):
+    d = fs.mkdir(ROOT_INODE, b"d", 0o755, ROOT).ino
+    old = 1_000_000_000
+    fs.setattr(d, SetAttr(mtime_ns=old, atime_ns=old))
+    f = mkfile(fs, d, b"f")
+    assert fs.getattr(d).mtime_ns > old  # creating a name changes the directory
+    fs.setattr(f, SetAttr(mtime_ns=old, atime_ns=old))
+    fs.setattr(d, SetAttr(mtime_ns=old))
+    t = fs.getattr(f).ctime_ns
+    fs.write(f, 0, b"data")
+    a = fs.getattr(f)
+    assert a.mtime_ns > old and a.ctime_ns >= t
+    assert fs.getattr(d).mtime_ns == old  # writing a file does not change its directory
+    fs.setattr(f, SetAttr(mtime_ns=old, atime_ns=old))
+    fs.read(f, 0, 4)
+    assert fs.getattr(f).atime_ns > old  # relatime: atime older than mtime is updated
+    atime = fs.getattr(f).atime_ns
+    fs.read(f, 0, 4)
+    assert fs.getattr(f).atime_ns == atime  # ...but not on every read
+    fs.setattr(f, SetAttr(mtime_ns=old))
+    fs.setattr(f, SetAttr(size=2))  # truncation sets mtime
+    assert fs.getattr(f).mtime_ns > old
+    fs.setattr(f, SetAttr(mtime_ns=old))
+    c = fs.getattr(f).ctime_ns
+    fs.setxattr(f, b"user.a", b"1")  # xattrs change ctime, not mtime
+    assert fs.getattr(f).mtime_ns == old and fs.getattr(f).ctime_ns >= c
+    fs.setattr(d, SetAttr(mtime_ns=old))
+    fs.rename(d, b"f", d, b"g")
+    assert fs.getattr(d).mtime_ns > old
+    fs.setattr(d, SetAttr(mtime_ns=old))
+    fs.unlink(d, b"g")
+    assert fs.getattr(d).mtime_ns > old
+
+
+def test_setgid_directory_inheritance(fs):
+    d = fs.mkdir(ROOT_INODE, b"d", 0o2775, ROOT).ino
+    fs.setattr(d, SetAttr(gid=500))
+    f = fs.create(d, b"f", 0o644, os.O_RDWR, USER)
+    fs.release(f.ino)
+    assert f.gid == 500 and f.uid == 1000 and not f.mode & stat.S_ISGID
+    sub = fs.mkdir(d, b"sub", 0o755, USER)
+    assert sub.gid == 500 and sub.mode & stat.S_ISGID
+    deeper = fs.mkdir(sub.ino, b"deeper", 0o700, USER)
+    assert deeper.gid == 500 and deeper.mode & stat.S_ISGID
+    n = fs.mknod(d, b"p", stat.S_IFIFO | 0o644, 0, USER)
+    assert n.gid == 500
+    # outside a setgid directory the creator's group is used
+    plain = fs.mkdir(ROOT_INODE, b"plain", 0o777, ROOT).ino
+    g = fs.create(plain, b"g", 0o644, os.O_RDWR, USER)
+    fs.release(g.ino)
+    assert g.gid == 1000
+    # setgid on a new group-executable file in a setgid dir of a group the caller is not in:
+    # cleared (the kernel's inode_init_owner / mode_strip_sgid rule)
+    e = fs.create(d, b"exe", 0o2755, os.O_RDWR, USER)
+    fs.release(e.ino)
+    assert not e.mode & stat.S_ISGID
+    member = Caller(1000, 1000, (500,))
+    e2 = fs.create(d, b"exe2", 0o2755, os.O_RDWR, member)
+    fs.release(e2.ino)
+    assert e2.mode & stat.S_ISGID
+    # without group execute the bit is kept (it is not a setgid program)
+    e3 = fs.create(d, b"lock", 0o2644, os.O_RDWR, USER)
+    fs.release(e3.ino)
+    assert e3.mode & stat.S_ISGID
+
+
+# --- extended attributes -------------------------------------------------------------------------
+
+
+def test_xattrs(fs):
+    f = mkfile(fs, ROOT_INODE, b"f")
+    assert fs.listxattr(f) == []
+    assert errno_of(fs.getxattr, f, b"user.a") == errno.ENODATA
+    assert errno_of(fs.removexattr, f, b"user.a") == errno.ENODATA
+    assert errno_of(fs.setxattr, f, b"user.a", b"1", XATTR_REPLACE) == errno.ENODATA
+    fs.setxattr(f, b"user.a", b"1", XATTR_CREATE)
+    assert errno_of(fs.setxattr, f, b"user.a", b"2", XATTR_CREATE) == errno.EEXIST
+    fs.setxattr(f, b"user.a", b"2", XATTR_REPLACE)
+    assert fs.getxattr(f, b"user.a") == b"2"
+    fs.setxattr(f, b"user.empty", b"")
+    assert fs.getxattr(f, b"user.empty") == b""
+    fs.setxattr(f, b"trusted.t", b"T")
+    fs.setxattr(f, b"security.s", b"S")
+    assert sorted(fs.listxattr(f)) == [b"security.s", b"trusted.t", b"user.a", b"user.empty"]
+    fs.removexattr(f, b"user.a")
+    assert errno_of(fs.getxattr, f, b"user.a") == errno.ENODATA
+    assert errno_of(fs.setxattr, f, b"other.x", b"1") == errno.EOPNOTSUPP
+    assert errno_of(fs.getxattr, f, b"other.x") == errno.EOPNOTSUPP
+    assert errno_of(fs.setxattr, f, b"user.", b"1") == errno.EINVAL
+    assert errno_of(fs.setxattr, f, b"user." + b"n" * 251, b"1") == errno.ERANGE
+    fs.setxattr(f, b"user." + b"n" * 250, b"v" * 65536)
+    assert errno_of(fs.setxattr, f, b"user.big", b"v" * 65537) == errno.E2BIG
+    d = fs.mkdir(ROOT_INODE, b"d", 0o755, ROOT).ino
+    fs.setxattr(d, b"user.dir", b"yes")
+    assert fs.getxattr(d, b"user.dir") == b"yes"
+    # attributes go with their inode
+    fs.unlink(ROOT_INODE, b"f")
+    assert fs.db.value("SELECT count(*) FROM xattrs WHERE inode=?", (f,)) == 0
+
+
+# --- whole filesystem ----------------------------------------------------------------------------
+
+
+def test_statfs(env, fs):
+    s = fs.statfs()
+    assert s["bsize"] == s["frsize"] == SECTOR
+    assert s["namemax"] == NAME_MAX
+    assert 0 < s["bfree"] <= s["blocks"] <= env.vol.capacity // SECTOR
+    assert s["bavail"] == s["bfree"]
+    f = mkfile(fs, ROOT_INODE, b"f", os.urandom(10 * BLOCK))
+    fs.commit()
+    s2 = fs.statfs()
+    assert s2["bfree"] == s["bfree"] - 10 * BLOCK // SECTOR
+    assert s2["files"] - s2["ffree"] == 2  # root and f
+    fs.unlink(ROOT_INODE, b"f")
+    fs.commit()
+    assert fs.statfs()["bfree"] == s["bfree"]
+    assert errno_of(fs.getattr, f) == errno.ENOENT
