@@ -63,7 +63,6 @@ class FileData:
         self.alloc = alloc
         self.dirty: dict[int, dict[int, bytearray]] = {}
         self.dirty_bytes = 0
-        self._write_out_errno = errno.ENOSPC
         self._seq_end: dict[int, int] = {}
 
     # --- reading ------------------------------------------------------------------------------
@@ -164,22 +163,15 @@ class FileData:
         new_size = max(size, end)
         if not len(view):
             return size
-        if self.dirty_bytes > 2 * DIRTY_LIMIT:
-            # Earlier write-outs failed (see below): refuse more before changing anything.
-            raise FSError(self._write_out_errno, "the write buffers are full and cannot be "
-                          "written out (volume full?)")
         dirty = self.dirty.setdefault(ino, {})
         sequential = self._seq_end.get(ino) == offset
         ready: list[tuple[int, bytes | bytearray | memoryview]] = []
-        popped: dict[int, bytearray] = {}  # buffers taken out of `dirty`, put back on failure
         for blk in range(offset // BLOCK, (end - 1) // BLOCK + 1):
             bs = blk * BLOCK
             lo, hi = max(offset, bs), min(end, bs + BLOCK)
             piece = view[lo - offset : hi - offset]
             if lo == bs and hi == bs + BLOCK:
-                old = dirty.pop(blk, None)
-                if old is not None:
-                    popped[blk] = old
+                if dirty.pop(blk, None) is not None:
                     self.dirty_bytes -= BLOCK
                 ready.append((blk, piece))
                 continue
@@ -190,31 +182,15 @@ class FileData:
                 self.dirty_bytes += BLOCK
             buf[lo - bs : hi - bs] = piece
             if hi == bs + BLOCK and sequential:
-                popped[blk] = dirty.pop(blk)
-                ready.append((blk, popped[blk]))
+                ready.append((blk, dirty.pop(blk)))
                 self.dirty_bytes -= BLOCK
         self._seq_end[ino] = end
         if ready:
-            try:
-                self.store(ino, ready, new_size)
-            except BaseException:
-                # Nothing was stored: keep what earlier (acknowledged) writes buffered.
-                for blk, buf in popped.items():
-                    dirty[blk] = buf
-                    self.dirty_bytes += BLOCK
-                self._seq_end.pop(ino, None)
-                raise
+            self.store(ino, ready, new_size)
         if not dirty:
             del self.dirty[ino]
         if self.dirty_bytes > DIRTY_LIMIT:
-            try:
-                self.write_out_all(lambda i: new_size if i == ino else None)
-            except OSError as exc:
-                # This write is buffered and stands. Blocks stored before the failure are in
-                # the block map (failing here would roll them back while their buffers are
-                # gone); the rest stay buffered, and fsync or the next commit reports it.
-                self._write_out_errno = exc.errno or errno.EIO
-                log.warning("writing out buffered data failed (%s); kept in memory", exc)
+            self.write_out_all(lambda i: new_size if i == ino else None)
         return new_size
 
     def store(self, ino: int, blocks: list[tuple[int, bytes | bytearray | memoryview]],
