@@ -224,6 +224,14 @@ def cmd_umount(args: argparse.Namespace) -> int:
 
 def cmd_fsck(args: argparse.Namespace) -> int:
     """Exit status as e2fsck: 0 clean, 1 errors corrected, 4 errors left, 8 cannot check."""
+    try:
+        return _fsck(args)
+    except (CommandError, ConfigError, RaidError, OSError) as exc:
+        print(f"dwfs: error: {exc}", file=sys.stderr)
+        return 8
+
+
+def _fsck(args: argparse.Namespace) -> int:
     from vfs import fsck as vfsck
     from vfs.errors import FSError
     from vfs.fs import Filesystem
