@@ -38,7 +38,7 @@ from raid.errors import RaidError
 
 log = logging.getLogger("dwfs")
 out = Console(soft_wrap=True, width=None if sys.stdout.isatty() else 160)
-err = Console(stderr=True)
+err = Console(stderr=True, soft_wrap=True)
 
 MOUNT_TIMEOUT = 120.0
 UMOUNT_TIMEOUT = 300.0
@@ -224,6 +224,14 @@ def cmd_umount(args: argparse.Namespace) -> int:
 
 def cmd_fsck(args: argparse.Namespace) -> int:
     """Exit status as e2fsck: 0 clean, 1 errors corrected, 4 errors left, 8 cannot check."""
+    try:
+        return _fsck(args)
+    except (CommandError, ConfigError, RaidError, OSError) as exc:
+        print(f"dwfs: error: {exc}", file=sys.stderr)
+        return 8
+
+
+def _fsck(args: argparse.Namespace) -> int:
     from vfs import fsck as vfsck
     from vfs.errors import FSError
     from vfs.fs import Filesystem

@@ -215,6 +215,11 @@ def serve(warehouse: str, mountpoint: str, ready_fd: int | None, debug: bool = F
         log.info("mounted %s (%s, %s) at %s", cfg.directory, "raw volume" if raw else "filesystem",
                  volume.geometry.level, mountpoint)
         daemon = Daemon(cfg, ops, volume, mountpoint, fs)
+        # While mounted, trio's signal receiver handles these; when it stops (after the
+        # unmount) they fall back to "ignore", so nothing cuts the close short. systemd stops
+        # a .mount unit with umount(8), then SIGTERMs the processes left in the unit.
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            signal.signal(sig, signal.SIG_IGN)
         trio.run(daemon.run, lambda: report("ready"))
         return 0
     except (ConfigError, RaidError, OSError, ValueError) as exc:
@@ -222,6 +227,9 @@ def serve(warehouse: str, mountpoint: str, ready_fd: int | None, debug: bool = F
         report(f"error: {exc}")
         return 1
     finally:
+        # Closing commits and writes the metadata copy: let no signal cut that short.
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            signal.signal(sig, signal.SIG_IGN)
         if mounted:
             pyfuse3.close(unmount=is_mounted(os.path.abspath(mountpoint)))
         if ops is not None:

@@ -11,6 +11,8 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import apsw
+
 from backends import BACKENDS, Member, MemberIOError, create_member, open_member
 from dwfs.config import CONFIG_NAME, WarehouseConfig
 from raid.assemble import assemble, create_array, read_label
@@ -18,8 +20,9 @@ from raid.errors import ArrayCreateError, RaidError
 from raid.geometry import Geometry
 from raid.label import LabelError
 from raid.volume import Volume
+from vfs.errors import FSError
 from vfs.fs import Filesystem
-from vfs.metacopy import write_copy
+from vfs.metacopy import latest_copy, write_copy
 from vfs.metadb import META_NAME, MetaDB
 
 log = logging.getLogger(__name__)
@@ -202,17 +205,36 @@ def open_filesystem(cfg: WarehouseConfig, volume: Volume) -> Filesystem:
     """The filesystem stored in an assembled warehouse volume."""
     path = meta_path(cfg)
     if not os.path.exists(path):
+        if latest_copy(volume) is None:
+            raise WarehouseError(
+                f"{cfg.directory} holds no filesystem (no metadata database, no copy of one on "
+                "the volume): a warehouse made by an earlier dwfs has only the raw volume; "
+                "`dwfs mount --raw` mounts it", errno.ENOENT)
         raise WarehouseError(
             f"the metadata database {path} is missing; `dwfs fsck --repair {cfg.directory}` "
             "restores it from the copy on the volume", errno.ENOENT)
-    return Filesystem(MetaDB(path), volume)
+    db = None
+    try:
+        db = MetaDB(path)
+        return Filesystem(db, volume)  # reads the whole block map: finds most damage
+    except (FSError, apsw.Error) as exc:
+        if db is not None:
+            db.close()
+        raise WarehouseError(
+            f"the metadata database {path} is damaged ({exc}); `dwfs fsck --repair "
+            f"{cfg.directory}` restores it from the copy on the volume", errno.EIO) from exc
 
 
 def runtime_dir() -> str:
-    """Where control sockets live."""
-    base = os.environ.get("XDG_RUNTIME_DIR") or (
-        "/run" if os.getuid() == 0 and os.path.isdir("/run") else "/tmp"
-    )
+    """Where control sockets live.
+
+    For root always /run: a mount made by mount(8) or systemd (no XDG_RUNTIME_DIR) must be
+    found by `dwfs status` from a login shell (XDG_RUNTIME_DIR=/run/user/0) and vice versa.
+    """
+    if os.getuid() == 0 and os.path.isdir("/run"):
+        base = "/run"
+    else:
+        base = os.environ.get("XDG_RUNTIME_DIR") or "/tmp"
     path = os.path.join(base, f"dwfs-{os.getuid()}")
     os.makedirs(path, mode=0o700, exist_ok=True)
     return path

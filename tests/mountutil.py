@@ -63,6 +63,26 @@ def force_unmount(mountpoint, warehouse=None) -> None:
                 os.kill(pid, signal.SIGKILL)
 
 
+def drop_caches() -> None:
+    """Make the next reads reach the daemon (root only; otherwise a no-op)."""
+    if os.getuid() == 0:
+        subprocess.run(["sync"], check=True)
+        with open("/proc/sys/vm/drop_caches", "w") as f:
+            f.write("3\n")
+
+
+def wait_for_log(warehouse, text: str, timeout: float = 20) -> str:
+    """Wait until the warehouse's dwfs.log contains `text`; returns the log."""
+    log = os.path.join(warehouse, "dwfs.log")
+    deadline = time.monotonic() + timeout
+    while True:
+        with open(log, encoding="utf-8", errors="replace") as f:
+            content = f.read()
+        if text in content or time.monotonic() > deadline:
+            return content
+        time.sleep(0.2)
+
+
 class FsMount:
     """A warehouse's filesystem mounted through the dwfs command line."""
 

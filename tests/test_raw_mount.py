@@ -10,7 +10,7 @@ import sys
 import time
 
 import pytest
-from mountutil import daemon_pid, dwfs, is_mounted, pid_alive, status
+from mountutil import daemon_pid, drop_caches, dwfs, is_mounted, pid_alive, status, wait_for_log
 
 from backends import open_member
 from dwfs.config import load_config
@@ -46,13 +46,6 @@ def _read(path, offset, length):
         os.close(fd)
 
 
-def _drop_caches() -> None:
-    if os.getuid() == 0:
-        subprocess.run(["sync"], check=True)
-        with open("/proc/sys/vm/drop_caches", "w") as f:
-            f.write("3\n")
-
-
 @pytest.mark.parametrize("backend", ["file", "sqlite"])
 def test_write_read_remount(tmp_path, raw_mount, backend):
     wh = _mkfs(tmp_path, backend=backend)
@@ -68,7 +61,7 @@ def test_write_read_remount(tmp_path, raw_mount, backend):
     m.umount()
     assert pid is not None and not pid_alive(pid), "umount returned before the daemon exited"
     m.mount()
-    _drop_caches()
+    drop_caches()
     assert _read(m.volume, 777, len(data)) == data
     assert _read(m.volume, 0, 777) == head
     m.umount()
@@ -84,7 +77,7 @@ def test_dd_and_cmp(tmp_path, raw_mount):
     src.write_bytes(os.urandom(8 * MiB))
     subprocess.run(["dd", f"if={src}", f"of={m.volume}", "bs=1M", "conv=fsync,notrunc",
                     "status=none"], check=True)
-    _drop_caches()
+    drop_caches()
     subprocess.run(["cmp", "-n", str(8 * MiB), str(src), m.volume], check=True)
     # Without notrunc dd would truncate: refused, and the volume keeps its size and data.
     p = subprocess.run(["dd", f"if={src}", f"of={m.volume}", "bs=1M", "count=1",
@@ -138,16 +131,13 @@ def test_member_deleted_while_mounted_then_replaced_online(tmp_path, raw_mount):
     victim = status(wh)["members"][2]["path"]
     os.unlink(victim)
     # The daemon notices by itself, without anyone asking for status.
-    deadline = time.monotonic() + 20
-    log = wh / "dwfs.log"
-    while "taken out of service" not in log.read_text() and time.monotonic() < deadline:
-        time.sleep(0.2)
-    assert f"({victim}) failed and is taken out of service" in log.read_text()
+    log = wait_for_log(wh, "taken out of service")
+    assert f"({victim}) failed and is taken out of service" in log
     doc = status(wh)
     assert doc["state"] == "degraded"
     bad = [x for x in doc["members"] if x["state"] != "active"]
     assert [x["path"] for x in bad] == [victim]
-    _drop_caches()
+    drop_caches()
     assert _read(m.volume, 0, len(data)) == data
     more = os.urandom(2 * MiB)
     _write(m.volume, 21 * MiB, more)
@@ -159,7 +149,7 @@ def test_member_deleted_while_mounted_then_replaced_online(tmp_path, raw_mount):
     m.umount()
     assert '"errors": 0' in dwfs("scrub", wh, "--json").stdout
     m.mount()
-    _drop_caches()
+    drop_caches()
     assert _read(m.volume, 0, len(data)) == data
     assert _read(m.volume, 21 * MiB, len(more)) == more
 
@@ -178,7 +168,7 @@ def test_corruption_detected_counted_and_repaired(tmp_path, raw_mount):
             f.seek(g.data_offset + i * 7 * g.chunk + 100)
             f.write(os.urandom(64))
     m.mount()
-    _drop_caches()
+    drop_caches()
     assert _read(m.volume, 0, len(data)) == data
     doc = status(wh)
     assert doc["members"][1]["checksum_errors"] > 0
@@ -221,7 +211,7 @@ def test_kill9_daemon_keeps_fsynced_data(tmp_path, raw_mount):
         subprocess.run(["fusermount3", "-uz", m.mountpoint], check=False)
     assert not is_mounted(m.mountpoint)
     m.mount()
-    _drop_caches()
+    drop_caches()
     assert _read(m.volume, 0, len(synced)) == synced
     m.umount()
     assert '"errors": 0' in dwfs("scrub", wh, "--json").stdout
@@ -306,7 +296,7 @@ def test_loop_mounted_ext4_survives_a_lost_member(tmp_path, raw_mount):
         subprocess.run(["losetup", "-d", loop], check=True)
     os.unlink(status(wh)["members"][0]["path"])
     assert status(wh)["state"] == "degraded"
-    _drop_caches()
+    drop_caches()
     fsck = subprocess.run(["e2fsck", "-fn", m.volume], capture_output=True, text=True)
     assert fsck.returncode == 0, fsck.stdout + fsck.stderr
     loop = subprocess.run(["losetup", "-f", "--show", "-r", m.volume], capture_output=True,
@@ -447,7 +437,7 @@ def test_random_io_matches_a_model(tmp_path, raw_mount, level, devices):
         if round_ == 0:
             m.umount()
             m.mount()
-    _drop_caches()
+    drop_caches()
     with open(m.volume, "rb") as f:
         assert f.read() == bytes(model)
 
