@@ -232,6 +232,8 @@ def test_open_flags(d):
     os.write(fd, b"new")
     os.close(fd)
     assert read_file(p) == b"new"
+    os.close(os.open(p, os.O_RDONLY | os.O_TRUNC))  # unspecified by POSIX; Linux truncates
+    assert os.stat(p).st_size == 0
 
 
 def test_pread_pwrite_any_offset(d):
@@ -337,6 +339,28 @@ def test_unlink_open_file(mnt, d):
     os.close(fd2)
     os.sync()
     assert os.statvfs(mnt.mountpoint).f_bfree >= free0 + 300_000 // 4096 - 1
+
+
+def test_removed_directory_while_open(d):
+    os.mkdir(f"{d}/gone")
+    fd = os.open(f"{d}/gone", os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.rmdir(f"{d}/gone")
+        st = os.fstat(fd)
+        assert stat.S_ISDIR(st.st_mode) and st.st_nlink == 0
+        assert os.listdir(fd) == []
+        assert errno_of(os.mkdir, f"/proc/self/fd/{fd}/x") == errno.ENOENT
+    finally:
+        os.close(fd)
+    os.mkdir(f"{d}/src")
+    os.mkdir(f"{d}/dst")
+    fd = os.open(f"{d}/dst", os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.rename(f"{d}/src", f"{d}/dst")
+        assert os.fstat(fd).st_nlink == 0
+    finally:
+        os.close(fd)
+    assert os.listdir(d) == ["dst"]
 
 
 def test_fsync_fdatasync(d):

@@ -244,6 +244,28 @@ def test_unlink_open_file_keeps_data_until_last_close(env, fs):
     assert free_sectors(fs) == free0
 
 
+def test_removed_directory_lives_while_open(fs):
+    d = fs.mkdir(ROOT_INODE, b"d", 0o755, ROOT).ino
+    fs.opendir(d)
+    fs.rmdir(ROOT_INODE, b"d")
+    a = fs.getattr(d)
+    assert stat.S_ISDIR(a.mode) and a.nlink == 0
+    assert fs.readdir(d, 0) == []
+    assert errno_of(fs.mkdir, d, b"x", 0o755, ROOT) == errno.ENOENT
+    assert errno_of(fs.create, d, b"x", 0o644, os.O_RDWR, ROOT) == errno.ENOENT
+    fs.releasedir(d)
+    assert errno_of(fs.getattr, d) == errno.ENOENT
+    # replaced by a rename: the same
+    e = fs.mkdir(ROOT_INODE, b"e", 0o755, ROOT).ino
+    t = fs.mkdir(ROOT_INODE, b"t", 0o755, ROOT).ino
+    fs.opendir(t)
+    fs.rename(ROOT_INODE, b"e", ROOT_INODE, b"t")
+    assert fs.getattr(t).nlink == 0 and fs.lookup(ROOT_INODE, b"t").ino == e
+    assert fs.getattr(ROOT_INODE).nlink == 3
+    fs.releasedir(t)
+    assert errno_of(fs.getattr, t) == errno.ENOENT
+
+
 def test_orphans_freed_at_reopen(env):
     fs = env.fs
     free0 = free_sectors(fs)
@@ -406,11 +428,16 @@ def test_truncate_both_ways_zero_fills(fs):
 
 def test_open_trunc(fs):
     f = mkfile(fs, ROOT_INODE, b"f", b"abcdef")
-    fs.open(f, os.O_RDONLY | os.O_TRUNC)  # O_TRUNC with O_RDONLY: unspecified, Linux keeps
-    fs.release(f)
-    assert read_all(fs, f) == b"abcdef"
     fs.open(f, os.O_WRONLY | os.O_TRUNC)
     assert fs.getattr(f).size == 0
+    fs.release(f)
+    fs.write(f, 0, b"abc")
+    fs.open(f, os.O_RDONLY | os.O_TRUNC)  # unspecified by POSIX; Linux truncates
+    assert fs.getattr(f).size == 0
+    fs.release(f)
+    fs.write(f, 0, b"abc")
+    fs.open(f, os.O_RDONLY)
+    assert read_all(fs, f) == b"abc"
     fs.release(f)
 
 

@@ -502,9 +502,10 @@ class Filesystem:
 
     @operation
     def open(self, ino: int, flags: int) -> Attr:
-        """Open an inode; O_TRUNC empties a regular file."""
+        """Open an inode; O_TRUNC empties a regular file (even opened O_RDONLY, as Linux does:
+        the kernel has checked write permission)."""
         r = self._row(ino)
-        if flags & os.O_TRUNC and stat.S_ISREG(r[1]) and flags & os.O_ACCMODE != os.O_RDONLY:
+        if flags & os.O_TRUNC and stat.S_ISREG(r[1]):
             if r[5]:
                 self._truncate(r, 0)
             self._touch(ino)
@@ -601,13 +602,22 @@ class Filesystem:
 
     @operation
     def opendir(self, ino: int) -> None:
-        """Check that an inode is a directory that can be listed."""
+        """Open a directory for listing; a removed directory lives on until its last close
+        (fstat of an open, removed directory shows it with no links, as Linux does)."""
         self._dir_row(ino)
+        self.opens[ino] = self.opens.get(ino, 0) + 1
+
+    @operation
+    def releasedir(self, ino: int) -> None:
+        """Close one open of a directory."""
+        self.release(ino)
 
     @operation
     def readdir(self, ino: int, cookie: int, limit: int = 256) -> list[DirEntry]:
         """Entries after `cookie` (0 starts at '.'), with attributes and resume cookies."""
         r = self._dir_row(ino)
+        if r[2] == 0:
+            return []  # removed while open: nothing to list, as ext4
         out: list[DirEntry] = []
         if cookie == 0:
             out.append(DirEntry(b".", self._attr(r), 1))
