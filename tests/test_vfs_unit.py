@@ -706,6 +706,17 @@ def test_time_rules(fs):
     fs.setattr(f, SetAttr(size=2))  # truncation sets mtime
     assert fs.getattr(f).mtime_ns > old
     fs.setattr(f, SetAttr(mtime_ns=old))
+    fs.setattr(f, SetAttr(size=2))  # ...even to the same size (as ext4)
+    assert fs.getattr(f).mtime_ns > old
+    fs.setattr(d, SetAttr(atime_ns=old, mtime_ns=old + 1))
+    names(fs, d)  # listing a directory is reading it (relatime)
+    assert fs.getattr(d).atime_ns > old
+    s = fs.symlink(d, b"s", b"f", ROOT).ino
+    fs.setattr(s, SetAttr(atime_ns=old, mtime_ns=old + 1))
+    fs.readlink(s)
+    assert fs.getattr(s).atime_ns > old
+    fs.unlink(d, b"s")
+    fs.setattr(f, SetAttr(mtime_ns=old))
     c = fs.getattr(f).ctime_ns
     fs.setxattr(f, b"user.a", b"1")  # xattrs change ctime, not mtime
     assert fs.getattr(f).mtime_ns == old and fs.getattr(f).ctime_ns >= c

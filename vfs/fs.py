@@ -231,12 +231,14 @@ class Filesystem:
         now = _now()
         sets: list[str] = []
         args: list[Any] = []
-        if ch.size is not None and ch.size != r[5]:
-            self._truncate(r, ch.size)
+        if ch.size is not None:
+            # Every truncation sets mtime, even to the same size (as ext4 and btrfs do).
+            if ch.size != r[5]:
+                self._truncate(r, ch.size)
+            else:
+                self._check_truncatable(r, ch.size)
             sets.append("mtime_ns=?")
             args.append(now if ch.mtime_ns is None else ch.mtime_ns)
-        elif ch.size is not None:
-            self._check_truncatable(r, ch.size)
         if ch.mode is not None:
             sets.append("mode=?")
             args.append(stat.S_IFMT(r[1]) | (ch.mode & 0o7777))
@@ -339,12 +341,11 @@ class Filesystem:
     @operation
     def readlink(self, ino: int) -> bytes:
         """The target of a symbolic link."""
-        r = self.db.row("SELECT mode, target FROM inodes WHERE id=?", (ino,))
-        if r is None:
-            raise FSError(errno.ENOENT, f"no inode {ino}")
-        if not stat.S_ISLNK(r[0]):
+        r = self._row(ino)
+        if not stat.S_ISLNK(r[1]):
             raise FSError(errno.EINVAL, f"inode {ino} is not a symbolic link")
-        return bytes(r[1])
+        self._accessed(r)
+        return bytes(self.db.value("SELECT target FROM inodes WHERE id=?", (ino,)))
 
     @operation
     def link(self, ino: int, parent: int, name: bytes) -> Attr:
@@ -531,10 +532,15 @@ class Filesystem:
         if offset < 0:
             raise FSError(errno.EINVAL, f"negative offset {offset}")
         data = self.data.read(ino, r[5], offset, length)
+        self._accessed(r)
+        return data
+
+    def _accessed(self, r: tuple) -> None:
+        """Update atime as relatime does: when it is not newer than mtime or ctime, or a day
+        old."""
         now = _now()
         if r[7] <= r[8] or r[7] <= r[9] or now - r[7] > RELATIME_SECONDS * 10**9:
-            self.db.change("UPDATE inodes SET atime_ns=? WHERE id=?", (now, ino))
-        return data
+            self.db.change("UPDATE inodes SET atime_ns=? WHERE id=?", (now, r[0]))
 
     def _sectors_short(self, ino: int, first: int, last: int) -> int:
         """How many sectors are missing to make blocks first..last of a file dirty.
@@ -618,6 +624,8 @@ class Filesystem:
         r = self._dir_row(ino)
         if r[2] == 0:
             return []  # removed while open: nothing to list, as ext4
+        if cookie == 0:
+            self._accessed(r)
         out: list[DirEntry] = []
         if cookie == 0:
             out.append(DirEntry(b".", self._attr(r), 1))
