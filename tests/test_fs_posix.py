@@ -723,3 +723,28 @@ def test_remount_keeps_everything(mnt, d):
     assert read_file(f"{d}/f") == b"persist"
     assert os.getxattr(f"{d}/f", "user.k") == b"v"
     assert os.readlink(f"{d}/l") == "f"
+
+
+def test_fsync_survives_kill9(mounted_fs):
+    """Data fsync returned for survives kill -9 of the daemon and a remount."""
+    from mountutil import daemon_pid, force_unmount
+
+    m = mounted_fs
+    synced = os.urandom(200_000)
+    write_file(m.path("synced"), synced)
+    fd = os.open(m.path("synced"), os.O_RDWR)
+    os.pwrite(fd, b"tail-synced", len(synced))
+    os.fdatasync(fd)
+    os.close(fd)
+    os.mkdir(m.path("dir"))
+    fd = os.open(m.path("dir/f"), os.O_WRONLY | os.O_CREAT, 0o600)
+    os.write(fd, b"in a new directory")
+    os.fsync(fd)
+    os.close(fd)
+    pid = daemon_pid(m.warehouse)
+    os.kill(pid, 9)
+    force_unmount(m.mountpoint, m.warehouse)
+    m.mount()
+    assert read_file(m.path("synced")) == synced + b"tail-synced"
+    assert read_file(m.path("dir/f")) == b"in a new directory"
+    assert stat.S_IMODE(os.stat(m.path("dir/f")).st_mode) == 0o600
