@@ -550,7 +550,10 @@ class Filesystem:
         (copy-on-write), so a write accepted now can always be stored by the next commit.
         """
         dirty = self.data.dirty.get(ino, {})
-        already = sum(1 for b in dirty if first <= b <= last)
+        if last - first < len(dirty):
+            already = sum(1 for b in range(first, last + 1) if b in dirty)
+        else:
+            already = sum(1 for b in dirty if first <= b <= last)
         blocks = self.data.dirty_bytes // BLOCK + (last - first + 1) - already
         return max(0, blocks * SECTORS_PER_BLOCK - self.alloc.free_count)
 
