@@ -5,8 +5,6 @@ directory (ext4 under /var/tmp) must give the same errno or result, and leave th
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import errno
 import itertools
 import os
@@ -26,6 +24,7 @@ from hypothesis.stateful import (
     run_state_machine_as_test,
 )
 from mountutil import FsMount, make_warehouse
+from posixutil import NOBODY, RENAME_EXCHANGE, RENAME_NOREPLACE, as_user, renameat2
 
 LONG = "L" * 255
 TOO_LONG = "T" * 256
@@ -43,17 +42,47 @@ OPEN_FLAGS = [
     os.O_RDONLY | os.O_DIRECTORY,
 ]
 MAX_OPEN = 6
-
-_libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
-RENAME_NOREPLACE = 1
-RENAME_EXCHANGE = 2
+OWNERS = [(0, 0), (NOBODY, NOBODY), (0, 4321), (NOBODY, 4321)]
 
 
-def renameat2(old: str, new: str, flags: int) -> None:
-    if _libc.renameat2(-100, old.encode(), -100, new.encode(), flags) != 0:
-        e = ctypes.get_errno()
-        raise OSError(e, os.strerror(e), old)
+def _append(p: str) -> int:
+    fd = os.open(p, os.O_WRONLY | os.O_APPEND)
+    try:
+        return os.write(fd, b"by nobody")
+    finally:
+        os.close(fd)
 
+
+def _read(p: str) -> bytes:
+    with open(p, "rb") as f:
+        return f.read()
+
+
+# Operations a non-root user tries; the kernel's default_permissions and the filesystem's own
+# rules (sticky and setgid directories, ownership of new files) decide.
+NOBODY_OPS = {
+    "create": lambda p: os.close(os.open(p, os.O_WRONLY | os.O_CREAT, 0o666)),
+    "create_setgid": lambda p: os.close(os.open(p, os.O_WRONLY | os.O_CREAT, 0o2775)),
+    "append": _append,
+    "read": _read,
+    "mkdir": lambda p: os.mkdir(p, 0o777),
+    "unlink": os.unlink,
+    "rmdir": os.rmdir,
+    "chmod": lambda p: os.chmod(p, 0o2770),
+    "chown_group": lambda p: os.chown(p, -1, 4321),
+    "utime_now": lambda p: os.utime(p),
+    "utime_set": lambda p: os.utime(p, ns=(5, 5)),
+    "truncate": lambda p: os.truncate(p, 1),
+    "setxattr": lambda p: os.setxattr(p, "user.n", b"nobody"),
+    "getxattr": lambda p: os.getxattr(p, "user.a"),
+    "listdir": lambda p: sorted(os.listdir(p)),
+    "stat": lambda p: stat_key(os.stat(p)),
+}
+NOBODY_OPS2 = {
+    "rename": os.rename,
+    "link": os.link,
+    "symlink": lambda a, b: os.symlink("t", b),
+}
 
 def outcome(func):
     """('ok', result) or ('err', errno name) of calling func()."""
@@ -115,6 +144,7 @@ class PosixModel(RuleBasedStateMachine):
                                                                            f"ex{n}"))
         for r in self.roots:
             os.mkdir(r)
+            os.chmod(r, 0o777)
         self.fds: list[tuple[int, int]] = []
 
     # --- helpers ---------------------------------------------------------------------------------
@@ -248,6 +278,21 @@ class PosixModel(RuleBasedStateMachine):
 
     # --- attributes ------------------------------------------------------------------------------
 
+    @rule(data=st.data(), owner=st.sampled_from(OWNERS))
+    def chown(self, data, owner):
+        self.both(lambda p: os.chown(p, *owner), self.path(data))
+
+    @rule(data=st.data(), op=st.sampled_from(sorted(NOBODY_OPS)))
+    def as_nobody(self, data, op):
+        func = NOBODY_OPS[op]
+        self.both(lambda p: as_user(lambda: func(p)), self.path(data))
+
+    @rule(data=st.data(), op=st.sampled_from(sorted(NOBODY_OPS2)))
+    def as_nobody2(self, data, op):
+        func = NOBODY_OPS2[op]
+        self.both(lambda a, b: as_user(lambda: func(a, b)), self.path(data, old=True),
+                  self.path(data, new=data.draw(st.booleans())))
+
     @rule(data=st.data(), mode=st.sampled_from(MODES))
     def chmod(self, data, mode):
         self.both(lambda p: os.chmod(p, mode), self.path(data))
@@ -368,11 +413,13 @@ class PosixModel(RuleBasedStateMachine):
 @pytest.fixture(scope="module")
 def model_mount():
     base = tempfile.mkdtemp(prefix="dwfs-model-", dir="/var/tmp")
+    os.chmod(base, 0o755)  # the non-root steps must reach both trees
     m = FsMount(make_warehouse(os.path.join(base, "wh")), os.path.join(base, "mnt"))
     ref = os.path.join(base, "ref")
     os.mkdir(ref)
     try:
         m.mount()
+        os.chmod(m.mountpoint, 0o755)
         yield m, ref
     finally:
         m.cleanup()
@@ -381,11 +428,13 @@ def model_mount():
 
 @pytest.mark.timeout(600)
 def test_posix_model(model_mount):
+    """DWFS_MODEL_EXAMPLES=300 in the environment searches longer."""
     m, ref = model_mount
     PosixModel.mount_root = m.mountpoint
     PosixModel.ref_root = ref
     run_state_machine_as_test(
         PosixModel,
-        settings=settings(max_examples=30, stateful_step_count=40, deadline=None,
+        settings=settings(max_examples=int(os.environ.get("DWFS_MODEL_EXAMPLES", "30")),
+                          stateful_step_count=40, deadline=None,
                           database=None, suppress_health_check=list(HealthCheck)),
     )
