@@ -101,7 +101,7 @@ class Filesystem:
         used = [(0, RESERVED_SECTORS)]
         used += list(db.rows("SELECT addr, nsect FROM blocks"))
         used += list(db.rows("SELECT addr, nsect FROM metacopy"))
-        self.alloc = Allocator(total, used)
+        self.alloc = Allocator(total, used, run=SECTORS_PER_BLOCK)
         self.data = FileData(db, volume, self.alloc)
         self.opens: dict[int, int] = {}
         self._free_orphans()
@@ -542,12 +542,15 @@ class Filesystem:
         if r[7] <= r[8] or r[7] <= r[9] or now - r[7] > RELATIME_SECONDS * 10**9:
             self.db.change("UPDATE inodes SET atime_ns=? WHERE id=?", (now, r[0]))
 
-    def _sectors_short(self, ino: int, first: int, last: int) -> int:
-        """How many sectors are missing to make blocks first..last of a file dirty.
+    def _blocks_short(self, ino: int, first: int, last: int) -> int:
+        """How many block-sized pieces of free space are missing to make blocks first..last of
+        a file dirty.
 
         Space is promised before it is used: every dirty block (and every block a change is
-        about to dirty) may need a whole block of new sectors when it is written out
-        (copy-on-write), so a write accepted now can always be stored by the next commit.
+        about to dirty) may need a whole block of contiguous new sectors when it is written
+        out (copy-on-write), so a write accepted now can always be stored by the next commit.
+        Free space is counted in whole-block pieces (fragments smaller than a block cannot
+        hold one), with one piece to spare for an allocation that splits a piece.
         """
         dirty = self.data.dirty.get(ino, {})
         if last - first < len(dirty):
@@ -555,7 +558,7 @@ class Filesystem:
         else:
             already = sum(1 for b in dirty if first <= b <= last)
         blocks = self.data.dirty_bytes // BLOCK + (last - first + 1) - already
-        return max(0, blocks * SECTORS_PER_BLOCK - self.alloc.free_count)
+        return max(0, blocks + 1 - self.alloc.runs)
 
     def _reserve(self, ino: int, first: int, last: int) -> None:
         """Make sure blocks first..last of a file can become dirty, else raise ENOSPC.
@@ -563,13 +566,13 @@ class Filesystem:
         Sectors freed since the last commit (deleted files, overwritten blocks) become usable
         only after a commit, so one is made when the free ones do not suffice.
         """
-        if not self._sectors_short(ino, first, last):
+        if not self._blocks_short(ino, first, last):
             return
         if self._depth == 0 and (self.alloc.held_count or self.needs_commit()):
             self.commit()
-        short = self._sectors_short(ino, first, last)
+        short = self._blocks_short(ino, first, last)
         if short:
-            raise FSError(errno.ENOSPC, f"no space left on the volume ({short} sectors short)")
+            raise FSError(errno.ENOSPC, f"no space left on the volume ({short} blocks short)")
 
     def _check_write(self, ino: int, offset: int, n: int) -> tuple:
         r = self._row(ino)
@@ -726,7 +729,21 @@ class Filesystem:
         with self.lock:
             self._check_open()
             self.alloc.mark()
-            self.data.write_out_all()
+            try:
+                self.data.write_out_all()
+            except FSError as exc:
+                if exc.errno != errno.ENOSPC:
+                    raise
+                # Some dirty blocks found no room (space promised to them was taken by the
+                # metadata copy, or freed sectors are still held). Commit everything else so
+                # the held sectors come back, then try the rest once more; what still does not
+                # fit stays dirty and the caller (fsync) gets ENOSPC.
+                log.warning("commit: %s; committing the rest, then retrying", exc)
+                self.volume.flush()
+                self.db.commit()
+                self.alloc.release()
+                self.alloc.mark()
+                self.data.write_out_all()
             self.volume.flush()
             self.db.commit()
             self.alloc.release()
