@@ -112,15 +112,13 @@ class FuseOperations(pyfuse3.Operations):
 
     @fuse_errors
     async def lookup(self, parent_inode, name, ctx=None):
-        try:
-            return entry(await self._meta(self.fs.lookup, parent_inode, name))
-        except OSError as exc:
-            if exc.errno != errno.ENOENT:
-                raise
-            neg = pyfuse3.EntryAttributes()
-            neg.st_ino = 0  # a negative entry the kernel may cache
-            neg.entry_timeout = CACHE_SECONDS
-            return neg
+        attr = await self._meta(self.fs.find, parent_inode, name)
+        if attr is not None:
+            return entry(attr)
+        neg = pyfuse3.EntryAttributes()
+        neg.st_ino = 0  # a negative entry the kernel may cache
+        neg.entry_timeout = CACHE_SECONDS
+        return neg
 
     @fuse_errors
     async def getattr(self, inode, ctx=None):

@@ -1,4 +1,4 @@
-"""Write-behind for the raw mount: FUSE writes return once queued; a worker applies them.
+"""Write-behind over a volume: writes return once queued; a worker thread applies them.
 
 Like the kernel's own writeback, a write is acknowledged before it reaches the volume, and an
 error that happens later is reported by the next write, read, fsync or flush. The queue is
@@ -19,7 +19,11 @@ DEFAULT_LIMIT = 64 * 1024 * 1024
 
 
 class WriteBehind:
-    """An ordered queue of writes applied to a volume by one worker thread."""
+    """An ordered queue of writes applied to a volume by one worker thread.
+
+    It offers the volume's own read/write/flush/capacity, so the filesystem can use it in the
+    volume's place: encoding parity and writing members then overlaps with the next request.
+    """
 
     def __init__(self, volume: Volume, limit_bytes: int = DEFAULT_LIMIT) -> None:
         self.volume = volume
@@ -28,6 +32,7 @@ class WriteBehind:
         self._queue: deque[tuple[int, bytes]] = deque()
         self._queued = 0
         self._busy = False
+        self._current: tuple[int, int] | None = None  # (offset, length) being applied
         self._error: OSError | None = None
         self._stop = False
         self._thread = threading.Thread(target=self._run, name="write-behind", daemon=True)
@@ -50,6 +55,31 @@ class WriteBehind:
                 self._cond.wait()
                 self._raise_error()
             self._append(offset, data)
+
+    @property
+    def capacity(self) -> int:
+        """The volume's usable bytes."""
+        return self.volume.capacity
+
+    def write(self, offset: int, data: bytes | bytearray | memoryview) -> None:
+        """Queue a write (the data must not change afterwards), waiting for room."""
+        self.submit(offset, data)
+
+    def read(self, offset: int, length: int) -> bytearray:
+        """Read from the volume, after any queued write that overlaps the range."""
+        with self._cond:
+            cur = self._current
+            if (cur is not None and cur[0] < offset + length and offset < cur[0] + cur[1]) or any(
+                    o < offset + length and offset < o + len(d) for o, d in self._queue):
+                while self._queue or self._busy:
+                    self._cond.wait()
+            self._raise_error()
+        return self.volume.read(offset, length)
+
+    def flush(self) -> None:
+        """Apply every queued write and make the volume durable."""
+        self.drain()
+        self.volume.flush()
 
     def drain(self) -> None:
         """Wait until every queued write reached the volume; raise a deferred error if any."""
@@ -87,6 +117,7 @@ class WriteBehind:
                     return
                 offset, data = self._queue.popleft()
                 self._busy = True
+                self._current = (offset, len(data))
             try:
                 self.volume.write(offset, data)
             except OSError as exc:
@@ -97,5 +128,6 @@ class WriteBehind:
             finally:
                 with self._cond:
                     self._busy = False
+                    self._current = None
                     self._queued -= len(data)
                     self._cond.notify_all()

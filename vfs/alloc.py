@@ -62,17 +62,25 @@ class Allocator:
             raise FSError(errno.ENOSPC, f"no space left: {total} sectors wanted, "
                           f"{self.free_count} free")
         starts: list[int] = []
-        try:
-            for n in sizes:
-                starts.append(self._take(n))
-        except FSError:
-            for start, n in zip(starts, sizes, strict=False):
-                self.free(start, n)
-            raise
+        if len(sizes) > 1:
+            at = self._take(total)  # all pieces back to back, if some free extent holds them
+            if at is not None:
+                for n in sizes:
+                    starts.append(at)
+                    at += n
+                self._taken.extend(zip(starts, sizes, strict=True))
+                return starts
+        for n in sizes:
+            at = self._take(n)
+            if at is None:
+                for start, m in zip(starts, sizes, strict=False):
+                    self.free(start, m)
+                raise FSError(errno.ENOSPC, f"no space left: no free run of {n} sectors")
+            starts.append(at)
         self._taken.extend(zip(starts, sizes, strict=False))
         return starts
 
-    def _take(self, n: int) -> int:
+    def _take(self, n: int) -> int | None:
         """Carve `n` contiguous sectors from the first free extent at or after the cursor."""
         count = len(self._starts)
         i = bisect.bisect_right(self._starts, self._cursor) - 1
@@ -104,7 +112,7 @@ class Allocator:
                 self._cursor = at + n if at + n < self.total else 0
                 return at
             i += 1
-        raise FSError(errno.ENOSPC, f"no space left: no free run of {n} sectors")
+        return None
 
     def hold(self, start: int, count: int) -> None:
         """Mark sectors freed; they become reusable at the next `release`."""

@@ -67,7 +67,7 @@ class FileData:
 
     # --- reading ------------------------------------------------------------------------------
 
-    def read(self, ino: int, size: int, offset: int, length: int) -> bytes:
+    def read(self, ino: int, size: int, offset: int, length: int) -> bytes | bytearray | memoryview:
         """Bytes [offset, offset + length) of a file of `size` bytes (short at the end)."""
         end = min(size, offset + length)
         if offset >= end:
@@ -80,14 +80,11 @@ class FileData:
                 "SELECT blkno, addr, nsect, csum FROM blocks "
                 "WHERE inode=? AND blkno BETWEEN ? AND ?", (ino, b0, b1))
         }
-        if b0 == b1 and b0 not in dirty:  # the common small read: no assembly buffer
-            data = self._block_bytes(ino, b0, mapped.get(b0))
-            lo = offset - b0 * BLOCK
-            return bytes(data[lo : lo + end - offset])
-        out = bytearray(end - offset)
+        out: bytearray | None = None
         blk = b0
         while blk <= b1:
             if blk in dirty:
+                out = out if out is not None else bytearray(end - offset)
                 self._place(out, offset, end, blk, dirty[blk])
                 blk += 1
                 continue
@@ -102,16 +99,23 @@ class FileData:
                    and nxt[0] == mapped[run[-1]][0] + mapped[run[-1]][1]):
                 run.append(blk + len(run))
             nbytes = sum(mapped[b][1] for b in run) * SECTOR
-            raw = self.volume.read(m[0] * SECTOR, nbytes)
+            raw = memoryview(self.volume.read(m[0] * SECTOR, nbytes))
             pos = 0
             for b in run:
                 addr, nsect, csum = mapped[b]
-                piece = memoryview(raw)[pos : pos + nsect * SECTOR]
-                self._verify(piece, ino, b, addr, csum)
-                self._place(out, offset, end, b, piece)
+                self._verify(raw[pos : pos + nsect * SECTOR], ino, b, addr, csum)
+                pos += nsect * SECTOR
+            bs = b0 * BLOCK
+            if out is None and blk == b0 and run[-1] == b1 and end - bs <= nbytes:
+                return raw[offset - bs : end - bs]  # the whole answer, without a copy
+            out = out if out is not None else bytearray(end - offset)
+            pos = 0
+            for b in run:
+                nsect = mapped[b][1]
+                self._place(out, offset, end, b, raw[pos : pos + nsect * SECTOR])
                 pos += nsect * SECTOR
             blk += len(run)
-        return bytes(out)
+        return out if out is not None else bytes(end - offset)
 
     @staticmethod
     def _place(out: bytearray, offset: int, end: int, blk: int, data) -> None:
@@ -297,12 +301,14 @@ class FileData:
         if not dirty:
             self.dirty.pop(ino, None)
 
-    def drop(self, ino: int) -> None:
-        """Forget a deleted file's contents and free its sectors."""
+    def drop(self, ino: int, stored: bool = True) -> None:
+        """Forget a deleted file's contents and free its sectors (`stored`: it has some)."""
         dirty = self.dirty.pop(ino, None)
         if dirty:
             self.dirty_bytes -= BLOCK * len(dirty)
         self._seq_end.pop(ino, None)
+        if not stored:
+            return
         for addr, nsect in self.db.rows("SELECT addr, nsect FROM blocks WHERE inode=?", (ino,)):
             self.alloc.hold(addr, nsect)
         self.db.change("DELETE FROM blocks WHERE inode=?", (ino,))

@@ -44,6 +44,7 @@ DIR_SIZE = 4096
 RELATIME_SECONDS = 24 * 3600
 
 _INODE_COLS = "id, mode, nlink, uid, gid, size, rdev, atime_ns, mtime_ns, ctime_ns, sectors"
+_JOINED_COLS = ", ".join("i." + c.strip() for c in _INODE_COLS.split(","))
 
 T = TypeVar("T")
 
@@ -61,21 +62,19 @@ def operation(func: Callable[..., T]) -> Callable[..., T]:
             self._check_open()
             if self._depth:
                 return func(self, *args, **kwargs)
-            self._depth += 1
-            mark = self.alloc.mark()
-            self.db.execute("SAVEPOINT op")
-            try:
-                result = func(self, *args, **kwargs)
-            except BaseException:
-                self.db.execute("ROLLBACK TO op")
-                self.db.execute("RELEASE op")
-                self.alloc.undo(mark)
-                raise
-            else:
-                self.db.execute("RELEASE op")
-                return result
-            finally:
-                self._depth -= 1
+            return self._attempt(func, args, kwargs)
+
+    return wrapper
+
+
+def query(func: Callable[..., T]) -> Callable[..., T]:
+    """Run a read-only method under the lock (no savepoint needed: it changes nothing)."""
+
+    @functools.wraps(func)
+    def wrapper(self: Filesystem, *args: Any, **kwargs: Any) -> T:
+        with self.lock:
+            self._check_open()
+            return func(self, *args, **kwargs)
 
     return wrapper
 
@@ -116,6 +115,24 @@ class Filesystem:
             (ROOT_INODE, stat.S_IFDIR | mode, uid, gid, now, now, now))
         db.set_setting("block_size", BLOCK)
         db.commit()
+
+    def _attempt(self, func: Callable[..., T], args: tuple, kwargs: dict) -> T:
+        """One all-or-nothing run of an operation (inside a savepoint)."""
+        self._depth += 1
+        mark = self.alloc.mark()
+        self.db.execute("SAVEPOINT op")
+        try:
+            result = func(self, *args, **kwargs)
+        except BaseException:
+            self.db.execute("ROLLBACK TO op")
+            self.db.execute("RELEASE op")
+            self.alloc.undo(mark)
+            raise
+        else:
+            self.db.execute("RELEASE op")
+            return result
+        finally:
+            self._depth -= 1
 
     def _check_open(self) -> None:
         if self._closed:
@@ -183,34 +200,44 @@ class Filesystem:
     def _add_links(self, ino: int, delta: int) -> None:
         self.db.change("UPDATE inodes SET nlink=nlink+? WHERE id=?", (delta, ino))
 
-    def _free_inode(self, ino: int) -> None:
-        self.data.drop(ino)
+    def _free_inode(self, ino: int, sectors: int | None = None) -> None:
+        self.data.drop(ino, stored=sectors != 0)
         self.db.change("DELETE FROM xattrs WHERE inode=?", (ino,))
         self.db.change("DELETE FROM inodes WHERE id=?", (ino,))
 
     def _maybe_free(self, ino: int) -> None:
-        r = self.db.row("SELECT nlink FROM inodes WHERE id=?", (ino,))
+        r = self.db.row("SELECT nlink, sectors FROM inodes WHERE id=?", (ino,))
         if r is not None and r[0] == 0 and not self.opens.get(ino):
-            self._free_inode(ino)
+            self._free_inode(ino, r[1])
 
     # --- lookups and attributes ---------------------------------------------------------------
 
-    @operation
+    @query
     def lookup(self, parent: int, name: bytes) -> Attr:
         """The attributes of `name` in directory `parent`."""
+        attr = self.find(parent, name)
+        if attr is None:
+            raise FSError(errno.ENOENT, f"{name!r} not in directory {parent}")
+        return attr
+
+    @query
+    def find(self, parent: int, name: bytes) -> Attr | None:
+        """Like `lookup`, but None when the name does not exist."""
         if len(name) > NAME_MAX:
             raise FSError(errno.ENAMETOOLONG, f"name of {len(name)} bytes")
-        self._dir_row(parent)
         if name == b".":
-            return self._attr(self._row(parent))
+            return self._attr(self._dir_row(parent))
         if name == b"..":
+            self._dir_row(parent)
             return self._attr(self._row(self._parent_of(parent)))
-        e = self._entry(parent, name)
-        if e is None:
-            raise FSError(errno.ENOENT, f"{name!r} not in directory {parent}")
-        return self._attr(self._row(e[1]))
+        r = self.db.row(f"SELECT {_JOINED_COLS} FROM dentries d JOIN inodes i ON i.id = d.inode "
+                        "WHERE d.parent=? AND d.name=?", (parent, name))
+        if r is not None:
+            return self._attr(r)
+        self._dir_row(parent)  # ENOENT or ENOTDIR for the parent itself
+        return None
 
-    @operation
+    @query
     def getattr(self, ino: int) -> Attr:
         """The attributes of an inode."""
         return self._attr(self._row(ino))
@@ -338,7 +365,7 @@ class Filesystem:
             raise FSError(errno.ENAMETOOLONG, f"symlink target of {len(target)} bytes")
         return self._make(parent, name, stat.S_IFLNK | 0o777, caller, target=target)
 
-    @operation
+    @query
     def readlink(self, ino: int) -> bytes:
         """The target of a symbolic link."""
         r = self._row(ino)
@@ -372,13 +399,15 @@ class Filesystem:
     # --- removing names -----------------------------------------------------------------------
 
     def _existing(self, parent: int, name: bytes) -> tuple[int, int, tuple]:
+        """(dentry id, inode, inode row) of an existing name."""
         if len(name) > NAME_MAX:
             raise FSError(errno.ENAMETOOLONG, f"name of {len(name)} bytes")
-        self._dir_row(parent)
-        e = self._entry(parent, name)
-        if e is None:
+        r = self.db.row(f"SELECT d.id, {_JOINED_COLS} FROM dentries d JOIN inodes i "
+                        "ON i.id = d.inode WHERE d.parent=? AND d.name=?", (parent, name))
+        if r is None:
+            self._dir_row(parent)
             raise FSError(errno.ENOENT, f"{name!r} not in directory {parent}")
-        return e[0], e[1], self._row(e[1])
+        return r[0], r[1], r[1:]
 
     def _has_entries(self, ino: int) -> bool:
         return self.db.row("SELECT 1 FROM dentries WHERE parent=? LIMIT 1", (ino,)) is not None
@@ -524,7 +553,7 @@ class Filesystem:
         self._maybe_free(ino)
 
     @operation
-    def read(self, ino: int, offset: int, length: int) -> bytes:
+    def read(self, ino: int, offset: int, length: int) -> bytes | bytearray | memoryview:
         """Up to `length` bytes at `offset`; updates atime as relatime does."""
         r = self._row(ino)
         if stat.S_ISDIR(r[1]):
@@ -612,7 +641,7 @@ class Filesystem:
 
     # --- directories --------------------------------------------------------------------------
 
-    @operation
+    @query
     def opendir(self, ino: int) -> None:
         """Open a directory for listing; a removed directory lives on until its last close
         (fstat of an open, removed directory shows it with no links, as Linux does)."""
@@ -624,7 +653,7 @@ class Filesystem:
         """Close one open of a directory."""
         self.release(ino)
 
-    @operation
+    @query
     def readdir(self, ino: int, cookie: int, limit: int = 256) -> list[DirEntry]:
         """Entries after `cookie` (0 starts at '.'), with attributes and resume cookies."""
         r = self._dir_row(ino)
@@ -639,7 +668,7 @@ class Filesystem:
             out.append(DirEntry(b"..", self._attr(self._row(self._parent_of(ino))), 2))
         after = max(cookie - 2, 0)
         for row in self.db.rows(
-            f"SELECT d.id, d.name, {', '.join('i.' + c.strip() for c in _INODE_COLS.split(','))}"
+            f"SELECT d.id, d.name, {_JOINED_COLS}"
             " FROM dentries d JOIN inodes i ON i.id = d.inode"
             " WHERE d.parent=? AND d.id>? ORDER BY d.id LIMIT ?",
             (ino, after, limit),
@@ -677,7 +706,7 @@ class Filesystem:
                        (ino, name, value))
         self._touch(ino, mtime=False)
 
-    @operation
+    @query
     def getxattr(self, ino: int, name: bytes) -> bytes:
         """The value of an extended attribute."""
         self._check_xattr_name(name)
@@ -687,7 +716,7 @@ class Filesystem:
             raise FSError(errno.ENODATA, f"no attribute {name!r}")
         return bytes(v)
 
-    @operation
+    @query
     def listxattr(self, ino: int) -> list[bytes]:
         """Names of an inode's extended attributes."""
         self._row(ino)
@@ -705,7 +734,7 @@ class Filesystem:
 
     # --- whole filesystem ---------------------------------------------------------------------
 
-    @operation
+    @query
     def statfs(self) -> dict[str, int]:
         """Sizes for statfs(2), in 4 KiB units."""
         inodes = self.db.value("SELECT count(*) FROM inodes", (), 0)
