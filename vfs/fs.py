@@ -68,7 +68,9 @@ def operation(func: Callable[..., T]) -> Callable[..., T]:
 
 
 def query(func: Callable[..., T]) -> Callable[..., T]:
-    """Run a read-only method under the lock (no savepoint needed: it changes nothing)."""
+    """Run a read-only method under the lock. No savepoint: it changes nothing, or only what
+    one statement or one in-memory count does (atime on reading, open counts), which cannot be
+    left half done."""
 
     @functools.wraps(func)
     def wrapper(self: Filesystem, *args: Any, **kwargs: Any) -> T:
