@@ -138,6 +138,23 @@ def test_file_types(d):
     assert errno_of(os.stat, f"{d}/reg/x") == errno.ENOTDIR
 
 
+def test_unix_socket(d):
+    import socket
+
+    path = f"{d}/sock"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as server:
+        server.bind(path)  # mknod of S_IFSOCK
+        server.listen(1)
+        assert stat.S_ISSOCK(os.lstat(path).st_mode)
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as client:
+            client.connect(path)
+            conn, _ = server.accept()
+            with conn:
+                client.sendall(b"over a socket in the mount")
+                assert conn.recv(100) == b"over a socket in the mount"
+    os.unlink(path)
+
+
 def test_name_max(d):
     ok, long = "n" * 255, "n" * 256
     write_file(f"{d}/{ok}", b"x")
