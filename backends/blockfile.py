@@ -27,6 +27,15 @@ def start_writeback(fd: int) -> None:
         log.debug("sync_file_range on fd %d failed: %s", fd, os.strerror(err))
 
 
+def _skip(buffers: list[memoryview], n: int) -> list[memoryview]:
+    """The buffers left to fill once the first `n` bytes of `buffers` are filled."""
+    for i, b in enumerate(buffers):
+        if n < len(b):
+            return [b[n:], *buffers[i + 1 :]]
+        n -= len(b)
+    return []
+
+
 class BlockFileMember(Member):
     """A member backed by a host file: pread/pwrite, fdatasync on flush."""
 
@@ -82,15 +91,22 @@ class BlockFileMember(Member):
         return bytes(buf)
 
     def readinto(self, offset: int, buffer: memoryview) -> None:
-        self._check_range(offset, len(buffer), "read")
+        self.readinto_many(offset, [buffer])
+
+    def readinto_many(self, offset: int, buffers: list[memoryview]) -> None:
+        # One preadv for the lot (sequential volume reads take several consecutive chunks of
+        # each member); a short read resumes where it stopped.
+        total = sum(len(b) for b in buffers)
+        self._check_range(offset, total, "read")
         done = 0
-        total = len(buffer)
         try:
             while done < total:
-                n = os.preadv(self._fd, [buffer[done:]], offset + done)
+                n = os.preadv(self._fd, buffers, offset + done)
                 if n == 0:
                     raise MemberIOError(self.path, "read", f"short read at {offset + done}")
                 done += n
+                if done < total:
+                    buffers = _skip(buffers, n)
         except OSError as exc:
             if isinstance(exc, MemberIOError):
                 raise

@@ -29,6 +29,12 @@ class Member(ABC):
         """Fill `buffer` with the bytes at `offset`."""
         buffer[:] = self.read(offset, len(buffer))
 
+    def readinto_many(self, offset: int, buffers: list[memoryview]) -> None:
+        """Fill `buffers`, in order, with the consecutive bytes starting at `offset`."""
+        for buffer in buffers:
+            self.readinto(offset, buffer)
+            offset += len(buffer)
+
     def prefetch(self, offset: int, length: int) -> None:
         """Hint that [offset, offset + length) will be read soon (may do nothing)."""
         return None

@@ -94,39 +94,120 @@ class Volume:
 
     def read(self, offset: int, length: int) -> bytearray:
         """Bytes at [offset, offset + length), short at the end of the volume."""
+        n = self._clamp(offset, length)
+        out = bytearray(n)
+        self._read_into(offset, np.frombuffer(out, dtype=np.uint8))
+        return out
+
+    def read_array(self, offset: int, length: int) -> np.ndarray:
+        """Like `read`, as a new uint8 array, sparing the zero-filling of a bytearray."""
+        out = np.empty(self._clamp(offset, length), dtype=np.uint8)
+        self._read_into(offset, out)
+        return out
+
+    def _clamp(self, offset: int, length: int) -> int:
         if offset < 0 or length < 0:
             raise RaidError(f"invalid read range {offset}+{length}", errno.EINVAL)
-        length = max(0, min(length, self.capacity - offset))
-        out = bytearray(length)
-        outv = np.frombuffer(out, dtype=np.uint8)
+        return max(0, min(length, self.capacity - offset))
+
+    def _read_into(self, offset: int, outv: np.ndarray) -> None:
+        """Fill `outv` (every byte of it) with the verified bytes at `offset`."""
+        length = len(outv)
+        if not length:
+            return
         sb = self.geometry.stripe_bytes
-        chunk = self.geometry.chunk
-        pos = 0
         with self.lock:
             self._check_open()
-            if length and self._cache.pending:
+            if self._cache.pending:
                 self._commit_range(offset // sb, (offset + length - 1) // sb)
             self._read_ahead(offset, length)
-            while pos < length:
-                stripe, within = divmod(offset + pos, sb)
-                n = min(sb - within, length - pos)
-                c0, c1 = within // chunk, (within + n - 1) // chunk
-                group, row = self.geometry.locate(stripe)
-                base = pos - within  # output index of the stripe's first byte
-                whole = {
-                    c: outv[base + c * chunk : base + (c + 1) * chunk]
-                    for c in range(c0, c1 + 1)
-                    if within <= c * chunk and (c + 1) * chunk <= within + n
-                }
-                cols = self._columns(group, row, list(range(c0, c1 + 1)), into=whole)
-                for c in range(c0, c1 + 1):
-                    if c in whole:
-                        continue
-                    lo = max(within, c * chunk)
-                    hi = min(within + n, (c + 1) * chunk)
-                    outv[base + lo : base + hi] = cols[c][lo - c * chunk : hi - c * chunk]
-                pos += n
-        return out
+            for stripe in self._read_batched(offset, outv):
+                self._read_stripe(offset, outv, stripe)
+
+    def _read_batched(self, offset: int, outv: np.ndarray) -> list[int]:
+        """Fill `outv` with the bytes at `offset`, reading each member's run of consecutive
+        chunks with one call; returns the stripes that need the careful path (a member that
+        does not hold its chunk, fails to read, or returns a chunk that fails its checksum).
+        """
+        g = self.geometry
+        sb, chunk = g.stripe_bytes, g.chunk
+        end = offset + len(outv)
+        runs: dict[int, list[tuple[int, np.ndarray, int]]] = {}  # slot -> (row, buf, stripe)
+        # (slot, row, buf, checksum, stripe, part of the chunk wanted, where it goes in outv)
+        checks: list[tuple[int, int, np.ndarray, int, int, int, int, int]] = []
+        redo: set[int] = set()
+        for stripe in range(offset // sb, (end - 1) // sb + 1):
+            group, row = g.locate(stripe)
+            slots = g.column_slots(group, row)
+            base = stripe * sb
+            lo_c = (max(offset, base) - base) // chunk
+            hi_c = (min(end, base + sb) - 1 - base) // chunk
+            for c in range(lo_c, hi_c + 1):
+                slot = slots[c]
+                a = base + c * chunk
+                lo, hi = max(offset, a), min(end, a + chunk)
+                entry = self.table.get(slot, row)
+                if entry == UNWRITTEN:
+                    outv[lo - offset : hi - offset] = 0
+                    continue
+                if not self.slots[slot].holds(row):
+                    redo.add(stripe)
+                    continue
+                if lo == a and hi == a + chunk:
+                    buf = outv[lo - offset : hi - offset]
+                else:  # a chunk cut by the request's ends: read whole, verify, copy the part
+                    buf = np.empty(chunk, dtype=np.uint8)
+                runs.setdefault(slot, []).append((row, buf, stripe))
+                checks.append((slot, row, buf, entry, stripe, lo - a, hi - a, lo - offset))
+        for slot, pieces in runs.items():
+            member = self.slots[slot].member
+            i = 0
+            while i < len(pieces):
+                j = i + 1
+                while j < len(pieces) and pieces[j][0] == pieces[j - 1][0] + 1:
+                    j += 1
+                try:
+                    member.readinto_many(
+                        g.chunk_offset(pieces[i][0]), [memoryview(p[1]) for p in pieces[i:j]]
+                    )
+                except MemberIOError as exc:
+                    # The careful path reads these chunks again and takes the member out.
+                    log.debug("slot %d: batched read failed (%s); rereading chunk by chunk",
+                              slot, exc)
+                    redo.update(p[2] for p in pieces[i:j])
+                i = j
+        for slot, row, buf, entry, stripe, lo, hi, dst in checks:
+            if stripe in redo:
+                continue
+            if chunk_checksum(buf, slot, row) != entry:
+                redo.add(stripe)  # the careful path counts, reconstructs and repairs it
+            elif hi - lo < chunk:
+                outv[dst : dst + hi - lo] = buf[lo:hi]
+        return sorted(redo)
+
+    def _read_stripe(self, offset: int, outv: np.ndarray, stripe: int) -> None:
+        """Fill the part of `outv` that falls in `stripe`, chunk by chunk, reconstructing from
+        redundancy (and repairing) whatever is missing, unreadable or corrupt."""
+        sb, chunk = self.geometry.stripe_bytes, self.geometry.chunk
+        length = len(outv)
+        pos = max(0, stripe * sb - offset)
+        within = offset + pos - stripe * sb
+        n = min(sb - within, length - pos)
+        c0, c1 = within // chunk, (within + n - 1) // chunk
+        group, row = self.geometry.locate(stripe)
+        base = pos - within  # output index of the stripe's first byte
+        whole = {
+            c: outv[base + c * chunk : base + (c + 1) * chunk]
+            for c in range(c0, c1 + 1)
+            if within <= c * chunk and (c + 1) * chunk <= within + n
+        }
+        cols = self._columns(group, row, list(range(c0, c1 + 1)), into=whole)
+        for c in range(c0, c1 + 1):
+            if c in whole:
+                continue
+            lo = max(within, c * chunk)
+            hi = min(within + n, (c + 1) * chunk)
+            outv[base + lo : base + hi] = cols[c][lo - c * chunk : hi - c * chunk]
 
     def _read_ahead(self, offset: int, length: int) -> None:
         """Ask members to start reading what this read (and, if sequential, the next) needs."""

@@ -33,6 +33,7 @@ from volhelpers import (
 
 import raid.rebuild
 from backends import BlockFileMember
+from backends.member import MemberIOError
 from raid.assemble import read_label
 from raid.checksums import UNWRITTEN, chunk_checksum
 from raid.errors import AssemblyError, UnrecoverableError
@@ -189,6 +190,43 @@ def test_a_corrupt_chunk_is_counted_against_its_own_slot(tmp_path):
     assert vol.status()["members"][victim]["checksum_errors"] == 1  # repaired in place
     assert scrub(vol).clean
     vol.close()
+
+
+def test_unaligned_reads_through_corrupt_chunks(tmp_path):
+    """Reads that start and end inside corrupt chunks still return the written bytes."""
+    paths, uuid, g, model, rng = _filled(tmp_path / "a", "raid6", seed=33)
+    hit = _corrupt_rows(paths, g, rng, max_per_row=2)
+    vol = open_vol(paths, uuid)
+    for _ in range(40):
+        off = rng.randrange(g.capacity - 1)
+        n = rng.randrange(1, min(g.capacity - off, 3 * g.stripe_bytes) + 1)
+        assert vol.read(off, n) == model.get(off, n), f"read {off}+{n}"
+    assert_reads(vol, model)
+    members = vol.status()["members"]
+    for s in range(g.members):
+        assert members[s]["checksum_errors"] <= len(hit[s])
+    vol.close()
+
+
+def test_member_read_error_mid_run_is_reconstructed(tmp_path, monkeypatch):
+    """A member that fails a multi-chunk read is taken out and its chunks rebuilt."""
+    paths, uuid, g, model, rng = _filled(tmp_path / "a", "raid6", seed=35)
+    vol = open_vol(paths, uuid)
+    victim = vol.slots[2].member
+    calls = []
+
+    def failing(offset, buffers):
+        calls.append(len(buffers))
+        raise MemberIOError(victim.path, "read", "injected")
+
+    monkeypatch.setattr(victim, "readinto_many", failing)
+    assert_reads(vol, model)
+    assert max(calls) > 1  # the batched path asked for several chunks at once
+    status = vol.status()["members"][2]
+    assert status["state"] == "faulty"
+    assert status["read_errors"] == 1
+    assert_reads(vol, model)
+    vol.close(write=False)
 
 
 @pytest.mark.parametrize("level", ["raid5", "raid6", "raid10"])
