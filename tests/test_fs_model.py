@@ -437,7 +437,7 @@ def test_posix_model(model_mount):
     PosixModel.ref_root = ref
     run_state_machine_as_test(
         PosixModel,
-        settings=settings(max_examples=int(os.environ.get("DWFS_MODEL_EXAMPLES", "30")),
+        settings=settings(max_examples=int(os.environ.get("DWFS_MODEL_EXAMPLES", "50")),
                           stateful_step_count=40, deadline=None,
                           database=None, suppress_health_check=list(HealthCheck)),
     )
