@@ -224,8 +224,9 @@ class FuseOperations(pyfuse3.Operations):
                     return
                 cookie = e.next_cookie
 
+    @fuse_errors
     async def releasedir(self, fh):
-        return None
+        await self._meta(self.fs.releasedir, fh)
 
     @fuse_errors
     async def fsyncdir(self, fh, datasync):

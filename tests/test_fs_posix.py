@@ -2,54 +2,27 @@
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import errno
 import mmap
 import os
-import pickle
 import shutil
 import stat
 import subprocess
 import tempfile
-import traceback
 
 import pytest
 from mountutil import FsMount, make_warehouse
+from posixutil import (
+    NOBODY,
+    RENAME_EXCHANGE,
+    RENAME_NOREPLACE,
+    as_user,
+    c_getxattr,
+    c_listxattr,
+    renameat2,
+)
 
 GiB = 1 << 30
-NOBODY = 65534
-
-_libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
-RENAME_NOREPLACE = 1
-RENAME_EXCHANGE = 2
-AT_FDCWD = -100
-
-
-def renameat2(old: str, new: str, flags: int) -> None:
-    if _libc.renameat2(AT_FDCWD, old.encode(), AT_FDCWD, new.encode(), flags) != 0:
-        e = ctypes.get_errno()
-        raise OSError(e, os.strerror(e), old)
-
-
-def c_getxattr(path: str, name: str, size: int) -> int:
-    """getxattr(2) with a caller-chosen buffer size; returns the length or raises."""
-    buf = ctypes.create_string_buffer(max(size, 1))
-    n = _libc.getxattr(path.encode(), name.encode(), buf if size else None,
-                       ctypes.c_size_t(size))
-    if n < 0:
-        e = ctypes.get_errno()
-        raise OSError(e, os.strerror(e), path)
-    return n
-
-
-def c_listxattr(path: str, size: int) -> int:
-    buf = ctypes.create_string_buffer(max(size, 1))
-    n = _libc.listxattr(path.encode(), buf if size else None, ctypes.c_size_t(size))
-    if n < 0:
-        e = ctypes.get_errno()
-        raise OSError(e, os.strerror(e), path)
-    return n
 
 
 def errno_of(func, *args, **kw) -> int:
@@ -57,43 +30,6 @@ def errno_of(func, *args, **kw) -> int:
         func(*args, **kw)
     return exc.value.errno
 
-
-def as_user(func, uid: int = NOBODY, gid: int = NOBODY, groups: tuple[int, ...] = ()):
-    """Run `func()` in a forked child as another user; returns its result or re-raises its
-    OSError (with the same errno)."""
-    r, w = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # child
-        code = 0
-        try:
-            os.close(r)
-            os.setgroups(list(groups))
-            os.setresgid(gid, gid, gid)
-            os.setresuid(uid, uid, uid)
-            os.umask(0o022)
-            try:
-                result = ("ok", func())
-            except OSError as exc:
-                result = ("oserror", exc.errno, str(exc))
-            except BaseException:  # noqa: BLE001 - reported to the parent
-                result = ("error", traceback.format_exc())
-            with os.fdopen(w, "wb") as f:
-                pickle.dump(result, f)
-        except BaseException:  # noqa: BLE001
-            code = 1
-        finally:
-            os._exit(code)
-    os.close(w)
-    with os.fdopen(r, "rb") as f:
-        data = f.read()
-    _pid, status = os.waitpid(pid, 0)
-    assert os.waitstatus_to_exitcode(status) == 0 and data, "child failed"
-    result = pickle.loads(data)
-    if result[0] == "oserror":
-        raise OSError(result[1], result[2])
-    if result[0] == "error":
-        raise AssertionError("in the child:\n" + result[1])
-    return result[1]
 
 
 @pytest.fixture(scope="module")
@@ -129,6 +65,18 @@ def mount_options(path: str) -> list[str]:
             if path.startswith(fields[1]) and len(fields[1]) > len(best):
                 best, opts = fields[1], fields[3].split(",")
     return opts
+
+
+def wait_for(cond, timeout: float = 10.0) -> bool:
+    """Poll `cond` until it is true or `timeout` seconds have passed; returns its last value."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.02)
+    return True
 
 
 def write_file(path: str, data: bytes, mode: int = 0o644) -> None:
@@ -190,6 +138,23 @@ def test_file_types(d):
     assert errno_of(os.stat, f"{d}/reg/x") == errno.ENOTDIR
 
 
+def test_unix_socket(d):
+    import socket
+
+    path = f"{d}/sock"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as server:
+        server.bind(path)  # mknod of S_IFSOCK
+        server.listen(1)
+        assert stat.S_ISSOCK(os.lstat(path).st_mode)
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as client:
+            client.connect(path)
+            conn, _ = server.accept()
+            with conn:
+                client.sendall(b"over a socket in the mount")
+                assert conn.recv(100) == b"over a socket in the mount"
+    os.unlink(path)
+
+
 def test_name_max(d):
     ok, long = "n" * 255, "n" * 256
     write_file(f"{d}/{ok}", b"x")
@@ -232,6 +197,8 @@ def test_open_flags(d):
     os.write(fd, b"new")
     os.close(fd)
     assert read_file(p) == b"new"
+    os.close(os.open(p, os.O_RDONLY | os.O_TRUNC))  # unspecified by POSIX; Linux truncates
+    assert os.stat(p).st_size == 0
 
 
 def test_pread_pwrite_any_offset(d):
@@ -335,8 +302,51 @@ def test_unlink_open_file(mnt, d):
     os.close(fd)
     assert os.pread(fd2, 4, len(data)) == b"more"
     os.close(fd2)
-    os.sync()
-    assert os.statvfs(mnt.mountpoint).f_bfree >= free0 + 300_000 // 4096 - 1
+    # the kernel sends RELEASE after close() returns: wait for the space to come back
+    assert wait_for(lambda: os.statvfs(mnt.mountpoint).f_bfree >= free0 + 300_000 // 4096 - 1)
+
+
+def test_removed_directory_while_open(d):
+    os.mkdir(f"{d}/gone")
+    fd = os.open(f"{d}/gone", os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.rmdir(f"{d}/gone")
+        st = os.fstat(fd)
+        assert stat.S_ISDIR(st.st_mode) and st.st_nlink == 0
+        assert os.listdir(fd) == []
+        assert errno_of(os.mkdir, f"/proc/self/fd/{fd}/x") == errno.ENOENT
+    finally:
+        os.close(fd)
+    os.mkdir(f"{d}/src")
+    os.mkdir(f"{d}/dst")
+    fd = os.open(f"{d}/dst", os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.rename(f"{d}/src", f"{d}/dst")
+        assert os.fstat(fd).st_nlink == 0
+    finally:
+        os.close(fd)
+    assert os.listdir(d) == ["dst"]
+
+
+@pytest.mark.xfail(strict=True, reason="the filesystem frees a removed directory at its last "
+                   "close; a working directory is no open file, only a kernel lookup reference "
+                   "(FUSE lookup counts / forget are not tracked yet)")
+def test_removed_working_directory(d):
+    os.mkdir(f"{d}/cwd")
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            os.chdir(f"{d}/cwd")
+            os.rmdir(f"{d}/cwd")
+            st = os.stat(".")
+            code = 0 if st.st_nlink == 0 and os.listdir(".") == [] else 2
+        except OSError:
+            code = 3
+        finally:
+            os._exit(code)
+    _pid, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
 
 
 def test_fsync_fdatasync(d):
@@ -484,6 +494,16 @@ def test_time_rules(d):
     os.utime(p, ns=(old, old))
     read_file(p)
     assert os.stat(p).st_atime_ns > old  # relatime: atime before mtime is refreshed
+    os.utime(p, ns=(old, old))
+    os.truncate(p, os.stat(p).st_size)  # to the same size: mtime still set (as ext4)
+    assert os.stat(p).st_mtime_ns > old
+    os.utime(d, ns=(old, old + 1))
+    os.listdir(d)
+    assert os.stat(d).st_atime_ns > old  # listing is reading (relatime)
+    os.symlink("f", f"{d}/l")
+    os.utime(f"{d}/l", ns=(old, old + 1), follow_symlinks=False)
+    os.readlink(f"{d}/l")
+    assert os.lstat(f"{d}/l").st_atime_ns > old
     os.utime(p, ns=(old, old))
     c1 = os.stat(p).st_ctime_ns
     os.setxattr(p, "user.t", b"1")
@@ -636,8 +656,8 @@ def test_enospc_then_space_back(mnt, d):
                 written += os.write(fd, chunk)
         assert exc.value.errno == errno.ENOSPC
         assert written > 100 << 20
+        os.fsync(fd)  # whatever write() accepted can be stored
         with pytest.raises(OSError) as exc:
-            os.fsync(fd)
             write_file(f"{d}/more", b"m" * (4 << 20))
         assert exc.value.errno == errno.ENOSPC
     finally:
@@ -650,7 +670,8 @@ def test_enospc_then_space_back(mnt, d):
     os.unlink(f"{d}/fill")
     if os.path.exists(f"{d}/more"):
         os.unlink(f"{d}/more")
-    # the space is back at once
+    # the space is back as soon as the kernel's RELEASE of the closed file has arrived
+    assert wait_for(lambda: os.statvfs(mnt.mountpoint).f_bfree > 60 << 8)
     fd = os.open(f"{d}/again", os.O_WRONLY | os.O_CREAT, 0o644)
     try:
         for _ in range(50):
@@ -689,3 +710,28 @@ def test_remount_keeps_everything(mnt, d):
     assert read_file(f"{d}/f") == b"persist"
     assert os.getxattr(f"{d}/f", "user.k") == b"v"
     assert os.readlink(f"{d}/l") == "f"
+
+
+def test_fsync_survives_kill9(mounted_fs):
+    """Data fsync returned for survives kill -9 of the daemon and a remount."""
+    from mountutil import daemon_pid, force_unmount
+
+    m = mounted_fs
+    synced = os.urandom(200_000)
+    write_file(m.path("synced"), synced)
+    fd = os.open(m.path("synced"), os.O_RDWR)
+    os.pwrite(fd, b"tail-synced", len(synced))
+    os.fdatasync(fd)
+    os.close(fd)
+    os.mkdir(m.path("dir"))
+    fd = os.open(m.path("dir/f"), os.O_WRONLY | os.O_CREAT, 0o600)
+    os.write(fd, b"in a new directory")
+    os.fsync(fd)
+    os.close(fd)
+    pid = daemon_pid(m.warehouse)
+    os.kill(pid, 9)
+    force_unmount(m.mountpoint, m.warehouse)
+    m.mount()
+    assert read_file(m.path("synced")) == synced + b"tail-synced"
+    assert read_file(m.path("dir/f")) == b"in a new directory"
+    assert stat.S_IMODE(os.stat(m.path("dir/f")).st_mode) == 0o600

@@ -18,9 +18,16 @@ SECTOR = 4096
 class Allocator:
     """Hands out runs of free sectors, sequentially from a moving cursor."""
 
-    def __init__(self, total: int, used: Iterable[tuple[int, int]]) -> None:
-        """`total` sectors, of which the (start, count) extents in `used` are taken."""
+    def __init__(self, total: int, used: Iterable[tuple[int, int]], run: int = 16) -> None:
+        """`total` sectors, of which the (start, count) extents in `used` are taken.
+
+        `runs` counts how many separate pieces of `run` contiguous sectors the free extents
+        hold (a file block needs up to that many in one piece), so callers can promise space
+        that fragmentation cannot take away.
+        """
         self.total = total
+        self.run = run
+        self.runs = 0
         self._starts: list[int] = []
         self._lens: list[int] = []
         self.free_count = 0
@@ -41,6 +48,7 @@ class Allocator:
         self._starts.append(start)
         self._lens.append(count)
         self.free_count += count
+        self.runs += count // self.run
 
     @property
     def held_count(self) -> int:
@@ -88,6 +96,7 @@ class Allocator:
             at = self._cursor if turn == 0 and start < self._cursor < start + length else start
             if start + length - at >= n:
                 head, tail = at - start, start + length - (at + n)
+                self.runs += head // self.run + tail // self.run - length // self.run
                 if head and tail:
                     self._lens[i] = head
                     self._starts.insert(i + 1, at + n)
@@ -129,19 +138,26 @@ class Allocator:
         if i < len(self._starts) and start + count > self._starts[i]:
             raise FSError(errno.EUCLEAN, f"sectors {start}+{count} freed twice")
         self.free_count += count
+        r = self.run
         if i > 0 and self._starts[i - 1] + self._lens[i - 1] == start:
+            self.runs -= self._lens[i - 1] // r
             self._lens[i - 1] += count
             if i < len(self._starts) and start + count == self._starts[i]:
+                self.runs -= self._lens[i] // r
                 self._lens[i - 1] += self._lens[i]
                 del self._starts[i]
                 del self._lens[i]
+            self.runs += self._lens[i - 1] // r
             return
         if i < len(self._starts) and start + count == self._starts[i]:
+            self.runs -= self._lens[i] // r
             self._starts[i] = start
             self._lens[i] += count
+            self.runs += self._lens[i] // r
             return
         self._starts.insert(i, start)
         self._lens.insert(i, count)
+        self.runs += count // r
 
     def mark(self) -> AllocatorMark:
         """Remember the current state before an operation that may fail half-way."""

@@ -68,7 +68,9 @@ def operation(func: Callable[..., T]) -> Callable[..., T]:
 
 
 def query(func: Callable[..., T]) -> Callable[..., T]:
-    """Run a read-only method under the lock (no savepoint needed: it changes nothing)."""
+    """Run a read-only method under the lock. No savepoint: it changes nothing, or only what
+    one statement or one in-memory count does (atime on reading, open counts), which cannot be
+    left half done."""
 
     @functools.wraps(func)
     def wrapper(self: Filesystem, *args: Any, **kwargs: Any) -> T:
@@ -100,7 +102,7 @@ class Filesystem:
         used = [(0, RESERVED_SECTORS)]
         used += list(db.rows("SELECT addr, nsect FROM blocks"))
         used += list(db.rows("SELECT addr, nsect FROM metacopy"))
-        self.alloc = Allocator(total, used)
+        self.alloc = Allocator(total, used, run=SECTORS_PER_BLOCK)
         self.data = FileData(db, volume, self.alloc)
         self.opens: dict[int, int] = {}
         self._free_orphans()
@@ -258,12 +260,14 @@ class Filesystem:
         now = _now()
         sets: list[str] = []
         args: list[Any] = []
-        if ch.size is not None and ch.size != r[5]:
-            self._truncate(r, ch.size)
+        if ch.size is not None:
+            # Every truncation sets mtime, even to the same size (as ext4 and btrfs do).
+            if ch.size != r[5]:
+                self._truncate(r, ch.size)
+            else:
+                self._check_truncatable(r, ch.size)
             sets.append("mtime_ns=?")
             args.append(now if ch.mtime_ns is None else ch.mtime_ns)
-        elif ch.size is not None:
-            self._check_truncatable(r, ch.size)
         if ch.mode is not None:
             sets.append("mode=?")
             args.append(stat.S_IFMT(r[1]) | (ch.mode & 0o7777))
@@ -366,12 +370,11 @@ class Filesystem:
     @query
     def readlink(self, ino: int) -> bytes:
         """The target of a symbolic link."""
-        r = self.db.row("SELECT mode, target FROM inodes WHERE id=?", (ino,))
-        if r is None:
-            raise FSError(errno.ENOENT, f"no inode {ino}")
-        if not stat.S_ISLNK(r[0]):
+        r = self._row(ino)
+        if not stat.S_ISLNK(r[1]):
             raise FSError(errno.EINVAL, f"inode {ino} is not a symbolic link")
-        return bytes(r[1])
+        self._accessed(r)
+        return bytes(self.db.value("SELECT target FROM inodes WHERE id=?", (ino,)))
 
     @operation
     def link(self, ino: int, parent: int, name: bytes) -> Attr:
@@ -531,9 +534,10 @@ class Filesystem:
 
     @operation
     def open(self, ino: int, flags: int) -> Attr:
-        """Open an inode; O_TRUNC empties a regular file."""
+        """Open an inode; O_TRUNC empties a regular file (even opened O_RDONLY, as Linux does:
+        the kernel has checked write permission)."""
         r = self._row(ino)
-        if flags & os.O_TRUNC and stat.S_ISREG(r[1]) and flags & os.O_ACCMODE != os.O_RDONLY:
+        if flags & os.O_TRUNC and stat.S_ISREG(r[1]):
             if r[5]:
                 self._truncate(r, 0)
             self._touch(ino)
@@ -559,22 +563,33 @@ class Filesystem:
         if offset < 0:
             raise FSError(errno.EINVAL, f"negative offset {offset}")
         data = self.data.read(ino, r[5], offset, length)
-        now = _now()
-        if r[7] <= r[8] or r[7] <= r[9] or now - r[7] > RELATIME_SECONDS * 10**9:
-            self.db.change("UPDATE inodes SET atime_ns=? WHERE id=?", (now, ino))
+        self._accessed(r)
         return data
 
-    def _sectors_short(self, ino: int, first: int, last: int) -> int:
-        """How many sectors are missing to make blocks first..last of a file dirty.
+    def _accessed(self, r: tuple) -> None:
+        """Update atime as relatime does: when it is not newer than mtime or ctime, or a day
+        old."""
+        now = _now()
+        if r[7] <= r[8] or r[7] <= r[9] or now - r[7] > RELATIME_SECONDS * 10**9:
+            self.db.change("UPDATE inodes SET atime_ns=? WHERE id=?", (now, r[0]))
+
+    def _blocks_short(self, ino: int, first: int, last: int) -> int:
+        """How many block-sized pieces of free space are missing to make blocks first..last of
+        a file dirty.
 
         Space is promised before it is used: every dirty block (and every block a change is
-        about to dirty) may need a whole block of new sectors when it is written out
-        (copy-on-write), so a write accepted now can always be stored by the next commit.
+        about to dirty) may need a whole block of contiguous new sectors when it is written
+        out (copy-on-write), so a write accepted now can always be stored by the next commit.
+        Free space is counted in whole-block pieces (fragments smaller than a block cannot
+        hold one), with one piece to spare for an allocation that splits a piece.
         """
         dirty = self.data.dirty.get(ino, {})
-        already = sum(1 for b in dirty if first <= b <= last)
+        if last - first < len(dirty):
+            already = sum(1 for b in range(first, last + 1) if b in dirty)
+        else:
+            already = sum(1 for b in dirty if first <= b <= last)
         blocks = self.data.dirty_bytes // BLOCK + (last - first + 1) - already
-        return max(0, blocks * SECTORS_PER_BLOCK - self.alloc.free_count)
+        return max(0, blocks + 1 - self.alloc.runs)
 
     def _reserve(self, ino: int, first: int, last: int) -> None:
         """Make sure blocks first..last of a file can become dirty, else raise ENOSPC.
@@ -582,13 +597,13 @@ class Filesystem:
         Sectors freed since the last commit (deleted files, overwritten blocks) become usable
         only after a commit, so one is made when the free ones do not suffice.
         """
-        if not self._sectors_short(ino, first, last):
+        if not self._blocks_short(ino, first, last):
             return
         if self._depth == 0 and (self.alloc.held_count or self.needs_commit()):
             self.commit()
-        short = self._sectors_short(ino, first, last)
+        short = self._blocks_short(ino, first, last)
         if short:
-            raise FSError(errno.ENOSPC, f"no space left on the volume ({short} sectors short)")
+            raise FSError(errno.ENOSPC, f"no space left on the volume ({short} blocks short)")
 
     def _check_write(self, ino: int, offset: int, n: int) -> tuple:
         r = self._row(ino)
@@ -630,13 +645,24 @@ class Filesystem:
 
     @query
     def opendir(self, ino: int) -> None:
-        """Check that an inode is a directory that can be listed."""
+        """Open a directory for listing; a removed directory lives on until its last close
+        (fstat of an open, removed directory shows it with no links, as Linux does)."""
         self._dir_row(ino)
+        self.opens[ino] = self.opens.get(ino, 0) + 1
+
+    @operation
+    def releasedir(self, ino: int) -> None:
+        """Close one open of a directory."""
+        self.release(ino)
 
     @query
     def readdir(self, ino: int, cookie: int, limit: int = 256) -> list[DirEntry]:
         """Entries after `cookie` (0 starts at '.'), with attributes and resume cookies."""
         r = self._dir_row(ino)
+        if r[2] == 0:
+            return []  # removed while open: nothing to list, as ext4
+        if cookie == 0:
+            self._accessed(r)
         out: list[DirEntry] = []
         if cookie == 0:
             out.append(DirEntry(b".", self._attr(r), 1))
@@ -734,7 +760,21 @@ class Filesystem:
         with self.lock:
             self._check_open()
             self.alloc.mark()
-            self.data.write_out_all()
+            try:
+                self.data.write_out_all()
+            except FSError as exc:
+                if exc.errno != errno.ENOSPC:
+                    raise
+                # Some dirty blocks found no room (space promised to them was taken by the
+                # metadata copy, or freed sectors are still held). Commit everything else so
+                # the held sectors come back, then try the rest once more; what still does not
+                # fit stays dirty and the caller (fsync) gets ENOSPC.
+                log.warning("commit: %s; committing the rest, then retrying", exc)
+                self.volume.flush()
+                self.db.commit()
+                self.alloc.release()
+                self.alloc.mark()
+                self.data.write_out_all()
             self.volume.flush()
             self.db.commit()
             self.alloc.release()

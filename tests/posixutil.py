@@ -1,0 +1,81 @@
+"""Helpers for POSIX tests on a mount: renameat2, getxattr/listxattr with a given buffer size,
+and running a function as another user in a forked child."""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import os
+import pickle
+import traceback
+
+NOBODY = 65534
+RENAME_NOREPLACE = 1
+RENAME_EXCHANGE = 2
+AT_FDCWD = -100
+
+_libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+
+
+def renameat2(old: str, new: str, flags: int) -> None:
+    if _libc.renameat2(AT_FDCWD, old.encode(), AT_FDCWD, new.encode(), flags) != 0:
+        e = ctypes.get_errno()
+        raise OSError(e, os.strerror(e), old)
+
+
+def c_getxattr(path: str, name: str, size: int) -> int:
+    """getxattr(2) with a caller-chosen buffer size; returns the length or raises."""
+    buf = ctypes.create_string_buffer(max(size, 1))
+    n = _libc.getxattr(path.encode(), name.encode(), buf if size else None,
+                       ctypes.c_size_t(size))
+    if n < 0:
+        e = ctypes.get_errno()
+        raise OSError(e, os.strerror(e), path)
+    return n
+
+
+def c_listxattr(path: str, size: int) -> int:
+    buf = ctypes.create_string_buffer(max(size, 1))
+    n = _libc.listxattr(path.encode(), buf if size else None, ctypes.c_size_t(size))
+    if n < 0:
+        e = ctypes.get_errno()
+        raise OSError(e, os.strerror(e), path)
+    return n
+
+
+def as_user(func, uid: int = NOBODY, gid: int = NOBODY, groups: tuple[int, ...] = ()):
+    """Run `func()` in a forked child as another user; returns its result or re-raises its
+    OSError (with the same errno)."""
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # child
+        code = 0
+        try:
+            os.close(r)
+            os.setgroups(list(groups))
+            os.setresgid(gid, gid, gid)
+            os.setresuid(uid, uid, uid)
+            os.umask(0o022)
+            try:
+                result = ("ok", func())
+            except OSError as exc:
+                result = ("oserror", exc.errno, str(exc))
+            except BaseException:  # noqa: BLE001 - reported to the parent
+                result = ("error", traceback.format_exc())
+            with os.fdopen(w, "wb") as f:
+                pickle.dump(result, f)
+        except BaseException:  # noqa: BLE001
+            code = 1
+        finally:
+            os._exit(code)
+    os.close(w)
+    with os.fdopen(r, "rb") as f:
+        data = f.read()
+    _pid, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0 and data, "child failed"
+    result = pickle.loads(data)
+    if result[0] == "oserror":
+        raise OSError(result[1], result[2])
+    if result[0] == "error":
+        raise AssertionError("in the child:\n" + result[1])
+    return result[1]
