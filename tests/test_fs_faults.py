@@ -211,9 +211,6 @@ def test_enospc(fsm):
     fsm.filled = filled  # type: ignore[attr-defined]
 
 
-@pytest.mark.xfail(strict=True, reason="vfs allocator (owned by fs-posix): after the kill -9 "
-                   "test, writing half the space an rm gave back fails with 'no free run of 16 "
-                   "sectors' while statfs shows 130 MB free; passes on a fresh warehouse")
 def test_writes_succeed_after_rm_on_a_full_volume(fsm):
     """Runs right after test_enospc, which filled the volume and removed the filler."""
     filled = fsm.filled  # type: ignore[attr-defined]
