@@ -32,6 +32,7 @@ from dwfs.warehouse import (
     meta_path,
     mkfs,
     open_volume,
+    refresh_metadata_copy,
 )
 from raid import levels
 from raid.errors import RaidError
@@ -234,8 +235,7 @@ def cmd_fsck(args: argparse.Namespace) -> int:
 def _fsck(args: argparse.Namespace) -> int:
     from vfs import fsck as vfsck
     from vfs.errors import FSError
-    from vfs.fs import Filesystem
-    from vfs.metacopy import latest_copy, restore_copy, write_copy
+    from vfs.metacopy import latest_copy, restore_copy
     from vfs.metadb import MetaDB
 
     cfg = load_config(args.warehouse)
@@ -290,9 +290,7 @@ def _fsck(args: argparse.Namespace) -> int:
                 doc["damaged_paths"] = {str(i): vfsck.paths_of(db, i)
                                         for i in report.damaged_files}
                 if args.repair and (not report.clean or restored is not None):
-                    fs = Filesystem(db, volume)
-                    write_copy(fs)
-                    fs.close()
+                    refresh_metadata_copy(db, volume)
             finally:
                 db.close()
         finally:

@@ -192,13 +192,18 @@ def format_filesystem(cfg: WarehouseConfig) -> None:
         db = MetaDB(meta_path(cfg), create=True)
         try:
             Filesystem.format(db, os.getuid(), os.getgid())
-            fs = Filesystem(db, volume)
-            write_copy(fs)
-            fs.close()
+            refresh_metadata_copy(db, volume)
         finally:
             db.close()
     finally:
         volume.close()
+
+
+def refresh_metadata_copy(db: MetaDB, volume) -> None:
+    """Write a new copy of the metadata database onto the volume (offline)."""
+    fs = Filesystem(db, volume)
+    write_copy(fs)
+    fs.close()
 
 
 def open_filesystem(cfg: WarehouseConfig, volume: Volume) -> Filesystem:

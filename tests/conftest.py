@@ -18,21 +18,26 @@ def tmp(tmp_path):
     return tmp_path
 
 
-@pytest.fixture
-def raw_mount(tmp_path):
-    """A factory of raw mounts that are always unmounted at teardown."""
-    from mountutil import RawMount
-
-    made: list[RawMount] = []
+def _mounts(cls, tmp_path):
+    """A factory of mounts of class `cls` and its teardown, which unmounts every one."""
+    made = []
 
     def make(warehouse, name="mnt"):
-        m = RawMount(warehouse, tmp_path / name)
+        m = cls(warehouse, tmp_path / name)
         made.append(m)
         return m
 
     yield make
     for m in made:
         m.cleanup()
+
+
+@pytest.fixture
+def raw_mount(tmp_path):
+    """A factory of raw mounts that are always unmounted at teardown."""
+    from mountutil import RawMount
+
+    yield from _mounts(RawMount, tmp_path)
 
 
 @pytest.fixture
@@ -40,16 +45,7 @@ def fs_mount(tmp_path):
     """A factory of filesystem mounts that are always unmounted at teardown."""
     from mountutil import FsMount
 
-    made: list[FsMount] = []
-
-    def make(warehouse, name="mnt"):
-        m = FsMount(warehouse, tmp_path / name)
-        made.append(m)
-        return m
-
-    yield make
-    for m in made:
-        m.cleanup()
+    yield from _mounts(FsMount, tmp_path)
 
 
 @pytest.fixture
