@@ -24,6 +24,9 @@ from vfs.fs import Filesystem
 log = logging.getLogger(__name__)
 
 CACHE_SECONDS = 300.0
+# Attributes are cached briefly: a reply carrying attributes taken before a concurrent setattr
+# (rsync's generator lists while its receiver sets symlink times) must not stick for minutes.
+ATTR_SECONDS = 1.0
 QUIET_ERRNOS = {errno.ENOENT, errno.EEXIST, errno.ENOTEMPTY, errno.ENODATA, errno.ENOTDIR,
                 errno.EISDIR, errno.EINVAL, errno.ENAMETOOLONG, errno.EPERM, errno.EXDEV,
                 errno.EOPNOTSUPP, errno.ERANGE, errno.ENOSPC, errno.EFBIG, errno.E2BIG,
@@ -66,7 +69,7 @@ def entry(a: Attr) -> pyfuse3.EntryAttributes:
     e.st_blocks = a.blocks
     e.st_blksize = a.blksize
     e.entry_timeout = CACHE_SECONDS
-    e.attr_timeout = CACHE_SECONDS
+    e.attr_timeout = ATTR_SECONDS
     return e
 
 
