@@ -31,7 +31,6 @@ class WriteBehind:
         self._cond = threading.Condition()
         self._queue: deque[tuple[int, bytes]] = deque()
         self._queued = 0
-        self._busy = False
         self._current: tuple[int, int] | None = None  # (offset, length) being applied
         self._error: OSError | None = None
         self._stop = False
@@ -71,7 +70,7 @@ class WriteBehind:
             cur = self._current
             if (cur is not None and cur[0] < offset + length and offset < cur[0] + cur[1]) or any(
                     o < offset + length and offset < o + len(d) for o, d in self._queue):
-                while self._queue or self._busy:
+                while self._queue or self._current is not None:
                     self._cond.wait()
             self._raise_error()
         return self.volume.read(offset, length)
@@ -84,7 +83,7 @@ class WriteBehind:
     def drain(self) -> None:
         """Wait until every queued write reached the volume; raise a deferred error if any."""
         with self._cond:
-            while self._queue or self._busy:
+            while self._queue or self._current is not None:
                 self._cond.wait()
             self._raise_error()
 
@@ -116,7 +115,6 @@ class WriteBehind:
                 if not self._queue:
                     return
                 offset, data = self._queue.popleft()
-                self._busy = True
                 self._current = (offset, len(data))
             try:
                 self.volume.write(offset, data)
@@ -127,7 +125,6 @@ class WriteBehind:
                         self._error = exc
             finally:
                 with self._cond:
-                    self._busy = False
                     self._current = None
                     self._queued -= len(data)
                     self._cond.notify_all()

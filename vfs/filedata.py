@@ -29,7 +29,6 @@ BLOCK = 64 * 1024
 SECTORS_PER_BLOCK = BLOCK // SECTOR
 DIRTY_LIMIT = 64 * 1024 * 1024
 _MASK63 = (1 << 63) - 1
-_ZERO = bytes(BLOCK)
 
 
 class VolumeLike(Protocol):
@@ -125,16 +124,6 @@ class FileData:
         if hi > lo:
             out[lo - offset : hi - offset] = data[lo - bs : hi - bs]
 
-    def _block_bytes(self, ino: int, blk: int, m: tuple[int, int, int] | None) -> bytes:
-        """A block's stored bytes (without the implicit zeros after them); b"" for a hole."""
-        if m is None:
-            return _ZERO
-        addr, nsect, csum = m
-        raw = self.volume.read(addr * SECTOR, nsect * SECTOR)
-        self._verify(raw, ino, blk, addr, csum)
-        return bytes(raw) if nsect == SECTORS_PER_BLOCK else bytes(raw) + bytes(
-            BLOCK - len(raw))
-
     @staticmethod
     def _verify(data, ino: int, blk: int, addr: int, csum: int) -> None:
         if block_checksum(data, ino, blk) != csum:
@@ -150,8 +139,10 @@ class FileData:
                         (ino, blk))
         buf = bytearray(BLOCK)
         if r is not None:
-            data = self._block_bytes(ino, blk, r)
-            buf[: len(data)] = data
+            addr, nsect, csum = r
+            raw = self.volume.read(addr * SECTOR, nsect * SECTOR)
+            self._verify(raw, ino, blk, addr, csum)
+            buf[: len(raw)] = raw
         return buf
 
     # --- writing ------------------------------------------------------------------------------
