@@ -205,6 +205,7 @@ class Filesystem:
     def _free_inode(self, ino: int, sectors: int | None = None) -> None:
         self.data.drop(ino, stored=sectors != 0)
         self.db.change("DELETE FROM xattrs WHERE inode=?", (ino,))
+        self.db.change("DELETE FROM ghosts WHERE inode=?", (ino,))
         self.db.change("DELETE FROM inodes WHERE id=?", (ino,))
 
     def _maybe_free(self, ino: int) -> None:

@@ -13,7 +13,7 @@ from vfs.errors import MetadataError
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 META_NAME = "meta.db"
 
 SCHEMA = """
@@ -58,6 +58,24 @@ CREATE INDEX blocks_addr ON blocks (addr);
 CREATE TABLE metacopy (generation INTEGER NOT NULL, addr INTEGER NOT NULL, nsect INTEGER NOT NULL);
 """
 
+# Format 2: what smart-folder queries search by, and ghost files.
+SCHEMA_2 = """
+CREATE INDEX IF NOT EXISTS dentries_name ON dentries (name);
+CREATE INDEX IF NOT EXISTS inodes_size ON inodes (size);
+CREATE INDEX IF NOT EXISTS inodes_mtime ON inodes (mtime_ns);
+CREATE INDEX IF NOT EXISTS xattrs_name ON xattrs (name, value);
+CREATE TABLE IF NOT EXISTS ghosts (
+    inode INTEGER PRIMARY KEY,
+    source BLOB NOT NULL,
+    size INTEGER NOT NULL,
+    mtime_ns INTEGER NOT NULL,
+    hashes BLOB,
+    state TEXT NOT NULL,
+    used_ns INTEGER NOT NULL DEFAULT 0
+);
+CREATE INDEX IF NOT EXISTS ghosts_state ON ghosts (state, used_ns);
+"""
+
 
 class MetaDB:
     """One connection to a warehouse's metadata database, always inside a transaction."""
@@ -79,6 +97,7 @@ class MetaDB:
             if create:
                 with self.conn:
                     self.conn.execute(SCHEMA)
+                    self.conn.execute(SCHEMA_2)
                     self.conn.execute("INSERT INTO settings VALUES ('format', ?)",
                                       (FORMAT_VERSION,))
             else:
@@ -93,6 +112,14 @@ class MetaDB:
             row = self.conn.execute("SELECT value FROM settings WHERE key='format'").fetchone()
         except apsw.SQLError as exc:
             raise MetadataError(f"{self.path} is not a dwfs metadata database: {exc}") from exc
+        if row is not None and row[0] == 1:
+            log.info("%s: upgrading the metadata from format 1 to %d (indexes, ghosts)",
+                     self.path, FORMAT_VERSION)
+            with self.conn:
+                self.conn.execute(SCHEMA_2)
+                self.conn.execute("UPDATE settings SET value=? WHERE key='format'",
+                                  (FORMAT_VERSION,))
+            return
         if row is None or row[0] != FORMAT_VERSION:
             found = row[0] if row else "none"
             raise MetadataError(
