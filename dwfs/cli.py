@@ -12,14 +12,12 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
-from contextlib import contextmanager
 from typing import Any
 
-from rich.console import Console
-from rich.progress import BarColumn, DownloadColumn, Progress, TimeRemainingColumn
 from rich.table import Table
 
-from dwfs import control, service
+from dwfs import control, service, smartcli
+from dwfs.cliutil import CommandError, err, out, progress_bar
 from dwfs.config import ConfigError, WarehouseConfig, load_config
 from dwfs.mountopts import MountOptionError, parse_options
 from dwfs.mounts import canonical, find_mount, fusermount_unmount, pid_alive
@@ -38,36 +36,12 @@ from raid import levels
 from raid.errors import RaidError
 
 log = logging.getLogger("dwfs")
-out = Console(soft_wrap=True, width=None if sys.stdout.isatty() else 160)
-err = Console(stderr=True, soft_wrap=True)
 
 MOUNT_TIMEOUT = 120.0
 UMOUNT_TIMEOUT = 300.0
 
 
-class CommandError(Exception):
-    """A command that cannot do what it was asked; the message says why."""
-
-
 # --- helpers ------------------------------------------------------------------------------------
-
-
-@contextmanager
-def progress_bar(description: str, in_bytes: bool = True):
-    """A rich progress bar whose update callback takes (done, total)."""
-    columns = [
-        "[progress.description]{task.description}",
-        BarColumn(),
-        DownloadColumn(binary_units=True) if in_bytes else "{task.completed}/{task.total}",
-        TimeRemainingColumn(),
-    ]
-    with Progress(*columns, console=err, transient=False, disable=not err.is_terminal) as bar:
-        task = bar.add_task(description, total=None)
-
-        def update(done: int, total: int) -> None:
-            bar.update(task, completed=done, total=total)
-
-        yield update
 
 
 def with_volume(
@@ -454,6 +428,7 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--device", help="replacement member file (default: a new one in place)")
     m.add_argument("--max-rate", help="rebuild at most this many bytes per second, e.g. 50M")
     m.set_defaults(func=cmd_replace)
+    smartcli.add_parsers(sub)
     return p
 
 

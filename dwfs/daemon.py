@@ -39,6 +39,7 @@ from raid.errors import RaidError
 from raid.rebuild import RebuildStopped
 from vfs.fs import Filesystem
 from vfs.metacopy import write_copy
+from vfs.view import View
 
 log = logging.getLogger("dwfs.daemon")
 
@@ -87,6 +88,8 @@ class Daemon:
                                        self.stopping, op.get("max_rate"))
             finally:
                 self.rebuilding.discard(slot)
+        if name == "smart-list" and isinstance(self.ops, FuseOperations):
+            return self.ops.fs.smart_folders()
         raise ValueError(f"unknown control request {name!r}")
 
     async def run(self, ready) -> None:
@@ -204,7 +207,7 @@ def serve(warehouse: str, mountpoint: str, ready_fd: int | None, debug: bool = F
         else:
             queued = WriteBehind(volume)
             fs = open_filesystem(cfg, queued)
-            ops = FuseOperations(fs)
+            ops = FuseOperations(View(fs))
         fuse_options = set(pyfuse3.default_options)
         fuse_options |= {f"fsname={cfg.directory}", "subtype=dwfs", "default_permissions"}
         fuse_options |= opts.fuse

@@ -19,7 +19,7 @@ import pyfuse3
 
 from dwfs.volumeworker import VolumeWorker
 from vfs.attrs import Attr, Caller, SetAttr
-from vfs.fs import Filesystem
+from vfs.view import View
 
 log = logging.getLogger(__name__)
 
@@ -53,8 +53,8 @@ def fuse_errors(func: Callable[..., Any]) -> Callable[..., Any]:
     return wrapper
 
 
-def entry(a: Attr) -> pyfuse3.EntryAttributes:
-    """pyfuse3 attributes of a vfs Attr."""
+def entry(a: Attr, entry_timeout: float = CACHE_SECONDS) -> pyfuse3.EntryAttributes:
+    """pyfuse3 attributes of a vfs Attr; names from a query are not cached (timeout 0)."""
     e = pyfuse3.EntryAttributes()
     e.st_ino = a.ino
     e.st_mode = a.mode
@@ -68,7 +68,7 @@ def entry(a: Attr) -> pyfuse3.EntryAttributes:
     e.st_ctime_ns = a.ctime_ns
     e.st_blocks = a.blocks
     e.st_blksize = a.blksize
-    e.entry_timeout = CACHE_SECONDS
+    e.entry_timeout = entry_timeout
     e.attr_timeout = ATTR_SECONDS
     return e
 
@@ -85,11 +85,11 @@ def caller(ctx: pyfuse3.RequestContext, mode: int = 0) -> Caller:
 
 
 class FuseOperations(pyfuse3.Operations):
-    """pyfuse3 operations over a vfs Filesystem."""
+    """pyfuse3 operations over the vfs View of a filesystem."""
 
     enable_writeback_cache = False  # write errors (ENOSPC) must reach the writer at write()
 
-    def __init__(self, fs: Filesystem) -> None:
+    def __init__(self, fs: View) -> None:
         super().__init__()
         self.fs = fs
         self.worker = VolumeWorker("fs-worker")
@@ -116,11 +116,12 @@ class FuseOperations(pyfuse3.Operations):
     @fuse_errors
     async def lookup(self, parent_inode, name, ctx=None):
         attr = await self._meta(self.fs.find, parent_inode, name)
+        timeout = 0.0 if self.fs.volatile(parent_inode) else CACHE_SECONDS
         if attr is not None:
-            return entry(attr)
+            return entry(attr, timeout)
         neg = pyfuse3.EntryAttributes()
         neg.st_ino = 0  # a negative entry the kernel may cache
-        neg.entry_timeout = CACHE_SECONDS
+        neg.entry_timeout = timeout
         return neg
 
     @fuse_errors
@@ -212,18 +213,19 @@ class FuseOperations(pyfuse3.Operations):
 
     @fuse_errors
     async def opendir(self, inode, ctx):
-        await self._meta(self.fs.opendir, inode)
-        return inode
+        return await self._meta(self.fs.opendir, inode)
 
     @fuse_errors
     async def readdir(self, fh, start_id, token):
         cookie = start_id
+        timeout = 0.0 if self.fs.volatile_handle(fh) else CACHE_SECONDS
         while True:
             batch = await self._meta(self.fs.readdir, fh, cookie)
             if not batch:
                 return
             for e in batch:
-                if not pyfuse3.readdir_reply(token, e.name, entry(e.attr), e.next_cookie):
+                if not pyfuse3.readdir_reply(token, e.name, entry(e.attr, timeout),
+                                             e.next_cookie):
                     return
                 cookie = e.next_cookie
 

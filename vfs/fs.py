@@ -44,7 +44,7 @@ DIR_SIZE = 4096
 RELATIME_SECONDS = 24 * 3600
 
 _INODE_COLS = "id, mode, nlink, uid, gid, size, rdev, atime_ns, mtime_ns, ctime_ns, sectors"
-_JOINED_COLS = ", ".join("i." + c.strip() for c in _INODE_COLS.split(","))
+JOINED_COLUMNS = ", ".join("i." + c.strip() for c in _INODE_COLS.split(","))
 
 T = TypeVar("T")
 
@@ -166,6 +166,49 @@ class Filesystem:
                     atime_ns=r[7], mtime_ns=r[8], ctime_ns=r[9], blocks=sectors * (SECTOR // 512),
                     blksize=BLOCK)
 
+    def row_attr(self, row: tuple) -> Attr:
+        """The attributes of an inode row selected with JOINED_COLUMNS."""
+        return self._attr(row)
+
+    @query
+    def exists(self, ino: int) -> bool:
+        """True if inode `ino` is stored (linked, or unlinked but still open)."""
+        return self.db.row("SELECT 1 FROM inodes WHERE id=?", (ino,)) is not None
+
+    @query
+    def has_entries(self, ino: int) -> bool:
+        """True if directory `ino` has any entries."""
+        return self._has_entries(ino)
+
+    @query
+    def resolve_dir(self, path: str) -> int | None:
+        """The inode of the directory at `path` (from the root, '/'-separated), or None."""
+        ino = ROOT_INODE
+        for part in path.encode().split(b"/"):
+            if part in (b"", b"."):
+                continue
+            if part == b"..":
+                ino = self._parent_of(ino)
+                continue
+            r = self.db.row("SELECT d.inode, i.mode FROM dentries d JOIN inodes i "
+                            "ON i.id = d.inode WHERE d.parent=? AND d.name=?", (ino, part))
+            if r is None or not stat.S_ISDIR(r[1]):
+                return None
+            ino = r[0]
+        return ino
+
+    @query
+    def path_of(self, ino: int) -> str | None:
+        """One path of inode `ino` from the root, or None if it has no name."""
+        parts: list[bytes] = []
+        while ino != ROOT_INODE:
+            r = self.db.row("SELECT parent, name FROM dentries WHERE inode=? LIMIT 1", (ino,))
+            if r is None or len(parts) > 10000:
+                return None
+            parts.append(bytes(r[1]))
+            ino = r[0]
+        return "/" + b"/".join(reversed(parts)).decode(errors="surrogateescape")
+
     def _dir_row(self, ino: int) -> tuple:
         r = self._row(ino)
         if not stat.S_ISDIR(r[1]):
@@ -233,7 +276,7 @@ class Filesystem:
         if name == b"..":
             self._dir_row(parent)
             return self._attr(self._row(self._parent_of(parent)))
-        r = self.db.row(f"SELECT {_JOINED_COLS} FROM dentries d JOIN inodes i ON i.id = d.inode "
+        r = self.db.row(f"SELECT {JOINED_COLUMNS} FROM dentries d JOIN inodes i ON i.id = d.inode "
                         "WHERE d.parent=? AND d.name=?", (parent, name))
         if r is not None:
             return self._attr(r)
@@ -405,7 +448,7 @@ class Filesystem:
         """(dentry id, inode, inode row) of an existing name."""
         if len(name) > NAME_MAX:
             raise FSError(errno.ENAMETOOLONG, f"name of {len(name)} bytes")
-        r = self.db.row(f"SELECT d.id, {_JOINED_COLS} FROM dentries d JOIN inodes i "
+        r = self.db.row(f"SELECT d.id, {JOINED_COLUMNS} FROM dentries d JOIN inodes i "
                         "ON i.id = d.inode WHERE d.parent=? AND d.name=?", (parent, name))
         if r is None:
             self._dir_row(parent)
@@ -617,8 +660,10 @@ class Filesystem:
             raise FSError(errno.EFBIG, f"write past the largest file size ({MAX_FILE_SIZE})")
         return r
 
-    def write(self, ino: int, offset: int, data: bytes | memoryview) -> int:
-        """Write bytes at `offset`; returns how many were written.
+    def write(self, ino: int, offset: int, data: bytes | memoryview,
+              keep_times: bool = False) -> int:
+        """Write bytes at `offset`; returns how many were written. `keep_times` stores
+        content without changing mtime and ctime (a ghost's content arriving).
 
         ENOSPC comes before anything changes: a failed write leaves the file as it was.
         """
@@ -628,19 +673,37 @@ class Filesystem:
             self._check_write(ino, offset, n)
             if n:
                 self._reserve(ino, offset // BLOCK, (offset + n - 1) // BLOCK)
-            return self._write(ino, offset, data)
+            return self._write(ino, offset, data, keep_times)
 
     @operation
-    def _write(self, ino: int, offset: int, data: bytes | memoryview) -> int:
+    def _write(self, ino: int, offset: int, data: bytes | memoryview,
+               keep_times: bool = False) -> int:
         r = self._check_write(ino, offset, len(data))
         n = len(data)
         if n == 0:
             return 0
         new_size = self.data.write(ino, r[5], offset, data)
+        if keep_times:
+            if new_size != r[5]:
+                self.db.change("UPDATE inodes SET size=? WHERE id=?", (new_size, ino))
+            return n
         now = _now()
         self.db.change("UPDATE inodes SET size=?, mtime_ns=?, ctime_ns=? WHERE id=?",
                        (new_size, now, now, ino))
         return n
+
+    @operation
+    def drop_content(self, ino: int) -> None:
+        """Free every stored block of a file, keeping its size (it reads as a hole until
+        its content is stored again: only for ghosts, whose reads are guarded)."""
+        self.data.drop(ino)
+        self.db.change("UPDATE inodes SET sectors=0 WHERE id=?", (ino,))
+
+    @operation
+    def atomically(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run `fn(*args)` under the lock, all-or-nothing (for bulk changes made elsewhere in
+        vfs, such as a ghost import)."""
+        return fn(*args)
 
     # --- directories --------------------------------------------------------------------------
 
@@ -671,7 +734,7 @@ class Filesystem:
             out.append(DirEntry(b"..", self._attr(self._row(self._parent_of(ino))), 2))
         after = max(cookie - 2, 0)
         for row in self.db.rows(
-            f"SELECT d.id, d.name, {_JOINED_COLS}"
+            f"SELECT d.id, d.name, {JOINED_COLUMNS}"
             " FROM dentries d JOIN inodes i ON i.id = d.inode"
             " WHERE d.parent=? AND d.id>? ORDER BY d.id LIMIT ?",
             (ino, after, limit),

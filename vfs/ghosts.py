@@ -1,0 +1,388 @@
+"""Ghost files: placeholders whose content lives in a source file until it is first read.
+
+A ghost has its source's name, size, mode and times; its row in `ghosts` records the source
+path, the source's size and mtime at import and, once taken, a content hash (xxh3-64 of every
+1 MiB piece). States:
+
+- `ghost`: nothing stored. The first read starts one fetch (shared by concurrent readers); a
+  reader waits only until the range it asks for has arrived. Every piece is checked against
+  the source's size and mtime and, when known, its hash before it is stored or served; if the
+  source is gone or changed the fetch fails, what was stored is dropped, the file stays a
+  ghost and readers get EIO.
+- `hydrated`: the content is stored like any file's; it may be dropped again (dehydrated) when
+  the source still holds identical content, by request or by the cache limit (least recently
+  used first, never an open file).
+- `pinned`: hydrated and never dehydrated.
+
+Writing to a ghost (or truncating it) fetches it first, then it becomes an ordinary file.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import stat
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+import xxhash
+
+from vfs.errors import FSError
+from vfs.fs import Filesystem
+
+log = logging.getLogger(__name__)
+
+PIECE = 1 << 20
+GHOST, HYDRATED, PINNED = "ghost", "hydrated", "pinned"
+STATES = (GHOST, HYDRATED, PINNED)
+STATE_XATTR = b"user.dwfs.state"
+USED_REFRESH_NS = 60 * 10**9
+
+
+def piece_hash(data: bytes | bytearray | memoryview) -> int:
+    """The content hash of one piece of a source file."""
+    return xxhash.xxh3_64_intdigest(data)
+
+
+def pack_hashes(hashes: list[int]) -> bytes:
+    """Hashes as stored in the `ghosts` table."""
+    return np.array(hashes, dtype="<u8").tobytes()
+
+
+def unpack_hashes(blob: bytes | None) -> list[int] | None:
+    """Hashes from the `ghosts` table (None: not taken yet)."""
+    if blob is None:
+        return None
+    return [int(h) for h in np.frombuffer(bytes(blob), dtype="<u8")]
+
+
+@dataclass(slots=True)
+class Record:
+    """What a ghost knows of its source."""
+
+    ino: int
+    source: str
+    size: int
+    mtime_ns: int
+    hashes: list[int] | None
+    state: str
+
+
+class SourceChanged(FSError):
+    """A ghost's source is gone, unreadable, or no longer what was imported."""
+
+    def __init__(self, rec: Record, why: str) -> None:
+        super().__init__(errno.EIO, f"ghost inode {rec.ino}: source {rec.source} {why}")
+
+
+def check_source(rec: Record, st: os.stat_result) -> None:
+    """Refuse a source whose size or mtime differ from the record."""
+    if not stat.S_ISREG(st.st_mode):
+        raise SourceChanged(rec, "is no longer a regular file")
+    if st.st_size != rec.size:
+        raise SourceChanged(rec, f"changed size ({rec.size} -> {st.st_size} bytes)")
+    if st.st_mtime_ns != rec.mtime_ns:
+        raise SourceChanged(rec, "changed (its modification time differs)")
+
+
+def read_pieces(rec: Record, stop: threading.Event | None = None):
+    """Yield (offset, piece, hash) of a source, each checked against the record."""
+    try:
+        fd = os.open(rec.source, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError as exc:
+        raise SourceChanged(rec, f"cannot be opened: {exc.strerror}") from exc
+    try:
+        check_source(rec, os.fstat(fd))
+        offset = 0
+        k = 0
+        while offset < rec.size:
+            if stop is not None and stop.is_set():
+                raise FSError(errno.EIO, f"ghost inode {rec.ino}: fetch stopped (unmounting)")
+            piece = os.pread(fd, min(PIECE, rec.size - offset), offset)
+            if len(piece) != min(PIECE, rec.size - offset):
+                raise SourceChanged(rec, f"is shorter than {rec.size} bytes now")
+            h = piece_hash(piece)
+            if rec.hashes is not None and (k >= len(rec.hashes) or rec.hashes[k] != h):
+                raise SourceChanged(rec, f"has different content at byte {offset}")
+            check_source(rec, os.fstat(fd))
+            yield offset, piece, h
+            offset += len(piece)
+            k += 1
+    except OSError as exc:
+        raise SourceChanged(rec, f"cannot be read: {exc.strerror}") from exc
+    finally:
+        os.close(fd)
+
+
+def source_hashes(rec: Record, stop: threading.Event | None = None) -> list[int]:
+    """The piece hashes of a source that still matches its record's size and mtime."""
+    return [h for _o, _p, h in read_pieces(rec, stop)]
+
+
+@dataclass
+class Fetch:
+    """One hydration in progress; readers wait on it for the bytes they need."""
+
+    rec: Record
+    arrived: int = 0
+    error: FSError | None = None
+    done: bool = False
+    cond: threading.Condition = field(default_factory=threading.Condition)
+
+    def covers(self, offset: int, length: int) -> bool:
+        """True if bytes offset..offset+length (clipped to the file) have arrived."""
+        return self.arrived >= min(offset + length, self.rec.size)
+
+    def wait(self, offset: int, length: int) -> None:
+        """Block until the range has arrived or the fetch has ended."""
+        with self.cond:
+            while not (self.done or self.error or self.covers(offset, length)):
+                self.cond.wait()
+
+
+class Ghosts:
+    """The ghost files of one filesystem: their states, fetches and cache limit."""
+
+    def __init__(self, fs: Filesystem, cache_limit: int | None = None) -> None:
+        self.fs = fs
+        self.db = fs.db
+        self.cache_limit = cache_limit
+        self.fetches: dict[int, Fetch] = {}
+        self.stop = threading.Event()
+        self._used: dict[int, int] = {}
+        self._threads: set[threading.Thread] = set()
+        self.on_change: Callable[[int], None] | None = None  # content changed under the kernel
+        with fs.lock:
+            self.states: dict[int, str] = dict(self.db.rows("SELECT inode, state FROM ghosts"))
+            partial = [r[0] for r in self.db.rows(
+                "SELECT g.inode FROM ghosts g JOIN inodes i ON i.id = g.inode "
+                "WHERE g.state = ? AND i.sectors > 0", (GHOST,))]
+            for ino in partial:
+                log.info("ghost inode %d: dropping a fetch interrupted by a crash", ino)
+                fs.drop_content(ino)
+
+    # --- records ------------------------------------------------------------------------------
+
+    def state(self, ino: int) -> str | None:
+        """`ghost`, `hydrated`, `pinned`, or None for an ordinary file."""
+        return self.states.get(ino)
+
+    def record(self, ino: int) -> Record:
+        """The ghost row of inode `ino`."""
+        r = self.db.row("SELECT inode, source, size, mtime_ns, hashes, state FROM ghosts "
+                        "WHERE inode=?", (ino,))
+        if r is None:
+            raise FSError(errno.EINVAL, f"inode {ino} is not a ghost")
+        return Record(r[0], bytes(r[1]).decode(errors="surrogateescape"), r[2], r[3],
+                      unpack_hashes(r[4]), r[5])
+
+    def _set_state(self, ino: int, state: str) -> None:
+        self.db.change("UPDATE ghosts SET state=?, used_ns=? WHERE inode=?",
+                       (state, time.time_ns(), ino))
+        self.states[ino] = state
+
+    def forget(self, ino: int) -> None:
+        """Inode `ino` is no longer a ghost (it was removed, or became an ordinary file)."""
+        self.states.pop(ino, None)
+        self._used.pop(ino, None)
+
+    def added(self, ino: int, state: str = GHOST) -> None:
+        """Inode `ino` was made a ghost (by an import)."""
+        self.states[ino] = state
+
+    # --- reading ------------------------------------------------------------------------------
+
+    def needs_fetch(self, ino: int) -> bool:
+        """True if reading inode `ino` may have to wait for its source."""
+        return self.states.get(ino) == GHOST
+
+    def read(self, ino: int, offset: int, length: int) -> bytes | bytearray | memoryview:
+        """Read a file, fetching a ghost's content first as far as the range needs."""
+        while True:
+            with self.fs.lock:
+                state = self.states.get(ino)
+                if state is None:
+                    return self.fs.read(ino, offset, length)
+                if state != GHOST:
+                    self._touch(ino)
+                    return self.fs.read(ino, offset, length)
+                fetch = self.fetches.get(ino) or self._start(ino)
+                if fetch.covers(offset, length):
+                    return self.fs.read(ino, offset, length)
+                if fetch.error is not None:
+                    raise fetch.error
+            fetch.wait(offset, length)
+            if fetch.error is not None:
+                raise FSError(fetch.error.errno, str(fetch.error))
+
+    def _touch(self, ino: int) -> None:
+        now = time.time_ns()
+        if now - self._used.get(ino, 0) > USED_REFRESH_NS:
+            self._used[ino] = now
+            self.db.change("UPDATE ghosts SET used_ns=? WHERE inode=?", (now, ino))
+
+    def _start(self, ino: int) -> Fetch:
+        """Begin fetching a ghost's content (under the lock)."""
+        fetch = Fetch(self.record(ino))
+        self.fetches[ino] = fetch
+        t = threading.Thread(target=self._fetch, args=(fetch,), name=f"ghost-fetch-{ino}",
+                             daemon=True)
+        self._threads.add(t)
+        t.start()
+        return fetch
+
+    def _fetch(self, fetch: Fetch) -> None:
+        rec = fetch.rec
+        t0 = time.monotonic()
+        hashes: list[int] = []
+        try:
+            for offset, piece, h in read_pieces(rec, self.stop):
+                self.fs.write(rec.ino, offset, piece, keep_times=True)
+                hashes.append(h)
+                with fetch.cond:
+                    fetch.arrived = offset + len(piece)
+                    fetch.cond.notify_all()
+            with self.fs.lock:
+                if self.states.get(rec.ino) == GHOST:
+                    if rec.hashes is None:
+                        self.db.change("UPDATE ghosts SET hashes=? WHERE inode=?",
+                                       (pack_hashes(hashes), rec.ino))
+                    self._set_state(rec.ino, HYDRATED)
+                self.fetches.pop(rec.ino, None)
+            log.info("ghost inode %d: fetched %d bytes from %s in %.2f s", rec.ino, rec.size,
+                     rec.source, time.monotonic() - t0)
+        except FSError as exc:
+            log.error("ghost inode %d: fetching %s failed: %s", rec.ino, rec.source, exc)
+            with self.fs.lock:
+                self.fetches.pop(rec.ino, None)
+                try:
+                    if self.fs.exists(rec.ino):
+                        self.fs.drop_content(rec.ino)
+                except FSError as drop_exc:
+                    log.error("ghost inode %d: dropping the partial fetch: %s", rec.ino, drop_exc)
+            fetch.error = exc
+        finally:
+            with fetch.cond:
+                fetch.done = True
+                fetch.cond.notify_all()
+            self._threads.discard(threading.current_thread())
+        if fetch.error is None:
+            self.enforce_limit()
+
+    def hydrate(self, ino: int) -> None:
+        """Fetch a ghost's whole content and wait for it (nothing to do for other files)."""
+        with self.fs.lock:
+            if self.states.get(ino) != GHOST:
+                return
+            fetch = self.fetches.get(ino) or self._start(ino)
+        fetch.wait(0, fetch.rec.size)
+        with fetch.cond:
+            while not fetch.done:
+                fetch.cond.wait()
+        if fetch.error is not None:
+            raise FSError(fetch.error.errno, str(fetch.error))
+
+    # --- changing state -----------------------------------------------------------------------
+
+    def make_ordinary(self, ino: int, keep_content: bool = True) -> None:
+        """Turn a ghost into an ordinary file before it is written to or truncated; its
+        content is fetched first unless `keep_content` is False (truncation to zero)."""
+        if ino not in self.states:
+            return
+        if keep_content:
+            self.hydrate(ino)
+        with self.fs.lock:
+            if ino in self.states and ino not in self.fetches:
+                self.db.change("DELETE FROM ghosts WHERE inode=?", (ino,))
+                self.forget(ino)
+                log.info("ghost inode %d is an ordinary file now", ino)
+            elif ino in self.fetches:
+                raise FSError(errno.EBUSY, f"ghost inode {ino} is being fetched")
+
+    def set_state(self, ino: int, value: bytes) -> None:
+        """Ask for a state through the `user.dwfs.state` attribute."""
+        want = value.decode(errors="replace").strip()
+        if want not in STATES:
+            raise FSError(errno.EINVAL, f"unknown ghost state {want!r} (ghost, hydrated, pinned)")
+        state = self.states.get(ino)
+        if state is None:
+            raise FSError(errno.EINVAL, f"inode {ino} is not a ghost")
+        if want == GHOST:
+            self.dehydrate(ino)
+            return
+        self.hydrate(ino)
+        with self.fs.lock:
+            if self.states.get(ino) in (HYDRATED, PINNED):
+                self._set_state(ino, want)
+                log.info("ghost inode %d is %s", ino, want)
+
+    def dehydrate(self, ino: int, skip_open: bool = False) -> bool:
+        """Drop a hydrated ghost's stored content if the source still holds it.
+
+        Pinned files are refused (EPERM); a source that changed keeps the local copy (EIO).
+        Returns False if the file was skipped because it is open (`skip_open`)."""
+        with self.fs.lock:
+            state = self.states.get(ino)
+            if state is None:
+                raise FSError(errno.EINVAL, f"inode {ino} is not a ghost")
+            if state == PINNED:
+                raise FSError(errno.EPERM, f"ghost inode {ino} is pinned; unpin it first")
+            if state == GHOST:
+                return True
+            if skip_open and self.fs.opens.get(ino):
+                return False
+            rec = self.record(ino)
+        if rec.hashes is None:
+            raise SourceChanged(rec, "has no content hash to compare with")
+        hashes = source_hashes(rec, self.stop)  # raises SourceChanged if it differs
+        if hashes != rec.hashes:
+            raise SourceChanged(rec, "has different content now")
+        with self.fs.lock:
+            if self.states.get(ino) != HYDRATED or (skip_open and self.fs.opens.get(ino)):
+                return False
+            self.fs.drop_content(ino)
+            self._set_state(ino, GHOST)
+        log.info("ghost inode %d: dehydrated (source %s unchanged)", ino, rec.source)
+        if self.on_change is not None:
+            self.on_change(ino)
+        return True
+
+    def enforce_limit(self) -> None:
+        """Dehydrate least recently used, unpinned, closed ghosts while the stored content of
+        ghosts exceeds the cache limit."""
+        if self.cache_limit is None:
+            return
+        with self.fs.lock:
+            total = self.stored_bytes()
+            if total <= self.cache_limit:
+                return
+            order = [(r[0], r[1]) for r in self.db.rows(
+                "SELECT g.inode, i.sectors FROM ghosts g JOIN inodes i ON i.id = g.inode "
+                "WHERE g.state = ? AND i.sectors > 0 ORDER BY g.used_ns", (HYDRATED,))]
+        for ino, sectors in order:
+            if total <= self.cache_limit:
+                break
+            try:
+                if self.dehydrate(ino, skip_open=True):
+                    total -= sectors * 4096
+            except FSError as exc:
+                log.warning("cache limit: cannot dehydrate ghost inode %d: %s", ino, exc)
+        if total > self.cache_limit:
+            log.warning("ghost content takes %d bytes, over the cache limit of %d (the rest "
+                        "is pinned, open, or its source changed)", total, self.cache_limit)
+
+    def stored_bytes(self) -> int:
+        """Bytes of stored content of hydrated and pinned ghosts."""
+        return 4096 * self.db.value(
+            "SELECT coalesce(sum(i.sectors), 0) FROM ghosts g JOIN inodes i ON i.id = g.inode "
+            "WHERE g.state != ?", (GHOST,), 0)
+
+    def close(self) -> None:
+        """Stop fetches in progress (their ghosts stay ghosts) and wait for them."""
+        self.stop.set()
+        for t in list(self._threads):
+            t.join(timeout=30)

@@ -1,0 +1,292 @@
+"""The tree users see: the filesystem plus smart folders and the directories shown in them.
+
+A directory that matches a smart folder's query is shown there as a *mirror*: a directory with
+its own inode number (the real one with `MIRROR_BIT` set) whose contents are the real
+directory's, files under their own inode numbers and subdirectories as mirrors again. The kernel
+must never see one directory inode under two parents (it would move or refuse the dentry), so
+mirrors keep the two apart; files may have many names and are shown as themselves, so reading
+and writing through a smart folder reads and writes the original.
+
+Names cannot be created, removed or moved inside a smart folder or a mirror (EPERM): a listing
+there is the result of a query, not a place. A smart folder seen through a mirror is shown
+empty, so no listing can recurse into itself.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import errno
+import stat
+
+from vfs.attrs import ROOT_INODE, Attr, Caller, DirEntry, SetAttr
+from vfs.errors import FSError
+from vfs.fs import JOINED_COLUMNS, Filesystem
+from vfs.smart import QUERY_XATTR, SmartFolders
+
+MIRROR_BIT = 1 << 48
+
+
+def real_inode(ino: int) -> int:
+    """The stored inode behind a (possibly mirrored) inode number."""
+    return ino & ~MIRROR_BIT
+
+
+class View:
+    """The POSIX object the FUSE adapter serves: a Filesystem with smart folders."""
+
+    def __init__(self, fs: Filesystem) -> None:
+        self.fs = fs
+        self.lock = fs.lock
+        self.smart = SmartFolders(fs.db, JOINED_COLUMNS, fs.resolve_dir)
+        self._listings: dict[int, list[DirEntry]] = {}  # by directory handle
+        self._open_dirs: dict[int, int] = {}  # directory handle -> inode shown
+        self._handles = 0
+
+    # --- helpers ------------------------------------------------------------------------------
+
+    def volatile(self, parent: int) -> bool:
+        """True if names in directory `parent` come from a query (the kernel must not cache
+        them)."""
+        return parent & MIRROR_BIT != 0 or self.smart.is_smart(parent)
+
+    def volatile_handle(self, handle: int) -> bool:
+        """True if the directory open as `handle` lists names from a query."""
+        ino = self._open_dirs.get(handle)
+        return ino is not None and self.volatile(ino)
+
+    def _shown(self, attr: Attr, mirrored: bool) -> Attr:
+        """`attr` as shown at a place: directories reached through a query are mirrors."""
+        if mirrored and stat.S_ISDIR(attr.mode) and attr.ino != ROOT_INODE:
+            return dataclasses.replace(attr, ino=attr.ino | MIRROR_BIT)
+        return attr
+
+    def _fixed(self, parent: int, what: str) -> None:
+        """Refuse a change of names inside a smart folder or a mirror."""
+        if self.volatile(parent):
+            kind = "a smart folder" if self.smart.is_smart(parent) else "a smart folder's view"
+            raise FSError(errno.EPERM,
+                          f"cannot {what} in {kind} (inode {parent}); change the original")
+
+    # --- lookups and attributes ---------------------------------------------------------------
+
+    def find(self, parent: int, name: bytes) -> Attr | None:
+        """The attributes of `name` in directory `parent`, or None."""
+        with self.lock:
+            real = real_inode(parent)
+            mirrored = real != parent
+            if name in (b".", b".."):
+                attr = self.fs.find(real, name)
+                return None if attr is None else self._shown(attr, mirrored or name == b".")
+            if self.smart.is_smart(real):
+                if mirrored:
+                    return None  # a smart folder seen through a mirror is empty
+                self.fs.find(real, b".")  # ENOENT/ENOTDIR as for any directory
+                row = self.smart.lookup(real, name)
+                return None if row is None else self._shown(self.fs.row_attr(row), True)
+            attr = self.fs.find(real, name)
+            return None if attr is None else self._shown(attr, mirrored)
+
+    def lookup(self, parent: int, name: bytes) -> Attr:
+        """Like `find`, but ENOENT when the name does not exist."""
+        attr = self.find(parent, name)
+        if attr is None:
+            raise FSError(errno.ENOENT, f"{name!r} not in directory {parent}")
+        return attr
+
+    def getattr(self, ino: int) -> Attr:
+        """The attributes of an inode (mirrors show their directory's)."""
+        return self._shown(self.fs.getattr(real_inode(ino)), ino & MIRROR_BIT != 0)
+
+    def setattr(self, ino: int, ch: SetAttr) -> Attr:
+        """Change attributes; through a mirror, of the real directory."""
+        return self._shown(self.fs.setattr(real_inode(ino), ch), ino & MIRROR_BIT != 0)
+
+    def readlink(self, ino: int) -> bytes:
+        """The target of a symbolic link."""
+        return self.fs.readlink(ino)
+
+    # --- creating and removing names ----------------------------------------------------------
+
+    def mknod(self, parent: int, name: bytes, mode: int, rdev: int, caller: Caller) -> Attr:
+        """Create a file, FIFO, socket or device node."""
+        with self.lock:
+            self._fixed(parent, "create a file")
+            return self.fs.mknod(parent, name, mode, rdev, caller)
+
+    def mkdir(self, parent: int, name: bytes, mode: int, caller: Caller) -> Attr:
+        """Create a directory."""
+        with self.lock:
+            self._fixed(parent, "create a directory")
+            return self.fs.mkdir(parent, name, mode, caller)
+
+    def create(self, parent: int, name: bytes, mode: int, flags: int, caller: Caller) -> Attr:
+        """Create and open a regular file."""
+        with self.lock:
+            self._fixed(parent, "create a file")
+            return self.fs.create(parent, name, mode, flags, caller)
+
+    def symlink(self, parent: int, name: bytes, target: bytes, caller: Caller) -> Attr:
+        """Create a symbolic link."""
+        with self.lock:
+            self._fixed(parent, "create a symbolic link")
+            return self.fs.symlink(parent, name, target, caller)
+
+    def link(self, ino: int, parent: int, name: bytes) -> Attr:
+        """Give a file another name."""
+        with self.lock:
+            self._fixed(parent, "create a link")
+            if ino & MIRROR_BIT:
+                raise FSError(errno.EPERM, "hard links to directories are not allowed")
+            return self.fs.link(ino, parent, name)
+
+    def unlink(self, parent: int, name: bytes) -> None:
+        """Remove a name."""
+        with self.lock:
+            self._fixed(parent, "remove a name")
+            self.fs.unlink(parent, name)
+
+    def rmdir(self, parent: int, name: bytes) -> None:
+        """Remove an empty directory (a smart folder is empty: it can be removed)."""
+        with self.lock:
+            self._fixed(parent, "remove a directory")
+            attr = self.fs.find(parent, name)
+            self.fs.rmdir(parent, name)
+            if attr is not None:
+                self.smart.forget(attr.ino)
+
+    def rename(self, parent: int, name: bytes, new_parent: int, new_name: bytes,
+               flags: int = 0) -> None:
+        """Move a name (not into, out of or within a smart folder)."""
+        with self.lock:
+            self._fixed(parent, "move a name")
+            self._fixed(new_parent, "move a name")
+            replaced = self.fs.find(new_parent, new_name)
+            self.fs.rename(parent, name, new_parent, new_name, flags)
+            if replaced is not None and not self.fs.exists(replaced.ino):
+                self.smart.forget(replaced.ino)
+
+    # --- files --------------------------------------------------------------------------------
+
+    def open(self, ino: int, flags: int) -> Attr:
+        """Open a file."""
+        return self.fs.open(ino, flags)
+
+    def release(self, ino: int) -> None:
+        """Close a file."""
+        self.fs.release(ino)
+
+    def read(self, ino: int, offset: int, length: int) -> bytes | bytearray | memoryview:
+        """Read file data."""
+        return self.fs.read(ino, offset, length)
+
+    def write(self, ino: int, offset: int, data: bytes | memoryview) -> int:
+        """Write file data."""
+        return self.fs.write(ino, offset, data)
+
+    # --- directories --------------------------------------------------------------------------
+
+    def opendir(self, ino: int) -> int:
+        """Open a directory for listing; returns the handle to list and close it with."""
+        with self.lock:
+            self.fs.opendir(real_inode(ino))
+            self._handles += 1
+            self._open_dirs[self._handles] = ino
+            return self._handles
+
+    def releasedir(self, handle: int) -> None:
+        """Close a directory handle."""
+        with self.lock:
+            ino = self._open_dirs.pop(handle)
+            self._listings.pop(handle, None)
+            self.fs.releasedir(real_inode(ino))
+            if not self.fs.exists(real_inode(ino)):
+                self.smart.forget(real_inode(ino))
+
+    def readdir(self, handle: int, cookie: int, limit: int = 256) -> list[DirEntry]:
+        """Entries after `cookie`; a smart folder's are its query's result when the listing
+        started (cookie 0)."""
+        with self.lock:
+            ino = self._open_dirs.get(handle)
+            if ino is None:
+                raise FSError(errno.EBADF, f"no open directory handle {handle}")
+            real = real_inode(ino)
+            mirrored = real != ino
+            if not self.smart.is_smart(real):
+                batch = self.fs.readdir(real, cookie, limit)
+                if not mirrored:
+                    return batch
+                return [DirEntry(e.name, self._shown(e.attr, e.name != b".."), e.next_cookie)
+                        for e in batch]
+            if cookie == 0:
+                head = self.fs.readdir(real, 0, 2)  # '.' and '..'
+                entries = [] if mirrored else [
+                    DirEntry(m.name, self._shown(self.fs.row_attr(m.row), True), i + 3)
+                    for i, m in enumerate(self.smart.listing(real))]
+                dots = [DirEntry(e.name, self._shown(e.attr, mirrored and e.name == b"."),
+                                 e.next_cookie) for e in head]
+                self._listings[handle] = dots + entries
+            listing = self._listings.get(handle, [])
+            return listing[cookie:cookie + limit]
+
+    # --- extended attributes ------------------------------------------------------------------
+
+    def setxattr(self, ino: int, name: bytes, value: bytes, flags: int = 0) -> None:
+        """Set an attribute; `user.dwfs.query` on an empty directory makes a smart folder."""
+        real = real_inode(ino)
+        with self.lock:
+            if name != QUERY_XATTR:
+                self.fs.setxattr(real, name, value, flags)
+                return
+            query = self.smart.parse(value)
+            attr = self.fs.getattr(real)
+            self.smart.define(real, attr.mode, self.fs.has_entries(real), query)
+            try:
+                self.fs.setxattr(real, name, value, flags)
+            except FSError:
+                self.smart.forget(real)
+                raise
+
+    def getxattr(self, ino: int, name: bytes) -> bytes:
+        """The value of an attribute."""
+        return self.fs.getxattr(real_inode(ino), name)
+
+    def listxattr(self, ino: int) -> list[bytes]:
+        """Names of an inode's attributes."""
+        return self.fs.listxattr(real_inode(ino))
+
+    def removexattr(self, ino: int, name: bytes) -> None:
+        """Remove an attribute; removing `user.dwfs.query` makes a plain empty directory."""
+        real = real_inode(ino)
+        with self.lock:
+            self.fs.removexattr(real, name)
+            if name == QUERY_XATTR:
+                self.smart.forget(real)
+
+    def smart_folders(self) -> list[dict]:
+        """Every smart folder: its path, query and current number of entries."""
+        with self.lock:
+            out = []
+            for ino in sorted(self.smart.queries):
+                path = self.fs.path_of(ino)
+                if path is not None:
+                    out.append({"path": path, "query": self.smart.queries[ino].text,
+                                "entries": len(self.smart.listing(ino))})
+            return out
+
+    # --- whole filesystem ---------------------------------------------------------------------
+
+    def statfs(self) -> dict[str, int]:
+        """Sizes for statfs(2)."""
+        return self.fs.statfs()
+
+    def commit(self) -> None:
+        """Make every change durable."""
+        self.fs.commit()
+
+    def needs_commit(self) -> bool:
+        """True if there are changes not yet durable."""
+        return self.fs.needs_commit()
+
+    def close(self) -> None:
+        """Commit and stop."""
+        self.fs.close()
