@@ -16,7 +16,7 @@ from typing import Any
 
 from rich.table import Table
 
-from dwfs import control, service, smartcli
+from dwfs import control, ghostcli, service, smartcli
 from dwfs.cliutil import CommandError, err, out, progress_bar
 from dwfs.config import ConfigError, WarehouseConfig, load_config
 from dwfs.mountopts import MountOptionError, parse_options
@@ -429,6 +429,7 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--max-rate", help="rebuild at most this many bytes per second, e.g. 50M")
     m.set_defaults(func=cmd_replace)
     smartcli.add_parsers(sub)
+    ghostcli.add_parsers(sub)
     return p
 
 

@@ -6,6 +6,8 @@ import os
 import tomllib
 from dataclasses import dataclass, field
 
+from dwfs.sizes import parse_size
+
 CONFIG_NAME = "dwfs.toml"
 
 
@@ -24,6 +26,7 @@ class WarehouseConfig:
     backend: str
     members: list[str] = field(default_factory=list)
     created: str = ""
+    ghost_cache_limit: int | None = None  # bytes of ghost content kept; None: no limit
 
     @property
     def path(self) -> str:
@@ -48,6 +51,8 @@ class WarehouseConfig:
             f"created = {_q(self.created)}",
             "",
         ]
+        if self.ghost_cache_limit is not None:
+            lines += ["[filesystem]", f"ghost_cache_limit = {self.ghost_cache_limit}", ""]
         for p in self.members:
             lines += ["[[members]]", f"path = {_q(p)}", ""]
         return "\n".join(lines)
@@ -89,6 +94,7 @@ def load_config(directory: str) -> WarehouseConfig:
             backend=_str(array, "backend"),
             created=str(array.get("created", "")),
             members=[_str(m, "path") for m in data["members"]],
+            ghost_cache_limit=_ghost_cache_limit(data),
         )
     except KeyError as exc:
         raise ConfigError(f"{path}: missing setting {exc.args[0]!r}") from None
@@ -97,6 +103,22 @@ def load_config(directory: str) -> WarehouseConfig:
     if not cfg.members:
         raise ConfigError(f"{path}: no [[members]] listed")
     return cfg
+
+
+def _ghost_cache_limit(data: dict) -> int | None:
+    """`ghost_cache_limit` from [filesystem] (or the top level): bytes, or a size like "2G"."""
+    section = data.get("filesystem", {})
+    if not isinstance(section, dict):
+        raise ValueError("[filesystem] must be a table")
+    value = section.get("ghost_cache_limit", data.get("ghost_cache_limit"))
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | str):
+        raise ValueError(f"ghost_cache_limit must be a size such as \"10G\", got {value!r}")
+    limit = parse_size(value) if isinstance(value, str) else value
+    if limit < 0:
+        raise ValueError(f"ghost_cache_limit must not be negative, got {value!r}")
+    return limit
 
 
 def _str(table: dict, key: str) -> str:

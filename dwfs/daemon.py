@@ -37,6 +37,7 @@ from dwfs.warehouse import (
 from dwfs.writebehind import WriteBehind
 from raid.errors import RaidError
 from raid.rebuild import RebuildStopped
+from vfs.attrs import Caller
 from vfs.fs import Filesystem
 from vfs.metacopy import write_copy
 from vfs.view import View
@@ -59,6 +60,10 @@ class Daemon:
         self.sock_path = control_socket_path(cfg.directory)
         self.rebuilding: set[int] = set()
         self.stopping = threading.Event()
+        self.view: View | None = ops.fs if isinstance(ops, FuseOperations) else None
+        if self.view is not None:
+            self.view.ghosts.dropped_hooks.append(
+                lambda ino: _invalidate(pyfuse3.invalidate_inode, ino))
 
     def handle(self, op: dict, progress) -> object:
         """Carry out one control request (in a worker thread)."""
@@ -88,9 +93,32 @@ class Daemon:
                                        self.stopping, op.get("max_rate"))
             finally:
                 self.rebuilding.discard(slot)
-        if name == "smart-list" and isinstance(self.ops, FuseOperations):
-            return self.ops.fs.smart_folders()
+        if name in ("smart-list", "ghost-import", "ghost-sync") and self.view is None:
+            raise WarehouseError(f"{self.mountpoint} is a raw volume mount: no {name}",
+                                 errno.EINVAL)
+        if name == "smart-list":
+            return self.view.smart_folders()
+        if name in ("ghost-import", "ghost-sync"):
+            return self._ghost_request(name, op, progress)
         raise ValueError(f"unknown control request {name!r}")
+
+    def _ghost_request(self, name: str, op: dict, progress) -> dict:
+        """Import a source tree as ghosts, or apply a watcher's changes, then make the kernel
+        forget what it cached of the names and files that changed."""
+        view = self.view
+        dest = view.fs.resolve_dir(str(op["dest"]))
+        if dest is None:
+            raise WarehouseError(f"{op['dest']} is not a directory in the mount", errno.ENOTDIR)
+        caller = Caller(int(op.get("uid", os.getuid())), int(op.get("gid", os.getgid())))
+        if name == "ghost-import":
+            report = view.import_ghosts(dest, str(op["source"]), caller, progress)
+        else:
+            report = view.sync_ghosts(dest, str(op["source"]), caller, list(op["changes"]))
+        for parent, entry in report.touched_names:
+            _invalidate(pyfuse3.invalidate_entry, parent, entry)
+        for ino in report.touched_inodes:
+            _invalidate(pyfuse3.invalidate_inode, ino)
+        return report.summary()
 
     async def run(self, ready) -> None:
         limiter = trio.CapacityLimiter(1)
@@ -101,6 +129,8 @@ class Daemon:
             nursery.start_soon(self._watch_members)
             if self.fs is not None:
                 nursery.start_soon(self._commit_periodically)
+            if self.view is not None:
+                nursery.start_soon(self._seal_ghosts)
             for s in self.volume.slots:
                 if s.state == "rebuilding":
                     nursery.start_soon(self._resume_rebuild, s.index)
@@ -143,6 +173,18 @@ class Daemon:
                     self.last_copy = time.monotonic()
             except OSError as exc:
                 log.error("background commit of %s failed: %s", self.cfg.directory, exc)
+
+    async def _seal_ghosts(self) -> None:
+        """Take the content hashes of newly imported ghosts in the background."""
+        assert self.view is not None
+        while True:
+            try:
+                looked_at = await trio.to_thread.run_sync(self.view.ghosts.seal_some)
+            except OSError as exc:
+                log.error("taking ghost content hashes failed: %s", exc)
+                looked_at = 0
+            if not looked_at:
+                await trio.sleep(SEAL_IDLE_SECONDS)
 
     async def _watch_members(self) -> None:
         """Notice members that vanish (deleted, detached) even while nobody asks for status."""
@@ -207,7 +249,7 @@ def serve(warehouse: str, mountpoint: str, ready_fd: int | None, debug: bool = F
         else:
             queued = WriteBehind(volume)
             fs = open_filesystem(cfg, queued)
-            ops = FuseOperations(View(fs))
+            ops = FuseOperations(View(fs, cfg.ghost_cache_limit))
         fuse_options = set(pyfuse3.default_options)
         fuse_options |= {f"fsname={cfg.directory}", "subtype=dwfs", "default_permissions"}
         fuse_options |= opts.fuse
@@ -242,6 +284,8 @@ def serve(warehouse: str, mountpoint: str, ready_fd: int | None, debug: bool = F
                 ops.writes.close()
             except OSError as exc:
                 log.error("queued writes to %s failed: %s", warehouse, exc)
+        if isinstance(ops, FuseOperations):
+            ops.fs.ghosts.close()  # fetches in progress stop; their files stay ghosts
         if fs is not None:
             _close_filesystem(fs, warehouse)
         if volume is not None:
@@ -270,9 +314,19 @@ def _close_filesystem(fs: Filesystem, warehouse: str) -> None:
 
 
 COMMIT_SECONDS = 5.0
+SEAL_IDLE_SECONDS = 2.0
 METACOPY_SECONDS = 600.0
 READAHEAD_KB = 1024
 MEMBER_CHECK_SECONDS = 5.0
+
+
+def _invalidate(fn, *args) -> None:
+    """Tell the kernel to forget a cached entry or inode (it may not know it: fine)."""
+    try:
+        fn(*args)
+    except OSError as exc:
+        if exc.errno != errno.ENOENT:
+            log.warning("invalidating %r in the kernel's cache failed: %s", args, exc)
 
 
 def _raise_readahead(mountpoint: str) -> None:

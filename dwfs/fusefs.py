@@ -16,9 +16,11 @@ from collections.abc import Callable
 from typing import Any
 
 import pyfuse3
+import trio
 
 from dwfs.volumeworker import VolumeWorker
 from vfs.attrs import Attr, Caller, SetAttr
+from vfs.ghosts import STATE_XATTR
 from vfs.view import View
 
 log = logging.getLogger(__name__)
@@ -27,6 +29,7 @@ CACHE_SECONDS = 300.0
 # Attributes are cached briefly: a reply carrying attributes taken before a concurrent setattr
 # (rsync's generator lists while its receiver sets symlink times) must not stick for minutes.
 ATTR_SECONDS = 1.0
+SLOW_THREADS = 16  # requests waiting for ghosts' sources at once
 QUIET_ERRNOS = {errno.ENOENT, errno.EEXIST, errno.ENOTEMPTY, errno.ENODATA, errno.ENOTDIR,
                 errno.EISDIR, errno.EINVAL, errno.ENAMETOOLONG, errno.EPERM, errno.EXDEV,
                 errno.EOPNOTSUPP, errno.ERANGE, errno.ENOSPC, errno.EFBIG, errno.E2BIG,
@@ -93,6 +96,7 @@ class FuseOperations(pyfuse3.Operations):
         super().__init__()
         self.fs = fs
         self.worker = VolumeWorker("fs-worker")
+        self.slow_limiter = trio.CapacityLimiter(SLOW_THREADS)
 
     async def _meta(self, fn: Callable[..., Any], *args: Any) -> Any:
         """Run a metadata call inline if the lock is free, else in a worker thread."""
@@ -102,6 +106,11 @@ class FuseOperations(pyfuse3.Operations):
             finally:
                 self.fs.lock.release()
         return await self.worker.run(fn, *args)
+
+    async def _slow(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """Run a call that may wait for a ghost's source in a thread of its own, so neither
+        the event loop nor the volume worker waits with it."""
+        return await trio.to_thread.run_sync(fn, *args, limiter=self.slow_limiter)
 
     async def _data(self, fn: Callable[..., Any], *args: Any) -> Any:
         """Run a call that may touch the volume in the worker thread."""
@@ -139,6 +148,8 @@ class FuseOperations(pyfuse3.Operations):
             mtime_ns=attr.st_mtime_ns if fields.update_mtime else None,
             ctime_ns=attr.st_ctime_ns if fields.update_ctime else None,
         )
+        if ch.size is not None and self.fs.is_ghost(inode):
+            return entry(await self._slow(self.fs.setattr, inode, ch))
         run = self._data if ch.size is not None else self._meta
         return entry(await run(self.fs.setattr, inode, ch))
 
@@ -190,10 +201,14 @@ class FuseOperations(pyfuse3.Operations):
 
     @fuse_errors
     async def read(self, fh, off, size):
+        if self.fs.needs_fetch(fh):
+            return await self._slow(self.fs.read, fh, off, size)
         return await self._data(self.fs.read, fh, off, size)
 
     @fuse_errors
     async def write(self, fh, off, buf):
+        if self.fs.is_ghost(fh):
+            return await self._slow(self.fs.write, fh, off, buf)
         if len(buf) < 65536:
             return await self._meta(self.fs.write, fh, off, buf)
         return await self._data(self.fs.write, fh, off, buf)
@@ -241,6 +256,9 @@ class FuseOperations(pyfuse3.Operations):
 
     @fuse_errors
     async def setxattr(self, inode, name, value, ctx):
+        if name == STATE_XATTR:  # may fetch or hash a whole ghost
+            await self._slow(self.fs.setxattr, inode, name, value)
+            return
         await self._meta(self.fs.setxattr, inode, name, value)
 
     @fuse_errors

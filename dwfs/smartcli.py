@@ -8,10 +8,10 @@ import json
 import os
 
 from rich.table import Table
-from vfs.query import QueryError, parse
 
 from dwfs import control
 from dwfs.cliutil import CommandError, daemon_socket, dwfs_mount_of, out
+from vfs.query import QueryError, parse
 from vfs.smart import QUERY_XATTR
 
 QUERY_ATTR = QUERY_XATTR.decode()

@@ -105,6 +105,7 @@ class Filesystem:
         self.alloc = Allocator(total, used, run=SECTORS_PER_BLOCK)
         self.data = FileData(db, volume, self.alloc)
         self.opens: dict[int, int] = {}
+        self.freed_hooks: list[Callable[[int], None]] = []  # told of every inode freed
         self._free_orphans()
 
     @classmethod
@@ -174,6 +175,12 @@ class Filesystem:
     def exists(self, ino: int) -> bool:
         """True if inode `ino` is stored (linked, or unlinked but still open)."""
         return self.db.row("SELECT 1 FROM inodes WHERE id=?", (ino,)) is not None
+
+    @query
+    def listdir(self, ino: int) -> list[bytes]:
+        """The names in directory `ino`."""
+        return [bytes(r[0]) for r in self.db.rows(
+            "SELECT name FROM dentries WHERE parent=? ORDER BY id", (ino,))]
 
     @query
     def has_entries(self, ino: int) -> bool:
@@ -250,6 +257,8 @@ class Filesystem:
         self.db.change("DELETE FROM xattrs WHERE inode=?", (ino,))
         self.db.change("DELETE FROM ghosts WHERE inode=?", (ino,))
         self.db.change("DELETE FROM inodes WHERE id=?", (ino,))
+        for hook in self.freed_hooks:
+            hook(ino)
 
     def _maybe_free(self, ino: int) -> None:
         r = self.db.row("SELECT nlink, sectors FROM inodes WHERE id=?", (ino,))

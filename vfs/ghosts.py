@@ -151,11 +151,15 @@ class Ghosts:
         self.fs = fs
         self.db = fs.db
         self.cache_limit = cache_limit
+        self.fetch_rate: int | None = None  # bytes per second a fetch may read; None: no limit
         self.fetches: dict[int, Fetch] = {}
         self.stop = threading.Event()
         self._used: dict[int, int] = {}
         self._threads: set[threading.Thread] = set()
-        self.on_change: Callable[[int], None] | None = None  # content changed under the kernel
+        # told of every ghost whose stored content was dropped (caches of it must go)
+        self.dropped_hooks: list[Callable[[int], None]] = []
+        self._sealed_up_to = 0
+        self._unsealable: dict[int, tuple[int, int]] = {}  # sources that failed, as recorded
         with fs.lock:
             self.states: dict[int, str] = dict(self.db.rows("SELECT inode, state FROM ghosts"))
             partial = [r[0] for r in self.db.rows(
@@ -241,6 +245,10 @@ class Ghosts:
         hashes: list[int] = []
         try:
             for offset, piece, h in read_pieces(rec, self.stop):
+                if self.fetch_rate:  # pace the fetch (a slow or shared source)
+                    ahead = offset / self.fetch_rate - (time.monotonic() - t0)
+                    if ahead > 0:
+                        self.stop.wait(ahead)
                 self.fs.write(rec.ino, offset, piece, keep_times=True)
                 hashes.append(h)
                 with fetch.cond:
@@ -347,8 +355,8 @@ class Ghosts:
             self.fs.drop_content(ino)
             self._set_state(ino, GHOST)
         log.info("ghost inode %d: dehydrated (source %s unchanged)", ino, rec.source)
-        if self.on_change is not None:
-            self.on_change(ino)
+        for hook in self.dropped_hooks:
+            hook(ino)
         return True
 
     def enforce_limit(self) -> None:
@@ -374,6 +382,41 @@ class Ghosts:
         if total > self.cache_limit:
             log.warning("ghost content takes %d bytes, over the cache limit of %d (the rest "
                         "is pinned, open, or its source changed)", total, self.cache_limit)
+
+    def seal_some(self, limit: int = 200) -> int:
+        """Take the content hash of up to `limit` ghosts imported without one; returns how
+        many were looked at. A source that changed since its import is left unhashed (its
+        reads fail until it is imported again or a watcher refreshes it)."""
+        with self.fs.lock:
+            todo = [r[0] for r in self.db.rows(
+                "SELECT inode FROM ghosts WHERE hashes IS NULL AND state = ? AND inode > ? "
+                "ORDER BY inode LIMIT ?", (GHOST, self._sealed_up_to, limit))]
+            recs = [self.record(ino) for ino in todo]
+        if not todo:
+            self._sealed_up_to = 0
+            return 0
+        self._sealed_up_to = todo[-1]
+        for rec in recs:
+            if self.stop.is_set():
+                break
+            if self._unsealable.get(rec.ino) == (rec.size, rec.mtime_ns):
+                continue
+            try:
+                hashes = source_hashes(rec, self.stop)
+            except FSError as exc:
+                log.warning("ghost inode %d: no content hash taken: %s", rec.ino, exc)
+                self._unsealable[rec.ino] = (rec.size, rec.mtime_ns)
+                continue
+            with self.fs.lock:
+                self.db.change("UPDATE ghosts SET hashes=? WHERE inode=? AND hashes IS NULL "
+                               "AND size=? AND mtime_ns=?",
+                               (pack_hashes(hashes), rec.ino, rec.size, rec.mtime_ns))
+        return len(todo)
+
+    def unsealed(self) -> int:
+        """How many ghosts have no content hash yet."""
+        with self.fs.lock:
+            return self.db.value("SELECT count(*) FROM ghosts WHERE hashes IS NULL", (), 0)
 
     def stored_bytes(self) -> int:
         """Bytes of stored content of hydrated and pinned ghosts."""

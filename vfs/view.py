@@ -16,11 +16,14 @@ from __future__ import annotations
 
 import dataclasses
 import errno
+import os
 import stat
 
 from vfs.attrs import ROOT_INODE, Attr, Caller, DirEntry, SetAttr
 from vfs.errors import FSError
 from vfs.fs import JOINED_COLUMNS, Filesystem
+from vfs.ghostimport import ImportReport, import_tree, sync_changes
+from vfs.ghosts import STATE_XATTR, Ghosts
 from vfs.smart import QUERY_XATTR, SmartFolders
 
 MIRROR_BIT = 1 << 48
@@ -32,12 +35,14 @@ def real_inode(ino: int) -> int:
 
 
 class View:
-    """The POSIX object the FUSE adapter serves: a Filesystem with smart folders."""
+    """The POSIX object the FUSE adapter serves: a Filesystem with smart folders and ghosts."""
 
-    def __init__(self, fs: Filesystem) -> None:
+    def __init__(self, fs: Filesystem, ghost_cache_limit: int | None = None) -> None:
         self.fs = fs
         self.lock = fs.lock
         self.smart = SmartFolders(fs.db, JOINED_COLUMNS, fs.resolve_dir)
+        self.ghosts = Ghosts(fs, ghost_cache_limit)
+        fs.freed_hooks += [self.smart.forget, self.ghosts.forget]
         self._listings: dict[int, list[DirEntry]] = {}  # by directory handle
         self._open_dirs: dict[int, int] = {}  # directory handle -> inode shown
         self._handles = 0
@@ -98,7 +103,12 @@ class View:
         return self._shown(self.fs.getattr(real_inode(ino)), ino & MIRROR_BIT != 0)
 
     def setattr(self, ino: int, ch: SetAttr) -> Attr:
-        """Change attributes; through a mirror, of the real directory."""
+        """Change attributes; through a mirror, of the real directory. Truncating a ghost
+        makes it an ordinary file (fetched first, unless truncated to zero)."""
+        if ch.size is not None and self.ghosts.state(ino) is not None:
+            with self.lock:
+                self.ghosts.make_ordinary(ino, keep_content=ch.size != 0)
+                return self.fs.setattr(ino, ch)
         return self._shown(self.fs.setattr(real_inode(ino), ch), ino & MIRROR_BIT != 0)
 
     def readlink(self, ino: int) -> bytes:
@@ -168,19 +178,33 @@ class View:
     # --- files --------------------------------------------------------------------------------
 
     def open(self, ino: int, flags: int) -> Attr:
-        """Open a file."""
-        return self.fs.open(ino, flags)
+        """Open a file; O_TRUNC makes a ghost an ordinary empty file without fetching it."""
+        with self.lock:
+            if flags & os.O_TRUNC and self.ghosts.state(ino) is not None:
+                self.ghosts.make_ordinary(ino, keep_content=False)
+            return self.fs.open(ino, flags)
 
     def release(self, ino: int) -> None:
         """Close a file."""
         self.fs.release(ino)
 
+    def needs_fetch(self, ino: int) -> bool:
+        """True if reading or writing `ino` may wait for a ghost's source (the adapter runs
+        such calls in their own thread)."""
+        return self.ghosts.needs_fetch(ino)
+
+    def is_ghost(self, ino: int) -> bool:
+        """True if `ino` is a ghost in any state."""
+        return self.ghosts.state(ino) is not None
+
     def read(self, ino: int, offset: int, length: int) -> bytes | bytearray | memoryview:
-        """Read file data."""
-        return self.fs.read(ino, offset, length)
+        """Read file data; a ghost's is fetched as far as the range needs."""
+        return self.ghosts.read(ino, offset, length)
 
     def write(self, ino: int, offset: int, data: bytes | memoryview) -> int:
-        """Write file data."""
+        """Write file data; a ghost is fetched first and becomes an ordinary file."""
+        if self.ghosts.state(ino) is not None:
+            self.ghosts.make_ordinary(ino)
         return self.fs.write(ino, offset, data)
 
     # --- directories --------------------------------------------------------------------------
@@ -233,6 +257,10 @@ class View:
     def setxattr(self, ino: int, name: bytes, value: bytes, flags: int = 0) -> None:
         """Set an attribute; `user.dwfs.query` on an empty directory makes a smart folder."""
         real = real_inode(ino)
+        if name == STATE_XATTR:
+            self.fs.getattr(real)
+            self.ghosts.set_state(real, value)
+            return
         with self.lock:
             if name != QUERY_XATTR:
                 self.fs.setxattr(real, name, value, flags)
@@ -247,16 +275,35 @@ class View:
                 raise
 
     def getxattr(self, ino: int, name: bytes) -> bytes:
-        """The value of an attribute."""
-        return self.fs.getxattr(real_inode(ino), name)
+        """The value of an attribute; `user.dwfs.state` is a ghost's state."""
+        real = real_inode(ino)
+        if name == STATE_XATTR:
+            with self.lock:
+                self.fs.getattr(real)
+                state = self.ghosts.state(real)
+                if state is None:
+                    raise FSError(errno.ENODATA, f"inode {real} is not a ghost")
+                return state.encode()
+        return self.fs.getxattr(real, name)
 
     def listxattr(self, ino: int) -> list[bytes]:
-        """Names of an inode's attributes."""
-        return self.fs.listxattr(real_inode(ino))
+        """Names of an inode's attributes (with `user.dwfs.state` for a ghost)."""
+        real = real_inode(ino)
+        with self.lock:
+            names = self.fs.listxattr(real)
+            if self.ghosts.state(real) is not None:
+                names.append(STATE_XATTR)
+            return names
 
     def removexattr(self, ino: int, name: bytes) -> None:
         """Remove an attribute; removing `user.dwfs.query` makes a plain empty directory."""
         real = real_inode(ino)
+        if name == STATE_XATTR:
+            with self.lock:
+                self.fs.getattr(real)
+                if self.ghosts.state(real) is None:
+                    raise FSError(errno.ENODATA, f"inode {real} is not a ghost")
+            raise FSError(errno.EPERM, "a ghost's state can be changed, not removed")
         with self.lock:
             self.fs.removexattr(real, name)
             if name == QUERY_XATTR:
@@ -273,6 +320,20 @@ class View:
                                 "entries": len(self.smart.listing(ino))})
             return out
 
+    # --- ghosts -------------------------------------------------------------------------------
+
+    def import_ghosts(self, dest: int, source: str, caller: Caller,
+                      progress=None) -> ImportReport:
+        """Ghosts under directory `dest` for every file under host directory `source`."""
+        self._fixed(dest, "import")
+        return import_tree(self.fs, self.ghosts, real_inode(dest), source, caller, progress)
+
+    def sync_ghosts(self, dest: int, source: str, caller: Caller,
+                    changes: list[list[str]]) -> ImportReport:
+        """Apply changes a watcher saw in `source` to its ghosts under `dest`."""
+        self._fixed(dest, "import")
+        return sync_changes(self.fs, self.ghosts, real_inode(dest), source, caller, changes)
+
     # --- whole filesystem ---------------------------------------------------------------------
 
     def statfs(self) -> dict[str, int]:
@@ -288,5 +349,6 @@ class View:
         return self.fs.needs_commit()
 
     def close(self) -> None:
-        """Commit and stop."""
+        """Stop fetches, commit and stop."""
+        self.ghosts.close()
         self.fs.close()

@@ -1,0 +1,234 @@
+"""`dwfs ghost import|hydrate|dehydrate|pin|unpin`: ghost files from the command line.
+
+Imports and watcher changes go to the mount's daemon over its control socket. Hydrating reads
+the files through the mount (the first read fetches them), so progress is shown in bytes as
+they arrive; the other state changes set the `user.dwfs.state` attribute, as any tool can.
+"""
+
+from __future__ import annotations
+
+import argparse
+import errno
+import logging
+import os
+import queue
+import stat
+import time
+
+from watchdog.events import FileSystemEvent, FileSystemEventHandler
+from watchdog.observers import Observer
+
+from dwfs import control
+from dwfs.cliutil import CommandError, daemon_socket, dwfs_mount_of, err, out, progress_bar
+from vfs.ghosts import STATE_XATTR
+
+log = logging.getLogger("dwfs.ghost")
+
+STATE = STATE_XATTR.decode()
+READ_SIZE = 1 << 20
+WATCH_BATCH_SECONDS = 0.3
+
+
+def state_of(path: str) -> str | None:
+    """A file's ghost state, or None for an ordinary file."""
+    try:
+        return os.getxattr(path, STATE, follow_symlinks=False).decode()
+    except OSError as exc:
+        if exc.errno in (errno.ENODATA, errno.EOPNOTSUPP, errno.EPERM):
+            return None
+        raise CommandError(f"{path}: {exc.strerror}") from exc
+
+
+def files_under(paths: list[str]) -> list[str]:
+    """The regular files named, and those under the directories named."""
+    found: list[str] = []
+    for p in paths:
+        try:
+            st = os.lstat(p)
+        except OSError as exc:
+            raise CommandError(f"{p}: {exc.strerror}") from exc
+        if stat.S_ISDIR(st.st_mode):
+            for top, _dirs, names in os.walk(p):
+                found += [os.path.join(top, n) for n in sorted(names)
+                          if stat.S_ISREG(os.lstat(os.path.join(top, n)).st_mode)]
+        elif stat.S_ISREG(st.st_mode):
+            found.append(p)
+    return found
+
+
+# --- import and watch ---------------------------------------------------------------------------
+
+
+def cmd_import(args: argparse.Namespace) -> int:
+    source = os.path.realpath(args.source)
+    if not os.path.isdir(source):
+        raise CommandError(f"{args.source} is not a directory")
+    if not os.path.isdir(args.dest):
+        raise CommandError(f"{args.dest} is not a directory")
+    entry, inside = dwfs_mount_of(args.dest)
+    mp = entry.mountpoint.rstrip("/") + "/"
+    if source == entry.mountpoint or source.startswith(mp):
+        raise CommandError(f"{args.source} is inside the mount {entry.mountpoint}; a ghost's "
+                           "source must be outside it")
+    sock = daemon_socket(entry)
+    op = {"op": "ghost-import", "source": source, "dest": inside, "uid": os.getuid(),
+          "gid": os.getgid()}
+    t0 = time.monotonic()
+    with progress_bar("importing", in_bytes=False) as update:
+        result = control.request(sock, op, update)
+    took = time.monotonic() - t0
+    out.print(f"imported {source} into {args.dest}: {result['ghosts']} ghosts, "
+              f"{result['directories']} directories, {result['links']} links"
+              + (f", {result['refreshed']} refreshed" if result["refreshed"] else "")
+              + (f", {result['unchanged']} unchanged" if result["unchanged"] else "")
+              + f" in {took:.2f} s")
+    for line in result["skipped"]:
+        err.print(f"dwfs: skipped {line}", markup=False, highlight=False)
+    if result["skipped_count"] > len(result["skipped"]):
+        err.print(f"dwfs: ... {result['skipped_count'] - len(result['skipped'])} more skipped")
+    if args.watch:
+        watch(source, sock, inside)
+    return 0
+
+
+class _Changes(FileSystemEventHandler):
+    """Collects the source's changes as paths relative to its root."""
+
+    def __init__(self, root: str) -> None:
+        self.root = root
+        self.queue: queue.Queue[list[str]] = queue.Queue()
+
+    def _rel(self, path: str | bytes) -> str:
+        return os.path.relpath(os.fsdecode(path), self.root)
+
+    def on_any_event(self, event: FileSystemEvent) -> None:
+        if event.event_type in ("opened", "closed_no_write", "closed"):
+            return
+        if event.is_directory and event.event_type == "modified":
+            return  # a directory's own times: its entries bring their own events
+        if event.event_type == "moved":
+            self.queue.put(["moved", self._rel(event.src_path), self._rel(event.dest_path)])
+        else:
+            self.queue.put(["changed", self._rel(event.src_path)])
+
+
+def watch(source: str, sock: str, dest: str) -> None:
+    """Keep the ghosts under `dest` in step with `source` until interrupted."""
+    handler = _Changes(source)
+    observer = Observer()
+    observer.schedule(handler, source, recursive=True)
+    observer.start()
+    out.print(f"watching {source} (Ctrl-C stops)")
+    try:
+        while True:
+            batch = [handler.queue.get()]
+            deadline = time.monotonic() + WATCH_BATCH_SECONDS
+            while time.monotonic() < deadline:
+                try:
+                    batch.append(handler.queue.get(timeout=max(0.0, deadline - time.monotonic())))
+                except queue.Empty:
+                    break
+            changes: list[list[str]] = []
+            for c in batch:
+                if not changes or changes[-1] != c:
+                    changes.append(c)
+            op = {"op": "ghost-sync", "source": source, "dest": dest, "changes": changes,
+                  "uid": os.getuid(), "gid": os.getgid()}
+            try:
+                r = control.request(sock, op)
+            except control.ControlError as exc:
+                err.print(f"dwfs: applying {len(changes)} source changes failed: {exc}")
+                if exc.errno == errno.ECONNREFUSED:
+                    raise CommandError("the mount's daemon is gone; stopped watching") from exc
+                continue
+            out.print(f"synced {len(changes)} changes: {r['ghosts']} new ghosts, "
+                      f"{r['refreshed']} refreshed, {r['removed']} removed")
+    finally:
+        observer.stop()
+        observer.join(timeout=10)
+
+
+# --- states -------------------------------------------------------------------------------------
+
+
+def _hydrate(paths: list[str]) -> list[str]:
+    """Read every ghost among `paths` through the mount; returns the files that failed."""
+    ghosts = [p for p in paths if state_of(p) == "ghost"]
+    total = sum(os.stat(p).st_size for p in ghosts)
+    failed: list[str] = []
+    done = 0
+    buf = bytearray(READ_SIZE)
+    with progress_bar(f"fetching {len(ghosts)} files") as update:
+        update(0, total)
+        for p in ghosts:
+            size = os.stat(p).st_size
+            try:
+                with open(p, "rb", buffering=0) as f:
+                    while n := f.readinto(buf):
+                        done += n
+                        update(done, total)
+            except OSError as exc:
+                err.print(f"dwfs: cannot fetch {p}: {exc.strerror} (see the mount's log)")
+                failed.append(p)
+                done += size
+                update(done, total)
+    return failed
+
+
+def _set_states(paths: list[str], want: str, only: tuple[str, ...]) -> list[str]:
+    failed = []
+    for p in paths:
+        if state_of(p) not in only:
+            continue
+        try:
+            os.setxattr(p, STATE, want.encode(), follow_symlinks=False)
+        except OSError as exc:
+            why = {errno.EPERM: "it is pinned",
+                   errno.EIO: "its source is gone or changed (see the mount's log)"}.get(
+                       exc.errno or 0, exc.strerror)
+            err.print(f"dwfs: {p}: cannot make it {want}: {why}")
+            failed.append(p)
+    return failed
+
+
+def cmd_state(args: argparse.Namespace) -> int:
+    paths = files_under(args.paths)
+    for p in args.paths:
+        dwfs_mount_of(p)
+    if not any(state_of(p) for p in paths):
+        raise CommandError("no ghost files among the paths given")
+    failed: list[str] = []
+    if args.ghost_command in ("hydrate", "pin"):
+        failed += _hydrate(paths)
+    if args.ghost_command == "pin":
+        failed += _set_states([p for p in paths if p not in failed], "pinned", ("hydrated",))
+    elif args.ghost_command == "unpin":
+        failed += _set_states(paths, "hydrated", ("pinned",))
+    elif args.ghost_command == "dehydrate":
+        failed += _set_states(paths, "ghost", ("hydrated", "pinned"))
+    counts: dict[str, int] = {}
+    for p in paths:
+        s = state_of(p)
+        if s:
+            counts[s] = counts.get(s, 0) + 1
+    out.print(", ".join(f"{n} {s}" for s, n in sorted(counts.items())) or "no ghosts")
+    return 1 if failed else 0
+
+
+def add_parsers(sub: argparse._SubParsersAction) -> None:
+    """Register `dwfs ghost ...`."""
+    ghost = sub.add_parser("ghost", help="ghost files: placeholders fetched on first read")
+    gsub = ghost.add_subparsers(dest="ghost_command", required=True)
+    m = gsub.add_parser("import", help="a ghost in DEST for every file under SOURCE")
+    m.add_argument("source")
+    m.add_argument("dest")
+    m.add_argument("--watch", action="store_true",
+                   help="keep following the source's changes until interrupted")
+    m.set_defaults(func=cmd_import)
+    for name, text in (("hydrate", "fetch ghosts' content now"),
+                       ("dehydrate", "drop fetched content whose source is unchanged"),
+                       ("pin", "fetch and keep: never dehydrated"),
+                       ("unpin", "allow dehydration again")):
+        m = gsub.add_parser(name, help=text)
+        m.add_argument("paths", nargs="+")
+        m.set_defaults(func=cmd_state)

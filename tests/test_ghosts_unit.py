@@ -1,0 +1,193 @@
+"""Ghost files in vfs without a kernel: fetches that serve a range before the whole file has
+arrived, one fetch shared by concurrent readers, a fetch cut by a crash, imports that merge
+and refresh, watcher changes."""
+
+from __future__ import annotations
+
+import errno
+import os
+import threading
+
+import pytest
+from test_vfs_unit import Env
+
+from vfs.attrs import ROOT_INODE, Caller
+from vfs.errors import FSError
+from vfs.ghostimport import import_tree, sync_changes
+from vfs.ghosts import GHOST, HYDRATED, Ghosts
+from vfs.view import View
+
+MiB = 1 << 20
+ROOT = Caller(0, 0)
+
+
+@pytest.fixture
+def env(tmp_path):
+    e = Env(tmp_path / "fs", rows=512)
+    yield e
+    if e.fs is not None:
+        e.close()
+
+
+def source_tree(tmp_path, big: int = 24 * MiB) -> str:
+    src = tmp_path / "src"
+    (src / "sub").mkdir(parents=True)
+    (src / "big.bin").write_bytes(os.urandom(big))
+    (src / "sub" / "small.txt").write_bytes(b"small\n")
+    return str(src)
+
+
+def ino_of(view: View, *names: str) -> int:
+    ino = ROOT_INODE
+    for n in names:
+        ino = view.lookup(ino, n.encode()).ino
+    return ino
+
+
+def test_a_range_is_served_before_the_whole_file_arrives(env, tmp_path):
+    src = source_tree(tmp_path)
+    view = View(env.fs)
+    import_tree(env.fs, view.ghosts, ROOT_INODE, src, ROOT)
+    big = ino_of(view, "big.bin")
+    view.ghosts.fetch_rate = 4 * MiB  # the whole file takes about 6 s
+    head = view.read(big, 0, 4096)
+    with open(os.path.join(src, "big.bin"), "rb") as f:
+        expected = f.read(4096)
+    assert bytes(head) == expected
+    fetch = view.ghosts.fetches[big]
+    assert fetch.arrived < 24 * MiB  # served while the fetch goes on
+    assert view.ghosts.state(big) == GHOST
+    view.ghosts.fetch_rate = None
+    view.ghosts.hydrate(big)
+    assert view.ghosts.state(big) == HYDRATED
+    view.ghosts.close()
+
+
+def test_concurrent_readers_share_one_fetch(env, tmp_path):
+    src = source_tree(tmp_path, big=8 * MiB)
+    view = View(env.fs)
+    import_tree(env.fs, view.ghosts, ROOT_INODE, src, ROOT)
+    big = ino_of(view, "big.bin")
+    started: list[int] = []
+    original = view.ghosts._start
+
+    def counting_start(ino):
+        started.append(ino)
+        return original(ino)
+
+    view.ghosts._start = counting_start
+    results: dict[int, bytes] = {}
+
+    def reader(k: int) -> None:
+        results[k] = bytes(view.read(big, k * MiB, MiB))
+
+    threads = [threading.Thread(target=reader, args=(k,)) for k in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    with open(os.path.join(src, "big.bin"), "rb") as f:
+        data = f.read()
+    assert b"".join(results[k] for k in range(8)) == data
+    assert started == [big]
+    view.ghosts.close()
+
+
+def test_a_changed_or_missing_source_fails_the_read_and_keeps_the_ghost(env, tmp_path):
+    src = source_tree(tmp_path, big=3 * MiB)
+    view = View(env.fs)
+    import_tree(env.fs, view.ghosts, ROOT_INODE, src, ROOT)
+    big = ino_of(view, "big.bin")
+    path = os.path.join(src, "big.bin")
+    st = os.stat(path)
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    with pytest.raises(FSError) as info:
+        view.read(big, 0, 4096)
+    assert info.value.errno == errno.EIO
+    assert view.ghosts.state(big) == GHOST
+    assert env.fs.getattr(big).blocks == 0  # nothing partial kept
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+    os.rename(path, path + ".away")
+    with pytest.raises(FSError) as info:
+        view.read(big, 0, 4096)
+    assert info.value.errno == errno.EIO
+    os.rename(path + ".away", path)
+    with open(path, "rb") as f:
+        assert bytes(view.read(big, 0, 3 * MiB)) == f.read()
+    assert view.ghosts.state(big) == HYDRATED
+    view.ghosts.close()
+
+
+def test_hash_mismatch_is_caught_piece_by_piece(env, tmp_path):
+    src = source_tree(tmp_path, big=3 * MiB)
+    view = View(env.fs)
+    import_tree(env.fs, view.ghosts, ROOT_INODE, src, ROOT)
+    big = ino_of(view, "big.bin")
+    view.ghosts.hydrate(big)  # takes the hashes
+    view.ghosts.dehydrate(big)
+    path = os.path.join(src, "big.bin")
+    st = os.stat(path)
+    with open(path, "r+b") as f:
+        f.seek(2 * MiB + 5)
+        f.write(b"changed")
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))  # only the hash can tell
+    assert bytes(view.read(big, 0, 4096))  # the first piece is still the same
+    with pytest.raises(FSError) as info:
+        view.read(big, 2 * MiB, 4096)
+    assert info.value.errno == errno.EIO
+    assert view.ghosts.state(big) == GHOST
+    assert env.fs.getattr(big).blocks == 0
+    view.ghosts.close()
+
+
+def test_an_interrupted_fetch_is_dropped_after_a_crash(env, tmp_path):
+    src = source_tree(tmp_path, big=4 * MiB)
+    view = View(env.fs)
+    import_tree(env.fs, view.ghosts, ROOT_INODE, src, ROOT)
+    big = ino_of(view, "big.bin")
+    with open(os.path.join(src, "big.bin"), "rb") as f:
+        env.fs.write(big, 0, f.read(MiB), keep_times=True)  # what a fetch stores first
+    env.fs.commit()
+    assert env.fs.getattr(big).blocks > 0
+    env.close(clean=False)  # the daemon dies before the fetch ends
+    fs = env.open()
+    ghosts = Ghosts(fs)
+    assert ghosts.state(big) == GHOST
+    assert fs.getattr(big).blocks == 0
+
+
+def test_reimport_merges_refreshes_and_leaves_other_files_alone(env, tmp_path):
+    src = source_tree(tmp_path, big=MiB)
+    view = View(env.fs)
+    r1 = import_tree(env.fs, view.ghosts, ROOT_INODE, src, ROOT)
+    assert (r1.ghosts, r1.directories) == (2, 1)
+    small = ino_of(view, "sub", "small.txt")
+    assert bytes(view.read(small, 0, 100)) == b"small\n"
+    with open(os.path.join(src, "sub", "small.txt"), "wb") as f:
+        f.write(b"grown bigger\n")
+    with open(os.path.join(src, "new.txt"), "wb") as f:
+        f.write(b"new")
+    local = env.fs.create(ino_of(view, "sub"), b"mine.txt", 0o644, 0, ROOT)
+    env.fs.write(local.ino, 0, b"local")
+    with open(os.path.join(src, "sub", "mine.txt"), "wb") as f:
+        f.write(b"source")
+    r2 = import_tree(env.fs, view.ghosts, ROOT_INODE, src, ROOT)
+    assert (r2.ghosts, r2.refreshed, r2.unchanged) == (1, 1, 1)
+    assert len(r2.skipped) == 1 and "mine.txt" in r2.skipped[0]
+    assert bytes(view.read(small, 0, 100)) == b"grown bigger\n"
+    assert bytes(view.read(local.ino, 0, 100)) == b"local"
+    view.ghosts.close()
+
+
+def test_sync_changes_follow_moves_and_deletes(env, tmp_path):
+    src = source_tree(tmp_path, big=MiB)
+    view = View(env.fs)
+    import_tree(env.fs, view.ghosts, ROOT_INODE, src, ROOT)
+    os.rename(os.path.join(src, "sub"), os.path.join(src, "moved"))
+    sync_changes(env.fs, view.ghosts, ROOT_INODE, src, ROOT, [["moved", "sub", "moved"]])
+    small = ino_of(view, "moved", "small.txt")
+    assert bytes(view.read(small, 0, 100)) == b"small\n"  # the source path moved with it
+    os.unlink(os.path.join(src, "big.bin"))
+    sync_changes(env.fs, view.ghosts, ROOT_INODE, src, ROOT, [["changed", "big.bin"]])
+    assert env.fs.find(ROOT_INODE, b"big.bin") is None
+    view.ghosts.close()
