@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from vfs.attrs import Caller
 from vfs.errors import FSError
 from vfs.fs import Filesystem, check_name
-from vfs.ghosts import GHOST, PINNED, Ghosts
+from vfs.ghosts import GHOST, HYDRATED, PINNED, Ghosts
 
 log = logging.getLogger(__name__)
 
@@ -164,16 +164,18 @@ class Importer:
                 report.directories += 1
             elif kind == stat.S_IFLNK:
                 report.links += 1
-            else:
-                ghosts.append((ino, e.path, e.st.st_size, e.st.st_mtime_ns, GHOST))
+            else:  # an empty file has nothing to fetch: it is hydrated from the start
+                ghosts.append((ino, e.path, e.st.st_size, e.st.st_mtime_ns,
+                               GHOST if e.st.st_size else HYDRATED,
+                               None if e.st.st_size else b""))
                 report.ghosts += 1
         self.db.changemany(
             "INSERT INTO inodes (id, mode, nlink, uid, gid, size, atime_ns, mtime_ns, "
             "ctime_ns, target) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", inodes)
         self.db.changemany("INSERT INTO dentries (parent, name, inode) VALUES (?, ?, ?)",
                            dentries)
-        self.db.changemany("INSERT INTO ghosts (inode, source, size, mtime_ns, state) "
-                           "VALUES (?, ?, ?, ?, ?)", ghosts)
+        self.db.changemany("INSERT INTO ghosts (inode, source, size, mtime_ns, state, hashes) "
+                           "VALUES (?, ?, ?, ?, ?, ?)", ghosts)
         for parent, n in links.items():
             self.db.change("UPDATE inodes SET nlink=nlink+? WHERE id=?", (n, parent))
         touched_parents = {p for p, _n, _i in dentries if p not in fresh}
@@ -182,7 +184,7 @@ class Importer:
                            (now, now, parent))
             report.touched_inodes.append(parent)
         for g in ghosts:
-            self.ghosts.added(g[0])
+            self.ghosts.added(g[0], g[4])
 
     def _merge(self, parent: int, e: SourceEntry, ino: int, mode: int,
                report: ImportReport) -> int | None:
@@ -210,12 +212,14 @@ class Importer:
         if ino in self.ghosts.fetches:
             raise FSError(errno.EBUSY, f"ghost inode {ino} is being fetched; try again")
         self.fs.drop_content(ino)
-        self.db.change("UPDATE ghosts SET source=?, size=?, mtime_ns=?, hashes=NULL, state=? "
-                       "WHERE inode=?", (path, st.st_size, st.st_mtime_ns, GHOST, ino))
+        state = GHOST if st.st_size else HYDRATED
+        self.db.change("UPDATE ghosts SET source=?, size=?, mtime_ns=?, hashes=?, state=? "
+                       "WHERE inode=?", (path, st.st_size, st.st_mtime_ns,
+                                         None if st.st_size else b"", state, ino))
         self.db.change("UPDATE inodes SET size=?, mtime_ns=?, ctime_ns=?, mode=? WHERE id=?",
                        (st.st_size, st.st_mtime_ns, time.time_ns(),
                         stat.S_IFREG | stat.S_IMODE(st.st_mode), ino))
-        self.ghosts.added(ino)
+        self.ghosts.added(ino, state)
         report.refreshed += 1
         report.touched_inodes.append(ino)
         log.info("ghost inode %d: source %s changed; refreshed", ino, os.fsdecode(path))

@@ -1,0 +1,373 @@
+"""Ghost files through a real mount: importing a real tree (part of the Python standard library)
+without fetching anything, reading it back exactly, partial reads of a large ghost, missing and
+changed sources, dehydrate and pin rules, writing to a ghost, the cache limit, `--watch`, smart
+folders over states, and persistence across a remount."""
+
+from __future__ import annotations
+
+import email
+import errno
+import hashlib
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+from mountutil import FsMount, dwfs, force_unmount, make_warehouse
+
+STATE = "user.dwfs.state"
+MiB = 1 << 20
+STDLIB = os.path.dirname(os.path.dirname(email.__file__))
+
+
+@pytest.fixture(scope="module")
+def fsm(tmp_path_factory):
+    """One mounted filesystem (raidz2, five 128 MiB members) for the whole module."""
+    base = tmp_path_factory.mktemp("ghosts")
+    m = FsMount(make_warehouse(base / "wh", size="128M"), base / "mnt")
+    try:
+        m.mount()
+        yield m
+        m.umount()
+    finally:
+        force_unmount(m.mountpoint, m.warehouse)
+
+
+def state(path: str) -> str | None:
+    try:
+        return os.getxattr(path, STATE).decode()
+    except OSError as exc:
+        assert exc.errno == errno.ENODATA
+        return None
+
+
+def fetched(warehouse: str) -> list[str]:
+    """The fetch lines of the daemon's log."""
+    with open(os.path.join(warehouse, "dwfs.log"), encoding="utf-8") as f:
+        return [line for line in f if ": fetched " in line]
+
+
+def tree_listing(top: str) -> dict[str, tuple]:
+    out = {}
+    for d, dirs, files in os.walk(top):
+        for n in dirs + files:
+            p = os.path.join(d, n)
+            st = os.lstat(p)
+            size = st.st_size if not os.path.isdir(p) else 0
+            out[os.path.relpath(p, top)] = (st.st_mode, size, st.st_mtime_ns)
+    return out
+
+
+def sha256_of(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(MiB):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def import_into(fsm, source: str, name: str) -> str:
+    dest = fsm.path(name)
+    os.makedirs(dest, exist_ok=True)
+    dwfs("ghost", "import", source, dest)
+    return dest
+
+
+@pytest.fixture(scope="module")
+def stdlib_tree(tmp_path_factory):
+    """A copy of a few standard-library packages (about 170 files) the tests may change."""
+    top = tmp_path_factory.mktemp("stdlib") / "lib"
+    for pkg in ("email", "json", "http", "logging", "xml", "urllib", "asyncio", "unittest",
+                "importlib"):
+        shutil.copytree(os.path.join(STDLIB, pkg), top / pkg,
+                        ignore=shutil.ignore_patterns("__pycache__"))
+    return str(top)
+
+
+def test_import_shows_everything_and_fetches_nothing_until_read(fsm, stdlib_tree):
+    before = len(fetched(fsm.warehouse))
+    dest = import_into(fsm, stdlib_tree, "lib")
+    assert tree_listing(dest) == tree_listing(stdlib_tree)  # names, modes, sizes, mtimes
+    found = subprocess.run(["find", dest, "-type", "f"], capture_output=True, text=True,
+                           check=True).stdout.split()
+    assert len(found) > 150
+    du = subprocess.run(["du", "-s", "-B1", dest], capture_output=True, text=True, check=True)
+    assert int(du.stdout.split()[0]) <= 4096 * 100  # directories only: no file content stored
+    for p in found:
+        assert os.stat(p).st_blocks == 0
+        # an empty file has nothing to fetch: it is hydrated from the start
+        assert state(p) == ("ghost" if os.path.getsize(p) else "hydrated")
+    assert len(fetched(fsm.warehouse)) == before  # stat, find and du fetched nothing
+    # reading fetches: sha256sum and cp see exactly the source's bytes
+    sums = subprocess.run(["sha256sum", *found], capture_output=True, text=True, check=True)
+    for line in sums.stdout.splitlines():
+        digest, path = line.split(maxsplit=1)
+        assert digest == sha256_of(os.path.join(stdlib_tree, os.path.relpath(path, dest)))
+    copy = os.path.join(os.path.dirname(fsm.mountpoint), "copied")
+    subprocess.run(["cp", "-a", dest, copy], check=True)
+    diff = subprocess.run(["diff", "-r", stdlib_tree, copy], capture_output=True, text=True,
+                          check=False)
+    assert diff.returncode == 0, diff.stdout
+    assert {state(p) for p in found} == {"hydrated"}
+    assert all(os.stat(p).st_blocks > 0 for p in found if os.path.getsize(p))
+    assert len(fetched(fsm.warehouse)) == before + len(
+        [p for p in found if os.path.getsize(p)])
+
+
+def test_partial_reads_of_a_large_ghost(fsm, tmp_path):
+    src = tmp_path / "big"
+    src.mkdir()
+    data = os.urandom(48 * MiB)
+    (src / "large.bin").write_bytes(data)
+    dest = import_into(fsm, str(src), "big")
+    path = os.path.join(dest, "large.bin")
+    with open(path, "rb") as f:
+        for offset, length in ((40 * MiB + 123, 5000), (0, 10), (48 * MiB - 7, 100),
+                               (17 * MiB - 1, 2 * MiB)):
+            f.seek(offset)
+            assert f.read(length) == data[offset:offset + length]
+    assert sha256_of(path) == hashlib.sha256(data).hexdigest()
+
+
+def test_concurrent_readers_share_one_fetch(fsm, tmp_path):
+    src = tmp_path / "shared"
+    src.mkdir()
+    data = os.urandom(32 * MiB)
+    (src / "s.bin").write_bytes(data)
+    dest = import_into(fsm, str(src), "shared")
+    path = os.path.join(dest, "s.bin")
+    readers = [subprocess.Popen(["sha256sum", path], stdout=subprocess.PIPE, text=True)
+               for _ in range(4)]
+    outs = [r.communicate(timeout=120)[0].split()[0] for r in readers]
+    assert outs == [hashlib.sha256(data).hexdigest()] * 4
+    mine = [line for line in fetched(fsm.warehouse) if str(src / "s.bin") in line]
+    assert len(mine) == 1
+
+
+def test_missing_or_changed_source_gives_eio_and_keeps_the_ghost(fsm, tmp_path):
+    src = tmp_path / "fragile"
+    src.mkdir()
+    (src / "gone.txt").write_bytes(b"soon gone")
+    (src / "edited.txt").write_bytes(b"original")
+    dest = import_into(fsm, str(src), "fragile")
+    os.unlink(src / "gone.txt")
+    (src / "edited.txt").write_bytes(b"edited!!")  # same size, new mtime
+    for name in ("gone.txt", "edited.txt"):
+        with pytest.raises(OSError) as info, open(os.path.join(dest, name), "rb") as f:
+            f.read()
+        assert info.value.errno == errno.EIO
+        assert state(os.path.join(dest, name)) == "ghost"
+        assert os.stat(os.path.join(dest, name)).st_blocks == 0
+    with open(os.path.join(fsm.warehouse, "dwfs.log"), encoding="utf-8") as f:
+        log = f.read()
+    assert str(src / "gone.txt") in log and "cannot be opened" in log
+    assert str(src / "edited.txt") in log and "changed" in log
+
+
+def test_dehydrate_and_pin_rules(fsm, tmp_path):
+    src = tmp_path / "states"
+    src.mkdir()
+    (src / "a.bin").write_bytes(os.urandom(3 * MiB))
+    (src / "b.bin").write_bytes(os.urandom(2 * MiB))
+    dest = import_into(fsm, str(src), "states")
+    a, b = os.path.join(dest, "a.bin"), os.path.join(dest, "b.bin")
+    dwfs("ghost", "hydrate", a)
+    assert state(a) == "hydrated" and os.stat(a).st_blocks >= 3 * MiB // 512
+    dwfs("ghost", "dehydrate", a)
+    assert state(a) == "ghost" and os.stat(a).st_blocks == 0
+    with open(a, "rb") as f:  # fetched again on the next read
+        assert f.read() == (src / "a.bin").read_bytes()
+    dwfs("ghost", "pin", b)
+    assert state(b) == "pinned"
+    with pytest.raises(OSError) as info:
+        os.setxattr(b, STATE, b"ghost")
+    assert info.value.errno == errno.EPERM
+    r = dwfs("ghost", "dehydrate", b, check=False)
+    assert r.returncode != 0 and "pinned" in r.stderr
+    assert state(b) == "pinned" and os.stat(b).st_blocks > 0
+    dwfs("ghost", "unpin", b)
+    assert state(b) == "hydrated"
+    (src / "b.bin").write_bytes(os.urandom(2 * MiB))  # the source no longer matches
+    with pytest.raises(OSError) as info:
+        os.setxattr(b, STATE, b"ghost")
+    assert info.value.errno == errno.EIO
+    assert state(b) == "hydrated" and os.stat(b).st_blocks > 0  # the local copy stays
+    for bad in (b"cloud", b""):
+        with pytest.raises(OSError) as info:
+            os.setxattr(a, STATE, bad)
+        assert info.value.errno == errno.EINVAL
+    with pytest.raises(OSError) as info:
+        os.removexattr(a, STATE)
+    assert info.value.errno == errno.EPERM
+    assert STATE in os.listxattr(a)
+
+
+def test_writing_to_a_ghost_fetches_it_and_makes_it_ordinary(fsm, tmp_path):
+    src = tmp_path / "edit"
+    src.mkdir()
+    data = os.urandom(MiB + 17)
+    (src / "w.bin").write_bytes(data)
+    (src / "t.bin").write_bytes(os.urandom(4096))
+    dest = import_into(fsm, str(src), "edit")
+    w = os.path.join(dest, "w.bin")
+    with open(w, "r+b") as f:
+        f.seek(1000)
+        f.write(b"XYZ")
+    with open(w, "rb") as f:
+        assert f.read() == data[:1000] + b"XYZ" + data[1003:]
+    assert state(w) is None and STATE not in os.listxattr(w)
+    t = os.path.join(dest, "t.bin")
+    with open(t, "wb") as f:  # O_TRUNC: empty and ordinary, nothing fetched
+        f.write(b"new")
+    assert state(t) is None
+    with open(t, "rb") as f:
+        assert f.read() == b"new"
+    assert not [line for line in fetched(fsm.warehouse) if str(src / "t.bin") in line]
+
+
+def test_smart_folders_query_ghost_states(fsm, tmp_path):
+    src = tmp_path / "q"
+    src.mkdir()
+    for n in ("one", "two", "three"):
+        (src / f"{n}.dat").write_bytes(n.encode() * 100)
+    dest = import_into(fsm, str(src), "q")
+    folder = fsm.path("q-ghosts")
+    os.mkdir(folder)
+    os.setxattr(folder, "user.dwfs.query", b"state:ghost under:/q")
+    hydrated = fsm.path("q-hydrated")
+    os.mkdir(hydrated)
+    os.setxattr(hydrated, "user.dwfs.query", b"state:hydrated under:/q")
+    assert set(os.listdir(folder)) == {"one.dat", "two.dat", "three.dat"}
+    with open(os.path.join(dest, "two.dat"), "rb") as f:
+        f.read()
+    assert set(os.listdir(folder)) == {"one.dat", "three.dat"}
+    assert set(os.listdir(hydrated)) == {"two.dat"}
+
+
+def test_cache_limit_dehydrates_the_least_recently_used(tmp_path, fs_mount):
+    wh = make_warehouse(tmp_path / "wh", size="64M")
+    with open(os.path.join(wh, "dwfs.toml"), "a", encoding="utf-8") as f:
+        f.write('\n[filesystem]\nghost_cache_limit = "2M"\n')
+    m = fs_mount(wh)
+    m.mount()
+    src = tmp_path / "src"
+    src.mkdir()
+    for k in range(5):
+        (src / f"f{k}.bin").write_bytes(os.urandom(900 * 1024))
+    dest = m.path("g")
+    os.mkdir(dest)
+    dwfs("ghost", "import", str(src), dest)
+    paths = [os.path.join(dest, f"f{k}.bin") for k in range(5)]
+    dwfs("ghost", "pin", paths[0])
+    for p in paths[1:]:
+        with open(p, "rb") as f:
+            f.read()
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        states = [state(p) for p in paths]
+        if states.count("hydrated") <= 1:
+            break
+        time.sleep(0.1)
+    assert states[0] == "pinned"  # never dehydrated, even over the limit
+    assert states[4] == "hydrated"  # the most recently used stays
+    assert states[1:4] == ["ghost"] * 3
+    for k, p in enumerate(paths):  # every file still reads correctly
+        with open(p, "rb") as f:
+            assert f.read() == (src / f"f{k}.bin").read_bytes()
+
+
+def test_ghosts_survive_a_remount_and_fsck(tmp_path, fs_mount):
+    m = fs_mount(make_warehouse(tmp_path / "wh"))
+    m.mount()
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "kept.txt").write_bytes(b"kept content")
+    (src / "later.txt").write_bytes(b"later content")
+    dest = m.path("g")
+    os.mkdir(dest)
+    dwfs("ghost", "import", str(src), dest)
+    with open(os.path.join(dest, "kept.txt"), "rb") as f:
+        assert f.read() == b"kept content"
+    m.umount()
+    r = dwfs("fsck", m.warehouse, check=False)
+    assert r.returncode == 0, r.stdout + r.stderr
+    m.mount()
+    assert state(os.path.join(dest, "kept.txt")) == "hydrated"
+    assert state(os.path.join(dest, "later.txt")) == "ghost"
+    os.unlink(src / "kept.txt")  # stored: no longer needs its source
+    with open(os.path.join(dest, "kept.txt"), "rb") as f:
+        assert f.read() == b"kept content"
+    with open(os.path.join(dest, "later.txt"), "rb") as f:
+        assert f.read() == b"later content"
+
+
+def test_watch_follows_create_modify_move_delete(fsm, tmp_path):
+    src = tmp_path / "watched"
+    (src / "d").mkdir(parents=True)
+    (src / "d" / "first.txt").write_bytes(b"first")
+    dest = fsm.path("watched")
+    os.mkdir(dest)
+    cmd = [sys.executable, "-m", "dwfs.cli", "ghost", "import", "--watch", str(src), dest]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        line = proc.stdout.readline()
+        while "watching" not in line:
+            assert line, proc.stderr.read()
+            line = proc.stdout.readline()
+
+        def soon(check) -> None:
+            deadline = time.monotonic() + 10
+            while not check():
+                assert time.monotonic() < deadline, "the ghosts did not follow the source"
+                time.sleep(0.1)
+
+        def read(*parts: str) -> bytes | None:
+            """The ghost's content; None while missing, or while the source has changed and
+            the watcher has not yet caught up (EIO)."""
+            try:
+                with open(os.path.join(dest, *parts), "rb") as f:
+                    return f.read()
+            except FileNotFoundError:
+                return None
+            except OSError as exc:
+                assert exc.errno == errno.EIO
+                return None
+
+        (src / "d" / "new.txt").write_bytes(b"created")
+        soon(lambda: read("d", "new.txt") == b"created")
+        assert state(os.path.join(dest, "d", "new.txt")) == "hydrated"
+        (src / "d" / "first.txt").write_bytes(b"first, then changed")
+        soon(lambda: read("d", "first.txt") == b"first, then changed")
+        os.rename(src / "d" / "new.txt", src / "renamed.txt")
+        soon(lambda: read("renamed.txt") == b"created" and read("d", "new.txt") is None)
+        os.rename(src / "d", src / "e")
+        soon(lambda: read("e", "first.txt") == b"first, then changed"
+             and not os.path.exists(os.path.join(dest, "d")))
+        os.unlink(src / "renamed.txt")
+        soon(lambda: read("renamed.txt") is None)
+        shutil.rmtree(src / "e")
+        soon(lambda: not os.path.exists(os.path.join(dest, "e")))
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def test_import_errors_are_clear(fsm, tmp_path):
+    (tmp_path / "file").write_bytes(b"x")
+    r = dwfs("ghost", "import", str(tmp_path / "file"), fsm.mountpoint, check=False)
+    assert r.returncode != 0 and "not a directory" in r.stderr
+    r = dwfs("ghost", "import", str(tmp_path), str(tmp_path), check=False)
+    assert r.returncode != 0 and "not inside a mounted dwfs" in r.stderr
+    inside = fsm.path("selfsrc")
+    os.mkdir(inside)
+    r = dwfs("ghost", "import", inside, fsm.mountpoint, check=False)
+    assert r.returncode != 0 and "inside the mount" in r.stderr
+    r = dwfs("ghost", "pin", inside, check=False)
+    assert r.returncode != 0 and "no ghost" in r.stderr
