@@ -11,6 +11,7 @@ import hashlib
 import os
 import shutil
 import signal
+import sqlite3
 import subprocess
 import sys
 import time
@@ -371,3 +372,33 @@ def test_import_errors_are_clear(fsm, tmp_path):
     assert r.returncode != 0 and "inside the mount" in r.stderr
     r = dwfs("ghost", "pin", inside, check=False)
     assert r.returncode != 0 and "no ghost" in r.stderr
+
+
+def test_fsck_finds_broken_ghost_and_smart_folder_records(tmp_path, fs_mount):
+    m = fs_mount(make_warehouse(tmp_path / "wh"))
+    m.mount()
+    os.mkdir(m.path("smart"))
+    os.setxattr(m.path("smart"), "user.dwfs.query", b"ext:txt")
+    os.mkdir(m.path("plain"))
+    m.umount()
+    db = sqlite3.connect(os.path.join(m.warehouse, "meta.db"))
+    with db:
+        smart = db.execute("SELECT inode FROM dentries WHERE name=?", (b"smart",)).fetchone()[0]
+        plain = db.execute("SELECT inode FROM dentries WHERE name=?", (b"plain",)).fetchone()[0]
+        db.execute("INSERT INTO ghosts (inode, source, size, mtime_ns, state) "
+                   "VALUES (424242, x'2f78', 1, 0, 'ghost')")
+        db.execute("INSERT INTO ghosts (inode, source, size, mtime_ns, state) "
+                   "VALUES (?, x'2f79', 1, 0, 'ghost')", (plain,))
+        db.execute("UPDATE dentries SET parent=? WHERE name=?", (smart, b"plain"))
+    db.close()
+    r = dwfs("fsck", m.warehouse, check=False)
+    assert r.returncode == 4, r.stdout + r.stderr
+    assert "ghost record of inode 424242 is for a missing inode" in r.stdout
+    assert f"ghost record of inode {plain} is for an inode that is not a regular file" in r.stdout
+    assert f"smart folder inode {smart} has 1 entries" in r.stdout
+    r = dwfs("fsck", m.warehouse, "--repair", check=False)
+    assert r.returncode == 1, r.stdout + r.stderr
+    r = dwfs("fsck", m.warehouse, check=False)
+    assert r.returncode == 0, r.stdout + r.stderr
+    m.mount()
+    assert os.listdir(m.path("smart")) == ["plain"]  # an ordinary directory again

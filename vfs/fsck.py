@@ -3,8 +3,9 @@
 Checks, in order: SQLite's own integrity; the root directory; names pointing at missing
 inodes or from non-directories; inodes nobody names (unlinked-open leftovers are freed, named
 ones lost by a damaged directory go to /lost+found); link counts; block-map entries outside the
-volume, overlapping others, past the end of their file or of deleted inodes; optionally every
-stored block read back and checked against its checksum.
+volume, overlapping others, past the end of their file or of deleted inodes; ghost records
+of missing or non-regular inodes; smart folders that hold entries of their own; optionally
+every stored block read back and checked against its checksum.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from vfs.errors import FSError
 from vfs.filedata import BLOCK, block_checksum
 from vfs.fs import RESERVED_SECTORS
 from vfs.metadb import MetaDB
+from vfs.smart import QUERY_XATTR
 
 log = logging.getLogger(__name__)
 
@@ -75,6 +77,8 @@ class Checker:
         self._names()
         self._unnamed()
         self._link_counts()
+        self._ghosts()
+        self._smart_folders()
         self._blocks()
         if verify_data:
             self._verify(progress)
@@ -155,6 +159,7 @@ class Checker:
     def _free(self, ino: int) -> None:
         self.db.change("DELETE FROM blocks WHERE inode=?", (ino,))
         self.db.change("DELETE FROM xattrs WHERE inode=?", (ino,))
+        self.db.change("DELETE FROM ghosts WHERE inode=?", (ino,))
         self.db.change("DELETE FROM inodes WHERE id=?", (ino,))
 
     def _link_counts(self) -> None:
@@ -169,6 +174,30 @@ class Checker:
                 self.problem(f"inode {ino}: link count {nlink}, should be {want}")
                 if self.repair:
                     self.db.change("UPDATE inodes SET nlink=? WHERE id=?", (want, ino))
+
+    def _ghosts(self) -> None:
+        for ino, mode, state in list(self.db.rows(
+                "SELECT g.inode, i.mode, g.state FROM ghosts g LEFT JOIN inodes i "
+                "ON i.id = g.inode WHERE i.id IS NULL OR (i.mode & 0xF000) != 0x8000 "
+                "OR g.state NOT IN ('ghost', 'hydrated', 'pinned')")):
+            what = ("a missing inode" if mode is None else
+                    "an inode that is not a regular file" if not stat.S_ISREG(mode) else
+                    f"an unknown state {state!r}")
+            self.problem(f"ghost record of inode {ino} is for {what}")
+            if self.repair:
+                self.db.change("DELETE FROM ghosts WHERE inode=?", (ino,))
+
+    def _smart_folders(self) -> None:
+        for ino, mode, entries in list(self.db.rows(
+                "SELECT x.inode, i.mode, (SELECT count(*) FROM dentries d WHERE d.parent = "
+                "x.inode) FROM xattrs x JOIN inodes i ON i.id = x.inode "
+                "WHERE x.name = ?", (QUERY_XATTR,))):
+            if not stat.S_ISDIR(mode) or entries:
+                why = "not a directory" if not stat.S_ISDIR(mode) else f"{entries} entries"
+                self.problem(f"smart folder inode {ino} has {why}; its query is dropped")
+                if self.repair:
+                    self.db.change("DELETE FROM xattrs WHERE inode=? AND name=?",
+                                   (ino, QUERY_XATTR))
 
     def _blocks(self) -> None:
         total = self.volume.capacity // SECTOR if self.volume is not None else None
