@@ -13,14 +13,16 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import queue
 import stat
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 
-from vfs.attrs import Caller
+from vfs.attrs import NAME_MAX, Caller
 from vfs.errors import FSError
-from vfs.fs import Filesystem, check_name
+from vfs.fs import Filesystem
 from vfs.ghosts import GHOST, HYDRATED, PINNED, Ghosts
 
 log = logging.getLogger(__name__)
@@ -63,11 +65,12 @@ class ImportReport:
                 "skipped_count": len(self.skipped)}
 
 
-def walk(source: str, report: ImportReport) -> list[SourceEntry]:
-    """Every entry under `source` (directories before their contents)."""
+def walk_iter(source: str, report: ImportReport) -> Iterator[SourceEntry]:
+    """Every entry under `source`, directories before their contents; an entry's `parent` is
+    the position of its directory in this sequence (-1 for `source` itself)."""
     root = os.fsencode(os.path.abspath(source))
-    entries: list[SourceEntry] = []
     stack: list[tuple[int, bytes]] = [(-1, root)]
+    count = 0
     while stack:
         parent, path = stack.pop()
         try:
@@ -80,16 +83,63 @@ def walk(source: str, report: ImportReport) -> list[SourceEntry]:
             for de in it:
                 try:
                     st = de.stat(follow_symlinks=False)
-                    target = os.readlink(de.path) if de.is_symlink() else None
+                    target = os.readlink(de.path) if stat.S_ISLNK(st.st_mode) else None
                 except OSError as exc:
                     report.skipped.append(f"{os.fsdecode(de.path)}: {exc.strerror}")
                     log.warning("ghost import: cannot stat %s: %s", os.fsdecode(de.path),
                                 exc.strerror)
                     continue
-                entries.append(SourceEntry(parent, de.name, st, de.path, target))
+                yield SourceEntry(parent, de.name, st, de.path, target)
                 if stat.S_ISDIR(st.st_mode):
-                    stack.append((len(entries) - 1, de.path))
-    return entries
+                    stack.append((count, de.path))
+                count += 1
+
+
+def walk(source: str, report: ImportReport) -> list[SourceEntry]:
+    """Every entry under `source` (see `walk_iter`)."""
+    return list(walk_iter(source, report))
+
+
+def batches(entries: Iterable[SourceEntry], size: int = BATCH) -> Iterator[list[SourceEntry]]:
+    """`entries` in lists of `size`."""
+    batch: list[SourceEntry] = []
+    for e in entries:
+        batch.append(e)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+def walk_in_background(source: str, report: ImportReport) -> Iterator[list[SourceEntry]]:
+    """Batches of `walk_iter(source)` produced by a thread of their own, so walking the source
+    overlaps with storing what was found (both mostly wait outside the interpreter)."""
+    q: queue.Queue[list[SourceEntry] | Exception | None] = queue.Queue(maxsize=8)
+
+    def produce() -> None:
+        try:
+            for batch in batches(walk_iter(source, report)):
+                q.put(batch)
+        except (OSError, ValueError) as exc:  # handed to the consumer, which raises it
+            q.put(exc)
+        finally:
+            q.put(None)
+
+    t = threading.Thread(target=produce, name="ghost-walk", daemon=True)
+    t.start()
+    try:
+        while (item := q.get()) is not None:
+            if isinstance(item, Exception):
+                raise item
+            yield item
+    finally:
+        while t.is_alive():  # let the walker finish if the consumer stopped early
+            try:
+                q.get(timeout=0.1)
+            except queue.Empty:
+                continue
+        t.join()
 
 
 class Importer:
@@ -106,16 +156,17 @@ class Importer:
             return st.st_uid, st.st_gid
         return self.caller.uid, self.caller.gid
 
-    def run(self, dest: int, entries: list[SourceEntry], report: ImportReport,
-            progress: Callable[[int, int], None] | None = None) -> None:
-        """Apply `entries` (from `walk`) under directory inode `dest`."""
-        dest_of: dict[int, int | None] = {-1: dest}  # walk index -> directory inode
+    def run(self, dest: int, entries: Iterable[list[SourceEntry]], report: ImportReport,
+            progress: Callable[[int, int | None], None] | None = None) -> None:
+        """Apply batches of entries (from `walk_iter`, in order) under directory `dest`."""
+        dest_of: dict[int, int | None] = {-1: dest}  # walk position -> directory inode
         fresh: set[int] = set()  # directories made by this import: no name checks needed
-        for start in range(0, len(entries), BATCH):
-            batch = entries[start:start + BATCH]
+        start = 0
+        for batch in entries:
             self.fs.atomically(self._apply, batch, start, dest_of, fresh, report)
+            start += len(batch)
             if progress is not None:
-                progress(min(start + BATCH, len(entries)), len(entries))
+                progress(start, None)
 
     def _apply(self, batch: list[SourceEntry], start: int, dest_of: dict[int, int | None],
                fresh: set[int], report: ImportReport) -> None:
@@ -131,10 +182,8 @@ class Importer:
             if parent is None:  # its directory was skipped
                 dest_of[index] = None
                 continue
-            try:
-                check_name(e.name)
-            except FSError as exc:
-                report.skipped.append(f"{os.fsdecode(e.path)}: {exc}")
+            if len(e.name) > NAME_MAX:
+                report.skipped.append(f"{os.fsdecode(e.path)}: name longer than {NAME_MAX}")
                 dest_of[index] = None
                 continue
             mode = e.st.st_mode
@@ -230,14 +279,10 @@ def import_tree(fs: Filesystem, ghosts: Ghosts, dest: int, source: str, caller: 
     """Give directory inode `dest` a ghost of every file under host directory `source`."""
     if not os.path.isdir(source):
         raise FSError(errno.ENOTDIR, f"ghost import: source {source} is not a directory")
-    fs.lock.acquire()
-    try:
-        fs.find(dest, b".")  # the destination exists and is a directory
-    finally:
-        fs.lock.release()
+    fs.find(dest, b".")  # the destination exists and is a directory
     report = ImportReport()
-    entries = walk(source, report)
-    Importer(fs, ghosts, caller).run(dest, entries, report, progress)
+    Importer(fs, ghosts, caller).run(dest, walk_in_background(source, report), report,
+                                     progress)
     log.info("ghost import of %s into inode %d: %s", source, dest, report.summary())
     return report
 
@@ -335,7 +380,7 @@ def _sync_one(fs: Filesystem, ghosts: Ghosts, importer: Importer, dest: int, roo
     if os.path.lexists(os.path.join(root, rel)):
         entries = _entries_for(root, rel, report)
         if entries:
-            importer.run(dest, entries, report)
+            importer.run(dest, batches(entries), report)
         return
     with fs.lock:
         parent, name = _dest_parent(fs, dest, rel)
