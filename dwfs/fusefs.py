@@ -37,7 +37,8 @@ QUIET_ERRNOS = {errno.ENOENT, errno.EEXIST, errno.ENOTEMPTY, errno.ENODATA, errn
 
 
 def fuse_errors(func: Callable[..., Any]) -> Callable[..., Any]:
-    """Answer OSErrors from lower layers with their errno; log the unexpected ones."""
+    """Answer OSErrors from lower layers with their errno; log the unexpected ones. Any other
+    exception is a bug: it is logged with its traceback and answered with EIO."""
 
     @functools.wraps(func)
     async def wrapper(*args: Any, **kwargs: Any) -> Any:
@@ -52,6 +53,9 @@ def fuse_errors(func: Callable[..., Any]) -> Callable[..., Any]:
             else:
                 log.error("%s%r failed: %s", func.__name__, args[1:], exc)
             raise pyfuse3.FUSEError(code) from exc
+        except Exception as exc:  # noqa: BLE001 - a bug in one request must not end the mount
+            log.exception("%s%r: unexpected error; answering EIO", func.__name__, args[1:])
+            raise pyfuse3.FUSEError(errno.EIO) from exc
 
     return wrapper
 

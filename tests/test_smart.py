@@ -156,6 +156,14 @@ def test_listings_follow_changes_live(fsm):
     assert names(exe) == {"script.sh"}
     os.chmod(g, 0o755)
     assert os.stat(os.path.join(exe, "script.sh")).st_mode & 0o777 == 0o755
+    if os.geteuid() == 0:  # an ownership change moves a file into an owner query
+        mine = os.path.join(top, "owned")
+        smart(mine, "under:/t4/in owner:4321")
+        assert names(mine) == set()
+        os.chown(g, 4321, -1)
+        assert names(mine) == {"script.sh"}
+        os.chown(g, 0, -1)
+        assert names(mine) == set()
 
 
 def test_every_change_of_names_in_a_smart_folder_is_refused(fsm):
@@ -191,7 +199,8 @@ def test_bad_definitions_are_refused_and_change_nothing(fsm):
     assert errno_of(os.setxattr, os.path.join(top, "full"), Q, b"ext:pdf") == errno.ENOTEMPTY
     assert errno_of(os.setxattr, os.path.join(top, "full", "f"), Q, b"ext:pdf") == errno.ENOTDIR
     os.mkdir(os.path.join(top, "empty"))
-    for bad in (b"size>10Q", b"(ext:pdf", b"colour:red", b"ext:pdf AND", b""):
+    for bad in (b"size>10Q", b"(ext:pdf", b"colour:red", b"ext:pdf AND", b"",
+                b"owner:no-such-user-here", b"\xff\xfe"):
         assert errno_of(os.setxattr, os.path.join(top, "empty"), Q, bad) == errno.EINVAL
     assert errno_of(os.getxattr, os.path.join(top, "empty"), Q) == errno.ENODATA
     write(os.path.join(top, "empty", "ok"), b"still an ordinary directory")
@@ -272,3 +281,96 @@ def test_smart_folders_survive_remount_and_fsck(tmp_path, fs_mount):
     while names(m.path("texts")) != {"a.txt", "c.txt"} and time.monotonic() < deadline:
         time.sleep(0.05)
     assert names(m.path("texts")) == {"a.txt", "c.txt"}
+
+
+def _ts(text: str) -> int:
+    """Nanoseconds since the epoch of a local time `YYYY-MM-DD HH:MM`."""
+    return int(time.mktime(time.strptime(text, "%Y-%m-%d %H:%M"))) * 10**9
+
+
+OPS_QUERIES = {
+    "name:*.pdf": {"report.pdf", "link.pdf"},
+    "ext:pdf": {"report.pdf", "Notes.PDF", "link.pdf"},
+    "size>1M": {"report.pdf", "big.bin"},
+    "size<=100 type:file": {"empty.csv", "deep.csv", "g.txt"},
+    "size=0 type:file": {"empty.csv"},
+    "size>=10K size<1M": {"Notes.PDF"},
+    "mtime<7d type:file": {"report.pdf", "notes.txt"},
+    "mtime>30d type:file": {"Notes.PDF", "big.bin", "deep.csv", "empty.csv", "g.txt"},
+    "mtime>2026-01-01 AND mtime<2026-02-01": {"deep.csv"},
+    "mtime=2026-01-15": {"deep.csv"},
+    "atime>2025-05-01 atime<2025-07-01": {"big.bin"},
+    "ctime<1h type:file": {"report.pdf", "Notes.PDF", "notes.txt", "big.bin", "empty.csv",
+                           "deep.csv", "g.txt"},
+    "ctime>1h": set(),
+    "type:dir": {"docs", "data", "sub", "apollo-dir", "ghosts"},
+    "type:symlink": {"link.pdf"},
+    "type:fifo": {"pipe"},
+    "under:/ops/data": {"big.bin", "empty.csv", "sub", "deep.csv"},
+    "under:/ops/missing": set(),
+    "xattr:user.project=apollo": {"report.pdf", "apollo-dir"},
+    "xattr:user.project": {"report.pdf", "apollo-dir", "big.bin"},
+    "tag:invoice": {"report.pdf", "empty.csv"},
+    "tag:paid": {"report.pdf"},
+    "state:ghost": {"g.txt"},
+    "state:local type:file": {"report.pdf", "Notes.PDF", "notes.txt", "big.bin", "empty.csv",
+                              "deep.csv"},
+    "(ext:pdf OR ext:csv) AND NOT size=0": {"report.pdf", "Notes.PDF", "link.pdf", "deep.csv"},
+    "NOT type:file": {"docs", "data", "sub", "apollo-dir", "ghosts", "link.pdf", "pipe"},
+    "ext:pdf size>1M OR tag:invoice": {"report.pdf", "empty.csv"},
+    "NOT (ext:pdf OR type:dir) AND (name:*.csv OR name:*.bin)": {"big.bin", "empty.csv",
+                                                                  "deep.csv"},
+}
+OWNER_QUERIES = {
+    "owner:1000": {"report.pdf"},
+    "group:1000": {"report.pdf"},
+    "owner:root type:file size<1M": {"Notes.PDF", "notes.txt", "empty.csv", "deep.csv", "g.txt"},
+}
+
+
+@pytest.fixture(scope="module")
+def ops_tree(fsm, tmp_path_factory):
+    """A tree in /ops of the mount with a file for every query operator to find."""
+    top = fsm.path("ops")
+    day = 86400 * 10**9
+    now = time.time_ns()
+    files = {
+        "docs/report.pdf": (2 * 1024 * 1024, now - 3 * day),
+        "docs/Notes.PDF": (10 * 1024, now - 40 * day),
+        "docs/notes.txt": (500, now),
+        "data/big.bin": (20 * 1024 * 1024, _ts("2025-06-01 12:00")),
+        "data/empty.csv": (0, _ts("2025-01-01 12:00")),
+        "data/sub/deep.csv": (100, _ts("2026-01-15 12:00")),
+    }
+    for rel, (size, mtime) in files.items():
+        p = os.path.join(top, rel)
+        write(p, b"")
+        os.truncate(p, size)
+        os.utime(p, ns=(mtime, mtime))
+    os.symlink("docs/report.pdf", os.path.join(top, "link.pdf"))
+    os.mkfifo(os.path.join(top, "pipe"))
+    os.mkdir(os.path.join(top, "apollo-dir"))
+    os.setxattr(os.path.join(top, "apollo-dir"), "user.project", b"apollo")
+    os.setxattr(os.path.join(top, "docs/report.pdf"), "user.project", b"apollo")
+    os.setxattr(os.path.join(top, "data/big.bin"), "user.project", b"zeus")
+    os.setxattr(os.path.join(top, "docs/report.pdf"), "user.tags", b"invoice, paid")
+    os.setxattr(os.path.join(top, "data/empty.csv"), "user.tags", b"Invoice")
+    if os.geteuid() == 0:
+        os.chown(os.path.join(top, "docs/report.pdf"), 1000, 1000)
+    src = tmp_path_factory.mktemp("ops-src")
+    (src / "g.txt").write_bytes(b"ghost\n")
+    old = _ts("2024-01-01 12:00")
+    os.utime(src / "g.txt", ns=(old, old))
+    os.mkdir(os.path.join(top, "ghosts"))
+    dwfs("ghost", "import", str(src), os.path.join(top, "ghosts"))
+    return top
+
+
+@pytest.mark.parametrize("query", sorted(OPS_QUERIES) + sorted(OWNER_QUERIES))
+def test_every_query_operator_through_the_mount(fsm, ops_tree, query):
+    expected = OPS_QUERIES.get(query, OWNER_QUERIES.get(query))
+    if query in OWNER_QUERIES and os.geteuid() != 0:
+        pytest.skip("owner queries need files of another owner: run as root")
+    folder = fsm.path("ops-smart", str(abs(hash(query))))
+    smart(folder, f"under:/ops AND ({query})")
+    assert names(folder) == expected

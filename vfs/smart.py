@@ -68,7 +68,9 @@ class SmartFolders:
     def parse(value: bytes) -> Query:
         """A query from an attribute value, or EINVAL saying what is wrong and where."""
         try:
-            return parse(value.decode())
+            query = parse(value.decode())
+            compile_where(query, lambda _path: None, time.time_ns())  # names resolve
+            return query
         except UnicodeDecodeError as exc:
             raise FSError(errno.EINVAL, f"smart folder query is not UTF-8: {exc}") from exc
         except QueryError as exc:
@@ -95,7 +97,10 @@ class SmartFolders:
         query = self.queries.get(ino)
         if query is None:
             return []
-        where, params = compile_where(query, self.resolve_dir, time.time_ns())
+        try:
+            where, params = compile_where(query, self.resolve_dir, time.time_ns())
+        except QueryError as exc:  # an owner or group deleted since the query was set
+            raise FSError(errno.EIO, f"smart folder inode {ino}: {exc}") from exc
         sql = (f"SELECT d.name, min(d.id), {self.columns} FROM dentries d "
                "JOIN inodes i ON i.id = d.inode "
                f"WHERE ({where}) AND i.id != ? {extra} AND NOT EXISTS "
