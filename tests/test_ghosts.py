@@ -220,6 +220,9 @@ def test_writing_to_a_ghost_fetches_it_and_makes_it_ordinary(fsm, tmp_path):
     with open(w, "rb") as f:
         assert f.read() == data[:1000] + b"XYZ" + data[1003:]
     assert state(w) is None and STATE not in os.listxattr(w)
+    with pytest.raises(OSError) as info:  # an ordinary file has no ghost state to set
+        os.setxattr(w, STATE, b"pinned")
+    assert info.value.errno == errno.EOPNOTSUPP
     t = os.path.join(dest, "t.bin")
     with open(t, "wb") as f:  # O_TRUNC: empty and ordinary, nothing fetched
         f.write(b"new")

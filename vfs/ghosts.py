@@ -317,8 +317,8 @@ class Ghosts:
         if want not in STATES:
             raise FSError(errno.EINVAL, f"unknown ghost state {want!r} (ghost, hydrated, pinned)")
         state = self.states.get(ino)
-        if state is None:
-            raise FSError(errno.EINVAL, f"inode {ino} is not a ghost")
+        if state is None:  # EOPNOTSUPP: `cp -a` of a ghost's copy passes over it quietly
+            raise FSError(errno.EOPNOTSUPP, f"inode {ino} is not a ghost: it has no state")
         if want == GHOST:
             self.dehydrate(ino)
             return
