@@ -167,6 +167,8 @@ def _hydrate(paths: list[str]) -> list[str]:
                     while n := f.readinto(buf):
                         done += n
                         update(done, total)
+                # the reads may finish before every piece is stored: wait for that
+                os.setxattr(p, STATE, b"hydrated", follow_symlinks=False)
             except OSError as exc:
                 err.print(f"dwfs: cannot fetch {p}: {exc.strerror} (see the mount's log)")
                 failed.append(p)

@@ -22,6 +22,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import queue
 import stat
 import threading
 import time
@@ -37,6 +38,8 @@ from vfs.fs import Filesystem
 log = logging.getLogger(__name__)
 
 PIECE = 1 << 20
+RECENT_PIECES = 32  # stored pieces of a fetch still kept in memory for readers (32 MiB)
+BUFFER_BYTES = 128 << 20  # checked pieces of all fetches waiting to be stored, at most
 GHOST, HYDRATED, PINNED = "ghost", "hydrated", "pinned"
 STATES = (GHOST, HYDRATED, PINNED)
 STATE_XATTR = b"user.dwfs.state"
@@ -112,6 +115,8 @@ def read_pieces(rec: Record, stop: threading.Event | None = None):
             yield offset, piece, h
             offset += len(piece)
             k += 1
+    except FSError:
+        raise
     except OSError as exc:
         raise SourceChanged(rec, f"cannot be read: {exc.strerror}") from exc
     finally:
@@ -132,10 +137,47 @@ class Fetch:
     error: FSError | None = None
     done: bool = False
     cond: threading.Condition = field(default_factory=threading.Condition)
+    # the latest verified pieces by offset: readers close behind the fetch are served from
+    # memory instead of reading back what is still on its way to the volume
+    recent: dict[int, bytes] = field(default_factory=dict)
+    stored_to: int = 0
+    store_error: FSError | None = None
 
     def covers(self, offset: int, length: int) -> bool:
         """True if bytes offset..offset+length (clipped to the file) have arrived."""
         return self.arrived >= min(offset + length, self.rec.size)
+
+    def arrive(self, offset: int, piece: bytes) -> None:
+        """A checked piece is here (held until stored): wake the readers waiting for it."""
+        with self.cond:
+            self.recent[offset] = piece
+            self.arrived = offset + len(piece)
+            self.cond.notify_all()
+
+    def stored(self, offset: int) -> None:
+        """The piece at `offset` is on the volume; stored pieces beyond the latest
+        RECENT_PIECES need not be held any longer."""
+        with self.cond:
+            self.stored_to = offset + PIECE
+            while len(self.recent) > RECENT_PIECES:
+                first = next(iter(self.recent))
+                if first >= self.stored_to:
+                    break
+                del self.recent[first]
+
+    def from_memory(self, offset: int, length: int) -> bytes | None:
+        """Bytes offset..offset+length (clipped) if every piece they need is still held."""
+        end = min(offset + length, self.rec.size)
+        if offset >= end:
+            return b""
+        parts = []
+        with self.cond:
+            for start in range(offset - offset % PIECE, end, PIECE):
+                piece = self.recent.get(start)
+                if piece is None:
+                    return None
+                parts.append(memoryview(piece)[max(offset - start, 0):end - start])
+        return b"".join(parts)
 
     def wait(self, offset: int, length: int) -> None:
         """Block until the range has arrived or the fetch has ended."""
@@ -159,6 +201,8 @@ class Ghosts:
         # told of every ghost whose stored content was dropped (caches of it must go)
         self.dropped_hooks: list[Callable[[int], None]] = []
         self._sealed_up_to = 0
+        self._buffered = 0
+        self._buffer_cond = threading.Condition()
         self._unsealable: dict[int, tuple[int, int]] = {}  # sources that failed, as recorded
         with fs.lock:
             self.states: dict[int, str] = dict(self.db.rows("SELECT inode, state FROM ghosts"))
@@ -207,6 +251,12 @@ class Ghosts:
     def read(self, ino: int, offset: int, length: int) -> bytes | bytearray | memoryview:
         """Read a file, fetching a ghost's content first as far as the range needs."""
         while True:
+            fetch = self.fetches.get(ino)
+            if fetch is not None and fetch.covers(offset, length):
+                # without the filesystem's lock, which a store may hold while the volume is busy
+                held = fetch.from_memory(offset, length)
+                if held is not None:
+                    return held
             with self.fs.lock:
                 state = self.states.get(ino)
                 if state is None:
@@ -216,7 +266,8 @@ class Ghosts:
                     return self.fs.read(ino, offset, length)
                 fetch = self.fetches.get(ino) or self._start(ino)
                 if fetch.covers(offset, length):
-                    return self.fs.read(ino, offset, length)
+                    held = fetch.from_memory(offset, length)
+                    return held if held is not None else self.fs.read(ino, offset, length)
                 if fetch.error is not None:
                     raise fetch.error
             fetch.wait(offset, length)
@@ -240,20 +291,35 @@ class Ghosts:
         return fetch
 
     def _fetch(self, fetch: Fetch) -> None:
+        """Read, check and hand out a ghost's pieces; a second thread stores them.
+
+        A checked piece is served to readers at once: the content is already safe in its
+        source, so readers need not wait for the volume. At most BUFFER_BYTES of pieces (of all
+        fetches) wait to be stored; the file becomes `hydrated` once every piece is stored.
+        """
         rec = fetch.rec
         t0 = time.monotonic()
         hashes: list[int] = []
+        to_store: queue.Queue[tuple[int, bytes] | None] = queue.Queue()
+        storer = threading.Thread(target=self._store, args=(fetch, to_store),
+                                  name=f"ghost-store-{rec.ino}", daemon=True)
+        storer.start()
         try:
-            for offset, piece, h in read_pieces(rec, self.stop):
-                if self.fetch_rate:  # pace the fetch (a slow or shared source)
-                    ahead = offset / self.fetch_rate - (time.monotonic() - t0)
-                    if ahead > 0:
-                        self.stop.wait(ahead)
-                self.fs.write(rec.ino, offset, piece, keep_times=True)
-                hashes.append(h)
-                with fetch.cond:
-                    fetch.arrived = offset + len(piece)
-                    fetch.cond.notify_all()
+            try:
+                for offset, piece, h in read_pieces(rec, self.stop):
+                    if self.fetch_rate:  # pace the fetch (a slow or shared source)
+                        ahead = offset / self.fetch_rate - (time.monotonic() - t0)
+                        if ahead > 0:
+                            self.stop.wait(ahead)
+                    self._take_buffer(len(piece), fetch)
+                    hashes.append(h)
+                    fetch.arrive(offset, piece)
+                    to_store.put((offset, piece))
+            finally:
+                to_store.put(None)
+                storer.join()
+            if fetch.store_error is not None:
+                raise fetch.store_error
             with self.fs.lock:
                 if self.states.get(rec.ino) == GHOST:
                     if rec.hashes is None:
@@ -276,10 +342,38 @@ class Ghosts:
         finally:
             with fetch.cond:
                 fetch.done = True
+                fetch.recent.clear()
                 fetch.cond.notify_all()
             self._threads.discard(threading.current_thread())
         if fetch.error is None:
             self.enforce_limit()
+
+    def _store(self, fetch: Fetch, to_store: queue.Queue) -> None:
+        """Store a fetch's checked pieces through the volume, in order (its second thread)."""
+        while (item := to_store.get()) is not None:
+            offset, piece = item
+            try:
+                if fetch.store_error is None and fetch.error is None:
+                    self.fs.write(fetch.rec.ino, offset, piece, keep_times=True)
+                    fetch.stored(offset)
+            except FSError as exc:
+                fetch.store_error = exc
+            finally:
+                self._give_buffer(len(piece))
+
+    def _take_buffer(self, n: int, fetch: Fetch) -> None:
+        """Wait until `n` more bytes may wait to be stored."""
+        with self._buffer_cond:
+            while self._buffered + n > BUFFER_BYTES and self._buffered:
+                if fetch.store_error is not None or self.stop.is_set():
+                    break
+                self._buffer_cond.wait(0.5)
+            self._buffered += n
+
+    def _give_buffer(self, n: int) -> None:
+        with self._buffer_cond:
+            self._buffered -= n
+            self._buffer_cond.notify_all()
 
     def hydrate(self, ino: int) -> None:
         """Fetch a ghost's whole content and wait for it (nothing to do for other files)."""
