@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 
 from dwfs.mounts import pid_alive  # noqa: F401 (re-exported for the tests)
 
@@ -128,3 +129,16 @@ def make_warehouse(path, level: str = "raidz2", devices: int = 5, size: str = "6
     dwfs("mkfs", path, "--level", level, "--devices", str(devices), "--device-size", size,
          "--backend", backend)
     return str(path)
+
+
+@contextmanager
+def mounted_warehouse(base, size: str = "64M"):
+    """A new raidz2 warehouse of five members of `size` under `base`, mounted at base/mnt for
+    the duration; unmounted (forcibly if need be) afterwards."""
+    m = FsMount(make_warehouse(base / "wh", size=size), base / "mnt")
+    try:
+        m.mount()
+        yield m
+        m.umount()
+    finally:
+        force_unmount(m.mountpoint, m.warehouse)

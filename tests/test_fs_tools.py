@@ -15,7 +15,7 @@ import subprocess
 from contextlib import closing
 
 import pytest
-from mountutil import FsMount, force_unmount, make_warehouse, status
+from mountutil import mounted_warehouse, status
 
 from vfs.alloc import SECTOR
 from vfs.fs import RESERVED_SECTORS
@@ -56,14 +56,8 @@ def listing(top: str) -> list[str]:
 @pytest.fixture(scope="module")
 def fsm(tmp_path_factory):
     """One mounted filesystem for the whole module."""
-    base = tmp_path_factory.mktemp("tools")
-    m = FsMount(make_warehouse(base / "wh"), base / "mnt")
-    try:
-        m.mount()
+    with mounted_warehouse(tmp_path_factory.mktemp("tools")) as m:
         yield m
-        m.umount()
-    finally:
-        force_unmount(m.mountpoint, m.warehouse)
 
 
 @pytest.fixture(scope="module")

@@ -17,7 +17,7 @@ import sys
 import time
 
 import pytest
-from mountutil import FsMount, dwfs, force_unmount, make_warehouse
+from mountutil import dwfs, make_warehouse, mounted_warehouse
 
 STATE = "user.dwfs.state"
 MiB = 1 << 20
@@ -27,14 +27,8 @@ STDLIB = os.path.dirname(os.path.dirname(email.__file__))
 @pytest.fixture(scope="module")
 def fsm(tmp_path_factory):
     """One mounted filesystem (raidz2, five 128 MiB members) for the whole module."""
-    base = tmp_path_factory.mktemp("ghosts")
-    m = FsMount(make_warehouse(base / "wh", size="128M"), base / "mnt")
-    try:
-        m.mount()
+    with mounted_warehouse(tmp_path_factory.mktemp("ghosts"), size="128M") as m:
         yield m
-        m.umount()
-    finally:
-        force_unmount(m.mountpoint, m.warehouse)
 
 
 def state(path: str) -> str | None:

@@ -11,7 +11,7 @@ import threading
 import pytest
 from test_vfs_unit import Env
 
-from vfs.attrs import ROOT_INODE, Caller
+from vfs.attrs import ROOT_INODE, Caller, SetAttr
 from vfs.errors import FSError
 from vfs.ghostimport import import_tree, sync_changes
 from vfs.ghosts import GHOST, HYDRATED, Ghosts
@@ -37,6 +37,14 @@ def source_tree(tmp_path, big: int = 24 * MiB) -> str:
     return str(src)
 
 
+def imported(env: Env, tmp_path, big: int = 24 * MiB) -> tuple[str, View, int]:
+    """A source tree imported as ghosts at the root: its path, the view, big.bin's inode."""
+    src = source_tree(tmp_path, big)
+    view = View(env.fs)
+    import_tree(env.fs, view.ghosts, ROOT_INODE, src, ROOT)
+    return src, view, ino_of(view, "big.bin")
+
+
 def ino_of(view: View, *names: str) -> int:
     ino = ROOT_INODE
     for n in names:
@@ -45,10 +53,7 @@ def ino_of(view: View, *names: str) -> int:
 
 
 def test_a_range_is_served_before_the_whole_file_arrives(env, tmp_path):
-    src = source_tree(tmp_path)
-    view = View(env.fs)
-    import_tree(env.fs, view.ghosts, ROOT_INODE, src, ROOT)
-    big = ino_of(view, "big.bin")
+    src, view, big = imported(env, tmp_path)
     view.ghosts.fetch_rate = 4 * MiB  # the whole file takes about 6 s
     head = view.read(big, 0, 4096)
     with open(os.path.join(src, "big.bin"), "rb") as f:
@@ -64,10 +69,7 @@ def test_a_range_is_served_before_the_whole_file_arrives(env, tmp_path):
 
 
 def test_concurrent_readers_share_one_fetch(env, tmp_path):
-    src = source_tree(tmp_path, big=8 * MiB)
-    view = View(env.fs)
-    import_tree(env.fs, view.ghosts, ROOT_INODE, src, ROOT)
-    big = ino_of(view, "big.bin")
+    src, view, big = imported(env, tmp_path, 8 * MiB)
     started: list[int] = []
     original = view.ghosts._start
 
@@ -94,10 +96,7 @@ def test_concurrent_readers_share_one_fetch(env, tmp_path):
 
 
 def test_a_changed_or_missing_source_fails_the_read_and_keeps_the_ghost(env, tmp_path):
-    src = source_tree(tmp_path, big=3 * MiB)
-    view = View(env.fs)
-    import_tree(env.fs, view.ghosts, ROOT_INODE, src, ROOT)
-    big = ino_of(view, "big.bin")
+    src, view, big = imported(env, tmp_path, 3 * MiB)
     path = os.path.join(src, "big.bin")
     st = os.stat(path)
     os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
@@ -120,10 +119,7 @@ def test_a_changed_or_missing_source_fails_the_read_and_keeps_the_ghost(env, tmp
 
 
 def test_hash_mismatch_is_caught_piece_by_piece(env, tmp_path):
-    src = source_tree(tmp_path, big=3 * MiB)
-    view = View(env.fs)
-    import_tree(env.fs, view.ghosts, ROOT_INODE, src, ROOT)
-    big = ino_of(view, "big.bin")
+    src, view, big = imported(env, tmp_path, 3 * MiB)
     view.ghosts.hydrate(big)  # takes the hashes
     view.ghosts.dehydrate(big)
     path = os.path.join(src, "big.bin")
@@ -142,10 +138,7 @@ def test_hash_mismatch_is_caught_piece_by_piece(env, tmp_path):
 
 
 def test_an_interrupted_fetch_is_dropped_after_a_crash(env, tmp_path):
-    src = source_tree(tmp_path, big=4 * MiB)
-    view = View(env.fs)
-    import_tree(env.fs, view.ghosts, ROOT_INODE, src, ROOT)
-    big = ino_of(view, "big.bin")
+    src, view, big = imported(env, tmp_path, 4 * MiB)
     with open(os.path.join(src, "big.bin"), "rb") as f:
         env.fs.write(big, 0, f.read(MiB), keep_times=True)  # what a fetch stores first
     env.fs.commit()
@@ -191,4 +184,17 @@ def test_sync_changes_follow_moves_and_deletes(env, tmp_path):
     os.unlink(os.path.join(src, "big.bin"))
     sync_changes(env.fs, view.ghosts, ROOT_INODE, src, ROOT, [["changed", "big.bin"]])
     assert env.fs.find(ROOT_INODE, b"big.bin") is None
+    view.ghosts.close()
+
+
+def test_truncating_a_ghost_fetches_it_unless_to_zero(env, tmp_path):
+    src, view, big = imported(env, tmp_path, big=2 * MiB)
+    small = ino_of(view, "sub", "small.txt")
+    view.setattr(big, SetAttr(size=MiB + 3))
+    assert view.ghosts.state(big) is None
+    with open(os.path.join(src, "big.bin"), "rb") as f:
+        assert bytes(view.read(big, 0, 2 * MiB)) == f.read(MiB + 3)
+    view.setattr(small, SetAttr(size=0))
+    assert view.ghosts.state(small) is None
+    assert bytes(view.read(small, 0, 100)) == b""
     view.ghosts.close()

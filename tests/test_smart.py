@@ -16,7 +16,7 @@ import subprocess
 import time
 
 import pytest
-from mountutil import FsMount, dwfs, force_unmount, make_warehouse
+from mountutil import dwfs, make_warehouse, mounted_warehouse
 
 Q = "user.dwfs.query"
 
@@ -24,14 +24,8 @@ Q = "user.dwfs.query"
 @pytest.fixture(scope="module")
 def fsm(tmp_path_factory):
     """One mounted filesystem for the whole module."""
-    base = tmp_path_factory.mktemp("smart")
-    m = FsMount(make_warehouse(base / "wh"), base / "mnt")
-    try:
-        m.mount()
+    with mounted_warehouse(tmp_path_factory.mktemp("smart")) as m:
         yield m
-        m.umount()
-    finally:
-        force_unmount(m.mountpoint, m.warehouse)
 
 
 def write(path: str, data: bytes = b"x") -> None:

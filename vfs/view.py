@@ -81,7 +81,7 @@ class View:
             mirrored = real != parent
             if name in (b".", b".."):
                 attr = self.fs.find(real, name)
-                return None if attr is None else self._shown(attr, mirrored or name == b".")
+                return None if attr is None else self._shown(attr, mirrored)
             if self.smart.is_smart(real):
                 if mirrored:
                     return None  # a smart folder seen through a mirror is empty
@@ -106,8 +106,10 @@ class View:
         """Change attributes; through a mirror, of the real directory. Truncating a ghost
         makes it an ordinary file (fetched first, unless truncated to zero)."""
         if ch.size is not None and self.ghosts.state(ino) is not None:
+            if ch.size:
+                self.ghosts.make_ordinary(ino)  # waits for the fetch: not under the lock
             with self.lock:
-                self.ghosts.make_ordinary(ino, keep_content=ch.size != 0)
+                self.ghosts.make_ordinary(ino, keep_content=False)  # (if still a ghost)
                 return self.fs.setattr(ino, ch)
         return self._shown(self.fs.setattr(real_inode(ino), ch), ino & MIRROR_BIT != 0)
 
