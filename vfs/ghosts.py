@@ -251,12 +251,18 @@ class Ghosts:
     def read(self, ino: int, offset: int, length: int) -> bytes | bytearray | memoryview:
         """Read a file, fetching a ghost's content first as far as the range needs."""
         while True:
+            # A fetch in progress serves and is waited for without the filesystem's lock,
+            # which a store or a commit may hold while the volume is busy.
             fetch = self.fetches.get(ino)
             if fetch is not None and fetch.covers(offset, length):
-                # without the filesystem's lock, which a store may hold while the volume is busy
                 held = fetch.from_memory(offset, length)
                 if held is not None:
                     return held
+            elif fetch is not None and not fetch.done and fetch.error is None:
+                fetch.wait(offset, length)
+                if fetch.error is not None:
+                    raise FSError(fetch.error.errno, str(fetch.error))
+                continue
             with self.fs.lock:
                 state = self.states.get(ino)
                 if state is None:
@@ -493,7 +499,8 @@ class Ghosts:
         for rec in recs:
             if self.stop.is_set():
                 break
-            if self._unsealable.get(rec.ino) == (rec.size, rec.mtime_ns):
+            if (self._unsealable.get(rec.ino) == (rec.size, rec.mtime_ns)
+                    or rec.ino in self.fetches):  # a fetch takes the hashes itself
                 continue
             try:
                 hashes = source_hashes(rec, self.stop)
