@@ -131,6 +131,7 @@ class FuseOperations(pyfuse3.Operations):
         attr = await self._meta(self.fs.find, parent_inode, name)
         timeout = 0.0 if self.fs.volatile(parent_inode) else CACHE_SECONDS
         if attr is not None:
+            self.fs.remember(attr)
             return entry(attr, timeout)
         neg = pyfuse3.EntryAttributes()
         neg.st_ino = 0  # a negative entry the kernel may cache
@@ -168,7 +169,9 @@ class FuseOperations(pyfuse3.Operations):
 
     @fuse_errors
     async def mkdir(self, parent_inode, name, mode, ctx):
-        return entry(await self._meta(self.fs.mkdir, parent_inode, name, mode, caller(ctx)))
+        attr = await self._meta(self.fs.mkdir, parent_inode, name, mode, caller(ctx))
+        self.fs.remember(attr)
+        return entry(attr)
 
     @fuse_errors
     async def symlink(self, parent_inode, name, target, ctx):
@@ -246,6 +249,8 @@ class FuseOperations(pyfuse3.Operations):
                 if not pyfuse3.readdir_reply(token, e.name, entry(e.attr, timeout),
                                              e.next_cookie):
                     return
+                if e.name not in (b".", b".."):  # the kernel counts these as lookups
+                    self.fs.remember(e.attr)
                 cookie = e.next_cookie
 
     @fuse_errors
@@ -295,4 +300,7 @@ class FuseOperations(pyfuse3.Operations):
         return s
 
     async def forget(self, inode_list):
-        return None
+        try:
+            await self._meta(self.fs.forget, list(inode_list))
+        except OSError as exc:  # forget has no reply: log and go on
+            log.error("forget of %d inodes failed: %s", len(inode_list), exc)

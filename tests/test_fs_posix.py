@@ -328,9 +328,6 @@ def test_removed_directory_while_open(d):
     assert os.listdir(d) == ["dst"]
 
 
-@pytest.mark.xfail(strict=True, reason="the filesystem frees a removed directory at its last "
-                   "close; a working directory is no open file, only a kernel lookup reference "
-                   "(FUSE lookup counts / forget are not tracked yet)")
 def test_removed_working_directory(d):
     os.mkdir(f"{d}/cwd")
     pid = os.fork()

@@ -105,6 +105,8 @@ class Filesystem:
         self.alloc = Allocator(total, used, run=SECTORS_PER_BLOCK)
         self.data = FileData(db, volume, self.alloc)
         self.opens: dict[int, int] = {}
+        self.dir_refs: dict[int, int] = {}  # directory -> references the kernel holds
+        self._refs_lock = threading.Lock()
         self.freed_hooks: list[Callable[[int], None]] = []  # told of every inode freed
         self._free_orphans()
 
@@ -262,8 +264,28 @@ class Filesystem:
 
     def _maybe_free(self, ino: int) -> None:
         r = self.db.row("SELECT nlink, sectors FROM inodes WHERE id=?", (ino,))
-        if r is not None and r[0] == 0 and not self.opens.get(ino):
+        if (r is not None and r[0] == 0 and not self.opens.get(ino)
+                and not self.dir_refs.get(ino)):
             self._free_inode(ino, r[1])
+
+    def remember(self, ino: int) -> None:
+        """The kernel now holds one more reference to directory `ino` (an entry it was
+        given): a removed directory lives on while the kernel holds it, for a process whose
+        working directory it is."""
+        with self._refs_lock:  # not the filesystem lock: called on the event loop's thread
+            self.dir_refs[ino] = self.dir_refs.get(ino, 0) + 1
+
+    @operation
+    def forget(self, ino: int, count: int) -> None:
+        """The kernel dropped `count` references to inode `ino`."""
+        with self._refs_lock:
+            left = self.dir_refs.get(ino, 0) - count
+            if left > 0:
+                self.dir_refs[ino] = left
+                return
+            held = self.dir_refs.pop(ino, None) is not None
+        if held:
+            self._maybe_free(ino)
 
     # --- lookups and attributes ---------------------------------------------------------------
 

@@ -113,6 +113,16 @@ class View:
                 return self.fs.setattr(ino, ch)
         return self._shown(self.fs.setattr(real_inode(ino), ch), ino & MIRROR_BIT != 0)
 
+    def remember(self, attr: Attr) -> None:
+        """The kernel was given an entry for `attr` (it keeps directories alive)."""
+        if stat.S_ISDIR(attr.mode):
+            self.fs.remember(real_inode(attr.ino))
+
+    def forget(self, items: list[tuple[int, int]]) -> None:
+        """The kernel dropped references: (inode, count) pairs."""
+        for ino, count in items:
+            self.fs.forget(real_inode(ino), count)
+
     def readlink(self, ino: int) -> bytes:
         """The target of a symbolic link."""
         return self.fs.readlink(ino)
