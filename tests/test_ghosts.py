@@ -17,7 +17,7 @@ import sys
 import time
 
 import pytest
-from mountutil import dwfs, make_warehouse, mounted_warehouse
+from mountutil import daemon_pid, dwfs, make_warehouse, mounted_warehouse
 
 STATE = "user.dwfs.state"
 MiB = 1 << 20
@@ -411,3 +411,61 @@ def test_fsck_finds_broken_ghost_and_smart_folder_records(tmp_path, fs_mount):
     assert r.returncode == 0, r.stdout + r.stderr
     m.mount()
     assert os.listdir(m.path("smart")) == ["plain"]  # an ordinary directory again
+
+
+READER = """
+import os, sys
+fd = os.open(sys.argv[1], os.O_RDONLY)
+buf = bytearray(1 << 20)
+n = 0
+while True:
+    k = os.readv(fd, [buf])
+    if not k:
+        break
+    n += k
+    print(n, flush=True)
+"""
+
+
+def test_kill9_during_a_fetch(tmp_path, fs_mount):
+    m = fs_mount(make_warehouse(tmp_path / "wh", size="128M"))
+    m.mount()
+    src = tmp_path / "src"
+    src.mkdir()
+    big = os.urandom(96 * MiB)
+    (src / "big.bin").write_bytes(big)
+    (src / "small.txt").write_bytes(b"fetched and synced before the crash")
+    dest = m.path("g")
+    os.mkdir(dest)
+    dwfs("ghost", "import", str(src), dest)
+    small = os.path.join(dest, "small.txt")
+    with open(small, "rb") as f:
+        assert f.read() == b"fetched and synced before the crash"
+    assert stored(small) == "hydrated"
+    fd = os.open(small, os.O_RDONLY)
+    os.fsync(fd)  # makes its state durable
+    os.close(fd)
+    reader = subprocess.Popen([sys.executable, "-c", READER, os.path.join(dest, "big.bin")],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    got = 0
+    while got < 8 * MiB:
+        line = reader.stdout.readline()
+        assert line, reader.stderr.read()
+        got = int(line)
+    pid = daemon_pid(m.warehouse)
+    assert pid is not None
+    os.kill(pid, signal.SIGKILL)
+    reader.wait(timeout=60)
+    unmount = subprocess.run(["fusermount3", "-u", m.mountpoint], capture_output=True,
+                             text=True, check=False)
+    assert unmount.returncode == 0, unmount.stderr
+    m.mount()  # no manual repair
+    assert state(small) == "hydrated"
+    with open(small, "rb") as f:
+        assert f.read() == b"fetched and synced before the crash"
+    assert state(os.path.join(dest, "big.bin")) in ("ghost", "hydrated")
+    assert sha256_of(os.path.join(dest, "big.bin")) == hashlib.sha256(big).hexdigest()
+    assert stored(os.path.join(dest, "big.bin")) == "hydrated"
+    m.umount()
+    r = dwfs("fsck", m.warehouse, "--verify-data", check=False)
+    assert r.returncode == 0, r.stdout + r.stderr
