@@ -1,8 +1,12 @@
-"""Plain records exchanged with the filesystem: attributes, attribute changes, the caller."""
+"""Plain records exchanged with the filesystem (attributes, attribute changes, the caller)
+and the rule every name must follow."""
 
 from __future__ import annotations
 
+import errno
 from dataclasses import dataclass, field
+
+from vfs.errors import FSError
 
 ROOT_INODE = 1
 NAME_MAX = 255
@@ -59,3 +63,11 @@ class DirEntry:
     name: bytes
     attr: Attr
     next_cookie: int
+
+
+def check_name(name: bytes) -> None:
+    """Refuse names the filesystem cannot hold."""
+    if len(name) > NAME_MAX:
+        raise FSError(errno.ENAMETOOLONG, f"name of {len(name)} bytes (limit {NAME_MAX})")
+    if not name or b"/" in name or b"\0" in name:
+        raise FSError(errno.EINVAL, f"invalid name {name!r}")

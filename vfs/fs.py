@@ -13,32 +13,29 @@ transaction commits (like ext4's data=ordered).
 from __future__ import annotations
 
 import errno
-import functools
 import logging
 import os
 import stat
 import threading
-import time
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import Any
 
 from vfs.alloc import SECTOR, Allocator
-from vfs.attrs import NAME_MAX, ROOT_INODE, Attr, Caller, DirEntry, SetAttr
+from vfs.attrs import NAME_MAX, ROOT_INODE, Attr, Caller, DirEntry, SetAttr, check_name
 from vfs.errors import FSError
 from vfs.filedata import BLOCK, SECTORS_PER_BLOCK, FileData, VolumeLike
 from vfs.metadb import MetaDB
+from vfs.ops import T, now_ns, operation, query
+from vfs.rename import RENAME_EXCHANGE, RENAME_NOREPLACE, RenameOps
+from vfs.xattrs import XATTR_CREATE, XATTR_REPLACE, XattrOps
+
+__all__ = ["RENAME_EXCHANGE", "RENAME_NOREPLACE", "XATTR_CREATE", "XATTR_REPLACE", "Filesystem",
+           "JOINED_COLUMNS", "RESERVED_SECTORS", "check_name"]
 
 log = logging.getLogger(__name__)
 
 MAX_FILE_SIZE = 1 << 44  # 16 TiB, as ext4 with 4 KiB blocks
 LINK_MAX = 65000
-XATTR_NAME_MAX = 255
-XATTR_SIZE_MAX = 65536
-XATTR_CREATE = 1
-XATTR_REPLACE = 2
-XATTR_NAMESPACES = (b"user.", b"trusted.", b"security.")
-RENAME_NOREPLACE = 1
-RENAME_EXCHANGE = 2
 RESERVED_SECTORS = 2 * BLOCK // SECTOR  # the two metadata-copy superblocks at the start
 DIR_SIZE = 4096
 RELATIME_SECONDS = 24 * 3600
@@ -46,50 +43,8 @@ RELATIME_SECONDS = 24 * 3600
 _INODE_COLS = "id, mode, nlink, uid, gid, size, rdev, atime_ns, mtime_ns, ctime_ns, sectors"
 JOINED_COLUMNS = ", ".join("i." + c.strip() for c in _INODE_COLS.split(","))
 
-T = TypeVar("T")
 
-
-def _now() -> int:
-    return time.time_ns()
-
-
-def operation(func: Callable[..., T]) -> Callable[..., T]:
-    """Run a method under the lock, all-or-nothing: a failure undoes its partial changes."""
-
-    @functools.wraps(func)
-    def wrapper(self: Filesystem, *args: Any, **kwargs: Any) -> T:
-        with self.lock:
-            self._check_open()
-            if self._depth:
-                return func(self, *args, **kwargs)
-            return self._attempt(func, args, kwargs)
-
-    return wrapper
-
-
-def query(func: Callable[..., T]) -> Callable[..., T]:
-    """Run a read-only method under the lock. No savepoint: it changes nothing, or only what
-    one statement or one in-memory count does (atime on reading, open counts), which cannot be
-    left half done."""
-
-    @functools.wraps(func)
-    def wrapper(self: Filesystem, *args: Any, **kwargs: Any) -> T:
-        with self.lock:
-            self._check_open()
-            return func(self, *args, **kwargs)
-
-    return wrapper
-
-
-def check_name(name: bytes) -> None:
-    """Refuse names the filesystem cannot hold."""
-    if len(name) > NAME_MAX:
-        raise FSError(errno.ENAMETOOLONG, f"name of {len(name)} bytes (limit {NAME_MAX})")
-    if not name or b"/" in name or b"\0" in name:
-        raise FSError(errno.EINVAL, f"invalid name {name!r}")
-
-
-class Filesystem:
+class Filesystem(RenameOps, XattrOps):
     """A mounted dwfs filesystem: metadata database + file contents on the volume."""
 
     def __init__(self, db: MetaDB, volume: VolumeLike) -> None:
@@ -113,7 +68,7 @@ class Filesystem:
     @classmethod
     def format(cls, db: MetaDB, uid: int, gid: int, mode: int = 0o755) -> None:
         """Write the root directory of a new, empty filesystem."""
-        now = _now()
+        now = now_ns()
         db.change(
             "INSERT INTO inodes (id, mode, nlink, uid, gid, size, atime_ns, mtime_ns, ctime_ns) "
             "VALUES (?, ?, 2, ?, ?, 0, ?, ?, ?)",
@@ -245,7 +200,7 @@ class Filesystem:
         return p
 
     def _touch(self, ino: int, mtime: bool = True, now: int | None = None) -> None:
-        now = now or _now()
+        now = now or now_ns()
         if mtime:
             self.db.change("UPDATE inodes SET mtime_ns=?, ctime_ns=? WHERE id=?", (now, now, ino))
         else:
@@ -332,7 +287,7 @@ class Filesystem:
     @operation
     def _setattr(self, ino: int, ch: SetAttr) -> Attr:
         r = self._row(ino)
-        now = _now()
+        now = now_ns()
         sets: list[str] = []
         args: list[Any] = []
         if ch.size is not None:
@@ -397,7 +352,7 @@ class Filesystem:
         if (not stat.S_ISDIR(mode) and mode & setgid_exec == setgid_exec and caller.uid != 0
                 and not caller.in_group(gid)):
             mode &= ~stat.S_ISGID  # as the kernel's mode_strip_sgid
-        now = _now()
+        now = now_ns()
         is_dir = stat.S_ISDIR(mode)
         self.db.change(
             "INSERT INTO inodes (mode, nlink, uid, gid, size, rdev, atime_ns, mtime_ns, "
@@ -467,7 +422,7 @@ class Filesystem:
             raise FSError(errno.EEXIST, f"{name!r} exists in directory {parent}")
         self.db.change("INSERT INTO dentries (parent, name, inode) VALUES (?, ?, ?)",
                        (parent, name, ino))
-        now = _now()
+        now = now_ns()
         self._add_links(ino, 1)
         self._touch(ino, mtime=False, now=now)
         self._touch(parent, now=now)
@@ -512,7 +467,7 @@ class Filesystem:
         self._remove_entry(did, parent, ino, r)
 
     def _remove_entry(self, did: int, parent: int, ino: int, r: tuple) -> None:
-        now = _now()
+        now = now_ns()
         self.db.change("DELETE FROM dentries WHERE id=?", (did,))
         if stat.S_ISDIR(r[1]):
             self.db.change("UPDATE inodes SET nlink=0, ctime_ns=? WHERE id=?", (now, ino))
@@ -521,89 +476,6 @@ class Filesystem:
             self.db.change("UPDATE inodes SET nlink=nlink-1, ctime_ns=? WHERE id=?", (now, ino))
         self._touch(parent, now=now)
         self._maybe_free(ino)
-
-    # --- rename -------------------------------------------------------------------------------
-
-    def _is_within(self, ino: int, ancestor: int) -> bool:
-        """True if directory `ino` is `ancestor` or lies below it."""
-        seen = 0
-        while True:
-            if ino == ancestor:
-                return True
-            if ino == ROOT_INODE:
-                return False
-            ino = self._parent_of(ino)
-            seen += 1
-            if seen > 100000:
-                raise FSError(errno.ELOOP, "directory tree has a cycle")
-
-    @operation
-    def rename(self, parent: int, name: bytes, new_parent: int, new_name: bytes,
-               flags: int = 0) -> None:
-        """Move a name, replacing or exchanging with what is at the destination."""
-        if flags & ~(RENAME_NOREPLACE | RENAME_EXCHANGE):
-            raise FSError(errno.EINVAL, f"unsupported rename flags {flags:#x}")
-        if flags & RENAME_NOREPLACE and flags & RENAME_EXCHANGE:
-            raise FSError(errno.EINVAL, "RENAME_NOREPLACE and RENAME_EXCHANGE together")
-        check_name(new_name)
-        sid, sino, srow = self._existing(parent, name)
-        self._live_dir(new_parent)
-        dst = self._entry(new_parent, new_name)
-        src_dir = stat.S_ISDIR(srow[1])
-        now = _now()
-        if flags & RENAME_EXCHANGE:
-            if dst is None:
-                raise FSError(errno.ENOENT, f"{new_name!r} not in directory {new_parent}")
-            self._exchange(parent, sid, sino, srow, new_parent, dst, now)
-            return
-        if dst is not None and flags & RENAME_NOREPLACE:
-            raise FSError(errno.EEXIST, f"{new_name!r} exists in directory {new_parent}")
-        if dst is not None and dst[1] == sino:
-            return  # two names of one inode: POSIX says do nothing
-        if src_dir and self._is_within(new_parent, sino):
-            raise FSError(errno.EINVAL, "cannot move a directory into itself")
-        if dst is not None:
-            drow = self._row(dst[1])
-            if stat.S_ISDIR(drow[1]):
-                if not src_dir:
-                    raise FSError(errno.EISDIR, f"{new_name!r} is a directory")
-                if self._has_entries(dst[1]):
-                    raise FSError(errno.ENOTEMPTY, f"directory {new_name!r} is not empty")
-            elif src_dir:
-                raise FSError(errno.ENOTDIR, f"{new_name!r} is not a directory")
-            self._remove_entry(dst[0], new_parent, dst[1], drow)
-        self.db.change("UPDATE dentries SET parent=?, name=? WHERE id=?",
-                       (new_parent, new_name, sid))
-        if src_dir and parent != new_parent:
-            self._add_links(parent, -1)
-            self._add_links(new_parent, 1)
-        self._touch(sino, mtime=False, now=now)
-        self._touch(parent, now=now)
-        if new_parent != parent:
-            self._touch(new_parent, now=now)
-
-    def _exchange(self, parent: int, sid: int, sino: int, srow: tuple, new_parent: int,
-                  dst: tuple[int, int], now: int) -> None:
-        did, dino = dst
-        if dino == sino:
-            return
-        drow = self._row(dino)
-        s_dir, d_dir = stat.S_ISDIR(srow[1]), stat.S_ISDIR(drow[1])
-        if s_dir and self._is_within(new_parent, sino):
-            raise FSError(errno.EINVAL, "cannot move a directory into itself")
-        if d_dir and self._is_within(parent, dino):
-            raise FSError(errno.EINVAL, "cannot move a directory into itself")
-        self.db.change("UPDATE dentries SET inode=? WHERE id=?", (dino, sid))
-        self.db.change("UPDATE dentries SET inode=? WHERE id=?", (sino, did))
-        if parent != new_parent and s_dir != d_dir:
-            moved_to_new = 1 if s_dir else -1
-            self._add_links(new_parent, moved_to_new)
-            self._add_links(parent, -moved_to_new)
-        for ino in (sino, dino):
-            self._touch(ino, mtime=False, now=now)
-        self._touch(parent, now=now)
-        if new_parent != parent:
-            self._touch(new_parent, now=now)
 
     # --- open files ---------------------------------------------------------------------------
 
@@ -644,7 +516,7 @@ class Filesystem:
     def _accessed(self, r: tuple) -> None:
         """Update atime as relatime does: when it is not newer than mtime or ctime, or a day
         old."""
-        now = _now()
+        now = now_ns()
         if r[7] <= r[8] or r[7] <= r[9] or now - r[7] > RELATIME_SECONDS * 10**9:
             self.db.change("UPDATE inodes SET atime_ns=? WHERE id=?", (now, r[0]))
 
@@ -718,7 +590,7 @@ class Filesystem:
             if new_size != r[5]:
                 self.db.change("UPDATE inodes SET size=? WHERE id=?", (new_size, ino))
             return n
-        now = _now()
+        now = now_ns()
         self.db.change("UPDATE inodes SET size=?, mtime_ns=?, ctime_ns=? WHERE id=?",
                        (new_size, now, now, ino))
         return n
@@ -772,62 +644,6 @@ class Filesystem:
         ):
             out.append(DirEntry(bytes(row[1]), self._attr(row[2:]), row[0] + 2))
         return out
-
-    # --- extended attributes ------------------------------------------------------------------
-
-    @staticmethod
-    def _check_xattr_name(name: bytes) -> None:
-        if not name:
-            raise FSError(errno.EINVAL, "empty attribute name")
-        if len(name) > XATTR_NAME_MAX:
-            raise FSError(errno.ERANGE, f"attribute name of {len(name)} bytes")
-        if not name.startswith(XATTR_NAMESPACES):
-            raise FSError(errno.EOPNOTSUPP, f"attribute namespace of {name!r} not supported")
-        if name in XATTR_NAMESPACES:
-            raise FSError(errno.EINVAL, f"attribute name {name!r} is only a namespace")
-
-    @operation
-    def setxattr(self, ino: int, name: bytes, value: bytes, flags: int = 0) -> None:
-        """Set an extended attribute (XATTR_CREATE / XATTR_REPLACE as setxattr(2))."""
-        self._check_xattr_name(name)
-        self._row(ino)
-        if len(value) > XATTR_SIZE_MAX:
-            raise FSError(errno.E2BIG, f"attribute value of {len(value)} bytes")
-        exists = self.db.row("SELECT 1 FROM xattrs WHERE inode=? AND name=?",
-                             (ino, name)) is not None
-        if flags & XATTR_CREATE and exists:
-            raise FSError(errno.EEXIST, f"attribute {name!r} exists")
-        if flags & XATTR_REPLACE and not exists:
-            raise FSError(errno.ENODATA, f"no attribute {name!r}")
-        self.db.change("INSERT OR REPLACE INTO xattrs (inode, name, value) VALUES (?, ?, ?)",
-                       (ino, name, value))
-        self._touch(ino, mtime=False)
-
-    @query
-    def getxattr(self, ino: int, name: bytes) -> bytes:
-        """The value of an extended attribute."""
-        self._check_xattr_name(name)
-        self._row(ino)
-        v = self.db.value("SELECT value FROM xattrs WHERE inode=? AND name=?", (ino, name))
-        if v is None:
-            raise FSError(errno.ENODATA, f"no attribute {name!r}")
-        return bytes(v)
-
-    @query
-    def listxattr(self, ino: int) -> list[bytes]:
-        """Names of an inode's extended attributes."""
-        self._row(ino)
-        return [bytes(r[0]) for r in self.db.rows(
-            "SELECT name FROM xattrs WHERE inode=? ORDER BY name", (ino,))]
-
-    @operation
-    def removexattr(self, ino: int, name: bytes) -> None:
-        """Remove an extended attribute."""
-        self._check_xattr_name(name)
-        self._row(ino)
-        if not self.db.change("DELETE FROM xattrs WHERE inode=? AND name=?", (ino, name)):
-            raise FSError(errno.ENODATA, f"no attribute {name!r}")
-        self._touch(ino, mtime=False)
 
     # --- whole filesystem ---------------------------------------------------------------------
 
