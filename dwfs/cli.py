@@ -447,6 +447,11 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         err.print("dwfs: interrupted")
         return 130
+    except BrokenPipeError:
+        # The reader went away (`dwfs status --json | head`): stop quietly, as Unix tools do;
+        # point stdout at /dev/null so the interpreter's final flush does not complain again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
 
 
 if __name__ == "__main__":
