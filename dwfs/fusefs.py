@@ -135,7 +135,7 @@ class FuseOperations(pyfuse3.Operations):
             return entry(attr, timeout)
         neg = pyfuse3.EntryAttributes()
         neg.st_ino = 0  # a negative entry the kernel may cache
-        neg.entry_timeout = timeout
+        neg.entry_timeout = timeout if await self._meta(self.fs.keeps_names, parent_inode) else 0
         return neg
 
     @fuse_errors

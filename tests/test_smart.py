@@ -187,6 +187,17 @@ def test_every_change_of_names_in_a_smart_folder_is_refused(fsm):
     assert not os.path.exists(os.path.join(top, "out.log"))
 
 
+def test_names_looked_up_before_the_folder_was_smart(fsm):
+    top = fsm.path("t10")
+    write(os.path.join(top, "src", "late.txt"), b"late")
+    folder = os.path.join(top, "later")
+    os.mkdir(folder)
+    assert not os.path.exists(os.path.join(folder, "late.txt"))  # a negative lookup
+    os.setxattr(folder, Q, b"name:late.txt under:/t10/src")
+    with open(os.path.join(folder, "late.txt"), "rb") as f:
+        assert f.read() == b"late"
+
+
 def test_bad_definitions_are_refused_and_change_nothing(fsm):
     top = fsm.path("t6")
     write(os.path.join(top, "full", "f"), b"")

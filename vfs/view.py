@@ -54,6 +54,12 @@ class View:
         them)."""
         return parent & MIRROR_BIT != 0 or self.smart.is_smart(parent)
 
+    def keeps_names(self, parent: int) -> bool:
+        """True if a name missing from directory `parent` stays missing until a change the
+        kernel sees: not in a smart folder or mirror, nor in an empty directory (which
+        setting a query can turn into a smart folder)."""
+        return not self.volatile(parent) and self.fs.has_entries(real_inode(parent))
+
     def volatile_handle(self, handle: int) -> bool:
         """True if the directory open as `handle` lists names from a query."""
         ino = self._open_dirs.get(handle)
