@@ -209,7 +209,8 @@ class FuseOperations(pyfuse3.Operations):
     @fuse_errors
     async def read(self, fh, off, size):
         if self.fs.needs_fetch(fh):
-            return await self._slow(self.fs.read, fh, off, size)
+            held = self.fs.read_held(fh, off, size)  # no thread hop when it is at hand
+            return held if held is not None else await self._slow(self.fs.read, fh, off, size)
         return await self._data(self.fs.read, fh, off, size)
 
     @fuse_errors

@@ -248,6 +248,14 @@ class Ghosts:
         """True if reading inode `ino` may have to wait for its source."""
         return self.states.get(ino) == GHOST
 
+    def read_held(self, ino: int, offset: int, length: int) -> bytes | None:
+        """The range from a fetch in progress if it has arrived and is still in memory, at
+        once and without any lock; None otherwise (then `read`)."""
+        fetch = self.fetches.get(ino)
+        if fetch is None or not fetch.covers(offset, length):
+            return None
+        return fetch.from_memory(offset, length)
+
     def read(self, ino: int, offset: int, length: int) -> bytes | bytearray | memoryview:
         """Read a file, fetching a ghost's content first as far as the range needs."""
         while True:

@@ -215,6 +215,10 @@ class View:
         """True if `ino` is a ghost in any state."""
         return self.ghosts.state(ino) is not None
 
+    def read_held(self, ino: int, offset: int, length: int) -> bytes | None:
+        """A ghost's range if its fetch has it in memory now (never waits); else None."""
+        return self.ghosts.read_held(ino, offset, length)
+
     def read(self, ino: int, offset: int, length: int) -> bytes | bytearray | memoryview:
         """Read file data; a ghost's is fetched as far as the range needs."""
         return self.ghosts.read(ino, offset, length)
