@@ -456,7 +456,8 @@ def compile_where(query: Query, resolve_dir: Callable[[str], int | None],
         if f == "ext":
             escaped = re.sub(r"([\\%_])", r"\\\1", _ascii_lower(str(v)))
             params.append("_%." + escaped)
-            return "lower(CAST(d.name AS TEXT)) LIKE ? ESCAPE '\\'"
+            # LIKE ignores the case of ASCII letters itself (no lower(): it costs per row)
+            return "CAST(d.name AS TEXT) LIKE ? ESCAPE '\\'"
         if f == "size":
             assert isinstance(v, int)
             params.append(v)
