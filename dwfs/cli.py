@@ -14,9 +14,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from rich.table import Table
-
-from dwfs import control, ghostcli, service, smartcli
+from dwfs import control, ghostcli, smartcli
 from dwfs.cliutil import CommandError, err, out, progress_bar
 from dwfs.config import ConfigError, WarehouseConfig, load_config
 from dwfs.mountopts import MountOptionError, parse_options
@@ -32,7 +30,6 @@ from dwfs.warehouse import (
     open_volume,
     refresh_metadata_copy,
 )
-from raid import levels
 from raid.errors import RaidError
 
 log = logging.getLogger("dwfs")
@@ -79,6 +76,8 @@ def with_volume(
 
 
 def cmd_mkfs(args: argparse.Namespace) -> int:
+    from raid import levels
+
     members = len(args.device) if args.device else args.devices
     if not members:
         raise CommandError("give --devices N --device-size SIZE, or --device PATH (repeated)")
@@ -288,6 +287,10 @@ def _fsck(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
+    from rich.table import Table
+
+    from dwfs import service
+
     doc = with_volume(args.warehouse, service.status, {"op": "status"}, read_only=True)
     if args.json:
         print(json.dumps(doc, indent=2))
@@ -318,6 +321,8 @@ def _short(path: str, warehouse: str) -> str:
 
 
 def cmd_scrub(args: argparse.Namespace) -> int:
+    from dwfs import service
+
     with progress_bar("scrubbing" + (" and repairing" if args.repair else ""),
                       in_bytes=False) as update:
         report = with_volume(
@@ -336,6 +341,8 @@ def cmd_scrub(args: argparse.Namespace) -> int:
 
 
 def _print_scrub(report: dict) -> None:
+    from rich.table import Table
+
     table = Table("slot", "path", "checksum", "read", "parity", "table", "fixed",
                   "unrecoverable")
     table.columns[1].overflow = "fold"
@@ -355,6 +362,8 @@ def _print_scrub(report: dict) -> None:
 
 
 def cmd_replace(args: argparse.Namespace) -> int:
+    from dwfs import service
+
     rate = parse_size(args.max_rate) if args.max_rate else None
     with progress_bar(f"rebuilding slot {args.slot}") as update:
         result = with_volume(
@@ -441,7 +450,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except (CommandError, ConfigError, RaidError, WarehouseError, control.ControlError,
-            levels.LevelError, MountOptionError, ValueError) as exc:
+            MountOptionError, ValueError) as exc:  # (raid.levels.LevelError is a ValueError)
         print(f"dwfs: error: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

@@ -8,7 +8,6 @@ import sys
 from contextlib import contextmanager
 
 from rich.console import Console
-from rich.progress import BarColumn, DownloadColumn, Progress, TimeRemainingColumn
 
 from dwfs.mounts import MountEntry, mounts
 from dwfs.warehouse import control_socket_path
@@ -24,6 +23,8 @@ class CommandError(Exception):
 @contextmanager
 def progress_bar(description: str, in_bytes: bool = True):
     """A rich progress bar whose update callback takes (done, total)."""
+    from rich.progress import BarColumn, DownloadColumn, Progress, TimeRemainingColumn
+
     columns = [
         "[progress.description]{task.description}",
         BarColumn(),

@@ -19,8 +19,7 @@ import pyfuse3
 import trio
 
 from dwfs.volumeworker import VolumeWorker
-from vfs.attrs import Attr, Caller, SetAttr
-from vfs.ghosts import STATE_XATTR
+from vfs.attrs import STATE_XATTR, Attr, Caller, SetAttr
 from vfs.view import View
 
 log = logging.getLogger(__name__)

@@ -7,12 +7,9 @@ import errno
 import json
 import os
 
-from rich.table import Table
-
 from dwfs import control
 from dwfs.cliutil import CommandError, daemon_socket, dwfs_mount_of, out
-from vfs.query import QueryError, parse
-from vfs.smart import QUERY_XATTR
+from vfs.attrs import QUERY_XATTR
 
 QUERY_ATTR = QUERY_XATTR.decode()
 
@@ -27,6 +24,8 @@ def _query_of(path: str) -> str | None:
 
 
 def cmd_add(args: argparse.Namespace) -> int:
+    from vfs.query import QueryError, parse
+
     try:
         parse(args.query)
     except QueryError as exc:
@@ -76,6 +75,8 @@ def cmd_list(args: argparse.Namespace) -> int:
     if not folders:
         out.print(f"no smart folders in {entry.mountpoint}")
         return 0
+    from rich.table import Table
+
     table = Table("path", "query", "entries")
     for f in folders:
         table.add_row(f["path"], f["query"], str(f["entries"]))

@@ -10,20 +10,23 @@ import logging
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import apsw
 
-from backends import BACKENDS, Member, MemberIOError, create_member, open_member
+from backends.member import Member, MemberIOError
 from dwfs.config import CONFIG_NAME, WarehouseConfig
-from raid.assemble import assemble, create_array, read_label
 from raid.errors import ArrayCreateError, RaidError
-from raid.geometry import Geometry
-from raid.label import LabelError
-from raid.volume import Volume
 from vfs.errors import FSError
-from vfs.fs import Filesystem
-from vfs.metacopy import latest_copy, write_copy
 from vfs.metadb import META_NAME, MetaDB
+
+if TYPE_CHECKING:
+    from raid.geometry import Geometry
+    from raid.volume import Volume
+    from vfs.fs import Filesystem
+
+# The array and filesystem modules (numpy, the codecs) are imported where they are used: the
+# command line imports this module, and commands that need neither start faster without them.
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +56,9 @@ class MkfsRequest:
 
 def mkfs(req: MkfsRequest, progress: Progress | None = None) -> tuple[WarehouseConfig, Geometry]:
     """Create a warehouse directory, its members and a new array; nothing is left on failure."""
+    from backends import BACKENDS, create_member, open_member
+    from raid.assemble import create_array
+
     directory = os.path.abspath(req.directory)
     if os.path.exists(os.path.join(directory, CONFIG_NAME)):
         raise WarehouseError(f"{directory} already holds a warehouse ({CONFIG_NAME} exists)",
@@ -176,6 +182,9 @@ class WarehouseLock:
 
 def open_volume(cfg: WarehouseConfig, allow_failed: bool = False, resync: bool = True) -> Volume:
     """Assemble the warehouse's array from the members listed in its config."""
+    from backends import open_member
+    from raid.assemble import assemble
+
     return assemble(cfg.member_paths(), cfg.array_uuid, open_member,
                     allow_failed=allow_failed, resync=resync)
 
@@ -187,6 +196,8 @@ def meta_path(cfg: WarehouseConfig) -> str:
 
 def format_filesystem(cfg: WarehouseConfig) -> None:
     """Write an empty filesystem (root directory and a first metadata copy) onto a new array."""
+    from vfs.fs import Filesystem
+
     volume = open_volume(cfg)
     try:
         db = MetaDB(meta_path(cfg), create=True)
@@ -201,6 +212,9 @@ def format_filesystem(cfg: WarehouseConfig) -> None:
 
 def refresh_metadata_copy(db: MetaDB, volume) -> None:
     """Write a new copy of the metadata database onto the volume (offline)."""
+    from vfs.fs import Filesystem
+    from vfs.metacopy import write_copy
+
     fs = Filesystem(db, volume)
     write_copy(fs)
     fs.close()
@@ -208,6 +222,9 @@ def refresh_metadata_copy(db: MetaDB, volume) -> None:
 
 def open_filesystem(cfg: WarehouseConfig, volume: Volume) -> Filesystem:
     """The filesystem stored in an assembled warehouse volume."""
+    from vfs.fs import Filesystem
+    from vfs.metacopy import latest_copy
+
     path = meta_path(cfg)
     if not os.path.exists(path):
         if latest_copy(volume) is None:
@@ -258,6 +275,10 @@ def replacement_member(cfg: WarehouseConfig, slot: int, device: str | None,
     Returns (member, absolute path, path as written in the config). An old member file at the
     configured place is moved aside as `<name>.replaced` rather than deleted.
     """
+    from backends import create_member, open_member
+    from raid.assemble import read_label
+    from raid.label import LabelError
+
     if device:
         path = os.path.abspath(device)
         if not os.path.exists(path):

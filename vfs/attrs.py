@@ -10,6 +10,8 @@ from vfs.errors import FSError
 
 ROOT_INODE = 1
 NAME_MAX = 255
+QUERY_XATTR = b"user.dwfs.query"  # makes an empty directory a smart folder
+STATE_XATTR = b"user.dwfs.state"  # a ghost's state: ghost, hydrated, pinned
 
 
 @dataclass(slots=True)

@@ -17,12 +17,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from vfs.alloc import SECTOR
-from vfs.attrs import ROOT_INODE
+from vfs.attrs import QUERY_XATTR, ROOT_INODE
 from vfs.errors import FSError
 from vfs.filedata import BLOCK, block_checksum
 from vfs.fs import RESERVED_SECTORS
 from vfs.metadb import MetaDB
-from vfs.smart import QUERY_XATTR
 
 log = logging.getLogger(__name__)
 

@@ -42,7 +42,6 @@ RECENT_PIECES = 32  # stored pieces of a fetch still kept in memory for readers 
 BUFFER_BYTES = 128 << 20  # checked pieces of all fetches waiting to be stored, at most
 GHOST, HYDRATED, PINNED = "ghost", "hydrated", "pinned"
 STATES = (GHOST, HYDRATED, PINNED)
-STATE_XATTR = b"user.dwfs.state"
 USED_REFRESH_NS = 60 * 10**9
 
 

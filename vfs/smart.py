@@ -17,14 +17,13 @@ import stat
 import time
 from dataclasses import dataclass
 
-from vfs.attrs import ROOT_INODE
+from vfs.attrs import QUERY_XATTR, ROOT_INODE
 from vfs.errors import FSError
 from vfs.metadb import MetaDB
 from vfs.query import Query, QueryError, compile_where, parse
 
 log = logging.getLogger(__name__)
 
-QUERY_XATTR = b"user.dwfs.query"
 _SUFFIXED = re.compile(rb"^(?P<stem>.*) #(?P<ino>[0-9]+)(?P<ext>\.[^.]*)?$", re.DOTALL)
 
 
