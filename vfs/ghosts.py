@@ -343,7 +343,11 @@ class Ghosts:
             log.info("ghost inode %d: fetched %d bytes from %s in %.2f s", rec.ino, rec.size,
                      rec.source, time.monotonic() - t0)
         except FSError as exc:
-            log.error("ghost inode %d: fetching %s failed: %s", rec.ino, rec.source, exc)
+            if self.stop.is_set():
+                log.info("ghost inode %d: fetch of %s stopped by the unmount; it stays a ghost",
+                         rec.ino, rec.source)
+            else:
+                log.error("ghost inode %d: fetching %s failed: %s", rec.ino, rec.source, exc)
             with self.fs.lock:
                 self.fetches.pop(rec.ino, None)
                 try:
