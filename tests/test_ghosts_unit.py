@@ -198,3 +198,20 @@ def test_truncating_a_ghost_fetches_it_unless_to_zero(env, tmp_path):
     assert view.ghosts.state(small) is None
     assert bytes(view.read(small, 0, 100)) == b""
     view.ghosts.close()
+
+
+def test_a_source_changed_during_its_fetch_is_refreshed_after_it(env, tmp_path):
+    src, view, big = imported(env, tmp_path, big=8 * MiB)
+    view.ghosts.fetch_rate = 8 * MiB  # the fetch takes about a second
+    view.read(big, 0, 4096)
+    assert big in view.ghosts.fetches
+    new = os.urandom(3 * MiB)
+    with open(os.path.join(src, "big.bin"), "wb") as f:
+        f.write(new)
+    report = import_tree(env.fs, view.ghosts, ROOT_INODE, src, ROOT)  # waits for the fetch
+    assert report.refreshed == 1
+    assert big not in view.ghosts.fetches
+    view.ghosts.fetch_rate = None
+    assert env.fs.getattr(big).size == 3 * MiB
+    assert bytes(view.read(big, 0, 4 * MiB)) == new
+    view.ghosts.close()

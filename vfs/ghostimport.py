@@ -150,6 +150,7 @@ class Importer:
         self.db = fs.db
         self.ghosts = ghosts
         self.caller = caller
+        self.deferred: list[tuple[int, bytes, os.stat_result]] = []
 
     def _owner(self, st: os.stat_result) -> tuple[int, int]:
         if self.caller.uid == 0:
@@ -167,6 +168,7 @@ class Importer:
             start += len(batch)
             if progress is not None:
                 progress(start, None)
+        self.refresh_deferred(report)
 
     def _apply(self, batch: list[SourceEntry], start: int, dest_of: dict[int, int | None],
                fresh: set[int], report: ImportReport) -> None:
@@ -247,8 +249,10 @@ class Importer:
             if (rec.source.encode(errors="surrogateescape") == e.path
                     and rec.size == e.st.st_size and rec.mtime_ns == e.st.st_mtime_ns):
                 report.unchanged += 1
-                return None
-            self.refresh(ino, e.path, e.st, report)
+            elif ino in self.ghosts.fetches:
+                self.deferred.append((ino, e.path, e.st))  # after its fetch has ended
+            else:
+                self.refresh(ino, e.path, e.st, report)
             return None
         report.skipped.append(f"{os.fsdecode(e.path)}: the destination already holds a "
                               "different file of that name")
@@ -256,10 +260,29 @@ class Importer:
                     "ghost; left alone", os.fsdecode(e.path), ino)
         return None
 
-    def refresh(self, ino: int, path: bytes, st: os.stat_result, report: ImportReport) -> None:
-        """Point a ghost at a changed source: new size, times and mode; content dropped."""
+    def refresh_deferred(self, report: ImportReport) -> None:
+        """Refresh the ghosts whose source changed while they were being fetched, once each
+        fetch has ended (waiting for it under the filesystem's lock would stop its stores)."""
+        for ino, path, st in self.deferred:
+            while True:
+                fetch = self.ghosts.fetches.get(ino)
+                if fetch is not None:
+                    fetch.wait_done()
+                if self.fs.atomically(self._refresh_if_idle, ino, path, st, report):
+                    break
+        self.deferred.clear()
+
+    def _refresh_if_idle(self, ino: int, path: bytes, st: os.stat_result,
+                         report: ImportReport) -> bool:
         if ino in self.ghosts.fetches:
-            raise FSError(errno.EBUSY, f"ghost inode {ino} is being fetched; try again")
+            return False  # another read started a fetch meanwhile: wait for that one too
+        if self.ghosts.state(ino) is not None and self.fs.exists(ino):
+            self.refresh(ino, path, st, report)
+        return True
+
+    def refresh(self, ino: int, path: bytes, st: os.stat_result, report: ImportReport) -> None:
+        """Point a ghost at a changed source: new size, times and mode; content dropped.
+        Not while it is being fetched (see `refresh_deferred`)."""
         self.fs.drop_content(ino)
         state = GHOST if st.st_size else HYDRATED
         self.db.change("UPDATE ghosts SET source=?, size=?, mtime_ns=?, hashes=?, state=? "

@@ -178,6 +178,12 @@ class Fetch:
                 parts.append(memoryview(piece)[max(offset - start, 0):end - start])
         return b"".join(parts)
 
+    def wait_done(self) -> None:
+        """Block until the fetch has ended (every piece stored, or failed)."""
+        with self.cond:
+            while not self.done:
+                self.cond.wait()
+
     def wait(self, offset: int, length: int) -> None:
         """Block until the range has arrived or the fetch has ended."""
         with self.cond:
@@ -398,10 +404,7 @@ class Ghosts:
             if self.states.get(ino) != GHOST:
                 return
             fetch = self.fetches.get(ino) or self._start(ino)
-        fetch.wait(0, fetch.rec.size)
-        with fetch.cond:
-            while not fetch.done:
-                fetch.cond.wait()
+        fetch.wait_done()
         if fetch.error is not None:
             raise FSError(fetch.error.errno, str(fetch.error))
 
