@@ -92,6 +92,21 @@ def test_name_clashes_get_a_stable_inode_suffix(fsm):
     assert errno_of(os.stat, os.path.join(folder, "report #999999.txt")) == errno.ENOENT
 
 
+def test_lookups_agree_with_listings_for_hard_links(fsm):
+    """Found by the model test: an inode shown as y.txt that also has the name x.txt must not
+    take x.txt from the file the listing shows under it."""
+    top = fsm.path("t11")
+    write(os.path.join(top, "b", "y.txt"), b"y")
+    write(os.path.join(top, "a", "x.txt"), b"x")
+    os.link(os.path.join(top, "b", "y.txt"), os.path.join(top, "b", "x.txt"))
+    folder = os.path.join(top, "texts")
+    smart(folder, "ext:txt under:/t11")
+    assert names(folder) == {"y.txt", "x.txt"}
+    for name, original in (("y.txt", "b/y.txt"), ("x.txt", "a/x.txt")):
+        assert os.stat(os.path.join(folder, name)).st_ino == os.stat(
+            os.path.join(top, original)).st_ino
+
+
 def test_a_matching_directory_is_shown_as_a_browsable_directory(fsm):
     top = fsm.path("t3")
     write(os.path.join(top, "projects", "apollo", "plan.md"), b"plan")

@@ -120,9 +120,17 @@ class SmartFolders:
             out.append(Match(name, r[2:]))
         return out
 
+    def _shown_as(self, ino: int, name: bytes) -> list[tuple]:
+        """The matches of smart folder `ino` that the listing shows under `name` before
+        clashes are told apart (their first matching name is `name`), lowest inode first."""
+        rows = self._select(ino, "AND i.id IN (SELECT inode FROM dentries WHERE name = ?)",
+                            (name,))
+        return [r for r in rows if bytes(r[0]) == name]
+
     def lookup(self, ino: int, name: bytes) -> tuple | None:
-        """The inode row shown as `name` in smart folder `ino`, or None."""
-        rows = self._select(ino, "AND d.name = ?", (name,))
+        """The inode row shown as `name` in smart folder `ino`, or None (as `listing`
+        names them)."""
+        rows = self._shown_as(ino, name)
         if rows:
             return rows[0][2:]
         m = _SUFFIXED.match(name)
@@ -130,9 +138,7 @@ class SmartFolders:
             return None
         plain = m["stem"] + (m["ext"] or b"")
         target = int(m["ino"])
-        rows = self._select(ino, "AND d.name = ?", (plain,))
-        if len(rows) > 1 and rows[0][2] != target:
-            for r in rows[1:]:
-                if r[2] == target and suffixed(plain, target) == name:
-                    return r[2:]
+        for r in self._shown_as(ino, plain)[1:]:
+            if r[2] == target and suffixed(plain, target) == name:
+                return r[2:]
         return None
