@@ -58,9 +58,10 @@ CREATE INDEX blocks_addr ON blocks (addr);
 CREATE TABLE metacopy (generation INTEGER NOT NULL, addr INTEGER NOT NULL, nsect INTEGER NOT NULL);
 """
 
-# Format 2: what smart-folder queries search by, and ghost files.
+# Format 2: what smart-folder queries search by, readdir's order, and ghost files.
 SCHEMA_2 = """
 CREATE INDEX IF NOT EXISTS dentries_name ON dentries (name);
+CREATE INDEX IF NOT EXISTS dentries_parent_id ON dentries (parent, id);
 CREATE INDEX IF NOT EXISTS inodes_size ON inodes (size);
 CREATE INDEX IF NOT EXISTS inodes_mtime ON inodes (mtime_ns);
 CREATE INDEX IF NOT EXISTS xattrs_name ON xattrs (name, value);
@@ -119,6 +120,10 @@ class MetaDB:
                 self.conn.execute(SCHEMA_2)
                 self.conn.execute("UPDATE settings SET value=? WHERE key='format'",
                                   (FORMAT_VERSION,))
+            return
+        if row is not None and row[0] == FORMAT_VERSION:
+            with self.conn:  # indexes added within format 2 (a no-op when present)
+                self.conn.execute(SCHEMA_2)
             return
         if row is None or row[0] != FORMAT_VERSION:
             found = row[0] if row else "none"
