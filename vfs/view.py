@@ -177,10 +177,7 @@ class View:
         """Remove an empty directory (a smart folder is empty: it can be removed)."""
         with self.lock:
             self._fixed(parent, "remove a directory")
-            attr = self.fs.find(parent, name)
-            self.fs.rmdir(parent, name)
-            if attr is not None:
-                self.smart.forget(attr.ino)
+            self.fs.rmdir(parent, name)  # a freed smart folder is forgotten by freed_hooks
 
     def rename(self, parent: int, name: bytes, new_parent: int, new_name: bytes,
                flags: int = 0) -> None:
@@ -188,10 +185,7 @@ class View:
         with self.lock:
             self._fixed(parent, "move a name")
             self._fixed(new_parent, "move a name")
-            replaced = self.fs.find(new_parent, new_name)
             self.fs.rename(parent, name, new_parent, new_name, flags)
-            if replaced is not None and not self.fs.exists(replaced.ino):
-                self.smart.forget(replaced.ino)
 
     # --- files --------------------------------------------------------------------------------
 
@@ -245,8 +239,6 @@ class View:
             ino = self._open_dirs.pop(handle)
             self._listings.pop(handle, None)
             self.fs.releasedir(real_inode(ino))
-            if not self.fs.exists(real_inode(ino)):
-                self.smart.forget(real_inode(ino))
 
     def readdir(self, handle: int, cookie: int, limit: int = 256) -> list[DirEntry]:
         """Entries after `cookie`; a smart folder's are its query's result when the listing
