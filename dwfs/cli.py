@@ -273,8 +273,8 @@ def _fsck(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(doc, indent=2))
     else:
-        out.print(f"{doc['inodes']} inodes, {doc['blocks']} blocks"
-                  + (f", {doc['blocks_verified']} verified" if doc["blocks_verified"] else ""))
+        out.print(f"{doc['inodes']} inodes, {doc['extents']} extents"
+                  + (f", {doc['extents_verified']} verified" if doc["extents_verified"] else ""))
         for line in doc["problems"]:
             out.print(f"  {'fixed' if args.repair else 'found'}: {line}")
         for ino, paths in doc["damaged_paths"].items():

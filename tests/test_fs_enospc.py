@@ -71,9 +71,10 @@ def test_enospc_in_write_out_keeps_what_was_stored(fs, monkeypatch):
     fs.release(d)
     fs.commit()  # d's space is free again: room for a few blocks, not for all
     a, c = _new(fs, b"a"), _new(fs, b"c")
-    pieces = {(a, 100): os.urandom(10_000), (a, BLOCK + 100): os.urandom(10_000)}
+    # Each piece covers 15 of a block's 16 sectors: only written sectors are stored.
+    pieces = {(a, 100): os.urandom(60_000), (a, BLOCK + 100): os.urandom(60_000)}
     for k in range(8):
-        pieces[(c, k * BLOCK + 100)] = os.urandom(10_000)
+        pieces[(c, k * BLOCK + 100)] = os.urandom(60_000)
     monkeypatch.setattr(filedata, "DIRTY_LIMIT", 5 * BLOCK + BLOCK // 2)
     failed = []
     for (ino, off), data in pieces.items():

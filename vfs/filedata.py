@@ -1,34 +1,33 @@
-"""File contents: a block map in the metadata database over sectors of the volume.
+"""File contents: per-file dirty buffers over the block map (vfs/extents.py) on the volume.
 
-A file is cut into blocks of BLOCK bytes. Each stored block lives in `nsect` consecutive 4 KiB
-sectors of the volume (the tail block of a file only as many as it needs) and carries an
-xxh3 checksum seeded with its inode and block number. Blocks that are all zeros are not stored
-(holes). Rewritten blocks always go to newly allocated sectors (copy-on-write); the old sectors
-are freed only once the metadata commit that stops using them is durable.
+A file is cut into blocks of BLOCK bytes (one extent group). Writes gather in dirty blocks: a
+buffer with a mask of the 4 KiB sectors written. Whole blocks written in order go to the volume
+at once, the rest at the next write-out. Only the sectors written are stored, each to newly
+allocated volume sectors (copy-on-write); the sectors they replace are freed only once the
+metadata commit that stops using them is durable. All-zero sectors are not stored (holes). A
+write covering part of a sector first reads that one sector.
 
-Partial writes are gathered in per-inode dirty buffers; full blocks go to the volume at once.
-Invariant: bytes of a stored block beyond the file's size are zero.
+Invariant: bytes of a stored sector beyond the file's size are zero.
 """
 
 from __future__ import annotations
 
-import errno
 import logging
 from typing import Protocol
 
 import numpy as np
-import xxhash
 
 from vfs.alloc import SECTOR, Allocator
-from vfs.errors import FSError
+from vfs.extents import GROUP, GROUP_SECTORS, Extent, ExtentMap, sector_checksums
 from vfs.metadb import MetaDB
 
 log = logging.getLogger(__name__)
 
-BLOCK = 64 * 1024
-SECTORS_PER_BLOCK = BLOCK // SECTOR
+BLOCK = GROUP
+SECTORS_PER_BLOCK = GROUP_SECTORS
+FULL = (1 << SECTORS_PER_BLOCK) - 1
 DIRTY_LIMIT = 64 * 1024 * 1024
-_MASK63 = (1 << 63) - 1
+_ZERO_SECTOR = bytes(SECTOR)
 
 
 class VolumeLike(Protocol):
@@ -43,14 +42,62 @@ class VolumeLike(Protocol):
     def flush(self) -> None: ...
 
 
-def block_checksum(data: bytes | bytearray | memoryview, ino: int, blkno: int) -> int:
-    """Checksum of a stored block's bytes, tied to its inode and block number."""
-    seed = (ino * 0x9E3779B97F4A7C15 + blkno) & 0xFFFF_FFFF_FFFF_FFFF
-    return xxhash.xxh3_64_intdigest(data, seed=seed) & _MASK63
+class DirtyBlock:
+    """A block's unwritten sectors: a BLOCK-sized buffer and a mask of the sectors it holds."""
+
+    __slots__ = ("buf", "mask")
+
+    def __init__(self) -> None:
+        self.buf = bytearray(BLOCK)
+        self.mask = 0
 
 
-def _sectors_for(valid: int) -> int:
-    return -(-valid // SECTOR)
+def bit_runs(mask: int) -> list[tuple[int, int]]:
+    """Runs [a, b) of set bits of a sector mask, lowest first."""
+    if mask == FULL:
+        return [(0, SECTORS_PER_BLOCK)]
+    out = []
+    at = 0
+    while mask:
+        zeros = (mask & -mask).bit_length() - 1
+        mask >>= zeros
+        at += zeros
+        ones = (~mask & (mask + 1)).bit_length() - 1
+        out.append((at, at + ones))
+        mask >>= ones
+        at += ones
+    return out
+
+
+def _runs_of(exts: list[Extent]) -> list[list[Extent]]:
+    """Extents grouped into runs that are back to back both in the file and on the volume."""
+    runs: list[list[Extent]] = []
+    for e in exts:
+        if runs and runs[-1][-1].end == e.sector and runs[-1][-1].addr + runs[-1][-1].nsect \
+                == e.addr:
+            runs[-1].append(e)
+        else:
+            runs.append([e])
+    return runs
+
+
+def _copy(out: bytearray, offset: int, end: int, start: int, data) -> None:
+    """Copy the part of `data` (file bytes from `start`) inside [offset, end) into `out`."""
+    lo, hi = max(offset, start), min(end, start + len(data))
+    if hi > lo:
+        out[lo - offset : hi - offset] = data[lo - start : hi - start]
+
+
+def _spans(cuts: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """Sorted sector ranges merged where they lie within a group of each other (one lookup
+    each)."""
+    spans: list[tuple[int, int]] = []
+    for lo, hi in cuts:
+        if spans and lo - spans[-1][1] < GROUP_SECTORS:
+            spans[-1] = (spans[-1][0], max(hi, spans[-1][1]))
+        else:
+            spans.append((lo, hi))
+    return spans
 
 
 class FileData:
@@ -60,7 +107,8 @@ class FileData:
         self.db = db
         self.volume = volume
         self.alloc = alloc
-        self.dirty: dict[int, dict[int, bytearray]] = {}
+        self.map = ExtentMap(db, volume)
+        self.dirty: dict[int, dict[int, DirtyBlock]] = {}
         self.dirty_bytes = 0
         self._seq_end: dict[int, int] = {}
 
@@ -71,79 +119,40 @@ class FileData:
         end = min(size, offset + length)
         if offset >= end:
             return b""
-        b0, b1 = offset // BLOCK, (end - 1) // BLOCK
-        dirty = self.dirty.get(ino, {})
-        mapped = {
-            r[0]: (r[1], r[2], r[3])
-            for r in self.db.rows(
-                "SELECT blkno, addr, nsect, csum FROM blocks "
-                "WHERE inode=? AND blkno BETWEEN ? AND ?", (ino, b0, b1))
-        }
-        out: bytearray | None = None
-        blk = b0
-        while blk <= b1:
-            if blk in dirty:
-                out = out if out is not None else bytearray(end - offset)
-                self._place(out, offset, end, blk, dirty[blk])
-                blk += 1
-                continue
-            m = mapped.get(blk)
-            if m is None:
-                blk += 1
-                continue
-            # A run of blocks stored back to back: one volume read.
-            run = [blk]
-            while (blk + len(run) <= b1 and (nxt := mapped.get(blk + len(run))) is not None
-                   and blk + len(run) not in dirty
-                   and nxt[0] == mapped[run[-1]][0] + mapped[run[-1]][1]):
-                run.append(blk + len(run))
-            nbytes = sum(mapped[b][1] for b in run) * SECTOR
-            raw = memoryview(self.volume.read(m[0] * SECTOR, nbytes))
-            pos = 0
-            for b in run:
-                addr, nsect, csum = mapped[b]
-                self._verify(raw[pos : pos + nsect * SECTOR], ino, b, addr, csum)
-                pos += nsect * SECTOR
-            bs = b0 * BLOCK
-            if out is None and blk == b0 and run[-1] == b1 and end - bs <= nbytes:
-                return raw[offset - bs : end - bs]  # the whole answer, without a copy
-            out = out if out is not None else bytearray(end - offset)
-            pos = 0
-            for b in run:
-                nsect = mapped[b][1]
-                self._place(out, offset, end, b, raw[pos : pos + nsect * SECTOR])
-                pos += nsect * SECTOR
-            blk += len(run)
-        return out if out is not None else bytes(end - offset)
+        s0, s1 = offset // SECTOR, (end - 1) // SECTOR
+        exts = self.map.overlapping(ino, s0, s1)
+        blocks: list[int] = []
+        dirty = self.dirty.get(ino)
+        if dirty:
+            b0, b1 = offset // BLOCK, (end - 1) // BLOCK
+            blocks = sorted(b for b in dirty if b0 <= b <= b1)
+        runs = _runs_of(exts)
+        if not blocks and len(runs) == 1 and exts[0].sector <= s0 and exts[-1].end > s1:
+            raw, at = self.map.read_run(ino, exts, s0, s1 + 1)
+            p = offset - at * SECTOR
+            return raw[p : p + end - offset]  # the whole answer, without a copy
+        out = bytearray(end - offset)
+        for run in runs:
+            raw, at = self.map.read_run(ino, run, s0, s1 + 1)
+            _copy(out, offset, end, at * SECTOR, raw)
+        for b in blocks:
+            d = dirty[b]  # type: ignore[index]
+            view = memoryview(d.buf)
+            for a, z in bit_runs(d.mask):
+                _copy(out, offset, end, b * BLOCK + a * SECTOR, view[a * SECTOR : z * SECTOR])
+        return out
 
-    @staticmethod
-    def _place(out: bytearray, offset: int, end: int, blk: int, data) -> None:
-        """Copy the part of block `blk` inside [offset, end) into `out` (data may be short)."""
-        bs = blk * BLOCK
-        lo, hi = max(offset, bs), min(end, bs + len(data))
-        if hi > lo:
-            out[lo - offset : hi - offset] = data[lo - bs : hi - bs]
-
-    @staticmethod
-    def _verify(data, ino: int, blk: int, addr: int, csum: int) -> None:
-        if block_checksum(data, ino, blk) != csum:
-            log.error("inode %d block %d (volume sector %d): checksum mismatch; the block "
-                      "on the volume is not what was written there", ino, blk, addr)
-            raise FSError(errno.EIO, f"inode {ino} block {blk}: checksum mismatch")
-
-    def _load(self, ino: int, blk: int, size: int) -> bytearray:
-        """A block's current contents as a full-size buffer (zeros past the end of file)."""
-        if blk * BLOCK >= size:
-            return bytearray(BLOCK)
-        r = self.db.row("SELECT addr, nsect, csum FROM blocks WHERE inode=? AND blkno=?",
-                        (ino, blk))
-        buf = bytearray(BLOCK)
-        if r is not None:
-            addr, nsect, csum = r
-            raw = self.volume.read(addr * SECTOR, nsect * SECTOR)
-            self._verify(raw, ino, blk, addr, csum)
-            buf[: len(raw)] = raw
-        return buf
+    def _fill(self, ino: int, d: DirtyBlock, blk: int, s: int, size: int) -> None:
+        """Put the stored contents of sector `s` of block `blk` into the dirty buffer."""
+        sector = blk * SECTORS_PER_BLOCK + s
+        region = memoryview(d.buf)[s * SECTOR : (s + 1) * SECTOR]
+        exts = self.map.overlapping(ino, sector, sector) if sector * SECTOR < size else []
+        if not exts:
+            region[:] = _ZERO_SECTOR
+            return
+        raw, at = self.map.read_run(ino, exts, sector, sector + 1)
+        p = (sector - at) * SECTOR
+        region[:] = raw[p : p + SECTOR]
 
     # --- writing ------------------------------------------------------------------------------
 
@@ -156,7 +165,7 @@ class FileData:
             return size
         dirty = self.dirty.setdefault(ino, {})
         sequential = self._seq_end.get(ino) == offset
-        ready: list[tuple[int, bytes | bytearray | memoryview]] = []
+        ready: list[tuple[int, bytes | bytearray | memoryview, int]] = []
         for blk in range(offset // BLOCK, (end - 1) // BLOCK + 1):
             bs = blk * BLOCK
             lo, hi = max(offset, bs), min(end, bs + BLOCK)
@@ -164,16 +173,23 @@ class FileData:
             if lo == bs and hi == bs + BLOCK:
                 if dirty.pop(blk, None) is not None:
                     self.dirty_bytes -= BLOCK
-                ready.append((blk, piece))
+                ready.append((blk, piece, FULL))
                 continue
-            buf = dirty.get(blk)
-            if buf is None:
-                buf = self._load(ino, blk, size)
-                dirty[blk] = buf
+            d = dirty.get(blk)
+            if d is None:
+                d = dirty[blk] = DirtyBlock()
                 self.dirty_bytes += BLOCK
-            buf[lo - bs : hi - bs] = piece
+            a, z = (lo - bs) // SECTOR, (hi - bs - 1) // SECTOR + 1
+            if lo % SECTOR and not d.mask >> a & 1:
+                self._fill(ino, d, blk, a, size)
+                d.mask |= 1 << a
+            if hi % SECTOR and not d.mask >> (z - 1) & 1:
+                self._fill(ino, d, blk, z - 1, size)
+            d.buf[lo - bs : hi - bs] = piece
+            d.mask |= ((1 << z) - 1) ^ ((1 << a) - 1)
             if hi == bs + BLOCK and sequential:
-                ready.append((blk, dirty.pop(blk)))
+                ready.append((blk, d.buf, d.mask))
+                del dirty[blk]
                 self.dirty_bytes -= BLOCK
         self._seq_end[ino] = end
         if ready:
@@ -184,62 +200,63 @@ class FileData:
             self.write_out_all(lambda i: new_size if i == ino else None)
         return new_size
 
-    def store(self, ino: int, blocks: list[tuple[int, bytes | bytearray | memoryview]],
+    def store(self, ino: int, blocks: list[tuple[int, bytes | bytearray | memoryview, int]],
               size: int) -> None:
-        """Put whole blocks of a file of `size` bytes onto the volume and into the block map."""
+        """Put the masked sectors of whole blocks (block number, BLOCK bytes, sector mask) of a
+        file of `size` bytes onto the volume and into the block map."""
         blocks.sort(key=lambda b: b[0])
-        holes: list[int] = []
-        keep: list[tuple[int, memoryview, int]] = []
-        for blk, data in blocks:
-            valid = min(BLOCK, size - blk * BLOCK)
-            if valid <= 0:
+        in_file = -(-size // SECTOR)
+        cuts: list[tuple[int, int]] = []  # file sectors replaced
+        pieces: list[tuple[int, int, memoryview]] = []  # non-zero runs: first, count, bytes
+        for blk, data, mask in blocks:
+            first = blk * SECTORS_PER_BLOCK
+            if in_file - first < SECTORS_PER_BLOCK:
+                mask &= (1 << max(0, in_file - first)) - 1
+            if not mask:
                 continue
-            nsect = _sectors_for(valid)
-            view = memoryview(data)[: nsect * SECTOR]
-            if not np.frombuffer(view, dtype=np.uint8).any():
-                holes.append(blk)
-            else:
-                keep.append((blk, view, nsect))
-        old = {
-            r[0]: (r[1], r[2])
-            for r in self.db.rows(
-                "SELECT blkno, addr, nsect FROM blocks WHERE inode=? AND blkno BETWEEN ? AND ?",
-                (ino, blocks[0][0], blocks[-1][0]))
-        }
-        rows: list[tuple[int, int, int, int, int]] = []
-        if keep:
-            rows = self._write_runs(ino, keep)
-            self.db.changemany(
-                "INSERT OR REPLACE INTO blocks (inode, blkno, addr, nsect, csum) "
-                "VALUES (?, ?, ?, ?, ?)", rows)
-        if holes:
-            self.db.changemany("DELETE FROM blocks WHERE inode=? AND blkno=?",
-                               [(ino, b) for b in holes])
-        delta = sum(r[3] for r in rows)
-        for blk in [r[1] for r in rows] + holes:
-            o = old.get(blk)
-            if o is not None:
-                self.alloc.hold(o[0], o[1])
-                delta -= o[1]
+            view = memoryview(data)
+            nonzero = np.frombuffer(view, np.uint64).reshape(SECTORS_PER_BLOCK, -1).any(axis=1)
+            for a, z in bit_runs(mask):
+                cuts.append((first + a, first + z))
+                s = a
+                while s < z:
+                    if not nonzero[s]:
+                        s += 1
+                        continue
+                    t = s + 1
+                    while t < z and nonzero[t]:
+                        t += 1
+                    pieces.append((first + s, t - s, view[s * SECTOR : t * SECTOR]))
+                    s = t
+        if not cuts:
+            return
+        exts = [e for lo, hi in _spans(cuts) for e in self.map.overlapping(ino, lo, hi - 1)]
+        delete, keep, freed = self.map.cut(ino, exts, cuts)
+        new = self._write_pieces(ino, pieces)
+        self.map.apply(ino, delete, keep + new)
+        for addr, n in freed:
+            self.alloc.hold(addr, n)
+        delta = sum(e.nsect for e in new) - sum(n for _a, n in freed)
         if delta:
             self.db.change("UPDATE inodes SET sectors=sectors+? WHERE id=?", (delta, ino))
 
-    def _write_runs(self, ino: int, keep: list[tuple[int, memoryview, int]]
-                    ) -> list[tuple[int, int, int, int, int]]:
-        """Write blocks to newly allocated sectors; returns their block-map rows."""
-        starts = self.alloc.allocate_each([k[2] for k in keep])
-        rows = []
+    def _write_pieces(self, ino: int, pieces: list[tuple[int, int, memoryview]]) -> list[Extent]:
+        """Write runs of file sectors to newly allocated volume sectors; returns their extents."""
+        if not pieces:
+            return []
+        starts = self.alloc.allocate_each([p[1] for p in pieces])
+        out = []
         i = 0
-        while i < len(keep):
+        while i < len(pieces):
             j = i + 1
-            while j < len(keep) and starts[j] == starts[j - 1] + keep[j - 1][2]:
+            while j < len(pieces) and starts[j] == starts[j - 1] + pieces[j - 1][1]:
                 j += 1
-            pieces = [k[1] for k in keep[i:j]]
-            self.volume.write(starts[i] * SECTOR, pieces[0] if j == i + 1 else b"".join(pieces))
-            for (blk, view, nsect), start in zip(keep[i:j], starts[i:j], strict=True):
-                rows.append((ino, blk, start, nsect, block_checksum(view, ino, blk)))
+            views = [p[2] for p in pieces[i:j]]
+            self.volume.write(starts[i] * SECTOR, views[0] if j == i + 1 else b"".join(views))
+            for (first, n, v), start in zip(pieces[i:j], starts[i:j], strict=True):
+                out.append(Extent(first, n, start, sector_checksums(v, ino, first), None))
             i = j
-        return rows
+        return out
 
     def write_out(self, ino: int, size: int) -> None:
         """Store every dirty block of one file."""
@@ -248,7 +265,7 @@ class FileData:
             self.dirty.pop(ino, None)
             return
         blocks = sorted(dirty.items())
-        self.store(ino, list(blocks), size)
+        self.store(ino, [(b, d.buf, d.mask) for b, d in blocks], size)
         del self.dirty[ino]
         self.dirty_bytes -= BLOCK * len(blocks)
 
@@ -267,28 +284,33 @@ class FileData:
         self._seq_end.pop(ino, None)
         if new_size >= size:
             return
-        last = (new_size - 1) // BLOCK if new_size else -1
+        keep = -(-new_size // SECTOR)  # sectors that stay
+        last = (keep - 1) // SECTORS_PER_BLOCK if keep else -1
         dirty = self.dirty.get(ino, {})
         for blk in [b for b in dirty if b > last]:
             del dirty[blk]
             self.dirty_bytes -= BLOCK
-        gone = list(self.db.rows(
-            "SELECT addr, nsect FROM blocks WHERE inode=? AND blkno>?", (ino, last)))
-        if gone:
-            self.db.change("DELETE FROM blocks WHERE inode=? AND blkno>?", (ino, last))
-            for addr, nsect in gone:
-                self.alloc.hold(addr, nsect)
+        d = dirty.get(last)
+        if d is not None and keep % SECTORS_PER_BLOCK:
+            d.mask &= (1 << keep % SECTORS_PER_BLOCK) - 1
+        delete, kept, freed = self.map.cut_from(ino, keep)
+        if delete:
+            self.map.apply(ino, delete, kept)
+            for addr, n in freed:
+                self.alloc.hold(addr, n)
             self.db.change("UPDATE inodes SET sectors=sectors-? WHERE id=?",
-                           (sum(g[1] for g in gone), ino))
-        tail = new_size % BLOCK
+                           (sum(n for _a, n in freed), ino))
+        tail = new_size % SECTOR
         if tail:
-            buf = dirty.get(last)
-            if buf is None:
-                buf = self._load(ino, last, size)
-                dirty[last] = buf
+            s = (keep - 1) % SECTORS_PER_BLOCK
+            if d is None:
+                d = dirty[last] = DirtyBlock()
                 self.dirty_bytes += BLOCK
                 self.dirty[ino] = dirty
-            buf[tail:] = bytes(BLOCK - tail)
+            if not d.mask >> s & 1:
+                self._fill(ino, d, last, s, size)
+                d.mask |= 1 << s
+            d.buf[s * SECTOR + tail : (s + 1) * SECTOR] = bytes(SECTOR - tail)
         if not dirty:
             self.dirty.pop(ino, None)
 
@@ -300,10 +322,9 @@ class FileData:
         self._seq_end.pop(ino, None)
         if not stored:
             return
-        for addr, nsect in self.db.rows("SELECT addr, nsect FROM blocks WHERE inode=?", (ino,)):
+        for addr, nsect in self.map.drop(ino):
             self.alloc.hold(addr, nsect)
-        self.db.change("DELETE FROM blocks WHERE inode=?", (ino,))
 
     def dirty_sectors(self, ino: int) -> int:
         """Sectors the file's unwritten blocks will take at most (for st_blocks)."""
-        return len(self.dirty.get(ino, ())) * SECTORS_PER_BLOCK
+        return sum(d.mask.bit_count() for d in self.dirty.get(ino, {}).values())

@@ -55,7 +55,7 @@ class Filesystem(RenameOps, XattrOps):
         self._closed = False
         total = volume.capacity // SECTOR
         used = [(0, RESERVED_SECTORS)]
-        used += list(db.rows("SELECT addr, nsect FROM blocks"))
+        used += list(db.rows("SELECT addr, nsect FROM extents"))
         used += list(db.rows("SELECT addr, nsect FROM metacopy"))
         self.alloc = Allocator(total, used, run=SECTORS_PER_BLOCK)
         self.data = FileData(db, volume, self.alloc)

@@ -2,10 +2,11 @@
 
 Checks, in order: SQLite's own integrity; the root directory; names pointing at missing
 inodes or from non-directories; inodes nobody names (unlinked-open leftovers are freed, named
-ones lost by a damaged directory go to /lost+found); link counts; block-map entries outside the
-volume, overlapping others, past the end of their file or of deleted inodes; ghost records
+ones lost by a damaged directory go to /lost+found); link counts; block-map extents that are
+malformed, outside the volume, overlapping others, past the end of their file or of deleted
+inodes; ghost records
 of missing or non-regular inodes; smart folders that hold entries of their own; optionally
-every stored block read back and checked against its checksum.
+every stored extent read back and checked against its checksum.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from dataclasses import dataclass, field
 from vfs.alloc import SECTOR
 from vfs.attrs import QUERY_XATTR, ROOT_INODE
 from vfs.errors import FSError
-from vfs.filedata import BLOCK, block_checksum
+from vfs.extents import GROUP_SECTORS, Extent, ExtentMap
 from vfs.fs import RESERVED_SECTORS
 from vfs.metadb import MetaDB
 
@@ -36,8 +37,8 @@ class FsckReport:
     repaired: bool = False
     damaged_files: list[int] = field(default_factory=list)
     inodes: int = 0
-    blocks: int = 0
-    blocks_verified: int = 0
+    extents: int = 0
+    extents_verified: int = 0
 
     @property
     def clean(self) -> bool:
@@ -48,7 +49,7 @@ class FsckReport:
         """The report as JSON-ready data."""
         return {"clean": self.clean, "problems": self.problems, "repaired": self.repaired,
                 "damaged_inodes": self.damaged_files, "inodes": self.inodes,
-                "blocks": self.blocks, "blocks_verified": self.blocks_verified}
+                "extents": self.extents, "extents_verified": self.extents_verified}
 
 
 class Checker:
@@ -78,11 +79,11 @@ class Checker:
         self._link_counts()
         self._ghosts()
         self._smart_folders()
-        self._blocks()
+        self._extents()
         if verify_data:
             self._verify(progress)
         self.report.inodes = self.db.value("SELECT count(*) FROM inodes", (), 0)
-        self.report.blocks = self.db.value("SELECT count(*) FROM blocks", (), 0)
+        self.report.extents = self.db.value("SELECT count(*) FROM extents", (), 0)
         if self.repair:
             self.db.commit()
         else:
@@ -156,7 +157,7 @@ class Checker:
         return ino
 
     def _free(self, ino: int) -> None:
-        self.db.change("DELETE FROM blocks WHERE inode=?", (ino,))
+        self.db.change("DELETE FROM extents WHERE inode=?", (ino,))
         self.db.change("DELETE FROM xattrs WHERE inode=?", (ino,))
         self.db.change("DELETE FROM ghosts WHERE inode=?", (ino,))
         self.db.change("DELETE FROM inodes WHERE id=?", (ino,))
@@ -198,32 +199,47 @@ class Checker:
                     self.db.change("DELETE FROM xattrs WHERE inode=? AND name=?",
                                    (ino, QUERY_XATTR))
 
-    def _blocks(self) -> None:
+    def _extents(self) -> None:
         total = self.volume.capacity // SECTOR if self.volume is not None else None
-        for ino, blkno in list(self.db.rows(
-                "SELECT b.inode, b.blkno FROM blocks b LEFT JOIN inodes i ON i.id = b.inode "
+        for ino, sector in list(self.db.rows(
+                "SELECT e.inode, e.sector FROM extents e LEFT JOIN inodes i ON i.id = e.inode "
                 "WHERE i.id IS NULL")):
-            self.problem(f"block {blkno} belongs to missing inode {ino}")
-            if self.repair:
-                self.db.change("DELETE FROM blocks WHERE inode=? AND blkno=?", (ino, blkno))
-        for ino, blkno, size in list(self.db.rows(
-                "SELECT b.inode, b.blkno, i.size FROM blocks b JOIN inodes i ON i.id = b.inode "
-                "WHERE b.blkno * ? >= i.size", (BLOCK,))):
-            self.problem(f"inode {ino}: block {blkno} lies past the end of the file ({size} "
-                         "bytes)")
-            if self.repair:
-                self.db.change("DELETE FROM blocks WHERE inode=? AND blkno=?", (ino, blkno))
-        used = [(a, n, "block", i, b) for i, b, a, n in self.db.rows(
-            "SELECT inode, blkno, addr, nsect FROM blocks")]
+            self.problem(f"extent at sector {sector} belongs to missing inode {ino}")
+            self._drop_extent(ino, sector)
+        damaged: set[int] = set()
+        prev: tuple[int, int] = (-1, 0)  # (inode, end sector) of the previous extent
+        for ino, sector, nsect, addr, csums, row_csum, size in list(self.db.rows(
+                "SELECT e.inode, e.sector, e.nsect, e.addr, e.csums, e.row_csum, i.size "
+                "FROM extents e JOIN inodes i ON i.id = e.inode ORDER BY e.inode, e.sector")):
+            bad = None
+            if nsect < 1 or sector < 0 or addr < 0 or \
+                    sector // GROUP_SECTORS != (sector + nsect - 1) // GROUP_SECTORS:
+                bad = f"has an impossible shape ({nsect} sectors at volume sector {addr})"
+            elif (csums is None) == (row_csum is None) or \
+                    (csums is not None and len(csums) != 8 * nsect) or \
+                    (row_csum is not None and sector % GROUP_SECTORS):
+                bad = "has malformed checksums"
+            elif sector * SECTOR >= size:
+                bad = f"lies past the end of the file ({size} bytes)"
+            elif prev[0] == ino and sector < prev[1]:
+                bad = "overlaps the extent before it in the file"
+            if bad is not None:
+                self.problem(f"inode {ino}: extent at file sector {sector} {bad}")
+                if not bad.startswith("lies past"):
+                    damaged.add(ino)
+                self._drop_extent(ino, sector)
+                continue
+            prev = (ino, sector + nsect)
+        used = [(a, n, "extent", i, s) for i, s, a, n in self.db.rows(
+            "SELECT inode, sector, addr, nsect FROM extents")]
         used += [(a, n, "copy", g, 0) for g, a, n in self.db.rows(
             "SELECT generation, addr, nsect FROM metacopy")]
         used.sort()
         end = RESERVED_SECTORS
-        damaged: set[int] = set()
-        for addr, n, kind, ino, blkno in used:
+        for addr, n, kind, ino, sector in used:
             bad = None
             if addr < end:
-                bad = "overlaps another block" if addr >= RESERVED_SECTORS else \
+                bad = "overlaps another extent" if addr >= RESERVED_SECTORS else \
                     "lies in the reserved superblock area"
             elif total is not None and addr + n > total:
                 bad = "lies past the end of the volume"
@@ -236,38 +252,40 @@ class Checker:
                     self.db.change("DELETE FROM metacopy WHERE generation=? AND addr=?",
                                    (ino, addr))
                 continue
-            self.problem(f"inode {ino} block {blkno}: sectors {addr}+{n} {bad}")
+            self.problem(f"inode {ino} extent at file sector {sector}: volume sectors "
+                         f"{addr}+{n} {bad}")
             damaged.add(ino)
-            if self.repair:
-                self.db.change("DELETE FROM blocks WHERE inode=? AND blkno=?", (ino, blkno))
+            self._drop_extent(ino, sector)
         self.report.damaged_files.extend(sorted(damaged))
         for ino, sectors, actual in list(self.db.rows(
-                "SELECT i.id, i.sectors, coalesce((SELECT sum(nsect) FROM blocks b "
-                "WHERE b.inode = i.id), 0) FROM inodes i")):
+                "SELECT i.id, i.sectors, coalesce((SELECT sum(nsect) FROM extents e "
+                "WHERE e.inode = i.id), 0) FROM inodes i")):
             if sectors != actual:
                 self.problem(f"inode {ino}: counts {sectors} stored sectors, has {actual}")
                 if self.repair:
                     self.db.change("UPDATE inodes SET sectors=? WHERE id=?", (actual, ino))
 
+    def _drop_extent(self, ino: int, sector: int) -> None:
+        if self.repair:
+            self.db.change("DELETE FROM extents WHERE inode=? AND sector=?", (ino, sector))
+
     def _verify(self, progress: Callable[[int, int], None] | None) -> None:
-        rows = list(self.db.rows("SELECT inode, blkno, addr, nsect, csum FROM blocks "
-                                 "ORDER BY addr"))
-        total = sum(r[3] for r in rows) * SECTOR
+        rows = [(r[0], Extent(*r[1:])) for r in self.db.rows(
+            "SELECT inode, sector, nsect, addr, csums, row_csum FROM extents ORDER BY addr")]
+        total = sum(e.nsect for _i, e in rows) * SECTOR
+        extents = ExtentMap(self.db, self.volume)
         done = 0
         damaged = set(self.report.damaged_files)
-        for ino, blkno, addr, nsect, csum in rows:
+        for ino, e in rows:
             try:
-                data = self.volume.read(addr * SECTOR, nsect * SECTOR)
-                ok = block_checksum(data, ino, blkno) == csum
-            except OSError as exc:
-                log.error("fsck: inode %d block %d unreadable: %s", ino, blkno, exc)
-                ok = False
-            if not ok:
-                self.problem(f"inode {ino} block {blkno}: content does not match its checksum "
-                             "(overwritten or unreadable)")
+                extents.read_run(ino, [e], e.sector, e.end)
+            except (FSError, OSError) as exc:
+                log.error("fsck: inode %d extent at file sector %d: %s", ino, e.sector, exc)
+                self.problem(f"inode {ino} extent at file sector {e.sector}: content does not "
+                             "match its checksums (overwritten or unreadable)")
                 damaged.add(ino)
-            done += nsect * SECTOR
-            self.report.blocks_verified += 1
+            done += e.nsect * SECTOR
+            self.report.extents_verified += 1
             if progress is not None:
                 progress(done, total)
         self.report.damaged_files = sorted(damaged)

@@ -13,7 +13,7 @@ from vfs.errors import MetadataError
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 META_NAME = "meta.db"
 
 SCHEMA = """
@@ -77,6 +77,24 @@ CREATE TABLE IF NOT EXISTS ghosts (
 CREATE INDEX IF NOT EXISTS ghosts_state ON ghosts (state, used_ns);
 """
 
+# Format 3: the block map holds extents of 4 KiB sectors with a checksum per sector (see
+# vfs/extents.py); format-2 blocks become extents that keep their one checksum per block.
+SCHEMA_3 = """
+CREATE TABLE extents (
+    inode INTEGER NOT NULL,
+    sector INTEGER NOT NULL,
+    nsect INTEGER NOT NULL,
+    addr INTEGER NOT NULL,
+    csums BLOB,
+    row_csum INTEGER,
+    PRIMARY KEY (inode, sector)
+) WITHOUT ROWID;
+CREATE INDEX extents_addr ON extents (addr);
+INSERT INTO extents (inode, sector, nsect, addr, csums, row_csum)
+    SELECT inode, blkno * 16, nsect, addr, NULL, csum FROM blocks;
+DROP TABLE blocks;
+"""
+
 
 class MetaDB:
     """One connection to a warehouse's metadata database, always inside a transaction."""
@@ -99,6 +117,7 @@ class MetaDB:
                 with self.conn:
                     self.conn.execute(SCHEMA)
                     self.conn.execute(SCHEMA_2)
+                    self.conn.execute(SCHEMA_3)
                     self.conn.execute("INSERT INTO settings VALUES ('format', ?)",
                                       (FORMAT_VERSION,))
             else:
@@ -113,11 +132,12 @@ class MetaDB:
             row = self.conn.execute("SELECT value FROM settings WHERE key='format'").fetchone()
         except apsw.SQLError as exc:
             raise MetadataError(f"{self.path} is not a dwfs metadata database: {exc}") from exc
-        if row is not None and row[0] == 1:
-            log.info("%s: upgrading the metadata from format 1 to %d (indexes, ghosts)",
-                     self.path, FORMAT_VERSION)
+        if row is not None and row[0] in (1, 2):
+            log.info("%s: upgrading the metadata from format %d to %d", self.path, row[0],
+                     FORMAT_VERSION)
             with self.conn:
-                self.conn.execute(SCHEMA_2)
+                self.conn.execute(SCHEMA_2)  # format 2: indexes, ghosts
+                self.conn.execute(SCHEMA_3)  # format 3: extents
                 self.conn.execute("UPDATE settings SET value=? WHERE key='format'",
                                   (FORMAT_VERSION,))
             return

@@ -1,0 +1,235 @@
+"""The sector-granular block map (vfs/extents.py, vfs/filedata.py) without a kernel: a byte
+model at sector-edge offsets, one-sector rewrites that touch nothing else, per-sector checks,
+fsck of extents, and the upgrade of format-2 databases (one checksum per 64 KiB block)."""
+
+from __future__ import annotations
+
+import errno
+import os
+import random
+
+import pytest
+from test_vfs_unit import Env, errno_of, mkfile, read_all
+
+from vfs import fsck
+from vfs.alloc import SECTOR
+from vfs.attrs import ROOT_INODE, SetAttr
+from vfs.extents import GROUP_SECTORS, block_checksum
+from vfs.filedata import BLOCK
+from vfs.metadb import FORMAT_VERSION, MetaDB
+
+
+@pytest.fixture
+def env(tmp_path):
+    e = Env(tmp_path)
+    yield e
+    if e.fs is not None:
+        e.close()
+
+
+def extents(fs, ino: int) -> list[tuple[int, int, int]]:
+    """(first file sector, sectors, volume sector) of a file's extents, in file order."""
+    return list(fs.db.rows("SELECT sector, nsect, addr FROM extents WHERE inode=? "
+                           "ORDER BY sector", (ino,)))
+
+
+def stored_sectors(model: bytes | bytearray) -> int:
+    """Sectors of `model` that are not all zeros (what the block map must hold)."""
+    return sum(1 for p in range(0, len(model), SECTOR) if any(model[p : p + SECTOR]))
+
+
+def check_clean(env: Env) -> None:
+    report = fsck.check(env.db, env.vol, verify_data=True)
+    assert report.clean, report.problems
+
+
+def test_byte_model_at_sector_edges(env):
+    """Writes, zero writes, truncates, commits and reopens at offsets around sector and block
+    edges, against a bytearray: every read agrees, and after a commit the file stores
+    exactly its non-zero sectors."""
+    fs = env.fs
+    f = mkfile(fs, ROOT_INODE, b"f")
+    model = bytearray()
+    rng = random.Random(11)
+    edges = [0, 1, SECTOR - 1, SECTOR, SECTOR + 1, 3 * SECTOR, BLOCK - SECTOR, BLOCK - 1, BLOCK,
+             BLOCK + SECTOR - 1, 5 * BLOCK + 7 * SECTOR]
+    for step in range(300):
+        off = rng.choice(edges + [len(model), rng.randrange(6 * BLOCK)])
+        n = rng.choice([1, 100, SECTOR - 1, SECTOR, SECTOR + 1, 2 * SECTOR, BLOCK, BLOCK + 3])
+        data = bytes(n) if rng.random() < 0.15 else rng.randbytes(n)
+        fs.write(f, off, data)
+        if off > len(model):
+            model += bytes(off - len(model))
+        model[off : off + n] = data
+        u = rng.random()
+        if u < 0.1:
+            size = rng.choice([0, rng.randrange(len(model) + 1), len(model) + SECTOR + 5])
+            fs.setattr(f, SetAttr(size=size))
+            model = model[:size] + bytes(max(0, size - len(model)))
+        elif u < 0.25:
+            fs.commit()
+        elif u < 0.3:
+            fs = env.reopen()
+        r_off = rng.choice(edges + [rng.randrange(len(model) + 10)])
+        r_n = rng.choice([1, SECTOR, SECTOR + 2, BLOCK, 3 * BLOCK])
+        assert fs.read(f, r_off, r_n) == bytes(model[r_off : r_off + r_n]), step
+    fs.commit()
+    assert read_all(fs, f) == bytes(model)
+    assert fs.getattr(f).blocks == stored_sectors(model) * SECTOR // 512
+    check_clean(env)
+    fs = env.reopen()
+    assert read_all(fs, f) == bytes(model)
+
+
+def test_one_sector_rewrite_touches_nothing_else(env):
+    """Rewriting one sector of a stored block stores just that sector: its neighbours are not
+    read (a damaged neighbour does not stop the write), keep their place on the volume, and
+    the file's stored size does not change."""
+    fs = env.fs
+    data = bytearray(os.urandom(2 * BLOCK))
+    f = mkfile(fs, ROOT_INODE, b"f", bytes(data))
+    fs.commit()
+    (s0, n0, a0), (s1, n1, a1) = extents(fs, f)
+    assert (s0, n0, s1, n1) == (0, GROUP_SECTORS, GROUP_SECTORS, GROUP_SECTORS)
+    # Damage sector 6 on the volume (through the volume, so only the file checksum sees it).
+    fs.volume.write((a0 + 6) * SECTOR, os.urandom(SECTOR))
+    new = os.urandom(SECTOR)
+    fs.write(f, 5 * SECTOR, new)
+    fs.commit()
+    data[5 * SECTOR : 6 * SECTOR] = new
+    rows = extents(fs, f)
+    assert [r[:2] for r in rows] == [(0, 5), (5, 1), (6, 10), (16, 16)]
+    assert rows[0][2] == a0 and rows[2][2] == a0 + 6 and rows[3][2] == a1  # kept in place
+    assert rows[1][2] not in range(a0, a0 + 2 * GROUP_SECTORS)  # copy-on-write
+    assert fs.getattr(f).blocks == 2 * BLOCK // 512
+    # Every sector but the damaged one reads back; the damaged one is EIO, nothing else.
+    assert fs.read(f, 0, 6 * SECTOR) == bytes(data[: 6 * SECTOR])
+    assert fs.read(f, 7 * SECTOR, 2 * BLOCK) == bytes(data[7 * SECTOR :])
+    assert errno_of(fs.read, f, 6 * SECTOR + 100, 10) == errno.EIO
+    assert errno_of(fs.read, f, 0, 2 * BLOCK) == errno.EIO
+    report = fsck.check(env.db, env.vol, verify_data=True)
+    assert f in report.damaged_files
+    assert any("file sector 6" in p for p in report.problems), report.problems
+
+
+def test_partial_sector_write_reads_only_that_sector(env):
+    """A write covering part of a sector merges it with the stored sector; the sectors around
+    it are not read."""
+    fs = env.fs
+    data = bytearray(os.urandom(BLOCK))
+    f = mkfile(fs, ROOT_INODE, b"f", bytes(data))
+    fs.commit()
+    ((_s, _n, a0),) = extents(fs, f)
+    fs.volume.write((a0 + 3) * SECTOR, os.urandom(SECTOR))  # damage a neighbour
+    fs.write(f, 2 * SECTOR + 10, b"hello")
+    data[2 * SECTOR + 10 : 2 * SECTOR + 15] = b"hello"
+    fs.commit()
+    assert fs.read(f, 2 * SECTOR, SECTOR) == bytes(data[2 * SECTOR : 3 * SECTOR])
+    assert errno_of(fs.write, f, 3 * SECTOR + 1, b"x") == errno.EIO  # needs the damaged one
+    assert fs.read(f, 0, 3 * SECTOR) == bytes(data[: 3 * SECTOR])
+
+
+def test_zero_sectors_are_holes(env):
+    fs = env.fs
+    f = mkfile(fs, ROOT_INODE, b"f", os.urandom(BLOCK))
+    fs.write(f, 4 * SECTOR, bytes(3 * SECTOR))  # punches three sectors
+    fs.commit()
+    assert [r[:2] for r in extents(fs, f)] == [(0, 4), (7, 9)]
+    assert fs.getattr(f).blocks == 13 * SECTOR // 512
+    assert fs.read(f, 4 * SECTOR, 3 * SECTOR) == bytes(3 * SECTOR)
+
+
+def test_truncate_inside_an_extent(env):
+    fs = env.fs
+    data = os.urandom(BLOCK)
+    f = mkfile(fs, ROOT_INODE, b"f", data)
+    fs.commit()
+    fs.setattr(f, SetAttr(size=3 * SECTOR + 100))
+    fs.commit()
+    assert [r[:2] for r in extents(fs, f)] == [(0, 3), (3, 1)]  # the tail sector rewritten
+    assert fs.getattr(f).blocks == 4 * SECTOR // 512
+    fs.setattr(f, SetAttr(size=BLOCK))  # the bytes past the cut come back as zeros
+    expected = data[: 3 * SECTOR + 100] + bytes(BLOCK - 3 * SECTOR - 100)
+    assert read_all(fs, f) == expected
+    fs = env.reopen()
+    assert read_all(fs, f) == expected
+    check_clean(env)
+
+
+def test_fsck_finds_overlapping_and_malformed_extents(env):
+    fs = env.fs
+    f = mkfile(fs, ROOT_INODE, b"f", os.urandom(2 * BLOCK))
+    fs.commit()
+    (s0, n0, a0), _ = extents(fs, f)
+    fs.db.change("INSERT INTO extents (inode, sector, nsect, addr, csums) VALUES (?, 3, 2, ?, ?)",
+                 (f, a0 + 3, bytes(16)))  # overlaps the first extent in the file
+    fs.db.change("UPDATE extents SET csums=? WHERE inode=? AND sector=16", (bytes(8), f))
+    fs.db.commit()
+    report = fsck.check(env.db, env.vol)
+    text = "\n".join(report.problems)
+    assert "overlaps the extent before it" in text and "malformed checksums" in text
+    assert f in report.damaged_files
+    report = fsck.check(env.db, env.vol, repair=True)
+    assert fsck.check(env.db, env.vol).clean
+    assert [r[:2] for r in extents(fs, f)] == [(0, GROUP_SECTORS)]
+
+
+# --- format 2 -------------------------------------------------------------------------------
+
+
+def to_format_2(env: Env, ino: int) -> None:
+    """Rewrite the database as format 2 left it: one row and one checksum per 64 KiB block.
+
+    The file's extents must be whole blocks (and a short tail), as format 2 stored them."""
+    fs = env.fs
+    rows = []
+    for sector, nsect, addr in extents(fs, ino):
+        assert sector % GROUP_SECTORS == 0
+        data = fs.volume.read(addr * SECTOR, nsect * SECTOR)
+        blkno = sector // GROUP_SECTORS
+        rows.append((ino, blkno, addr, nsect, block_checksum(data, ino, blkno)))
+    env.close()
+    db = MetaDB(env.meta)
+    db.execute("CREATE TABLE blocks (inode INTEGER NOT NULL, blkno INTEGER NOT NULL, "
+               "addr INTEGER NOT NULL, nsect INTEGER NOT NULL, csum INTEGER NOT NULL, "
+               "PRIMARY KEY (inode, blkno)) WITHOUT ROWID")
+    db.changemany("INSERT INTO blocks VALUES (?, ?, ?, ?, ?)", rows)
+    db.execute("DROP TABLE extents")
+    db.set_setting("format", 2)
+    db.commit()
+    db.close()
+
+
+def test_format_2_blocks_are_read_checked_and_split(env):
+    fs = env.fs
+    data = bytearray(os.urandom(3 * BLOCK + 5000))
+    f = mkfile(fs, ROOT_INODE, b"f", bytes(data))
+    fs.commit()
+    to_format_2(env, f)
+    fs = env.open()
+    assert fs.db.setting("format") == FORMAT_VERSION == 3
+    legacy = list(fs.db.rows("SELECT sector, nsect FROM extents WHERE inode=? AND csums IS NULL "
+                             "ORDER BY sector", (f,)))
+    assert legacy == [(0, 16), (16, 16), (32, 16), (48, 2)]
+    assert read_all(fs, f) == bytes(data)
+    assert fs.read(f, BLOCK + 7 * SECTOR + 3, 10) == bytes(data[BLOCK + 7 * SECTOR + 3 :][:10])
+    check_clean(env)
+    # A one-sector rewrite gives the block's rows sector checksums; a truncate splits another.
+    fs.write(f, BLOCK + 2 * SECTOR, b"z" * SECTOR)
+    data[BLOCK + 2 * SECTOR : BLOCK + 3 * SECTOR] = b"z" * SECTOR
+    fs.setattr(f, SetAttr(size=2 * BLOCK + 100))
+    del data[2 * BLOCK + 100 :]
+    fs.commit()
+    assert [r[:2] for r in extents(fs, f)] == [(0, 16), (16, 2), (18, 1), (19, 13), (32, 1)]
+    assert fs.db.value("SELECT count(*) FROM extents WHERE csums IS NULL") == 1  # block 0
+    assert read_all(fs, f) == bytes(data)
+    check_clean(env)
+    fs = env.reopen()
+    assert read_all(fs, f) == bytes(data)
+    # Damage inside a format-2 row: the whole row is checked, so any read of it is EIO.
+    addr = fs.db.value("SELECT addr FROM extents WHERE inode=? AND sector=0", (f,))
+    fs.volume.write((addr + 9) * SECTOR, os.urandom(SECTOR))
+    assert errno_of(fs.read, f, 0, 10) == errno.EIO
+    report = fsck.check(env.db, env.vol, verify_data=True)
+    assert f in report.damaged_files
+

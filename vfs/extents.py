@@ -1,0 +1,218 @@
+"""The block map: where each stored 4 KiB sector of a file lives on the volume, and its checksum.
+
+A file's stored contents are extents: runs of consecutive file sectors kept in consecutive
+volume sectors. An extent never crosses a group boundary (GROUP_SECTORS sectors, 64 KiB), so
+rows stay small and a lookup knows how far back to search. Every sector has its own xxh3
+checksum, seeded with the inode and the file sector, so a write of one sector replaces just
+that sector (no read of its neighbours) and a read checks only the sectors it returns.
+File sectors in no extent are holes (zeros). A file's extents never overlap.
+
+Format-2 databases kept whole 64 KiB blocks with one checksum each; those rows become extents
+with a row checksum (`row_csum`) instead of sector checksums. Such a row is read and checked
+whole, and gets sector checksums the first time a change splits it.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import struct
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import xxhash
+
+from vfs.alloc import SECTOR
+from vfs.errors import FSError
+from vfs.metadb import MetaDB
+
+log = logging.getLogger(__name__)
+
+GROUP_SECTORS = 16
+GROUP = GROUP_SECTORS * SECTOR
+_MASK64 = (1 << 64) - 1
+_MASK63 = (1 << 63) - 1
+_GOLDEN = 0x9E3779B97F4A7C15
+_CSUM = 8  # bytes per sector checksum
+_hash = xxhash.xxh3_64_intdigest
+
+
+def _seed(ino: int, n: int) -> int:
+    return (ino * _GOLDEN + n) & _MASK64
+
+
+def sector_checksums(data: bytes | bytearray | memoryview, ino: int, first: int) -> bytes:
+    """Packed checksums of the whole sectors in `data`, which starts at file sector `first`."""
+    view = memoryview(data)
+    base = ino * _GOLDEN + first
+    sums = [_hash(view[p : p + SECTOR], seed=(base + i) & _MASK64)
+            for i, p in enumerate(range(0, len(view), SECTOR))]
+    return struct.pack(f"<{len(sums)}Q", *sums)
+
+
+def block_checksum(data: bytes | bytearray | memoryview, ino: int, blkno: int) -> int:
+    """A format-2 block's checksum: its bytes, tied to its inode and 64 KiB block number."""
+    return _hash(data, seed=_seed(ino, blkno)) & _MASK63
+
+
+@dataclass(slots=True)
+class Extent:
+    """One block-map row: file sectors [sector, sector + nsect) at volume sector `addr`."""
+
+    sector: int
+    nsect: int
+    addr: int
+    csums: bytes | None  # nsect packed sector checksums, or None for a format-2 row
+    row_csum: int | None  # a format-2 row's checksum over all its sectors
+
+    @property
+    def end(self) -> int:
+        """The file sector after the extent."""
+        return self.sector + self.nsect
+
+    def part(self, lo: int, hi: int) -> Extent:
+        """The extent's sectors [lo, hi) as an extent of their own (sector checksums only)."""
+        assert self.csums is not None
+        a, b = lo - self.sector, hi - self.sector
+        return Extent(lo, hi - lo, self.addr + a, self.csums[a * _CSUM : b * _CSUM], None)
+
+
+class ExtentMap:
+    """Block-map rows of the metadata database: lookups, checked reads, inserts and punches."""
+
+    def __init__(self, db: MetaDB, volume) -> None:
+        self.db = db
+        self.volume = volume
+
+    def overlapping(self, ino: int, s0: int, s1: int) -> list[Extent]:
+        """The extents holding any of file sectors s0..s1 (inclusive), in file order."""
+        return [Extent(*r) for r in self.db.rows(
+            "SELECT sector, nsect, addr, csums, row_csum FROM extents "
+            "WHERE inode=? AND sector BETWEEN ? AND ? AND sector + nsect > ? ORDER BY sector",
+            (ino, s0 - GROUP_SECTORS + 1, s1, s0))]
+
+    def all_of(self, ino: int) -> list[tuple[int, int]]:
+        """(addr, nsect) of every extent of a file."""
+        return list(self.db.rows("SELECT addr, nsect FROM extents WHERE inode=?", (ino,)))
+
+    # --- checked reads --------------------------------------------------------------------
+
+    def read_run(self, ino: int, run: list[Extent], lo: int, hi: int) -> tuple[memoryview, int]:
+        """File sectors [lo, hi) held by `run` (extents back to back on file and volume),
+        checked against their checksums; returns the bytes and the file sector they start at.
+
+        A format-2 row in the run is read and checked whole, so the bytes may start earlier
+        and end later than asked.
+        """
+        first, last = run[0], run[-1]
+        lo, hi = max(lo, first.sector), min(hi, last.end)
+        if first.csums is None:
+            lo = first.sector
+        if last.csums is None:
+            hi = last.end
+        raw = memoryview(self.volume.read((first.addr + lo - first.sector) * SECTOR,
+                                          (hi - lo) * SECTOR))
+        if all(e.csums is not None for e in run):
+            want = b"".join(e.csums[(max(lo, e.sector) - e.sector) * _CSUM:  # type: ignore[index]
+                                    (min(hi, e.end) - e.sector) * _CSUM] for e in run)
+            if sector_checksums(raw, ino, lo) != want:
+                self._mismatch(ino, run, lo, raw)
+            return raw, lo
+        for e in run:
+            a, b = max(lo, e.sector), min(hi, e.end)
+            piece = raw[(a - lo) * SECTOR : (b - lo) * SECTOR]
+            if e.csums is None:
+                ok = block_checksum(piece, ino, e.sector // GROUP_SECTORS) == e.row_csum
+            else:
+                ok = sector_checksums(piece, ino, a) == e.csums[(a - e.sector) * _CSUM:
+                                                                (b - e.sector) * _CSUM]
+            if not ok:
+                self._mismatch(ino, [e], a, piece)
+        return raw, lo
+
+    @staticmethod
+    def _mismatch(ino: int, run: list[Extent], lo: int, raw: memoryview) -> None:
+        """Raise EIO naming the first sector of `raw` (file sector `lo`) that fails its check."""
+        for e in run:
+            a = max(lo, e.sector)
+            for s in range(a, e.end):
+                p = (s - lo) * SECTOR
+                if p >= len(raw):
+                    break
+                if e.csums is None:
+                    bad = True
+                else:
+                    k = (s - e.sector) * _CSUM
+                    bad = sector_checksums(raw[p : p + SECTOR], ino, s) != e.csums[k : k + _CSUM]
+                if bad:
+                    log.error("inode %d sector %d (volume sector %d): checksum mismatch; the "
+                              "volume does not hold what was written there",
+                              ino, s, e.addr + s - e.sector)
+                    raise FSError(errno.EIO, f"inode {ino} sector {s}: checksum mismatch")
+        raise FSError(errno.EIO, f"inode {ino} sectors from {lo}: checksum mismatch")
+
+    def with_sector_checksums(self, ino: int, e: Extent) -> Extent:
+        """`e` with sector checksums: a format-2 row is read, checked and checksummed."""
+        if e.csums is not None:
+            return e
+        raw, _ = self.read_run(ino, [e], e.sector, e.end)
+        return Extent(e.sector, e.nsect, e.addr, sector_checksums(raw, ino, e.sector), None)
+
+    # --- changes ----------------------------------------------------------------------------
+
+    def cut(self, ino: int, exts: list[Extent], ranges: list[tuple[int, int]]
+            ) -> tuple[list[int], list[Extent], list[tuple[int, int]]]:
+        """Plan removing file sectors in `ranges` ([lo, hi), sorted, disjoint) from `exts`
+        (the sorted extents overlapping them): returns the rows to delete (by first sector),
+        the remainders to insert, and the freed (addr, nsect) pieces of the volume."""
+        delete: list[int] = []
+        keep: list[Extent] = []
+        freed: list[tuple[int, int]] = []
+        i = 0
+        for e in exts:
+            while i < len(ranges) and ranges[i][1] <= e.sector:
+                i += 1
+            j = i
+            pieces: list[tuple[int, int]] = []  # the parts of e that stay
+            pos = e.sector
+            while j < len(ranges) and ranges[j][0] < e.end:
+                lo, hi = max(ranges[j][0], e.sector), min(ranges[j][1], e.end)
+                if lo > pos:
+                    pieces.append((pos, lo))
+                freed.append((e.addr + lo - e.sector, hi - lo))
+                pos = hi
+                j += 1
+            if pos == e.sector:
+                continue  # untouched
+            if pos < e.end:
+                pieces.append((pos, e.end))
+            delete.append(e.sector)
+            if pieces:
+                full = self.with_sector_checksums(ino, e)
+                keep.extend(full.part(a, b) for a, b in pieces)
+        return delete, keep, freed
+
+    def apply(self, ino: int, delete: Iterable[int], insert: Iterable[Extent]) -> None:
+        """Delete rows by first sector, then insert extents (with sector checksums)."""
+        self.db.changemany("DELETE FROM extents WHERE inode=? AND sector=?",
+                           [(ino, s) for s in delete])
+        self.db.changemany(
+            "INSERT INTO extents (inode, sector, nsect, addr, csums) VALUES (?, ?, ?, ?, ?)",
+            [(ino, e.sector, e.nsect, e.addr, e.csums) for e in insert])
+
+    def cut_from(self, ino: int, first: int) -> tuple[list[int], list[Extent],
+                                                      list[tuple[int, int]]]:
+        """Plan removing every sector of a file from `first` on (see `cut`)."""
+        straddling = [e for e in self.overlapping(ino, first, first) if e.sector < first]
+        delete, keep, freed = self.cut(ino, straddling, [(first, first + GROUP_SECTORS)])
+        rows = list(self.db.rows(
+            "SELECT sector, addr, nsect FROM extents WHERE inode=? AND sector>=?", (ino, first)))
+        delete += [r[0] for r in rows]
+        freed += [(r[1], r[2]) for r in rows]
+        return delete, keep, freed
+
+    def drop(self, ino: int) -> list[tuple[int, int]]:
+        """Delete every extent of a file; returns the (addr, nsect) pieces it held."""
+        held = self.all_of(ino)
+        self.db.change("DELETE FROM extents WHERE inode=?", (ino,))
+        return held
