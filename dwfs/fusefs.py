@@ -210,6 +210,8 @@ class FuseOperations(pyfuse3.Operations):
         if self.fs.needs_fetch(fh):
             held = self.fs.read_held(fh, off, size)  # no thread hop when it is at hand
             return held if held is not None else await self._slow(self.fs.read, fh, off, size)
+        if size < 65536:  # a small read costs less than the hop to the worker and back
+            return await self._meta(self.fs.read, fh, off, size)
         return await self._data(self.fs.read, fh, off, size)
 
     @fuse_errors
@@ -272,6 +274,8 @@ class FuseOperations(pyfuse3.Operations):
 
     @fuse_errors
     async def getxattr(self, inode, name, ctx):
+        if self.fs.has_no_capability(name):  # asked before every write: answered at once
+            raise pyfuse3.FUSEError(errno.ENODATA)
         return await self._meta(self.fs.getxattr, inode, name)
 
     @fuse_errors

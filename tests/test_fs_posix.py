@@ -7,6 +7,7 @@ import mmap
 import os
 import shutil
 import stat
+import struct
 import subprocess
 import tempfile
 
@@ -582,6 +583,22 @@ def test_setgid_directory(d):
 
 
 # --- extended attributes -------------------------------------------------------------------------
+
+
+def test_security_capability(d):
+    """The kernel asks for security.capability before every write (answered without the
+    database while no file has one); once set it is stored, read back, and a write drops it,
+    as on ext4."""
+    p = f"{d}/capf"
+    write_file(p, b"x")
+    assert errno_of(os.getxattr, p, "security.capability") == errno.ENODATA
+    cap = struct.pack("<5I", 0x02000001, 1 << 10, 0, 0, 0)  # v2: cap_net_bind_service
+    os.setxattr(p, "security.capability", cap)
+    assert os.getxattr(p, "security.capability") == cap
+    with open(p, "r+b") as f:
+        f.write(b"y")
+    assert errno_of(os.getxattr, p, "security.capability") == errno.ENODATA
+    assert read_file(p) == b"y"
 
 
 def test_xattrs(d):

@@ -15,6 +15,7 @@ whole, and gets sector checksums the first time a change splits it.
 from __future__ import annotations
 
 import errno
+import json
 import logging
 import struct
 from collections.abc import Iterable
@@ -90,6 +91,17 @@ class ExtentMap:
             "SELECT sector, nsect, addr, csums, row_csum FROM extents "
             "WHERE inode=? AND sector BETWEEN ? AND ? AND sector + nsect > ? ORDER BY sector",
             (ino, s0 - GROUP_SECTORS + 1, s1, s0))]
+
+    def overlapping_spans(self, ino: int, spans: list[tuple[int, int]]) -> list[Extent]:
+        """The extents holding any sector of the sorted sector ranges [lo, hi) in `spans`, which
+        lie at least a group apart, in file order (one statement for them all)."""
+        if len(spans) == 1:
+            return self.overlapping(ino, spans[0][0], spans[0][1] - 1)
+        return [Extent(*r) for r in self.db.rows(
+            "SELECT e.sector, e.nsect, e.addr, e.csums, e.row_csum "
+            "FROM json_each(?) j CROSS JOIN extents e ON e.inode = ? "
+            "AND e.sector BETWEEN j.value->>0 - ? AND j.value->>1 - 1 "
+            "AND e.sector + e.nsect > j.value->>0", (json.dumps(spans), ino, GROUP_SECTORS - 1))]
 
     def all_of(self, ino: int) -> list[tuple[int, int]]:
         """(addr, nsect) of every extent of a file."""

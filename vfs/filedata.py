@@ -1,11 +1,11 @@
 """File contents: per-file dirty buffers over the block map (vfs/extents.py) on the volume.
 
-A file is cut into blocks of BLOCK bytes (one extent group). Writes gather in dirty blocks: a
-buffer with a mask of the 4 KiB sectors written. Whole blocks written in order go to the volume
-at once, the rest at the next write-out. Only the sectors written are stored, each to newly
-allocated volume sectors (copy-on-write); the sectors they replace are freed only once the
-metadata commit that stops using them is durable. All-zero sectors are not stored (holes). A
-write covering part of a sector first reads that one sector.
+A file is cut into blocks of BLOCK bytes (one extent group). Writes gather in dirty blocks: the
+4 KiB sectors written, each in a buffer of its own. Whole blocks go to the volume at once, as
+do blocks a sequential writer completes; the rest wait for the next write-out. Only the sectors
+written are stored, each to newly allocated volume sectors (copy-on-write); the sectors they
+replace are freed only once the metadata commit that stops using them is durable. All-zero
+sectors are not stored (holes). A write covering part of a sector first reads that sector.
 
 Invariant: bytes of a stored sector beyond the file's size are zero.
 """
@@ -25,7 +25,6 @@ log = logging.getLogger(__name__)
 
 BLOCK = GROUP
 SECTORS_PER_BLOCK = GROUP_SECTORS
-FULL = (1 << SECTORS_PER_BLOCK) - 1
 DIRTY_LIMIT = 64 * 1024 * 1024
 _ZERO_SECTOR = bytes(SECTOR)
 
@@ -42,30 +41,18 @@ class VolumeLike(Protocol):
     def flush(self) -> None: ...
 
 
-class DirtyBlock:
-    """A block's unwritten sectors: a BLOCK-sized buffer and a mask of the sectors it holds."""
-
-    __slots__ = ("buf", "mask")
-
-    def __init__(self) -> None:
-        self.buf = bytearray(BLOCK)
-        self.mask = 0
+Sectors = dict[int, bytearray]
+"""A dirty block: sector index within the block -> that sector's 4 KiB."""
 
 
-def bit_runs(mask: int) -> list[tuple[int, int]]:
-    """Runs [a, b) of set bits of a sector mask, lowest first."""
-    if mask == FULL:
-        return [(0, SECTORS_PER_BLOCK)]
-    out = []
-    at = 0
-    while mask:
-        zeros = (mask & -mask).bit_length() - 1
-        mask >>= zeros
-        at += zeros
-        ones = (~mask & (mask + 1)).bit_length() - 1
-        out.append((at, at + ones))
-        mask >>= ones
-        at += ones
+def _sector_runs(indices) -> list[tuple[int, int]]:
+    """Runs [a, b) of consecutive sector indices (given in any order)."""
+    out: list[tuple[int, int]] = []
+    for s in sorted(indices):
+        if out and out[-1][1] == s:
+            out[-1] = (out[-1][0], s + 1)
+        else:
+            out.append((s, s + 1))
     return out
 
 
@@ -108,8 +95,9 @@ class FileData:
         self.volume = volume
         self.alloc = alloc
         self.map = ExtentMap(db, volume)
-        self.dirty: dict[int, dict[int, DirtyBlock]] = {}
-        self.dirty_bytes = 0
+        self.dirty: dict[int, dict[int, Sectors]] = {}
+        self.dirty_bytes = 0  # SECTOR per dirty sector
+        self.dirty_blocks = 0
         self._seq_end: dict[int, int] = {}
 
     # --- reading ------------------------------------------------------------------------------
@@ -125,7 +113,7 @@ class FileData:
         dirty = self.dirty.get(ino)
         if dirty:
             b0, b1 = offset // BLOCK, (end - 1) // BLOCK
-            blocks = sorted(b for b in dirty if b0 <= b <= b1)
+            blocks = [b for b in dirty if b0 <= b <= b1]
         runs = _runs_of(exts)
         if not blocks and len(runs) == 1 and exts[0].sector <= s0 and exts[-1].end > s1:
             raw, at = self.map.read_run(ino, exts, s0, s1 + 1)
@@ -136,23 +124,18 @@ class FileData:
             raw, at = self.map.read_run(ino, run, s0, s1 + 1)
             _copy(out, offset, end, at * SECTOR, raw)
         for b in blocks:
-            d = dirty[b]  # type: ignore[index]
-            view = memoryview(d.buf)
-            for a, z in bit_runs(d.mask):
-                _copy(out, offset, end, b * BLOCK + a * SECTOR, view[a * SECTOR : z * SECTOR])
+            for s, sec in dirty[b].items():  # type: ignore[index]
+                _copy(out, offset, end, b * BLOCK + s * SECTOR, sec)
         return out
 
-    def _fill(self, ino: int, d: DirtyBlock, blk: int, s: int, size: int) -> None:
-        """Put the stored contents of sector `s` of block `blk` into the dirty buffer."""
-        sector = blk * SECTORS_PER_BLOCK + s
-        region = memoryview(d.buf)[s * SECTOR : (s + 1) * SECTOR]
+    def _load_sector(self, ino: int, sector: int, size: int) -> bytearray:
+        """A file sector's stored contents (zeros for a hole or past the end of file)."""
         exts = self.map.overlapping(ino, sector, sector) if sector * SECTOR < size else []
         if not exts:
-            region[:] = _ZERO_SECTOR
-            return
+            return bytearray(SECTOR)
         raw, at = self.map.read_run(ino, exts, sector, sector + 1)
         p = (sector - at) * SECTOR
-        region[:] = raw[p : p + SECTOR]
+        return bytearray(raw[p : p + SECTOR])
 
     # --- writing ------------------------------------------------------------------------------
 
@@ -165,72 +148,92 @@ class FileData:
             return size
         dirty = self.dirty.setdefault(ino, {})
         sequential = self._seq_end.get(ino) == offset
-        ready: list[tuple[int, bytes | bytearray | memoryview, int]] = []
+        full: list[tuple[int, memoryview]] = []
+        part: list[tuple[int, Sectors]] = []
         for blk in range(offset // BLOCK, (end - 1) // BLOCK + 1):
             bs = blk * BLOCK
             lo, hi = max(offset, bs), min(end, bs + BLOCK)
-            piece = view[lo - offset : hi - offset]
             if lo == bs and hi == bs + BLOCK:
-                if dirty.pop(blk, None) is not None:
-                    self.dirty_bytes -= BLOCK
-                ready.append((blk, piece, FULL))
+                self._forget_block(dirty, blk)
+                full.append((blk, view[lo - offset : hi - offset]))
                 continue
-            d = dirty.get(blk)
-            if d is None:
-                d = dirty[blk] = DirtyBlock()
-                self.dirty_bytes += BLOCK
-            a, z = (lo - bs) // SECTOR, (hi - bs - 1) // SECTOR + 1
-            if lo % SECTOR and not d.mask >> a & 1:
-                self._fill(ino, d, blk, a, size)
-                d.mask |= 1 << a
-            if hi % SECTOR and not d.mask >> (z - 1) & 1:
-                self._fill(ino, d, blk, z - 1, size)
-            d.buf[lo - bs : hi - bs] = piece
-            d.mask |= ((1 << z) - 1) ^ ((1 << a) - 1)
+            secs = dirty.get(blk)
+            if secs is None:
+                secs = dirty[blk] = {}
+                self.dirty_blocks += 1
+            for s in range((lo - bs) // SECTOR, (hi - bs - 1) // SECTOR + 1):
+                ss = bs + s * SECTOR
+                x, y = max(lo, ss), min(hi, ss + SECTOR)
+                sec = secs.get(s)
+                if sec is None:
+                    self.dirty_bytes += SECTOR
+                    if x == ss and y == ss + SECTOR:
+                        secs[s] = bytearray(view[x - offset : y - offset])
+                        continue
+                    sec = secs[s] = self._load_sector(ino, ss // SECTOR, size)
+                sec[x - ss : y - ss] = view[x - offset : y - offset]
             if hi == bs + BLOCK and sequential:
-                ready.append((blk, d.buf, d.mask))
-                del dirty[blk]
-                self.dirty_bytes -= BLOCK
+                part.append((blk, secs))
+                self._forget_block(dirty, blk)
         self._seq_end[ino] = end
-        if ready:
-            self.store(ino, ready, new_size)
+        if full or part:
+            self.store(ino, new_size, full, part)
         if not dirty:
             del self.dirty[ino]
         if self.dirty_bytes > DIRTY_LIMIT:
             self.write_out_all(lambda i: new_size if i == ino else None)
         return new_size
 
-    def store(self, ino: int, blocks: list[tuple[int, bytes | bytearray | memoryview, int]],
-              size: int) -> None:
-        """Put the masked sectors of whole blocks (block number, BLOCK bytes, sector mask) of a
+    def _forget_block(self, dirty: dict[int, Sectors], blk: int) -> None:
+        """Drop a block's dirty sectors (stored or superseded)."""
+        secs = dirty.pop(blk, None)
+        if secs is not None:
+            self.dirty_blocks -= 1
+            self.dirty_bytes -= SECTOR * len(secs)
+
+    def store(self, ino: int, size: int, full: list[tuple[int, memoryview]],
+              part: list[tuple[int, Sectors]]) -> None:
+        """Put whole blocks (`full`: block number, BLOCK bytes) and dirty sectors (`part`) of a
         file of `size` bytes onto the volume and into the block map."""
-        blocks.sort(key=lambda b: b[0])
         in_file = -(-size // SECTOR)
         cuts: list[tuple[int, int]] = []  # file sectors replaced
-        pieces: list[tuple[int, int, memoryview]] = []  # non-zero runs: first, count, bytes
-        for blk, data, mask in blocks:
+        pieces: list[list] = []  # runs of non-zero sectors: [first, count, buffers]
+        for blk, view in full:
             first = blk * SECTORS_PER_BLOCK
-            if in_file - first < SECTORS_PER_BLOCK:
-                mask &= (1 << max(0, in_file - first)) - 1
-            if not mask:
+            n = min(SECTORS_PER_BLOCK, in_file - first)
+            if n <= 0:
                 continue
-            view = memoryview(data)
+            cuts.append((first, first + n))
             nonzero = np.frombuffer(view, np.uint64).reshape(SECTORS_PER_BLOCK, -1).any(axis=1)
-            for a, z in bit_runs(mask):
+            s = 0
+            while s < n:
+                if not nonzero[s]:
+                    s += 1
+                    continue
+                t = s + 1
+                while t < n and nonzero[t]:
+                    t += 1
+                pieces.append([first + s, t - s, [view[s * SECTOR : t * SECTOR]]])
+                s = t
+        for blk, secs in part:
+            first = blk * SECTORS_PER_BLOCK
+            for a, z in _sector_runs(s for s in secs if first + s < in_file):
                 cuts.append((first + a, first + z))
-                s = a
-                while s < z:
-                    if not nonzero[s]:
-                        s += 1
+                for s in range(a, z):
+                    sec = secs[s]
+                    if sec == _ZERO_SECTOR:
                         continue
-                    t = s + 1
-                    while t < z and nonzero[t]:
-                        t += 1
-                    pieces.append((first + s, t - s, view[s * SECTOR : t * SECTOR]))
-                    s = t
+                    last = pieces[-1] if pieces else None
+                    if s and last is not None and last[0] + last[1] == first + s:
+                        last[1] += 1
+                        last[2].append(sec)
+                    else:
+                        pieces.append([first + s, 1, [sec]])
         if not cuts:
             return
-        exts = [e for lo, hi in _spans(cuts) for e in self.map.overlapping(ino, lo, hi - 1)]
+        cuts.sort()
+        pieces.sort(key=lambda p: p[0])
+        exts = self.map.overlapping_spans(ino, _spans(cuts))
         delete, keep, freed = self.map.cut(ino, exts, cuts)
         new = self._write_pieces(ino, pieces)
         self.map.apply(ino, delete, keep + new)
@@ -240,21 +243,24 @@ class FileData:
         if delta:
             self.db.change("UPDATE inodes SET sectors=sectors+? WHERE id=?", (delta, ino))
 
-    def _write_pieces(self, ino: int, pieces: list[tuple[int, int, memoryview]]) -> list[Extent]:
-        """Write runs of file sectors to newly allocated volume sectors; returns their extents."""
+    def _write_pieces(self, ino: int, pieces: list[list]) -> list[Extent]:
+        """Write runs of file sectors ([first sector, count, buffers]) to newly allocated
+        volume sectors; returns their extents."""
         if not pieces:
             return []
-        starts = self.alloc.allocate_each([p[1] for p in pieces])
+        sizes = [p[1] for p in pieces]
+        starts = self.alloc.allocate_each(sizes)
         out = []
         i = 0
         while i < len(pieces):
             j = i + 1
-            while j < len(pieces) and starts[j] == starts[j - 1] + pieces[j - 1][1]:
+            while j < len(pieces) and starts[j] == starts[j - 1] + sizes[j - 1]:
                 j += 1
-            views = [p[2] for p in pieces[i:j]]
-            self.volume.write(starts[i] * SECTOR, views[0] if j == i + 1 else b"".join(views))
-            for (first, n, v), start in zip(pieces[i:j], starts[i:j], strict=True):
-                out.append(Extent(first, n, start, sector_checksums(v, ino, first), None))
+            bufs = [b for p in pieces[i:j] for b in p[2]]
+            self.volume.write(starts[i] * SECTOR, bufs[0] if len(bufs) == 1 else b"".join(bufs))
+            for (first, n, pbufs), start in zip(pieces[i:j], starts[i:j], strict=True):
+                data = pbufs[0] if len(pbufs) == 1 else b"".join(pbufs)
+                out.append(Extent(first, n, start, sector_checksums(data, ino, first), None))
             i = j
         return out
 
@@ -264,10 +270,10 @@ class FileData:
         if not dirty:
             self.dirty.pop(ino, None)
             return
-        blocks = sorted(dirty.items())
-        self.store(ino, [(b, d.buf, d.mask) for b, d in blocks], size)
+        self.store(ino, size, [], sorted(dirty.items()))
+        for blk in list(dirty):
+            self._forget_block(dirty, blk)
         del self.dirty[ino]
-        self.dirty_bytes -= BLOCK * len(blocks)
 
     def write_out_all(self, size_of=None) -> None:
         """Store every dirty block of every file."""
@@ -288,11 +294,12 @@ class FileData:
         last = (keep - 1) // SECTORS_PER_BLOCK if keep else -1
         dirty = self.dirty.get(ino, {})
         for blk in [b for b in dirty if b > last]:
-            del dirty[blk]
-            self.dirty_bytes -= BLOCK
-        d = dirty.get(last)
-        if d is not None and keep % SECTORS_PER_BLOCK:
-            d.mask &= (1 << keep % SECTORS_PER_BLOCK) - 1
+            self._forget_block(dirty, blk)
+        secs = dirty.get(last)
+        if secs is not None:
+            for s in [s for s in secs if last * SECTORS_PER_BLOCK + s >= keep]:
+                del secs[s]
+                self.dirty_bytes -= SECTOR
         delete, kept, freed = self.map.cut_from(ino, keep)
         if delete:
             self.map.apply(ino, delete, kept)
@@ -303,22 +310,25 @@ class FileData:
         tail = new_size % SECTOR
         if tail:
             s = (keep - 1) % SECTORS_PER_BLOCK
-            if d is None:
-                d = dirty[last] = DirtyBlock()
-                self.dirty_bytes += BLOCK
+            if secs is None:
+                secs = dirty[last] = {}
+                self.dirty_blocks += 1
                 self.dirty[ino] = dirty
-            if not d.mask >> s & 1:
-                self._fill(ino, d, last, s, size)
-                d.mask |= 1 << s
-            d.buf[s * SECTOR + tail : (s + 1) * SECTOR] = bytes(SECTOR - tail)
+            sec = secs.get(s)
+            if sec is None:
+                sec = secs[s] = self._load_sector(ino, keep - 1, size)
+                self.dirty_bytes += SECTOR
+            sec[tail:] = bytes(SECTOR - tail)
+        if secs is not None and not secs:
+            self._forget_block(dirty, last)
         if not dirty:
             self.dirty.pop(ino, None)
 
     def drop(self, ino: int, stored: bool = True) -> None:
         """Forget a deleted file's contents and free its sectors (`stored`: it has some)."""
         dirty = self.dirty.pop(ino, None)
-        if dirty:
-            self.dirty_bytes -= BLOCK * len(dirty)
+        for blk in list(dirty or ()):
+            self._forget_block(dirty, blk)  # type: ignore[arg-type]
         self._seq_end.pop(ino, None)
         if not stored:
             return
@@ -327,4 +337,4 @@ class FileData:
 
     def dirty_sectors(self, ino: int) -> int:
         """Sectors the file's unwritten blocks will take at most (for st_blocks)."""
-        return sum(d.mask.bit_count() for d in self.dirty.get(ino, {}).values())
+        return sum(len(secs) for secs in self.dirty.get(ino, {}).values())

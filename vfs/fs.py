@@ -63,6 +63,7 @@ class Filesystem(RenameOps, XattrOps):
         self.dir_refs: dict[int, int] = {}  # directory -> references the kernel holds
         self._refs_lock = threading.Lock()
         self.freed_hooks: list[Callable[[int], None]] = []  # told of every inode freed
+        self._look_for_capabilities()
         self._free_orphans()
 
     @classmethod
@@ -536,7 +537,7 @@ class Filesystem(RenameOps, XattrOps):
             already = sum(1 for b in range(first, last + 1) if b in dirty)
         else:
             already = sum(1 for b in dirty if first <= b <= last)
-        blocks = self.data.dirty_bytes // BLOCK + (last - first + 1) - already
+        blocks = self.data.dirty_blocks + (last - first + 1) - already
         return max(0, blocks + 1 - self.alloc.runs)
 
     def _reserve(self, ino: int, first: int, last: int) -> None:

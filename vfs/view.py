@@ -288,6 +288,10 @@ class View:
                 self.smart.forget(real)
                 raise
 
+    def has_no_capability(self, name: bytes) -> bool:
+        """See Filesystem.has_no_capability (lock-free)."""
+        return self.fs.has_no_capability(name)
+
     def getxattr(self, ino: int, name: bytes) -> bytes:
         """The value of an attribute; `user.dwfs.state` is a ghost's state."""
         real = real_inode(ino)

@@ -12,11 +12,26 @@ XATTR_SIZE_MAX = 65536
 XATTR_CREATE = 1
 XATTR_REPLACE = 2
 XATTR_NAMESPACES = (b"user.", b"trusted.", b"security.")
+CAPABILITY_XATTR = b"security.capability"
 
 
 class XattrOps:
     """Extended attributes for Filesystem (a mixin: it uses the inode helpers of
     Filesystem)."""
+
+    capabilities_seen = True  # may any file have CAPABILITY_XATTR? (looked up at mount)
+
+    def _look_for_capabilities(self) -> None:
+        self.capabilities_seen = self.db.row(
+            "SELECT 1 FROM xattrs WHERE name=? LIMIT 1", (CAPABILITY_XATTR,)) is not None
+
+    def has_no_capability(self, name: bytes) -> bool:
+        """True when `name` is security.capability and no file has that attribute.
+
+        The kernel asks for it before every write to a FUSE file (FUSE inodes never get
+        S_NOSEC); while this holds the answer, ENODATA, needs neither the lock nor the database.
+        """
+        return name == CAPABILITY_XATTR and not self.capabilities_seen
 
     @staticmethod
     def _check_xattr_name(name: bytes) -> None:
@@ -36,6 +51,8 @@ class XattrOps:
         self._row(ino)
         if len(value) > XATTR_SIZE_MAX:
             raise FSError(errno.E2BIG, f"attribute value of {len(value)} bytes")
+        if name == CAPABILITY_XATTR:
+            self.capabilities_seen = True  # never back to False while mounted: conservative
         exists = self.db.row("SELECT 1 FROM xattrs WHERE inode=? AND name=?",
                              (ino, name)) is not None
         if flags & XATTR_CREATE and exists:
