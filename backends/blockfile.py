@@ -134,6 +134,23 @@ class BlockFileMember(Member):
             self._unkicked = 0
             start_writeback(self._fd)
 
+    def write_durable(self, offset: int, data: bytes | memoryview) -> None:
+        # RWF_DSYNC makes just this write durable (its range and a cache flush), where
+        # fdatasync would first write out every dirty page of the file.
+        view = memoryview(data).cast("B")
+        self._check_range(offset, len(view), "write")
+        done = 0
+        try:
+            while done < len(view):
+                done += os.pwritev(self._fd, [view[done:]], offset + done, os.RWF_DSYNC)
+        except OSError as exc:
+            if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
+                raise MemberIOError(self.path, "write", exc.strerror or str(exc)) from exc
+            log.debug("member %s: RWF_DSYNC unsupported (%s); writing, then fdatasync",
+                      self.path, exc)
+            self.write(offset, view)
+            self.flush()
+
     def flush(self) -> None:
         self._unkicked = 0
         try:

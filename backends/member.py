@@ -47,6 +47,12 @@ class Member(ABC):
     def flush(self) -> None:
         """Make every completed write durable before returning."""
 
+    def write_durable(self, offset: int, data: bytes | memoryview) -> None:
+        """Store a small record and return once it is durable (other writes may still be
+        pending: unlike `flush`, this need not wait for them)."""
+        self.write(offset, data)
+        self.flush()
+
     @abstractmethod
     def check(self) -> None:
         """Raise MemberIOError if the backing store has gone away (deleted, detached)."""

@@ -558,9 +558,10 @@ class Volume:
             if not s.writable:
                 continue
             try:
-                s.member.write(BITMAP_OFFSET, raw)
                 if durable:
-                    s.member.flush()
+                    s.member.write_durable(BITMAP_OFFSET, raw)
+                else:
+                    s.member.write(BITMAP_OFFSET, raw)
             except MemberIOError as exc:
                 s.write_errors += 1
                 self.member_failed(s.index, exc)

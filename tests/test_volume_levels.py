@@ -420,3 +420,20 @@ def test_mixed_file_and_sqlite_members(tmp_path):
     vol = open_vol(paths, uuid)
     assert_reads(vol, model)
     vol.close()
+
+
+@pytest.mark.parametrize("kind", ["file", "sqlite"])
+def test_write_durable_reaches_the_member(tmp_path, kind):
+    """A durable record (the write-intent bitmap) is there after the member is reopened, and
+    leaves the member's other data as it was; a record past the end is refused."""
+    cls = BlockFileMember if kind == "file" else SqliteBlobMember
+    path = str(tmp_path / "m")
+    m = cls.create(path, 1 << 20)
+    m.write(0, b"a" * 8192)
+    m.write_durable(4096, b"R" * 100)
+    with pytest.raises(OSError):
+        m.write_durable((1 << 20) - 10, b"x" * 20)
+    m.close()
+    m = cls.open(path)
+    assert m.read(0, 8192) == b"a" * 4096 + b"R" * 100 + b"a" * 3996
+    m.close()
