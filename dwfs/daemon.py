@@ -164,7 +164,7 @@ class Daemon:
             await trio.sleep(COMMIT_SECONDS)
             try:
                 if self.fs.needs_commit():
-                    await trio.to_thread.run_sync(self.fs.commit)
+                    await trio.to_thread.run_sync(self.fs.commit, True)  # with a head start
                     self.commits_since_copy += 1
                 if (self.commits_since_copy
                         and time.monotonic() - self.last_copy > METACOPY_SECONDS):

@@ -31,6 +31,8 @@ class WriteBehind:
         self._cond = threading.Condition()
         self._queue: deque[tuple[int, bytes]] = deque()
         self._queued = 0
+        self._submitted = 0  # writes queued so far
+        self._applied = 0  # writes applied (or failed) so far, in queue order
         self._current: tuple[int, int] | None = None  # (offset, length) being applied
         self._error: OSError | None = None
         self._stop = False
@@ -76,14 +78,17 @@ class WriteBehind:
         return self.volume.read(offset, length)
 
     def flush(self) -> None:
-        """Apply every queued write and make the volume durable."""
+        """Apply every write queued so far and make the volume durable (writes queued
+        meanwhile by other threads wait for a later flush)."""
         self.drain()
         self.volume.flush()
 
     def drain(self) -> None:
-        """Wait until every queued write reached the volume; raise a deferred error if any."""
+        """Wait until every write queued so far reached the volume; raise a deferred error if
+        any."""
         with self._cond:
-            while self._queue or self._current is not None:
+            target = self._submitted
+            while self._applied < target:
                 self._cond.wait()
             self._raise_error()
 
@@ -100,6 +105,7 @@ class WriteBehind:
     def _append(self, offset: int, data: bytes) -> None:
         self._queue.append((offset, data))
         self._queued += len(data)
+        self._submitted += 1
         self._cond.notify_all()
 
     def _raise_error(self) -> None:
@@ -127,4 +133,5 @@ class WriteBehind:
                 with self._cond:
                     self._current = None
                     self._queued -= len(data)
+                    self._applied += 1
                     self._cond.notify_all()

@@ -89,8 +89,8 @@ def test_one_sector_rewrite_touches_nothing_else(env):
     data = bytearray(os.urandom(2 * BLOCK))
     f = mkfile(fs, ROOT_INODE, b"f", bytes(data))
     fs.commit()
-    (s0, n0, a0), (s1, n1, a1) = extents(fs, f)
-    assert (s0, n0, s1, n1) == (0, GROUP_SECTORS, GROUP_SECTORS, GROUP_SECTORS)
+    ((s0, n0, a0),) = extents(fs, f)  # one write: one extent
+    assert (s0, n0) == (0, 2 * BLOCK // SECTOR)
     # Damage sector 6 on the volume (through the volume, so only the file checksum sees it).
     fs.volume.write((a0 + 6) * SECTOR, os.urandom(SECTOR))
     new = os.urandom(SECTOR)
@@ -98,9 +98,9 @@ def test_one_sector_rewrite_touches_nothing_else(env):
     fs.commit()
     data[5 * SECTOR : 6 * SECTOR] = new
     rows = extents(fs, f)
-    assert [r[:2] for r in rows] == [(0, 5), (5, 1), (6, 10), (16, 16)]
-    assert rows[0][2] == a0 and rows[2][2] == a0 + 6 and rows[3][2] == a1  # kept in place
-    assert rows[1][2] not in range(a0, a0 + 2 * GROUP_SECTORS)  # copy-on-write
+    assert [r[:2] for r in rows] == [(0, 5), (5, 1), (6, 26)]
+    assert rows[0][2] == a0 and rows[2][2] == a0 + 6  # kept in place
+    assert rows[1][2] not in range(a0, a0 + 32)  # copy-on-write
     assert fs.getattr(f).blocks == 2 * BLOCK // 512
     # Every sector but the damaged one reads back; the damaged one is EIO, nothing else.
     assert fs.read(f, 0, 6 * SECTOR) == bytes(data[: 6 * SECTOR])
@@ -159,19 +159,24 @@ def test_truncate_inside_an_extent(env):
 def test_fsck_finds_overlapping_and_malformed_extents(env):
     fs = env.fs
     f = mkfile(fs, ROOT_INODE, b"f", os.urandom(2 * BLOCK))
+    g = mkfile(fs, ROOT_INODE, b"g", os.urandom(BLOCK))
     fs.commit()
-    (s0, n0, a0), _ = extents(fs, f)
+    ((_s, n, a0),) = extents(fs, f)
     fs.db.change("INSERT INTO extents (inode, sector, nsect, addr, csums) VALUES (?, 3, 2, ?, ?)",
                  (f, a0 + 3, bytes(16)))  # overlaps the first extent in the file
-    fs.db.change("UPDATE extents SET csums=? WHERE inode=? AND sector=16", (bytes(8), f))
+    fs.db.change("UPDATE extents SET csums=? WHERE inode=?", (bytes(8), g))
+    fs.db.change("INSERT INTO extents (inode, sector, nsect, addr, csums) VALUES (?, ?, 2, ?, ?)",
+                 (g, GROUP_SECTORS - 1, a0, bytes(16)))  # crosses a group boundary
     fs.db.commit()
     report = fsck.check(env.db, env.vol)
     text = "\n".join(report.problems)
     assert "overlaps the extent before it" in text and "malformed checksums" in text
-    assert f in report.damaged_files
+    assert "impossible shape" in text
+    assert f in report.damaged_files and g in report.damaged_files
     report = fsck.check(env.db, env.vol, repair=True)
     assert fsck.check(env.db, env.vol).clean
-    assert [r[:2] for r in extents(fs, f)] == [(0, GROUP_SECTORS)]
+    assert [r[:2] for r in extents(fs, f)] == [(0, n)]
+    assert extents(fs, g) == []
 
 
 # --- format 2 -------------------------------------------------------------------------------
@@ -184,10 +189,12 @@ def to_format_2(env: Env, ino: int) -> None:
     fs = env.fs
     rows = []
     for sector, nsect, addr in extents(fs, ino):
-        assert sector % GROUP_SECTORS == 0
-        data = fs.volume.read(addr * SECTOR, nsect * SECTOR)
-        blkno = sector // GROUP_SECTORS
-        rows.append((ino, blkno, addr, nsect, block_checksum(data, ino, blkno)))
+        assert sector % 16 == 0
+        for at in range(sector, sector + nsect, 16):  # one row per 64 KiB block
+            n = min(16, sector + nsect - at)
+            where = addr + at - sector
+            data = fs.volume.read(where * SECTOR, n * SECTOR)
+            rows.append((ino, at // 16, where, n, block_checksum(data, ino, at // 16)))
     env.close()
     db = MetaDB(env.meta)
     db.execute("CREATE TABLE blocks (inode INTEGER NOT NULL, blkno INTEGER NOT NULL, "

@@ -1,8 +1,8 @@
 """The block map: where each stored 4 KiB sector of a file lives on the volume, and its checksum.
 
 A file's stored contents are extents: runs of consecutive file sectors kept in consecutive
-volume sectors. An extent never crosses a group boundary (GROUP_SECTORS sectors, 64 KiB), so
-rows stay small and a lookup knows how far back to search. Every sector has its own xxh3
+volume sectors. An extent never crosses a group boundary (GROUP_SECTORS sectors, 1 MiB), so
+rows stay bounded and a lookup knows how far back to search. Every sector has its own xxh3
 checksum, seeded with the inode and the file sector, so a write of one sector replaces just
 that sector (no read of its neighbours) and a read checks only the sectors it returns.
 File sectors in no extent are holes (zeros). A file's extents never overlap.
@@ -29,8 +29,9 @@ from vfs.metadb import MetaDB
 
 log = logging.getLogger(__name__)
 
-GROUP_SECTORS = 16
+GROUP_SECTORS = 256
 GROUP = GROUP_SECTORS * SECTOR
+FORMAT2_BLOCK_SECTORS = 16  # a format-2 row: one 64 KiB block
 _MASK64 = (1 << 64) - 1
 _MASK63 = (1 << 63) - 1
 _GOLDEN = 0x9E3779B97F4A7C15
@@ -134,7 +135,7 @@ class ExtentMap:
             a, b = max(lo, e.sector), min(hi, e.end)
             piece = raw[(a - lo) * SECTOR : (b - lo) * SECTOR]
             if e.csums is None:
-                ok = block_checksum(piece, ino, e.sector // GROUP_SECTORS) == e.row_csum
+                ok = block_checksum(piece, ino, e.sector // FORMAT2_BLOCK_SECTORS) == e.row_csum
             else:
                 ok = sector_checksums(piece, ino, a) == e.csums[(a - e.sector) * _CSUM:
                                                                 (b - e.sector) * _CSUM]

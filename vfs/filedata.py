@@ -1,6 +1,6 @@
 """File contents: per-file dirty buffers over the block map (vfs/extents.py) on the volume.
 
-A file is cut into blocks of BLOCK bytes (one extent group). Writes gather in dirty blocks: the
+A file is cut into blocks of BLOCK bytes. Writes gather in dirty blocks: the
 4 KiB sectors written, each in a buffer of its own. Whole blocks go to the volume at once, as
 do blocks a sequential writer completes; the rest wait for the next write-out. Only the sectors
 written are stored, each to newly allocated volume sectors (copy-on-write); the sectors they
@@ -18,13 +18,13 @@ from typing import Protocol
 import numpy as np
 
 from vfs.alloc import SECTOR, Allocator
-from vfs.extents import GROUP, GROUP_SECTORS, Extent, ExtentMap, sector_checksums
+from vfs.extents import GROUP_SECTORS, Extent, ExtentMap, sector_checksums
 from vfs.metadb import MetaDB
 
 log = logging.getLogger(__name__)
 
-BLOCK = GROUP
-SECTORS_PER_BLOCK = GROUP_SECTORS
+BLOCK = 64 * 1024
+SECTORS_PER_BLOCK = BLOCK // SECTOR
 DIRTY_LIMIT = 64 * 1024 * 1024
 _ZERO_SECTOR = bytes(SECTOR)
 
@@ -53,6 +53,15 @@ def _sector_runs(indices) -> list[tuple[int, int]]:
             out[-1] = (out[-1][0], s + 1)
         else:
             out.append((s, s + 1))
+    return out
+
+
+def _offsets(bufs: list) -> list[int]:
+    """The sector at which each buffer starts, counting from the first."""
+    out, at = [], 0
+    for b in bufs:
+        out.append(at)
+        at += len(b) // SECTOR
     return out
 
 
@@ -150,13 +159,16 @@ class FileData:
         sequential = self._seq_end.get(ino) == offset
         full: list[tuple[int, memoryview]] = []
         part: list[tuple[int, Sectors]] = []
+        fb0, fb1 = -(-offset // BLOCK), end // BLOCK  # the blocks the write covers whole
+        if fb1 > fb0:
+            for blk in [b for b in dirty if fb0 <= b < fb1]:
+                self._forget_block(dirty, blk)
+            full.append((fb0, view[fb0 * BLOCK - offset : fb1 * BLOCK - offset]))
         for blk in range(offset // BLOCK, (end - 1) // BLOCK + 1):
+            if fb0 <= blk < fb1:
+                continue
             bs = blk * BLOCK
             lo, hi = max(offset, bs), min(end, bs + BLOCK)
-            if lo == bs and hi == bs + BLOCK:
-                self._forget_block(dirty, blk)
-                full.append((blk, view[lo - offset : hi - offset]))
-                continue
             secs = dirty.get(blk)
             if secs is None:
                 secs = dirty[blk] = {}
@@ -193,25 +205,27 @@ class FileData:
 
     def store(self, ino: int, size: int, full: list[tuple[int, memoryview]],
               part: list[tuple[int, Sectors]]) -> None:
-        """Put whole blocks (`full`: block number, BLOCK bytes) and dirty sectors (`part`) of a
-        file of `size` bytes onto the volume and into the block map."""
+        """Put whole blocks (`full`: first block number, the bytes of one or more blocks) and
+        dirty sectors (`part`) of a file of `size` bytes onto the volume and into the block
+        map."""
         in_file = -(-size // SECTOR)
         cuts: list[tuple[int, int]] = []  # file sectors replaced
         pieces: list[list] = []  # runs of non-zero sectors: [first, count, buffers]
-        for blk, view in full:
+        for blk, view in full:  # whole blocks from one write: split only at groups and zeros
             first = blk * SECTORS_PER_BLOCK
-            n = min(SECTORS_PER_BLOCK, in_file - first)
+            n = min(len(view) // SECTOR, in_file - first)
             if n <= 0:
                 continue
             cuts.append((first, first + n))
-            nonzero = np.frombuffer(view, np.uint64).reshape(SECTORS_PER_BLOCK, -1).any(axis=1)
+            nonzero = np.frombuffer(view, np.uint64).reshape(-1, SECTOR // 8).any(axis=1)
             s = 0
             while s < n:
                 if not nonzero[s]:
                     s += 1
                     continue
                 t = s + 1
-                while t < n and nonzero[t]:
+                limit = min(n, (first + s) // GROUP_SECTORS * GROUP_SECTORS + GROUP_SECTORS - first)
+                while t < limit and nonzero[t]:
                     t += 1
                 pieces.append([first + s, t - s, [view[s * SECTOR : t * SECTOR]]])
                 s = t
@@ -259,8 +273,15 @@ class FileData:
             bufs = [b for p in pieces[i:j] for b in p[2]]
             self.volume.write(starts[i] * SECTOR, bufs[0] if len(bufs) == 1 else b"".join(bufs))
             for (first, n, pbufs), start in zip(pieces[i:j], starts[i:j], strict=True):
-                data = pbufs[0] if len(pbufs) == 1 else b"".join(pbufs)
-                out.append(Extent(first, n, start, sector_checksums(data, ino, first), None))
+                csums = b"".join(sector_checksums(b, ino, first + k)
+                                 for b, k in zip(pbufs, _offsets(pbufs), strict=True))
+                e = out[-1] if out else None
+                if e is not None and e.end == first and e.addr + e.nsect == start \
+                        and e.sector // GROUP_SECTORS == first // GROUP_SECTORS:
+                    e.nsect += n  # one extent for what is back to back in file and volume
+                    e.csums += csums  # type: ignore[operator]
+                else:
+                    out.append(Extent(first, n, start, csums, None))
             i = j
         return out
 

@@ -668,8 +668,15 @@ class Filesystem(RenameOps, XattrOps):
             "namemax": NAME_MAX,
         }
 
-    def commit(self) -> None:
-        """Make every change so far durable: file data first, then the metadata."""
+    def commit(self, head_start: bool = False) -> None:
+        """Make every change so far durable: file data first, then the metadata.
+
+        `head_start` first flushes the volume without the lock, so the data already written
+        reaches the disk while writers go on, and the locked part has less to wait for (the
+        background commit).
+        """
+        if head_start and not self._closed:
+            self.volume.flush()
         with self.lock:
             self._check_open()
             self.alloc.mark()

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from vfs.alloc import SECTOR
 from vfs.attrs import QUERY_XATTR, ROOT_INODE
 from vfs.errors import FSError
-from vfs.extents import GROUP_SECTORS, Extent, ExtentMap
+from vfs.extents import FORMAT2_BLOCK_SECTORS, GROUP_SECTORS, Extent, ExtentMap
 from vfs.fs import RESERVED_SECTORS
 from vfs.metadb import MetaDB
 
@@ -217,7 +217,8 @@ class Checker:
                 bad = f"has an impossible shape ({nsect} sectors at volume sector {addr})"
             elif (csums is None) == (row_csum is None) or \
                     (csums is not None and len(csums) != 8 * nsect) or \
-                    (row_csum is not None and sector % GROUP_SECTORS):
+                    (row_csum is not None and (sector % FORMAT2_BLOCK_SECTORS
+                                              or nsect > FORMAT2_BLOCK_SECTORS)):
                 bad = "has malformed checksums"
             elif sector * SECTOR >= size:
                 bad = f"lies past the end of the file ({size} bytes)"

@@ -358,9 +358,9 @@ class View:
         """Sizes for statfs(2)."""
         return self.fs.statfs()
 
-    def commit(self) -> None:
-        """Make every change durable."""
-        self.fs.commit()
+    def commit(self, head_start: bool = False) -> None:
+        """Make every change durable (see Filesystem.commit)."""
+        self.fs.commit(head_start)
 
     def needs_commit(self) -> bool:
         """True if there are changes not yet durable."""
