@@ -14,6 +14,7 @@ from test_vfs_unit import Env, errno_of, mkfile, read_all
 from vfs import fsck
 from vfs.alloc import SECTOR
 from vfs.attrs import ROOT_INODE, SetAttr
+from vfs.errors import FSError
 from vfs.extents import GROUP_SECTORS, block_checksum
 from vfs.filedata import BLOCK
 from vfs.metadb import FORMAT_VERSION, MetaDB
@@ -240,3 +241,23 @@ def test_format_2_blocks_are_read_checked_and_split(env):
     report = fsck.check(env.db, env.vol, verify_data=True)
     assert f in report.damaged_files
 
+
+
+def test_big_write_into_block_sized_holes(env):
+    """Free space only in block-sized pieces: a 1 MiB write that was accepted is stored in
+    those pieces (space is promised block by block, so no larger free extent is needed)."""
+    fs = env.fs
+    files = []
+    with pytest.raises(FSError) as exc:
+        while True:
+            files.append(mkfile(fs, ROOT_INODE, b"f%d" % len(files), os.urandom(BLOCK)))
+    assert exc.value.errno == errno.ENOSPC
+    for k in range(0, len(files) - 1, 2):
+        fs.unlink(ROOT_INODE, b"f%d" % k)
+    fs.commit()
+    data = os.urandom(1 << 20)
+    g = mkfile(fs, ROOT_INODE, b"big", data)
+    fs.commit()
+    assert read_all(fs, g) == data
+    assert len(extents(fs, g)) > 1  # in pieces
+    check_clean(env)

@@ -258,32 +258,58 @@ class FileData:
             self.db.change("UPDATE inodes SET sectors=sectors+? WHERE id=?", (delta, ino))
 
     def _write_pieces(self, ino: int, pieces: list[list]) -> list[Extent]:
-        """Write runs of file sectors ([first sector, count, buffers]) to newly allocated
-        volume sectors; returns their extents."""
-        if not pieces:
+        """Write runs of file sectors ([first sector, count, buffers]: one buffer for the run,
+        or one per sector) to newly allocated volume sectors; returns their extents.
+
+        Space is allocated block by block (as it was promised), so a run needs no free extent
+        larger than a block; runs placed back to back go to the volume in one write, straight
+        from a run's own buffer when it is the only one.
+        """
+        units: list[tuple[int, int, int]] = []  # (piece, first sector, count): within a block
+        for p, (first, n, _bufs) in enumerate(pieces):
+            at = first
+            while at < first + n:
+                stop = min(first + n, (at // SECTORS_PER_BLOCK + 1) * SECTORS_PER_BLOCK)
+                units.append((p, at, stop - at))
+                at = stop
+        if not units:
             return []
-        sizes = [p[1] for p in pieces]
-        starts = self.alloc.allocate_each(sizes)
-        out = []
+        starts = self.alloc.allocate_each([u[2] for u in units])
+        out: list[Extent] = []
         i = 0
-        while i < len(pieces):
+        while i < len(units):
             j = i + 1
-            while j < len(pieces) and starts[j] == starts[j - 1] + sizes[j - 1]:
+            while j < len(units) and starts[j] == starts[j - 1] + units[j - 1][2]:
                 j += 1
-            bufs = [b for p in pieces[i:j] for b in p[2]]
-            self.volume.write(starts[i] * SECTOR, bufs[0] if len(bufs) == 1 else b"".join(bufs))
-            for (first, n, pbufs), start in zip(pieces[i:j], starts[i:j], strict=True):
-                csums = b"".join(sector_checksums(b, ino, first + k)
-                                 for b, k in zip(pbufs, _offsets(pbufs), strict=True))
+            run = [self._unit_bufs(pieces[p], at, n) for p, at, n in units[i:j]]
+            p0 = units[i][0]
+            if all(u[0] == p0 for u in units[i:j]) and len(pieces[p0][2]) == 1:
+                first, _n, (buf,) = pieces[p0]  # one piece's own buffer: no copy
+                a, b = units[i][1] - first, units[j - 1][1] + units[j - 1][2] - first
+                data = buf[a * SECTOR : b * SECTOR]
+            else:
+                data = b"".join(x for bufs in run for x in bufs)
+            self.volume.write(starts[i] * SECTOR, data)
+            for (_p, at, n), start, bufs in zip(units[i:j], starts[i:j], run, strict=True):
+                csums = b"".join(sector_checksums(x, ino, at + k)
+                                 for x, k in zip(bufs, _offsets(bufs), strict=True))
                 e = out[-1] if out else None
-                if e is not None and e.end == first and e.addr + e.nsect == start \
-                        and e.sector // GROUP_SECTORS == first // GROUP_SECTORS:
+                if e is not None and e.end == at and e.addr + e.nsect == start \
+                        and e.sector // GROUP_SECTORS == at // GROUP_SECTORS:
                     e.nsect += n  # one extent for what is back to back in file and volume
                     e.csums += csums  # type: ignore[operator]
                 else:
-                    out.append(Extent(first, n, start, csums, None))
+                    out.append(Extent(at, n, start, csums, None))
             i = j
         return out
+
+    @staticmethod
+    def _unit_bufs(piece: list, at: int, n: int) -> list:
+        """The buffers of file sectors [at, at + n) of a piece."""
+        first, count, bufs = piece
+        if len(bufs) == count:  # one buffer per sector
+            return bufs[at - first : at - first + n]
+        return [bufs[0][(at - first) * SECTOR : (at - first + n) * SECTOR]]
 
     def write_out(self, ino: int, size: int) -> None:
         """Store every dirty block of one file."""
