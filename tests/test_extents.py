@@ -9,6 +9,7 @@ import os
 import random
 
 import pytest
+import test_vfs_unit
 from test_vfs_unit import Env, errno_of, mkfile, read_all
 
 from vfs import fsck
@@ -19,13 +20,7 @@ from vfs.extents import GROUP_SECTORS, block_checksum
 from vfs.filedata import BLOCK
 from vfs.metadb import FORMAT_VERSION, MetaDB
 
-
-@pytest.fixture
-def env(tmp_path):
-    e = Env(tmp_path)
-    yield e
-    if e.fs is not None:
-        e.close()
+env = test_vfs_unit.env  # the fixture: a filesystem on a small raidz2 volume, reopenable
 
 
 def extents(fs, ino: int) -> list[tuple[int, int, int]]:
