@@ -47,10 +47,12 @@ def test_byte_model_at_sector_edges(env):
     f = mkfile(fs, ROOT_INODE, b"f")
     model = bytearray()
     rng = random.Random(11)
+    group = GROUP_SECTORS * SECTOR  # extents never cross these
     edges = [0, 1, SECTOR - 1, SECTOR, SECTOR + 1, 3 * SECTOR, BLOCK - SECTOR, BLOCK - 1, BLOCK,
-             BLOCK + SECTOR - 1, 5 * BLOCK + 7 * SECTOR]
+             BLOCK + SECTOR - 1, 5 * BLOCK + 7 * SECTOR, group - BLOCK - 5, group - SECTOR,
+             group - 1, group, group + SECTOR + 3]
     for step in range(300):
-        off = rng.choice(edges + [len(model), rng.randrange(6 * BLOCK)])
+        off = rng.choice(edges + [len(model), rng.randrange(group + 2 * BLOCK)])
         n = rng.choice([1, 100, SECTOR - 1, SECTOR, SECTOR + 1, 2 * SECTOR, BLOCK, BLOCK + 3])
         data = bytes(n) if rng.random() < 0.15 else rng.randbytes(n)
         fs.write(f, off, data)

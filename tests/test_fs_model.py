@@ -32,8 +32,8 @@ NAMES = ["a", "b", "c", "a", "b", "c", LONG, TOO_LONG]
 TARGETS = ["a", "b", "a/b", "c/a/b", "missing", LONG, "a/" + LONG]
 MODES = [0o755, 0o700, 0o644, 0o600, 0o000, 0o1777, 0o2755, 0o4755, 0o777]
 XATTR_NAMES = ["user.a", "user.b", "trusted.t"]
-OFFSETS = [0, 1, 4095, 4096, 65535, 65536, 65537, 131072, 200_000, 300_001]
-SIZES = [0, 1, 100, 4096, 65535, 65536, 65537, 150_000, 310_000]
+OFFSETS = [0, 1, 4095, 4096, 65535, 65536, 65537, 131072, 200_000, 300_001, 1_040_000, 1_048_576]
+SIZES = [0, 1, 100, 4096, 65535, 65536, 65537, 150_000, 310_000, 1_048_580]
 OPEN_FLAGS = [
     os.O_RDONLY, os.O_WRONLY, os.O_RDWR,
     os.O_RDWR | os.O_CREAT, os.O_WRONLY | os.O_CREAT | os.O_EXCL,
