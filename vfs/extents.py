@@ -104,10 +104,6 @@ class ExtentMap:
             "AND e.sector BETWEEN j.value->>0 - ? AND j.value->>1 - 1 "
             "AND e.sector + e.nsect > j.value->>0", (json.dumps(spans), ino, GROUP_SECTORS - 1))]
 
-    def all_of(self, ino: int) -> list[tuple[int, int]]:
-        """(addr, nsect) of every extent of a file."""
-        return list(self.db.rows("SELECT addr, nsect FROM extents WHERE inode=?", (ino,)))
-
     # --- checked reads --------------------------------------------------------------------
 
     def read_run(self, ino: int, run: list[Extent], lo: int, hi: int) -> tuple[memoryview, int]:
@@ -213,19 +209,14 @@ class ExtentMap:
             "INSERT INTO extents (inode, sector, nsect, addr, csums) VALUES (?, ?, ?, ?, ?)",
             [(ino, e.sector, e.nsect, e.addr, e.csums) for e in insert])
 
-    def cut_from(self, ino: int, first: int) -> tuple[list[int], list[Extent],
-                                                      list[tuple[int, int]]]:
-        """Plan removing every sector of a file from `first` on (see `cut`)."""
+    def truncate(self, ino: int, first: int) -> list[tuple[int, int]]:
+        """Remove every sector of a file from `first` on; returns the freed (addr, nsect)
+        pieces of the volume."""
         straddling = [e for e in self.overlapping(ino, first, first) if e.sector < first]
         delete, keep, freed = self.cut(ino, straddling, [(first, first + GROUP_SECTORS)])
-        rows = list(self.db.rows(
-            "SELECT sector, addr, nsect FROM extents WHERE inode=? AND sector>=?", (ino, first)))
-        delete += [r[0] for r in rows]
-        freed += [(r[1], r[2]) for r in rows]
-        return delete, keep, freed
-
-    def drop(self, ino: int) -> list[tuple[int, int]]:
-        """Delete every extent of a file; returns the (addr, nsect) pieces it held."""
-        held = self.all_of(ino)
-        self.db.change("DELETE FROM extents WHERE inode=?", (ino,))
-        return held
+        self.apply(ino, delete, keep)
+        gone = list(self.db.rows(
+            "SELECT addr, nsect FROM extents WHERE inode=? AND sector>=?", (ino, first)))
+        if gone:
+            self.db.change("DELETE FROM extents WHERE inode=? AND sector>=?", (ino, first))
+        return freed + gone

@@ -203,6 +203,12 @@ class FileData:
             self.dirty_blocks -= 1
             self.dirty_bytes -= SECTOR * len(secs)
 
+    def _forget_file(self, ino: int) -> None:
+        """Drop all of a file's dirty sectors (stored or deleted)."""
+        dirty = self.dirty.pop(ino, None) or {}
+        self.dirty_blocks -= len(dirty)
+        self.dirty_bytes -= SECTOR * sum(len(secs) for secs in dirty.values())
+
     def store(self, ino: int, size: int, full: list[tuple[int, memoryview]],
               part: list[tuple[int, Sectors]]) -> None:
         """Put whole blocks (`full`: first block number, the bytes of one or more blocks) and
@@ -318,9 +324,7 @@ class FileData:
             self.dirty.pop(ino, None)
             return
         self.store(ino, size, [], sorted(dirty.items()))
-        for blk in list(dirty):
-            self._forget_block(dirty, blk)
-        del self.dirty[ino]
+        self._forget_file(ino)
 
     def write_out_all(self, size_of=None) -> None:
         """Store every dirty block of every file."""
@@ -347,9 +351,8 @@ class FileData:
             for s in [s for s in secs if last * SECTORS_PER_BLOCK + s >= keep]:
                 del secs[s]
                 self.dirty_bytes -= SECTOR
-        delete, kept, freed = self.map.cut_from(ino, keep)
-        if delete:
-            self.map.apply(ino, delete, kept)
+        freed = self.map.truncate(ino, keep)
+        if freed:
             for addr, n in freed:
                 self.alloc.hold(addr, n)
             self.db.change("UPDATE inodes SET sectors=sectors-? WHERE id=?",
@@ -373,13 +376,11 @@ class FileData:
 
     def drop(self, ino: int, stored: bool = True) -> None:
         """Forget a deleted file's contents and free its sectors (`stored`: it has some)."""
-        dirty = self.dirty.pop(ino, None)
-        for blk in list(dirty or ()):
-            self._forget_block(dirty, blk)  # type: ignore[arg-type]
+        self._forget_file(ino)
         self._seq_end.pop(ino, None)
         if not stored:
             return
-        for addr, nsect in self.map.drop(ino):
+        for addr, nsect in self.map.truncate(ino, 0):
             self.alloc.hold(addr, nsect)
 
     def dirty_sectors(self, ino: int) -> int:

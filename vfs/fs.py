@@ -22,6 +22,7 @@ from typing import Any
 
 from vfs.alloc import SECTOR, Allocator
 from vfs.attrs import NAME_MAX, ROOT_INODE, Attr, Caller, DirEntry, SetAttr, check_name
+from vfs.content import ContentOps
 from vfs.errors import FSError
 from vfs.filedata import BLOCK, SECTORS_PER_BLOCK, FileData, VolumeLike
 from vfs.metadb import MetaDB
@@ -34,7 +35,6 @@ __all__ = ["RENAME_EXCHANGE", "RENAME_NOREPLACE", "XATTR_CREATE", "XATTR_REPLACE
 
 log = logging.getLogger(__name__)
 
-MAX_FILE_SIZE = 1 << 44  # 16 TiB, as ext4 with 4 KiB blocks
 LINK_MAX = 65000
 RESERVED_SECTORS = 2 * BLOCK // SECTOR  # the two metadata-copy superblocks at the start
 DIR_SIZE = 4096
@@ -44,7 +44,7 @@ _INODE_COLS = "id, mode, nlink, uid, gid, size, rdev, atime_ns, mtime_ns, ctime_
 JOINED_COLUMNS = ", ".join("i." + c.strip() for c in _INODE_COLS.split(","))
 
 
-class Filesystem(RenameOps, XattrOps):
+class Filesystem(ContentOps, RenameOps, XattrOps):
     """A mounted dwfs filesystem: metadata database + file contents on the volume."""
 
     def __init__(self, db: MetaDB, volume: VolumeLike) -> None:
@@ -320,23 +320,6 @@ class Filesystem(RenameOps, XattrOps):
         self.db.change(f"UPDATE inodes SET {', '.join(sets)} WHERE id=?", (*args, ino))
         return self._attr(self._row(ino))
 
-    def _check_truncatable(self, r: tuple, size: int) -> None:
-        if stat.S_ISDIR(r[1]):
-            raise FSError(errno.EISDIR, f"inode {r[0]} is a directory")
-        if not stat.S_ISREG(r[1]):
-            raise FSError(errno.EINVAL, f"inode {r[0]} is not a regular file")
-        if size < 0:
-            raise FSError(errno.EINVAL, f"negative size {size}")
-        if size > MAX_FILE_SIZE:
-            raise FSError(errno.EFBIG, f"size {size} is past the largest file ({MAX_FILE_SIZE})")
-
-    def _truncate(self, r: tuple, size: int) -> None:
-        self._check_truncatable(r, size)
-        if size < r[5] and size % BLOCK:
-            self._reserve(r[0], size // BLOCK, size // BLOCK)
-        self.data.truncate(r[0], r[5], size)
-        self.db.change("UPDATE inodes SET size=? WHERE id=?", (size, r[0]))
-
     # --- creating names -----------------------------------------------------------------------
 
     def _make(self, parent: int, name: bytes, mode: int, caller: Caller, rdev: int = 0,
@@ -479,41 +462,7 @@ class Filesystem(RenameOps, XattrOps):
         self._touch(parent, now=now)
         self._maybe_free(ino)
 
-    # --- open files ---------------------------------------------------------------------------
-
-    @operation
-    def open(self, ino: int, flags: int) -> Attr:
-        """Open an inode; O_TRUNC empties a regular file (even opened O_RDONLY, as Linux does:
-        the kernel has checked write permission)."""
-        r = self._row(ino)
-        if flags & os.O_TRUNC and stat.S_ISREG(r[1]):
-            if r[5]:
-                self._truncate(r, 0)
-            self._touch(ino)
-        self.opens[ino] = self.opens.get(ino, 0) + 1
-        return self._attr(self._row(ino))
-
-    @operation
-    def release(self, ino: int) -> None:
-        """Close one open of an inode; an unlinked inode goes with its last close."""
-        n = self.opens.get(ino, 0) - 1
-        if n > 0:
-            self.opens[ino] = n
-            return
-        self.opens.pop(ino, None)
-        self._maybe_free(ino)
-
-    @operation
-    def read(self, ino: int, offset: int, length: int) -> bytes | bytearray | memoryview:
-        """Up to `length` bytes at `offset`; updates atime as relatime does."""
-        r = self._row(ino)
-        if stat.S_ISDIR(r[1]):
-            raise FSError(errno.EISDIR, f"inode {ino} is a directory")
-        if offset < 0:
-            raise FSError(errno.EINVAL, f"negative offset {offset}")
-        data = self.data.read(ino, r[5], offset, length)
-        self._accessed(r)
-        return data
+    # --- times and bulk changes (open files and contents: vfs/content.py) ----------------------
 
     def _accessed(self, r: tuple) -> None:
         """Update atime as relatime does: when it is not newer than mtime or ctime, or a day
@@ -521,88 +470,6 @@ class Filesystem(RenameOps, XattrOps):
         now = now_ns()
         if r[7] <= r[8] or r[7] <= r[9] or now - r[7] > RELATIME_SECONDS * 10**9:
             self.db.change("UPDATE inodes SET atime_ns=? WHERE id=?", (now, r[0]))
-
-    def _blocks_short(self, ino: int, first: int, last: int) -> int:
-        """How many block-sized pieces of free space are missing to make blocks first..last of
-        a file dirty.
-
-        Space is promised before it is used: every dirty block (and every block a change is
-        about to dirty) may need a whole block of contiguous new sectors when it is written
-        out (copy-on-write), so a write accepted now can always be stored by the next commit.
-        Free space is counted in whole-block pieces (fragments smaller than a block cannot
-        hold one), with one piece to spare for an allocation that splits a piece.
-        """
-        dirty = self.data.dirty.get(ino, {})
-        if last - first < len(dirty):
-            already = sum(1 for b in range(first, last + 1) if b in dirty)
-        else:
-            already = sum(1 for b in dirty if first <= b <= last)
-        blocks = self.data.dirty_blocks + (last - first + 1) - already
-        return max(0, blocks + 1 - self.alloc.runs)
-
-    def _reserve(self, ino: int, first: int, last: int) -> None:
-        """Make sure blocks first..last of a file can become dirty, else raise ENOSPC.
-
-        Sectors freed since the last commit (deleted files, overwritten blocks) become usable
-        only after a commit, so one is made when the free ones do not suffice.
-        """
-        if not self._blocks_short(ino, first, last):
-            return
-        if self._depth == 0 and (self.alloc.held_count or self.needs_commit()):
-            self.commit()
-        short = self._blocks_short(ino, first, last)
-        if short:
-            raise FSError(errno.ENOSPC, f"no space left on the volume ({short} blocks short)")
-
-    def _check_write(self, ino: int, offset: int, n: int) -> tuple:
-        r = self._row(ino)
-        if not stat.S_ISREG(r[1]):
-            raise FSError(errno.EISDIR if stat.S_ISDIR(r[1]) else errno.EINVAL,
-                          f"inode {ino} is not a regular file")
-        if offset < 0:
-            raise FSError(errno.EINVAL, f"negative offset {offset}")
-        if offset + n > MAX_FILE_SIZE:
-            raise FSError(errno.EFBIG, f"write past the largest file size ({MAX_FILE_SIZE})")
-        return r
-
-    def write(self, ino: int, offset: int, data: bytes | memoryview,
-              keep_times: bool = False) -> int:
-        """Write bytes at `offset`; returns how many were written. `keep_times` stores
-        content without changing mtime and ctime (a ghost's content arriving).
-
-        ENOSPC comes before anything changes: a failed write leaves the file as it was.
-        """
-        with self.lock:
-            self._check_open()
-            n = len(data)
-            self._check_write(ino, offset, n)
-            if n:
-                self._reserve(ino, offset // BLOCK, (offset + n - 1) // BLOCK)
-            return self._write(ino, offset, data, keep_times)
-
-    @operation
-    def _write(self, ino: int, offset: int, data: bytes | memoryview,
-               keep_times: bool = False) -> int:
-        r = self._check_write(ino, offset, len(data))
-        n = len(data)
-        if n == 0:
-            return 0
-        new_size = self.data.write(ino, r[5], offset, data)
-        if keep_times:
-            if new_size != r[5]:
-                self.db.change("UPDATE inodes SET size=? WHERE id=?", (new_size, ino))
-            return n
-        now = now_ns()
-        self.db.change("UPDATE inodes SET size=?, mtime_ns=?, ctime_ns=? WHERE id=?",
-                       (new_size, now, now, ino))
-        return n
-
-    @operation
-    def drop_content(self, ino: int) -> None:
-        """Free every stored block of a file, keeping its size (it reads as a hole until
-        its content is stored again: only for ghosts, whose reads are guarded)."""
-        self.data.drop(ino)
-        self.db.change("UPDATE inodes SET sectors=0 WHERE id=?", (ino,))
 
     @operation
     def atomically(self, fn: Callable[..., T], *args: Any) -> T:
