@@ -7,6 +7,8 @@ import ctypes.util
 import errno
 import logging
 import os
+import queue
+import threading
 
 from backends.member import Member, MemberIOError
 
@@ -36,6 +38,41 @@ def _skip(buffers: list[memoryview], n: int) -> list[memoryview]:
     return []
 
 
+class _Prefetcher:
+    """One background thread that hands read-ahead hints to the kernel, so that the page-cache
+    work a hint starts (allocating pages, submitting the reads) runs beside the reader."""
+
+    def __init__(self) -> None:
+        self._queue: queue.SimpleQueue[tuple[BlockFileMember, int, int]] = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+        self._start = threading.Lock()
+        os.register_at_fork(after_in_child=self._forget_thread)
+
+    def submit(self, member: BlockFileMember, offset: int, length: int) -> None:
+        """Queue a hint that `member`'s bytes [offset, offset + length) will be read soon."""
+        if self._thread is None:
+            with self._start:
+                if self._thread is None:
+                    self._thread = threading.Thread(target=self._run, name="prefetch",
+                                                    daemon=True)
+                    self._thread.start()
+        self._queue.put((member, offset, length))
+
+    def _forget_thread(self) -> None:
+        # A forked child has none of the parent's threads: start a new one when needed.
+        self._queue = queue.SimpleQueue()
+        self._thread = None
+        self._start = threading.Lock()
+
+    def _run(self) -> None:
+        while True:
+            member, offset, length = self._queue.get()
+            member.advise_willneed(offset, length)
+
+
+_prefetcher = _Prefetcher()
+
+
 class BlockFileMember(Member):
     """A member backed by a host file: pread/pwrite, fdatasync on flush."""
 
@@ -44,6 +81,7 @@ class BlockFileMember(Member):
         self._fd = fd
         self.capacity = capacity
         self._unkicked = 0  # bytes written since writeback was last started
+        self._fd_lock = threading.Lock()  # closing waits for a hint in flight on the fd
 
     @classmethod
     def create(cls, path: str, capacity: int) -> BlockFileMember:
@@ -113,10 +151,17 @@ class BlockFileMember(Member):
             raise MemberIOError(self.path, "read", exc.strerror or str(exc)) from exc
 
     def prefetch(self, offset: int, length: int) -> None:
-        try:
-            os.posix_fadvise(self._fd, offset, length, os.POSIX_FADV_WILLNEED)
-        except OSError as exc:  # only a hint: reading will report real failures
-            log.debug("member %s: prefetch hint failed: %s", self.path, exc)
+        _prefetcher.submit(self, offset, length)
+
+    def advise_willneed(self, offset: int, length: int) -> None:
+        """Ask the kernel now to start reading [offset, offset + length) into its cache."""
+        with self._fd_lock:
+            if self._fd < 0:
+                return
+            try:
+                os.posix_fadvise(self._fd, offset, length, os.POSIX_FADV_WILLNEED)
+            except OSError as exc:  # only a hint: reading will report real failures
+                log.debug("member %s: prefetch hint failed: %s", self.path, exc)
 
     def _pwrite_all(self, offset: int, view: memoryview, flags: int = 0) -> int:
         """pwritev until all of `view` is written (RWF_* `flags`); returns the byte count."""
@@ -173,8 +218,9 @@ class BlockFileMember(Member):
             raise MemberIOError(self.path, "check", "the file was deleted")
 
     def close(self) -> None:
-        if self._fd >= 0:
-            try:
-                os.close(self._fd)
-            finally:
-                self._fd = -1
+        with self._fd_lock:
+            if self._fd >= 0:
+                try:
+                    os.close(self._fd)
+                finally:
+                    self._fd = -1

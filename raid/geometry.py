@@ -120,7 +120,7 @@ class Geometry:
         """Usable bytes of the volume."""
         return self.stripes * self.stripe_bytes
 
-    @property
+    @cached_property
     def data_offset(self) -> int:
         return data_offset(self.rows, self.members)
 
@@ -146,8 +146,17 @@ class Geometry:
         """(group, row) of logical stripe `stripe`."""
         return stripe % self.groups, stripe // self.groups
 
-    def column_slots(self, group: int, row: int) -> list[int]:
+    def column_slots(self, group: int, row: int) -> tuple[int, ...]:
         """Global member slot of each column (data 0..k-1, then parity) of a group's row."""
+        return self._placements[group][row % self.group_size]
+
+    @cached_property
+    def _placements(self) -> tuple[tuple[tuple[int, ...], ...], ...]:
+        # Placement repeats every group_size rows: work it out once per group and phase.
+        n = self.group_size
+        return tuple(tuple(tuple(self._place(g, r)) for r in range(n)) for g in range(self.groups))
+
+    def _place(self, group: int, row: int) -> list[int]:
         n = self.group_size
         k = self.k
         base = group * n

@@ -8,6 +8,7 @@ import itertools
 import os
 import random
 import shutil
+import time
 import zlib
 
 import pytest
@@ -437,3 +438,41 @@ def test_write_durable_reaches_the_member(tmp_path, kind):
     m = cls.open(path)
     assert m.read(0, 8192) == b"a" * 4096 + b"R" * 100 + b"a" * 3996
     m.close()
+
+
+def _cached(path: str, offset: int, length: int) -> bool:
+    """Whether the host's page cache holds [offset, offset + length) of `path` (a read that
+    must not wait for the disk succeeds)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        return os.preadv(fd, [bytearray(length)], offset, os.RWF_NOWAIT) == length
+    except BlockingIOError:
+        return False
+    finally:
+        os.close(fd)
+
+
+def test_prefetch_brings_member_data_into_the_cache(tmp_path):
+    """A read-ahead hint is carried out in the background (the data is in the host's cache
+    soon after, without a read), and hints still queued when a member closes are dropped."""
+    path = str(tmp_path / "m")
+    m = BlockFileMember.create(path, 8 << 20)
+    m.write(0, os.urandom(8 << 20))
+    m.flush()
+    fd = os.open(path, os.O_RDONLY)
+    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    os.close(fd)
+    assert not _cached(path, 1 << 20, 1 << 20)
+    m.prefetch(1 << 20, 1 << 20)
+    deadline = time.monotonic() + 10
+    while not _cached(path, 1 << 20, 1 << 20) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert _cached(path, 1 << 20, 1 << 20)
+    for i in range(64):  # closing with hints queued: they are dropped, nothing fails
+        m.prefetch(i * 4096, 4096)
+    m.close()
+    other = BlockFileMember.create(str(tmp_path / "n"), 1 << 20)
+    other.write(0, b"z" * 4096)
+    other.prefetch(0, 4096)  # the background thread is still serving hints
+    assert other.read(0, 4096) == b"z" * 4096
+    other.close()

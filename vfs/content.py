@@ -10,7 +10,7 @@ import stat
 from vfs.attrs import Attr
 from vfs.errors import FSError
 from vfs.filedata import BLOCK
-from vfs.ops import now_ns, operation
+from vfs.ops import now_ns, operation, query
 
 MAX_FILE_SIZE = 1 << 44  # 16 TiB, as ext4 with 4 KiB blocks
 
@@ -58,7 +58,7 @@ class ContentOps:
         self.data.truncate(r[0], r[5], size)
         self.db.change("UPDATE inodes SET size=? WHERE id=?", (size, r[0]))
 
-    @operation
+    @query
     def read(self, ino: int, offset: int, length: int) -> bytes | bytearray | memoryview:
         """Up to `length` bytes at `offset`; updates atime as relatime does."""
         r = self._row(ino)

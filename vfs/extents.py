@@ -46,10 +46,12 @@ def _seed(ino: int, n: int) -> int:
 def sector_checksums(data: bytes | bytearray | memoryview, ino: int, first: int) -> bytes:
     """Packed checksums of the whole sectors in `data`, which starts at file sector `first`."""
     view = memoryview(data)
-    base = ino * _GOLDEN + first
-    sums = [_hash(view[p : p + SECTOR], seed=(base + i) & _MASK64)
-            for i, p in enumerate(range(0, len(view), SECTOR))]
-    return struct.pack(f"<{len(sums)}Q", *sums)
+    n = len(view) // SECTOR
+    base = (ino * _GOLDEN + first) & _MASK64
+    seeds = range(base, base + n) if base + n <= _MASK64 else [(base + i) & _MASK64
+                                                               for i in range(n)]
+    sums = map(_hash, [view[p : p + SECTOR] for p in range(0, n * SECTOR, SECTOR)], seeds)
+    return struct.pack(f"<{n}Q", *sums)
 
 
 def block_checksum(data: bytes | bytearray | memoryview, ino: int, blkno: int) -> int:
