@@ -53,7 +53,7 @@ def with_volume(
     lock = WarehouseLock(cfg.directory)
     if lock.try_acquire():
         try:
-            volume = open_volume(cfg, allow_failed=read_only, resync=not read_only)
+            volume = open_volume(cfg, allow_failed=read_only, read_only=read_only)
             try:
                 return local(volume, cfg)
             finally:

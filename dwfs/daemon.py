@@ -61,6 +61,7 @@ class Daemon:
         self.rebuilding: set[int] = set()
         self.stopping = threading.Event()
         self.view: View | None = ops.fs if isinstance(ops, FuseOperations) else None
+        self.read_only = volume.read_only
         if self.view is not None:
             self.view.ghosts.dropped_hooks.append(
                 lambda ino: _invalidate(pyfuse3.invalidate_inode, ino))
@@ -68,6 +69,9 @@ class Daemon:
     def handle(self, op: dict, progress) -> object:
         """Carry out one control request (in a worker thread)."""
         name = op.get("op")
+        if self.read_only and (name in WRITING_REQUESTS or (name == "scrub" and op.get("repair"))):
+            raise WarehouseError(f"{self.mountpoint} is mounted read-only: no {name}"
+                                 f"{' --repair' if name == 'scrub' else ''}", errno.EROFS)
         if name == "ping":
             return {"pid": os.getpid(), "mountpoint": self.mountpoint,
                     "warehouse": self.cfg.directory}
@@ -127,12 +131,12 @@ class Daemon:
             nursery.start_soon(self._signals, nursery)
             nursery.start_soon(self._tune_readahead)
             nursery.start_soon(self._watch_members)
-            if self.fs is not None:
+            if self.fs is not None and not self.read_only:
                 nursery.start_soon(self._commit_periodically)
-            if self.view is not None:
+            if self.view is not None and not self.read_only:
                 nursery.start_soon(self._seal_ghosts)
             for s in self.volume.slots:
-                if s.state == "rebuilding":
+                if s.state == "rebuilding" and not self.read_only:
                     nursery.start_soon(self._resume_rebuild, s.index)
             ready()
             nursery.start_soon(trio.to_thread.run_sync, self._warm_codec)
@@ -243,12 +247,13 @@ def serve(warehouse: str, mountpoint: str, ready_fd: int | None, debug: bool = F
             )
         _log_to_file(cfg.directory, debug)
         _tune_malloc()
-        volume = open_volume(cfg)
+        read_only = "ro" in opts.fuse
+        volume = open_volume(cfg, read_only=read_only)
         if raw:
             ops = RawOperations(volume)
         else:
             queued = WriteBehind(volume)
-            fs = open_filesystem(cfg, queued)
+            fs = open_filesystem(cfg, queued, read_only=read_only)
             ops = FuseOperations(View(fs, cfg.ghost_cache_limit))
         fuse_options = set(pyfuse3.default_options)
         fuse_options |= {f"fsname={cfg.directory}", "subtype=dwfs", "default_permissions"}
@@ -298,10 +303,12 @@ def serve(warehouse: str, mountpoint: str, ready_fd: int | None, debug: bool = F
 
 
 def _close_filesystem(fs: Filesystem, warehouse: str) -> None:
-    """Commit, refresh the metadata copy on the volume and close the database."""
+    """Commit, refresh the metadata copy on the volume and close the database (read-only:
+    only close)."""
     try:
-        fs.commit()
-        write_copy(fs)
+        if not fs.db.read_only:
+            fs.commit()
+            write_copy(fs)
         fs.close()
     except OSError as exc:
         log.error("closing the filesystem of %s failed: %s", warehouse, exc)
@@ -313,6 +320,7 @@ def _close_filesystem(fs: Filesystem, warehouse: str) -> None:
             log.error("queued writes to %s failed: %s", warehouse, exc)
 
 
+WRITING_REQUESTS = ("replace", "ghost-import", "ghost-sync")
 COMMIT_SECONDS = 5.0
 SEAL_IDLE_SECONDS = 2.0
 METACOPY_SECONDS = 600.0

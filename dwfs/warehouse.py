@@ -180,13 +180,15 @@ class WarehouseLock:
             self._fd = -1
 
 
-def open_volume(cfg: WarehouseConfig, allow_failed: bool = False, resync: bool = True) -> Volume:
-    """Assemble the warehouse's array from the members listed in its config."""
+def open_volume(cfg: WarehouseConfig, allow_failed: bool = False, resync: bool = True,
+                read_only: bool = False) -> Volume:
+    """Assemble the warehouse's array from the members listed in its config (with
+    `read_only`, nothing is ever written to them)."""
     from backends import open_member
     from raid.assemble import assemble
 
     return assemble(cfg.member_paths(), cfg.array_uuid, open_member,
-                    allow_failed=allow_failed, resync=resync)
+                    allow_failed=allow_failed, resync=resync, read_only=read_only)
 
 
 def meta_path(cfg: WarehouseConfig) -> str:
@@ -220,8 +222,9 @@ def refresh_metadata_copy(db: MetaDB, volume) -> None:
     fs.close()
 
 
-def open_filesystem(cfg: WarehouseConfig, volume: Volume) -> Filesystem:
-    """The filesystem stored in an assembled warehouse volume."""
+def open_filesystem(cfg: WarehouseConfig, volume: Volume, read_only: bool = False) -> Filesystem:
+    """The filesystem stored in an assembled warehouse volume (with `read_only`, its metadata
+    database is opened read-only)."""
     from vfs.fs import Filesystem
     from vfs.metacopy import latest_copy
 
@@ -237,9 +240,17 @@ def open_filesystem(cfg: WarehouseConfig, volume: Volume) -> Filesystem:
             "restores it from the copy on the volume", errno.ENOENT)
     db = None
     try:
-        db = MetaDB(path)
+        db = MetaDB(path, read_only=read_only)
         return Filesystem(db, volume)  # reads the whole block map: finds most damage
-    except (FSError, apsw.Error) as exc:
+    except FSError as exc:
+        if db is not None:
+            db.close()
+        if exc.errno == errno.EROFS:  # intact, but needs a change a read-only mount cannot make
+            raise WarehouseError(exc.message, errno.EROFS) from exc
+        raise WarehouseError(
+            f"the metadata database {path} is damaged ({exc}); `dwfs fsck --repair "
+            f"{cfg.directory}` restores it from the copy on the volume", errno.EIO) from exc
+    except apsw.Error as exc:
         if db is not None:
             db.close()
         raise WarehouseError(

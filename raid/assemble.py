@@ -71,11 +71,14 @@ def assemble(
     opener: Opener,
     allow_failed: bool = False,
     resync: bool = True,
+    read_only: bool = False,
 ) -> Volume:
     """Open the members at `paths` (slot order), check their labels and start the volume.
 
     Missing members give a degraded start; stale, swapped and foreign members are refused and
     named. Beyond the level's tolerance this raises AssemblyError unless `allow_failed`.
+    With `read_only`, nothing is ever written to the members: no resync, no new labels, no
+    repairs (for a read-only mount).
     """
     slots: list[Slot] = []
     labels: dict[int, Label] = {}
@@ -127,6 +130,8 @@ def assemble(
         if s.state in ("stale",):
             del labels[slot]
     volume = Volume(geometry, array_uuid, slots, newest.events)
+    volume.read_only = read_only
+    resync = resync and not read_only
     state = volume.state()
     if state == "failed" and not allow_failed:
         reasons = "; ".join(f"slot {s.index} {s.state}: {s.reason}" for s in slots

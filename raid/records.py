@@ -26,6 +26,8 @@ class MemberRecords:
 
     def write_labels(self, clean: bool = False) -> None:
         """Write a new label (events + 1) to every working member and make it durable."""
+        if self.read_only:
+            return  # a failed member is known to this run only, as in `dwfs status`
         self.events += 1
         records = [
             SlotRecord(

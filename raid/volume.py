@@ -83,6 +83,7 @@ class Volume(MemberRecords):
         self._last_read_end = -1
         self._prefetched_until = 0
         self._closed = False
+        self.read_only = False  # set by assembly: nothing is written, not even repairs
 
     # --- public interface ---------------------------------------------------------------------
 
@@ -250,6 +251,8 @@ class Volume(MemberRecords):
     def write(self, offset: int, data: bytes | bytearray | memoryview) -> None:
         """Store `data` at `offset`; durable after the next flush."""
         view = memoryview(data).cast("B")
+        if self.read_only:
+            raise RaidError("the volume is open read-only", errno.EROFS)
         if offset < 0:
             raise RaidError(f"invalid write offset {offset}", errno.EINVAL)
         if offset + len(view) > self.capacity:
@@ -294,7 +297,7 @@ class Volume(MemberRecords):
         with self.lock:
             if self._closed:
                 return
-            if write:
+            if write and not self.read_only:
                 self._commit_all()
                 self._flush_locked()
                 self.write_labels(clean=True)
@@ -467,6 +470,10 @@ class Volume(MemberRecords):
     def rewrite_chunk(self, slot: int, row: int, data: np.ndarray) -> None:
         """Write repaired or rebuilt chunk data back to its member."""
         s = self.slots[slot]
+        if self.read_only:
+            log.warning("slot %d (%s): row %d left unrepaired: the volume is open read-only",
+                        slot, s.path, row)
+            return
         if not s.writable:
             return
         try:

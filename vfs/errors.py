@@ -20,5 +20,5 @@ class FSError(OSError):
 class MetadataError(FSError):
     """The metadata database is missing, unreadable or of an unknown format."""
 
-    def __init__(self, message: str) -> None:
-        super().__init__(errno.EIO, message)
+    def __init__(self, message: str, code: int = errno.EIO) -> None:
+        super().__init__(code, message)

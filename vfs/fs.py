@@ -64,7 +64,8 @@ class Filesystem(ContentOps, RenameOps, XattrOps):
         self._refs_lock = threading.Lock()
         self.freed_hooks: list[Callable[[int], None]] = []  # told of every inode freed
         self._look_for_capabilities()
-        self._free_orphans()
+        if not db.read_only:
+            self._free_orphans()  # a read-only mount leaves them for the next read-write one
 
     @classmethod
     def format(cls, db: MetaDB, uid: int, gid: int, mode: int = 0o755) -> None:
@@ -467,6 +468,8 @@ class Filesystem(ContentOps, RenameOps, XattrOps):
     def _accessed(self, r: tuple) -> None:
         """Update atime as relatime does: when it is not newer than mtime or ctime, or a day
         old."""
+        if self.db.read_only:
+            return
         now = now_ns()
         if r[7] <= r[8] or r[7] <= r[9] or now - r[7] > RELATIME_SECONDS * 10**9:
             self.db.change("UPDATE inodes SET atime_ns=? WHERE id=?", (now, r[0]))

@@ -283,6 +283,11 @@ class Ghosts:
                 if state != GHOST:
                     self._touch(ino)
                     return self.fs.read(ino, offset, length)
+                if self.db.read_only:
+                    log.warning("inode %d is a ghost: fetching it would store it, and the "
+                                "filesystem is read-only", ino)
+                    raise FSError(errno.EROFS, f"inode {ino} is a ghost; the filesystem is "
+                                  "read-only, so its content cannot be fetched and stored")
                 fetch = self.fetches.get(ino) or self._start(ino)
                 if fetch.covers(offset, length):
                     held = fetch.from_memory(offset, length)
@@ -294,6 +299,8 @@ class Ghosts:
                 raise FSError(fetch.error.errno, str(fetch.error))
 
     def _touch(self, ino: int) -> None:
+        if self.db.read_only:
+            return
         now = time.time_ns()
         if now - self._used.get(ino, 0) > USED_REFRESH_NS:
             self._used[ino] = now

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 from collections.abc import Iterable, Iterator
@@ -99,18 +100,23 @@ DROP TABLE blocks;
 class MetaDB:
     """One connection to a warehouse's metadata database, always inside a transaction."""
 
-    def __init__(self, path: str, create: bool = False) -> None:
+    def __init__(self, path: str, create: bool = False, read_only: bool = False) -> None:
         self.path = path
+        self.read_only = read_only
         exists = os.path.exists(path)
         if not exists and not create:
             raise MetadataError(f"metadata database {path} is missing")
         if exists and create:
             raise MetadataError(f"metadata database {path} already exists")
         try:
-            self.conn = apsw.Connection(path)
+            if read_only:
+                self.conn = apsw.Connection(path, flags=apsw.SQLITE_OPEN_READONLY)
+            else:
+                self.conn = apsw.Connection(path)
             self.conn.setbusytimeout(5000)
-            self.conn.execute("PRAGMA journal_mode=WAL")
-            self.conn.execute("PRAGMA synchronous=FULL")
+            if not read_only:
+                self.conn.execute("PRAGMA journal_mode=WAL")
+                self.conn.execute("PRAGMA synchronous=FULL")
             self.conn.execute("PRAGMA cache_size=-65536")
             self.conn.execute("PRAGMA temp_store=MEMORY")
             if create:
@@ -132,6 +138,10 @@ class MetaDB:
             row = self.conn.execute("SELECT value FROM settings WHERE key='format'").fetchone()
         except apsw.SQLError as exc:
             raise MetadataError(f"{self.path} is not a dwfs metadata database: {exc}") from exc
+        if row is not None and row[0] in (1, 2) and self.read_only:
+            raise MetadataError(
+                f"{self.path}: metadata format {row[0]} must be upgraded to {FORMAT_VERSION}, "
+                "which cannot be done read-only; mount it read-write once", errno.EROFS)
         if row is not None and row[0] in (1, 2):
             log.info("%s: upgrading the metadata from format %d to %d", self.path, row[0],
                      FORMAT_VERSION)
@@ -140,6 +150,8 @@ class MetaDB:
                 self.conn.execute(SCHEMA_3)  # format 3: extents
                 self.conn.execute("UPDATE settings SET value=? WHERE key='format'",
                                   (FORMAT_VERSION,))
+            return
+        if row is not None and row[0] == FORMAT_VERSION and self.read_only:
             return
         if row is not None and row[0] == FORMAT_VERSION:
             with self.conn:  # indexes added within format 2 (a no-op when present)

@@ -1,0 +1,107 @@
+"""A read-only mount (`-o ro`) serves everything and writes nothing to the warehouse."""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import os
+
+import pytest
+from mountutil import FsMount, dwfs, force_unmount, make_warehouse
+
+from dwfs.config import load_config
+from dwfs.warehouse import open_volume
+
+pytestmark = pytest.mark.timeout(300)
+
+# Written by every mount, read-only or not: the log, the lock, SQLite's shared-memory index.
+NOT_DATA = ("dwfs.log", ".dwfs.lock", "meta.db-shm")
+
+
+def snapshot(warehouse: str) -> dict[str, str]:
+    """sha256 of every file of the warehouse that holds data or metadata."""
+    out = {}
+    for root, _dirs, files in os.walk(warehouse):
+        for name in files:
+            path = os.path.join(root, name)
+            if name in NOT_DATA or (name == "meta.db-wal" and not os.path.getsize(path)):
+                continue  # an empty write-ahead log is no change
+            with open(path, "rb") as f:
+                out[os.path.relpath(path, warehouse)] = hashlib.file_digest(f, "sha256").hexdigest()
+    return out
+
+
+def expect_errno(code: int, fn, *args) -> None:
+    with pytest.raises(OSError) as info:
+        fn(*args)
+    assert info.value.errno == code, info.value
+
+
+@pytest.fixture
+def prepared(tmp_path):
+    """A warehouse holding files, a directory, a symlink, an attribute and a ghost, with one
+    member's first data chunks corrupted after the last read-write mount."""
+    m = FsMount(make_warehouse(tmp_path / "wh"), tmp_path / "mnt")
+    source = tmp_path / "source"
+    source.mkdir()
+    (source / "far.txt").write_bytes(b"fetched on first read\n" * 100)
+    big = os.urandom(3 << 20)
+    try:
+        m.mount()
+        with open(m.path("big.bin"), "wb") as f:
+            f.write(big)
+        with open(m.path("small.txt"), "wb") as f:
+            f.write(b"hello\n")
+        os.mkdir(m.path("dir"))
+        os.symlink("small.txt", m.path("link"))
+        os.setxattr(m.path("small.txt"), "user.project", b"apollo")
+        os.utime(m.path("small.txt"), (1_000_000_000, 1_000_000_000))  # atime due for update
+        os.mkdir(m.path("ghosts"))
+        dwfs("ghost", "import", str(source), m.path("ghosts"))
+        m.umount()
+        cfg = load_config(m.warehouse)
+        vol = open_volume(cfg, read_only=True)
+        offset = vol.geometry.data_offset
+        vol.close()
+        with open(cfg.member_paths()[0], "r+b") as f:  # rows 0-15 of slot 0
+            f.seek(offset)
+            f.write(os.urandom(16 * 65536))
+        yield m, big
+    finally:
+        force_unmount(m.mountpoint, m.warehouse)
+
+
+def test_read_only_mount_serves_everything_and_writes_nothing(prepared):
+    m, big = prepared
+    before = snapshot(m.warehouse)
+    m.mount("ro")
+    with open(m.path("big.bin"), "rb") as f:
+        assert f.read() == big  # corrupt chunks reconstructed, not rewritten
+    with open(m.path("small.txt"), "rb") as f:
+        assert f.read() == b"hello\n"
+    assert sorted(os.listdir(m.mountpoint)) == ["big.bin", "dir", "ghosts", "link", "small.txt"]
+    assert os.readlink(m.path("link")) == "small.txt"
+    assert os.getxattr(m.path("small.txt"), "user.project") == b"apollo"
+    assert os.stat(m.path("ghosts", "far.txt")).st_size == 2200
+    # A ghost's content would have to be stored: refused as clearly as a write.
+    expect_errno(errno.EROFS, lambda: open(m.path("ghosts", "far.txt"), "rb").read())
+    expect_errno(errno.EROFS, os.open, m.path("new"), os.O_CREAT | os.O_WRONLY, 0o644)
+    expect_errno(errno.EROFS, os.open, m.path("small.txt"), os.O_WRONLY)
+    expect_errno(errno.EROFS, os.mkdir, m.path("d2"))
+    expect_errno(errno.EROFS, os.truncate, m.path("big.bin"), 0)
+    expect_errno(errno.EROFS, os.setxattr, m.path("small.txt"), "user.x", b"1")
+    expect_errno(errno.EROFS, os.unlink, m.path("small.txt"))
+    # Control requests that would write are refused by the daemon; status still answers.
+    r = dwfs("scrub", m.warehouse, "--repair", check=False)
+    assert r.returncode != 0 and "read-only" in r.stderr, r.stderr
+    assert '"state"' in dwfs("status", m.warehouse, "--json").stdout
+    m.umount()
+    assert snapshot(m.warehouse) == before
+    # The next read-write mount finds it all as it was (and may now repair and fetch).
+    m.mount()
+    with open(m.path("big.bin"), "rb") as f:
+        assert f.read() == big
+    with open(m.path("ghosts", "far.txt"), "rb") as f:
+        assert f.read() == b"fetched on first read\n" * 100
+    m.umount()
+    dwfs("fsck", m.warehouse)  # exits non-zero on any finding
