@@ -18,6 +18,7 @@ from vfs.attrs import ROOT_INODE, SetAttr
 from vfs.errors import FSError
 from vfs.extents import GROUP_SECTORS, block_checksum
 from vfs.filedata import BLOCK
+from vfs.metacopy import latest_copy, write_copy
 from vfs.metadb import FORMAT_VERSION, MetaDB
 
 env = test_vfs_unit.env  # the fixture: a filesystem on a small raidz2 volume, reopenable
@@ -252,9 +253,58 @@ def test_big_write_into_block_sized_holes(env):
     for k in range(0, len(files) - 1, 2):
         fs.unlink(ROOT_INODE, b"f%d" % k)
     fs.commit()
-    data = os.urandom(1 << 20)
+    # As much as statfs says is free: more than any free extent holds, so it goes in pieces.
+    data = os.urandom(fs.statfs()["bavail"] * SECTOR // BLOCK * BLOCK)
+    assert len(data) >= 1 << 20
     g = mkfile(fs, ROOT_INODE, b"big", data)
     fs.commit()
     assert read_all(fs, g) == data
     assert len(extents(fs, g)) > 1  # in pieces
+    check_clean(env)
+
+
+def test_space_fragmented_by_small_rewrites_stays_usable(env):
+    """Copy-on-write of every other sector leaves free space in one-sector fragments: what
+    statfs reports free can still be written, to the last block, and reads back."""
+    fs = env.fs
+    f = mkfile(fs, ROOT_INODE, b"f")
+    size = fs.statfs()["bavail"] * SECTOR * 3 // 4 // BLOCK * BLOCK
+    fs.write(f, 0, os.urandom(size))
+    fs.commit()
+    for off in range(0, size, 2 * SECTOR):
+        fs.write(f, off, os.urandom(SECTOR))
+    fs.commit()
+    avail = fs.statfs()["bavail"] * SECTOR
+    assert avail >= size // 4  # the fragments count as free, as they are
+    data = os.urandom(avail // BLOCK * BLOCK)
+    g = mkfile(fs, ROOT_INODE, b"g", data)  # no ENOSPC: fragments are used
+    fs.commit()
+    assert read_all(fs, g) == data
+    assert min(n for _s, n, _a in extents(fs, g)) < BLOCK // SECTOR  # some went in fragments
+    with pytest.raises(FSError) as exc:  # and now it really is full
+        fs.write(g, len(data), os.urandom(2 * BLOCK))
+    assert exc.value.errno == errno.ENOSPC
+    assert read_all(fs, g) == data
+    check_clean(env)
+
+
+def test_full_filesystem_still_refreshes_its_metadata_copy(env):
+    """File data stops short of the room kept for the metadata copy, so a full filesystem
+    can still write a fresh copy (as at every unmount)."""
+    fs = env.fs
+    for i in range(3000):  # a database of a few hundred KiB: more than any slack
+        mkfile(fs, ROOT_INODE, b"empty-%04d-" % i + b"x" * 100)
+    fs.commit()
+    n = 0
+    with pytest.raises(FSError) as exc:
+        while True:
+            mkfile(fs, ROOT_INODE, b"f%d" % n, os.urandom(3 * BLOCK + 100))
+            n += 1
+    assert exc.value.errno == errno.ENOSPC
+    fs.commit()
+    before = latest_copy(env.vol)
+    info = write_copy(fs)
+    got = latest_copy(env.vol)
+    assert got is not None and got[0].generation == info.generation
+    assert before is None or info.generation > before[0].generation
     check_clean(env)

@@ -80,6 +80,34 @@ class Allocator:
         self._taken.extend(zip(starts, sizes, strict=False))
         return starts
 
+    def allocate_split(self, sizes: list[int]) -> list[list[tuple[int, int]]]:
+        """Space for each requested size as (start, count) pieces: one contiguous piece where
+        free space allows (as `allocate_each`), else several smaller ones, so free space that
+        copy-on-write has left in fragments stays usable to the last sector."""
+        try:
+            return [[(s, n)] for s, n in zip(self.allocate_each(sizes), sizes, strict=True)]
+        except FSError as exc:
+            if exc.errno != errno.ENOSPC or sum(sizes) > self.free_count:
+                raise
+        out: list[list[tuple[int, int]]] = []
+        for n in sizes:
+            pieces: list[tuple[int, int]] = []
+            while n:
+                at = self._take(n)
+                if at is not None:
+                    pieces.append((at, n))
+                    break
+                # No free extent holds the rest: take the next one whole (all are smaller).
+                i = max(0, bisect.bisect_right(self._starts, self._cursor) - 1)
+                got = self._lens[i]
+                at = self._take(got)
+                assert at is not None  # extent i is exactly that long
+                pieces.append((at, got))
+                n -= got
+            out.append(pieces)
+        self._taken.extend(p for pieces in out for p in pieces)
+        return out
+
     def _take(self, n: int) -> int | None:
         """Carve `n` contiguous sectors from the first free extent at or after the cursor."""
         count = len(self._starts)

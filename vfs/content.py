@@ -9,7 +9,7 @@ import stat
 
 from vfs.attrs import Attr
 from vfs.errors import FSError
-from vfs.filedata import BLOCK
+from vfs.filedata import BLOCK, SECTORS_PER_BLOCK
 from vfs.ops import now_ns, operation, query
 
 MAX_FILE_SIZE = 1 << 44  # 16 TiB, as ext4 with 4 KiB blocks
@@ -71,14 +71,14 @@ class ContentOps:
         return data
 
     def _blocks_short(self, ino: int, first: int, last: int) -> int:
-        """How many block-sized pieces of free space are missing to make blocks first..last of
-        a file dirty.
+        """How many blocks' worth of free space are missing to make blocks first..last of a
+        file dirty.
 
         Space is promised before it is used: every dirty block (and every block a change is
-        about to dirty) may need a whole block of contiguous new sectors when it is written
-        out (copy-on-write), so a write accepted now can always be stored by the next commit.
-        Free space is counted in whole-block pieces (fragments smaller than a block cannot
-        hold one), with one piece to spare for an allocation that splits a piece.
+        about to dirty) may need a block of new sectors when it is written out
+        (copy-on-write), so a write accepted now can always be stored by the next commit.
+        Any free sector counts (a block may be stored in fragments), except the room kept
+        for the next metadata copy.
         """
         dirty = self.data.dirty.get(ino, {})
         if last - first < len(dirty):
@@ -86,7 +86,8 @@ class ContentOps:
         else:
             already = sum(1 for b in dirty if first <= b <= last)
         blocks = self.data.dirty_blocks + (last - first + 1) - already
-        return max(0, blocks + 1 - self.alloc.runs)
+        need = blocks * SECTORS_PER_BLOCK + self.copy_reserve
+        return max(0, -(-(need - self.alloc.free_count) // SECTORS_PER_BLOCK))
 
     def _reserve(self, ino: int, first: int, last: int) -> None:
         """Make sure blocks first..last of a file can become dirty, else raise ENOSPC.

@@ -268,8 +268,9 @@ class FileData:
         or one per sector) to newly allocated volume sectors; returns their extents.
 
         Space is allocated block by block (as it was promised), so a run needs no free extent
-        larger than a block; runs placed back to back go to the volume in one write, straight
-        from a run's own buffer when it is the only one.
+        larger than a block, and a block goes into smaller free pieces when no free extent
+        holds it; runs placed back to back go to the volume in one write, straight from a
+        run's own buffer when it is the only one.
         """
         units: list[tuple[int, int, int]] = []  # (piece, first sector, count): within a block
         for p, (first, n, _bufs) in enumerate(pieces):
@@ -280,7 +281,15 @@ class FileData:
                 at = stop
         if not units:
             return []
-        starts = self.alloc.allocate_each([u[2] for u in units])
+        placed = self.alloc.allocate_split([u[2] for u in units])
+        if any(len(p) > 1 for p in placed):  # free space in fragments: units follow the pieces
+            split: list[tuple[int, int, int]] = []
+            for (p, at, _n), pieces_of_unit in zip(units, placed, strict=True):
+                for _start, k in pieces_of_unit:
+                    split.append((p, at, k))
+                    at += k
+            units = split
+        starts = [start for pieces_of_unit in placed for start, _k in pieces_of_unit]
         out: list[Extent] = []
         i = 0
         while i < len(units):

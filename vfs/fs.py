@@ -25,6 +25,7 @@ from vfs.attrs import NAME_MAX, ROOT_INODE, Attr, Caller, DirEntry, SetAttr, che
 from vfs.content import ContentOps
 from vfs.errors import FSError
 from vfs.filedata import BLOCK, SECTORS_PER_BLOCK, FileData, VolumeLike
+from vfs.metacopy import copy_reserve
 from vfs.metadb import MetaDB
 from vfs.ops import T, now_ns, operation, query
 from vfs.rename import RENAME_EXCHANGE, RENAME_NOREPLACE, RenameOps
@@ -59,6 +60,7 @@ class Filesystem(ContentOps, RenameOps, XattrOps):
         used += list(db.rows("SELECT addr, nsect FROM metacopy"))
         self.alloc = Allocator(total, used, run=SECTORS_PER_BLOCK)
         self.data = FileData(db, volume, self.alloc)
+        self.copy_reserve = copy_reserve(db)  # sectors file data leaves for the next copy
         self.opens: dict[int, int] = {}
         self.dir_refs: dict[int, int] = {}  # directory -> references the kernel holds
         self._refs_lock = threading.Lock()
@@ -524,9 +526,10 @@ class Filesystem(ContentOps, RenameOps, XattrOps):
         """Sizes for statfs(2), in 4 KiB units."""
         inodes = self.db.value("SELECT count(*) FROM inodes", (), 0)
         # Held sectors come back at the next commit (made on demand by a write that needs
-        # them); dirty blocks have space promised to them.
+        # them); dirty sectors have space promised to them, and the next metadata copy has
+        # its room kept.
         free = max(0, self.alloc.free_count + self.alloc.held_count
-                   - self.data.dirty_bytes // SECTOR)
+                   - self.data.dirty_bytes // SECTOR - self.copy_reserve)
         return {
             "bsize": SECTOR,
             "frsize": SECTOR,
@@ -568,6 +571,7 @@ class Filesystem(ContentOps, RenameOps, XattrOps):
             self.volume.flush()
             self.db.commit()
             self.alloc.release()
+            self.copy_reserve = copy_reserve(self.db)
 
     def needs_commit(self) -> bool:
         """True if there are changes not yet durable."""

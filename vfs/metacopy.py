@@ -103,12 +103,14 @@ def write_copy(fs) -> CopyInfo:
         page_size = db.value("PRAGMA page_size")
         estimate = db.value("PRAGMA page_count") * page_size
         for _attempt in range(3):
-            need = -(-int(estimate * 1.1 + 4 * page_size) // SECTOR)
+            need = _sectors_for(estimate, page_size)
             sizes = [SECTORS_PER_BLOCK] * (need // SECTORS_PER_BLOCK)
             if need % SECTORS_PER_BLOCK:
                 sizes.append(need % SECTORS_PER_BLOCK)
             fs.alloc.mark()
-            starts = fs.alloc.allocate_each(sizes)
+            pieces = [p for ps in fs.alloc.allocate_split(sizes) for p in ps]
+            starts = [s for s, _n in pieces]
+            sizes = [n for _s, n in pieces]
             db.changemany("INSERT INTO metacopy (generation, addr, nsect) VALUES (?, ?, ?)",
                           [(gen, s, n) for s, n in zip(starts, sizes, strict=True)])
             now = time.time_ns()
@@ -141,6 +143,18 @@ def write_copy(fs) -> CopyInfo:
         fs.commit()
         log.info("metadata copy %d written: %d bytes in %d runs", gen, len(image), len(runs))
         return info
+
+
+def _sectors_for(db_bytes: int, page_size: int) -> int:
+    """Volume sectors given to a copy of a database of `db_bytes` bytes (room to grow)."""
+    return -(-int(db_bytes * 1.1 + 4 * page_size) // SECTOR)
+
+
+def copy_reserve(db: MetaDB) -> int:
+    """Sectors to keep free for the next metadata copy: file data may not use them, so a
+    full filesystem can still refresh its copy (at unmount, say)."""
+    page_size = db.value("PRAGMA page_size")
+    return _sectors_for(int(db.value("PRAGMA page_count") * page_size * 1.25), page_size) + 256
 
 
 def _drop_generation(fs, gen: int) -> None:
