@@ -217,7 +217,7 @@ def _fsck(args: argparse.Namespace) -> int:
         raise CommandError(f"warehouse {cfg.directory} is in use by process {lock.holder()} "
                            "(mounted?); unmount it before fsck")
     try:
-        volume = open_volume(cfg, allow_failed=not args.repair, resync=args.repair)
+        volume = open_volume(cfg, allow_failed=not args.repair, read_only=not args.repair)
         try:
             path = meta_path(cfg)
             restored = None

@@ -105,3 +105,19 @@ def test_read_only_mount_serves_everything_and_writes_nothing(prepared):
         assert f.read() == b"fetched on first read\n" * 100
     m.umount()
     dwfs("fsck", m.warehouse)  # exits non-zero on any finding
+
+
+def test_fsck_without_repair_writes_nothing(prepared):
+    """`dwfs fsck --verify-data` reads every file through the corrupt chunks and reports, but
+    mends nothing on the members; `--repair` then rewrites the chunks it reconstructs."""
+    m, big = prepared
+    before = snapshot(m.warehouse)
+    dwfs("fsck", m.warehouse, "--verify-data", check=False)
+    assert snapshot(m.warehouse) == before
+    dwfs("fsck", m.warehouse, "--verify-data", "--repair")
+    member0 = os.path.relpath(load_config(m.warehouse).member_paths()[0], m.warehouse)
+    assert snapshot(m.warehouse)[member0] != before[member0]  # the corrupt chunks, mended
+    m.mount("ro")
+    with open(m.path("big.bin"), "rb") as f:
+        assert f.read() == big
+    m.umount()
