@@ -163,25 +163,22 @@ class BlockFileMember(Member):
             except OSError as exc:  # only a hint: reading will report real failures
                 log.debug("member %s: prefetch hint failed: %s", self.path, exc)
 
-    def _pwrite_all(self, offset: int, view: memoryview, flags: int = 0) -> int:
-        """pwritev until all of `view` is written (RWF_* `flags`); returns the byte count."""
-        self._check_range(offset, len(view), "write")
+    def _pwrite_all(self, offset: int, view: memoryview, flags: int = 0) -> None:
+        """pwritev until all of `view` is written (RWF_* `flags`)."""
         done = 0
         while done < len(view):
             done += os.pwritev(self._fd, [view[done:]], offset + done, flags)
-        return done
 
     def write(self, offset: int, data: bytes | memoryview) -> None:
         view = memoryview(data).cast("B")
+        self._check_range(offset, len(view), "write")
         try:
-            done = self._pwrite_all(offset, view)
+            self._pwrite_all(offset, view)
         except OSError as exc:
-            if isinstance(exc, MemberIOError):
-                raise
             raise MemberIOError(self.path, "write", exc.strerror or str(exc)) from exc
         # Stream dirty pages to the disk as they accumulate, so that flush() has little left
         # to wait for and the disk works while the CPU computes parity.
-        self._unkicked += done
+        self._unkicked += len(view)
         if self._unkicked >= WRITEBACK_KICK_BYTES:
             self._unkicked = 0
             start_writeback(self._fd)
@@ -190,11 +187,10 @@ class BlockFileMember(Member):
         # RWF_DSYNC makes just this write durable (its range and a cache flush), where
         # fdatasync would first write out every dirty page of the file.
         view = memoryview(data).cast("B")
+        self._check_range(offset, len(view), "write")
         try:
             self._pwrite_all(offset, view, os.RWF_DSYNC)
         except OSError as exc:
-            if isinstance(exc, MemberIOError):
-                raise
             if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
                 raise MemberIOError(self.path, "write", exc.strerror or str(exc)) from exc
             log.debug("member %s: RWF_DSYNC unsupported (%s); writing, then fdatasync",

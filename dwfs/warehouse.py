@@ -242,17 +242,11 @@ def open_filesystem(cfg: WarehouseConfig, volume: Volume, read_only: bool = Fals
     try:
         db = MetaDB(path, read_only=read_only)
         return Filesystem(db, volume)  # reads the whole block map: finds most damage
-    except FSError as exc:
+    except (FSError, apsw.Error) as exc:
         if db is not None:
             db.close()
-        if exc.errno == errno.EROFS:  # intact, but needs a change a read-only mount cannot make
-            raise WarehouseError(exc.message, errno.EROFS) from exc
-        raise WarehouseError(
-            f"the metadata database {path} is damaged ({exc}); `dwfs fsck --repair "
-            f"{cfg.directory}` restores it from the copy on the volume", errno.EIO) from exc
-    except apsw.Error as exc:
-        if db is not None:
-            db.close()
+        if isinstance(exc, FSError) and exc.errno == errno.EROFS:
+            raise WarehouseError(exc.message, errno.EROFS) from exc  # intact, but too old
         raise WarehouseError(
             f"the metadata database {path} is damaged ({exc}); `dwfs fsck --repair "
             f"{cfg.directory}` restores it from the copy on the volume", errno.EIO) from exc

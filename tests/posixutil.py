@@ -1,5 +1,6 @@
-"""Helpers for POSIX tests on a mount: renameat2, getxattr/listxattr with a given buffer size,
-and running a function as another user in a forked child."""
+"""Helpers for POSIX tests on a mount: the errno a call fails with, renameat2,
+getxattr/listxattr with a given buffer size, and running a function as another user in a
+forked child."""
 
 from __future__ import annotations
 
@@ -9,12 +10,21 @@ import os
 import pickle
 import traceback
 
+import pytest
+
 NOBODY = 65534
 RENAME_NOREPLACE = 1
 RENAME_EXCHANGE = 2
 AT_FDCWD = -100
 
 _libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+
+
+def errno_of(func, *args, **kw) -> int:
+    """The errno `func(*args)` fails with (fails the test if it succeeds)."""
+    with pytest.raises(OSError) as exc:
+        func(*args, **kw)
+    return exc.value.errno
 
 
 def renameat2(old: str, new: str, flags: int) -> None:

@@ -20,16 +20,11 @@ from posixutil import (
     as_user,
     c_getxattr,
     c_listxattr,
+    errno_of,
     renameat2,
 )
 
 GiB = 1 << 30
-
-
-def errno_of(func, *args, **kw) -> int:
-    with pytest.raises(OSError) as exc:
-        func(*args, **kw)
-    return exc.value.errno
 
 
 

@@ -8,6 +8,7 @@ import os
 
 import pytest
 from mountutil import FsMount, dwfs, force_unmount, make_warehouse
+from posixutil import errno_of
 
 from dwfs.config import load_config
 from dwfs.warehouse import open_volume
@@ -29,12 +30,6 @@ def snapshot(warehouse: str) -> dict[str, str]:
             with open(path, "rb") as f:
                 out[os.path.relpath(path, warehouse)] = hashlib.file_digest(f, "sha256").hexdigest()
     return out
-
-
-def expect_errno(code: int, fn, *args) -> None:
-    with pytest.raises(OSError) as info:
-        fn(*args)
-    assert info.value.errno == code, info.value
 
 
 @pytest.fixture
@@ -84,13 +79,13 @@ def test_read_only_mount_serves_everything_and_writes_nothing(prepared):
     assert os.getxattr(m.path("small.txt"), "user.project") == b"apollo"
     assert os.stat(m.path("ghosts", "far.txt")).st_size == 2200
     # A ghost's content would have to be stored: refused as clearly as a write.
-    expect_errno(errno.EROFS, lambda: open(m.path("ghosts", "far.txt"), "rb").read())
-    expect_errno(errno.EROFS, os.open, m.path("new"), os.O_CREAT | os.O_WRONLY, 0o644)
-    expect_errno(errno.EROFS, os.open, m.path("small.txt"), os.O_WRONLY)
-    expect_errno(errno.EROFS, os.mkdir, m.path("d2"))
-    expect_errno(errno.EROFS, os.truncate, m.path("big.bin"), 0)
-    expect_errno(errno.EROFS, os.setxattr, m.path("small.txt"), "user.x", b"1")
-    expect_errno(errno.EROFS, os.unlink, m.path("small.txt"))
+    assert errno_of(lambda: open(m.path("ghosts", "far.txt"), "rb").read()) == errno.EROFS
+    assert errno_of(os.open, m.path("new"), os.O_CREAT | os.O_WRONLY, 0o644) == errno.EROFS
+    assert errno_of(os.open, m.path("small.txt"), os.O_WRONLY) == errno.EROFS
+    assert errno_of(os.mkdir, m.path("d2")) == errno.EROFS
+    assert errno_of(os.truncate, m.path("big.bin"), 0) == errno.EROFS
+    assert errno_of(os.setxattr, m.path("small.txt"), "user.x", b"1") == errno.EROFS
+    assert errno_of(os.unlink, m.path("small.txt")) == errno.EROFS
     # Control requests that would write are refused by the daemon; status still answers.
     r = dwfs("scrub", m.warehouse, "--repair", check=False)
     assert r.returncode != 0 and "read-only" in r.stderr, r.stderr

@@ -17,6 +17,7 @@ import time
 
 import pytest
 from mountutil import dwfs, make_warehouse, mounted_warehouse
+from posixutil import errno_of
 
 Q = "user.dwfs.query"
 
@@ -41,12 +42,6 @@ def smart(path: str, query: str) -> None:
 
 def names(path: str) -> set[str]:
     return set(os.listdir(path))
-
-
-def errno_of(fn, *args) -> int:
-    with pytest.raises(OSError) as info:
-        fn(*args)
-    return info.value.errno
 
 
 def test_setfattr_makes_a_smart_folder_of_the_files_themselves(fsm):

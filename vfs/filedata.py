@@ -282,14 +282,14 @@ class FileData:
         if not units:
             return []
         placed = self.alloc.allocate_split([u[2] for u in units])
-        if any(len(p) > 1 for p in placed):  # free space in fragments: units follow the pieces
-            split: list[tuple[int, int, int]] = []
-            for (p, at, _n), pieces_of_unit in zip(units, placed, strict=True):
-                for _start, k in pieces_of_unit:
-                    split.append((p, at, k))
-                    at += k
-            units = split
-        starts = [start for pieces_of_unit in placed for start, _k in pieces_of_unit]
+        split: list[tuple[int, int, int]] = []
+        starts: list[int] = []
+        for (p, at, _n), pieces_of_unit in zip(units, placed, strict=True):
+            for start, k in pieces_of_unit:  # several when free space is in fragments
+                split.append((p, at, k))
+                starts.append(start)
+                at += k
+        units = split
         out: list[Extent] = []
         i = 0
         while i < len(units):

@@ -138,11 +138,12 @@ class MetaDB:
             row = self.conn.execute("SELECT value FROM settings WHERE key='format'").fetchone()
         except apsw.SQLError as exc:
             raise MetadataError(f"{self.path} is not a dwfs metadata database: {exc}") from exc
-        if row is not None and row[0] in (1, 2) and self.read_only:
-            raise MetadataError(
-                f"{self.path}: metadata format {row[0]} must be upgraded to {FORMAT_VERSION}, "
-                "which cannot be done read-only; mount it read-write once", errno.EROFS)
         if row is not None and row[0] in (1, 2):
+            if self.read_only:
+                raise MetadataError(
+                    f"{self.path}: metadata format {row[0]} must be upgraded to "
+                    f"{FORMAT_VERSION}, which cannot be done read-only; mount it read-write once",
+                    errno.EROFS)
             log.info("%s: upgrading the metadata from format %d to %d", self.path, row[0],
                      FORMAT_VERSION)
             with self.conn:
@@ -151,11 +152,10 @@ class MetaDB:
                 self.conn.execute("UPDATE settings SET value=? WHERE key='format'",
                                   (FORMAT_VERSION,))
             return
-        if row is not None and row[0] == FORMAT_VERSION and self.read_only:
-            return
         if row is not None and row[0] == FORMAT_VERSION:
-            with self.conn:  # indexes added within format 2 (a no-op when present)
-                self.conn.execute(SCHEMA_2)
+            if not self.read_only:
+                with self.conn:  # indexes added within format 2 (a no-op when present)
+                    self.conn.execute(SCHEMA_2)
             return
         if row is None or row[0] != FORMAT_VERSION:
             found = row[0] if row else "none"
