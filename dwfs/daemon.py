@@ -18,12 +18,12 @@ import threading
 import time
 
 import numpy as np
-import pyfuse3
 import trio
 
 from dwfs import control_server, service
 from dwfs.config import ConfigError, WarehouseConfig, load_config
 from dwfs.fusefs import FuseOperations
+from dwfs.fusesession import Session
 from dwfs.mountopts import MountOptions, parse_options
 from dwfs.mounts import is_mounted, mount_device
 from dwfs.rawfs import RawOperations
@@ -48,9 +48,11 @@ log = logging.getLogger("dwfs.daemon")
 class Daemon:
     """One mounted warehouse: its volume, FUSE session and control server."""
 
-    def __init__(self, cfg: WarehouseConfig, ops: RawOperations | FuseOperations,
-                 volume, mountpoint: str, fs: Filesystem | None = None) -> None:
+    def __init__(self, cfg: WarehouseConfig, session: Session, volume, mountpoint: str,
+                 fs: Filesystem | None = None) -> None:
         self.cfg = cfg
+        self.session = session
+        ops = session.handlers
         self.ops = ops
         self.volume = volume
         self.fs = fs
@@ -64,7 +66,7 @@ class Daemon:
         self.read_only = volume.read_only
         if self.view is not None:
             self.view.ghosts.dropped_hooks.append(
-                lambda ino: _invalidate(pyfuse3.invalidate_inode, ino))
+                lambda ino: _invalidate(session.invalidate_inode, ino))
 
     def handle(self, op: dict, progress) -> object:
         """Carry out one control request (in a worker thread)."""
@@ -119,9 +121,9 @@ class Daemon:
         else:
             report = view.sync_ghosts(dest, str(op["source"]), caller, list(op["changes"]))
         for parent, entry in report.touched_names:
-            _invalidate(pyfuse3.invalidate_entry, parent, entry)
+            _invalidate(self.session.invalidate_entry, parent, entry)
         for ino in report.touched_inodes:
-            _invalidate(pyfuse3.invalidate_inode, ino)
+            _invalidate(self.session.invalidate_inode, ino)
         return report.summary()
 
     async def run(self, ready) -> None:
@@ -140,7 +142,7 @@ class Daemon:
                     nursery.start_soon(self._resume_rebuild, s.index)
             ready()
             nursery.start_soon(trio.to_thread.run_sync, self._warm_codec)
-            await pyfuse3.main()
+            await trio.to_thread.run_sync(self.session.serve)
             self.stopping.set()  # background work checkpoints and returns
             nursery.cancel_scope.cancel()
 
@@ -215,7 +217,7 @@ class Daemon:
                     await trio.to_thread.run_sync(self.ops.sync)
                     continue
                 log.info("signal %d: unmounting %s", sig, self.mountpoint)
-                pyfuse3.terminate()
+                await trio.to_thread.run_sync(self.session.terminate)
                 return
 
 
@@ -231,7 +233,7 @@ def serve(warehouse: str, mountpoint: str, ready_fd: int | None, debug: bool = F
     volume = None
     fs = None
     ops: RawOperations | FuseOperations | None = None
-    mounted = False
+    session: Session | None = None
     try:
         opts: MountOptions = parse_options(options)
         cfg = load_config(warehouse)
@@ -255,16 +257,13 @@ def serve(warehouse: str, mountpoint: str, ready_fd: int | None, debug: bool = F
             queued = WriteBehind(volume)
             fs = open_filesystem(cfg, queued, read_only=read_only)
             ops = FuseOperations(View(fs, cfg.ghost_cache_limit))
-        fuse_options = set(pyfuse3.default_options)
-        fuse_options |= {f"fsname={cfg.directory}", "subtype=dwfs", "default_permissions"}
-        fuse_options |= opts.fuse
+        fuse_options = {"default_permissions"} | opts.fuse
         if os.getuid() == 0:
             fuse_options.add("allow_other")
-        pyfuse3.init(ops, mountpoint, fuse_options)
-        mounted = True
+        session = Session(ops, mountpoint, cfg.directory, fuse_options)
         log.info("mounted %s (%s, %s) at %s", cfg.directory, "raw volume" if raw else "filesystem",
                  volume.geometry.level, mountpoint)
-        daemon = Daemon(cfg, ops, volume, mountpoint, fs)
+        daemon = Daemon(cfg, session, volume, mountpoint, fs)
         # While mounted, trio's signal receiver handles these; when it stops (after the
         # unmount) they fall back to "ignore", so nothing cuts the close short. systemd stops
         # a .mount unit with umount(8), then SIGTERMs the processes left in the unit.
@@ -280,10 +279,12 @@ def serve(warehouse: str, mountpoint: str, ready_fd: int | None, debug: bool = F
         # Closing commits and writes the metadata copy: let no signal cut that short.
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             signal.signal(sig, signal.SIG_IGN)
-        if mounted:
-            pyfuse3.close(unmount=is_mounted(os.path.abspath(mountpoint)))
+        if session is not None:
+            if is_mounted(mountpoint):
+                session.unmount()
+            session.close()
         if ops is not None:
-            ops.worker.close()
+            ops.close()
         if isinstance(ops, RawOperations):
             try:
                 ops.writes.close()

@@ -1,24 +1,18 @@
-"""The FUSE adapter of the filesystem: translates pyfuse3 requests into vfs calls.
+"""The FUSE adapter of the filesystem: answers the kernel's requests with vfs calls.
 
-It decides nothing: every rule lives in `vfs.Filesystem`. Metadata requests run inline on the
-trio thread when the filesystem's lock is free (SQLite answers in microseconds, a thread hop
-costs more); requests that move file data, and any request that would wait for the lock, run
-in one dedicated worker thread (in arrival order) so the event loop never blocks on the volume.
+It decides nothing: every rule lives in `vfs`. Which thread answers is decided by the lanes of
+`dwfs.fusehandlers`; what the reply looks like by `dwfs.fuseabi`.
 """
 
 from __future__ import annotations
 
 import errno
-import functools
 import logging
 import stat
-from collections.abc import Callable
-from typing import Any
 
-import pyfuse3
-import trio
-
-from dwfs.volumeworker import VolumeWorker
+from dwfs import fuseabi as abi
+from dwfs.fusehandlers import Handlers
+from dwfs.fusesession import Request
 from vfs.attrs import STATE_XATTR, Attr, Caller, SetAttr
 from vfs.view import View
 
@@ -28,96 +22,59 @@ CACHE_SECONDS = 300.0
 # Attributes are cached briefly: a reply carrying attributes taken before a concurrent setattr
 # (rsync's generator lists while its receiver sets symlink times) must not stick for minutes.
 ATTR_SECONDS = 1.0
-SLOW_THREADS = 16  # requests waiting for ghosts' sources at once
-QUIET_ERRNOS = {errno.ENOENT, errno.EEXIST, errno.ENOTEMPTY, errno.ENODATA, errno.ENOTDIR,
-                errno.EISDIR, errno.EINVAL, errno.ENAMETOOLONG, errno.EPERM, errno.EXDEV,
-                errno.EOPNOTSUPP, errno.ERANGE, errno.ENOSPC, errno.EFBIG, errno.E2BIG,
-                errno.EMLINK, errno.ELOOP}
+SMALL_IO = 65536  # reads and writes below this cost less inline than the hop to the worker
+DOTS = (b".", b"..")
 
 
-def fuse_errors(func: Callable[..., Any]) -> Callable[..., Any]:
-    """Answer OSErrors from lower layers with their errno; log the unexpected ones. Any other
-    exception is a bug: it is logged with its traceback and answered with EIO."""
-
-    @functools.wraps(func)
-    async def wrapper(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return await func(*args, **kwargs)
-        except pyfuse3.FUSEError:
-            raise
-        except OSError as exc:
-            code = exc.errno or errno.EIO
-            if code in QUIET_ERRNOS:
-                log.debug("%s%r: %s", func.__name__, args[1:], exc)
-            else:
-                log.error("%s%r failed: %s", func.__name__, args[1:], exc)
-            raise pyfuse3.FUSEError(code) from exc
-        except Exception as exc:  # noqa: BLE001 - a bug in one request must not end the mount
-            log.exception("%s%r: unexpected error; answering EIO", func.__name__, args[1:])
-            raise pyfuse3.FUSEError(errno.EIO) from exc
-
-    return wrapper
+def entry(a: Attr) -> bytes:
+    """The reply to a request that made or found a name."""
+    return abi.pack_entry(a, CACHE_SECONDS, ATTR_SECONDS)
 
 
-def entry(a: Attr, entry_timeout: float = CACHE_SECONDS) -> pyfuse3.EntryAttributes:
-    """pyfuse3 attributes of a vfs Attr; names from a query are not cached (timeout 0)."""
-    e = pyfuse3.EntryAttributes()
-    e.st_ino = a.ino
-    e.st_mode = a.mode
-    e.st_nlink = a.nlink
-    e.st_uid = a.uid
-    e.st_gid = a.gid
-    e.st_size = a.size
-    e.st_rdev = a.rdev
-    e.st_atime_ns = a.atime_ns
-    e.st_mtime_ns = a.mtime_ns
-    e.st_ctime_ns = a.ctime_ns
-    e.st_blocks = a.blocks
-    e.st_blksize = a.blksize
-    e.entry_timeout = entry_timeout
-    e.attr_timeout = ATTR_SECONDS
-    return e
+def attr_out(a: Attr) -> bytes:
+    """The reply to getattr and setattr."""
+    return abi.pack_attr_out(a, ATTR_SECONDS)
 
 
-def caller(ctx: pyfuse3.RequestContext, mode: int = 0) -> Caller:
+def open_out(fh: int, keep_cache: bool = True) -> bytes:
+    """The reply to open and opendir."""
+    return abi.OPEN_OUT.pack(fh, abi.FOPEN_KEEP_CACHE if keep_cache else 0, 0)
+
+
+def sized(value: bytes, size: int) -> bytes:
+    """An xattr value or name list as getxattr/listxattr answer a buffer of `size` bytes."""
+    if size == 0:
+        return abi.GETXATTR_OUT.pack(len(value), 0)
+    if len(value) > size:
+        raise OSError(errno.ERANGE, f"{len(value)} bytes do not fit in {size}")
+    return value
+
+
+def caller(r: Request, mode: int = 0) -> Caller:
     """The requesting process; its supplementary groups only when setgid rules need them."""
     groups: tuple[int, ...] = ()
-    if mode & stat.S_ISGID and ctx.uid != 0:
+    if mode & stat.S_ISGID and r.uid != 0:
         try:
-            groups = tuple(pyfuse3.get_sup_groups(ctx.pid))
+            groups = _sup_groups(r.pid)
         except OSError as exc:
-            log.info("groups of pid %d unknown (%s); using its primary group only", ctx.pid, exc)
-    return Caller(ctx.uid, ctx.gid, groups)
+            log.info("groups of pid %d unknown (%s); using its primary group only", r.pid, exc)
+    return Caller(r.uid, r.gid, groups)
 
 
-class FuseOperations(pyfuse3.Operations):
-    """pyfuse3 operations over the vfs View of a filesystem."""
+def _sup_groups(pid: int) -> tuple[int, ...]:
+    with open(f"/proc/{pid}/status", encoding="ascii") as f:
+        for line in f:
+            if line.startswith("Groups:"):
+                return tuple(int(g) for g in line.split()[1:])
+    return ()
 
-    enable_writeback_cache = False  # write errors (ENOSPC) must reach the writer at write()
+
+class FuseOperations(Handlers):
+    """FUSE requests answered by the vfs View of a filesystem."""
 
     def __init__(self, fs: View) -> None:
-        super().__init__()
+        super().__init__(fs.lock, "fs-worker")
         self.fs = fs
-        self.worker = VolumeWorker("fs-worker")
-        self.slow_limiter = trio.CapacityLimiter(SLOW_THREADS)
-
-    async def _meta(self, fn: Callable[..., Any], *args: Any) -> Any:
-        """Run a metadata call inline if the lock is free, else in a worker thread."""
-        if self.fs.lock.acquire(blocking=False):
-            try:
-                return fn(*args)
-            finally:
-                self.fs.lock.release()
-        return await self.worker.run(fn, *args)
-
-    async def _slow(self, fn: Callable[..., Any], *args: Any) -> Any:
-        """Run a call that may wait for a ghost's source in a thread of its own, so neither
-        the event loop nor the volume worker waits with it."""
-        return await trio.to_thread.run_sync(fn, *args, limiter=self.slow_limiter)
-
-    async def _data(self, fn: Callable[..., Any], *args: Any) -> Any:
-        """Run a call that may touch the volume in the worker thread."""
-        return await self.worker.run(fn, *args)
 
     def sync(self) -> None:
         """Make everything durable (control socket `flush`, SIGHUP)."""
@@ -125,189 +82,183 @@ class FuseOperations(pyfuse3.Operations):
 
     # --- names and attributes -----------------------------------------------------------------
 
-    @fuse_errors
-    async def lookup(self, parent_inode, name, ctx=None):
-        attr = await self._meta(self.fs.find, parent_inode, name)
-        timeout = 0.0 if self.fs.volatile(parent_inode) else CACHE_SECONDS
+    def lookup(self, r: Request, parent: int, name: bytes) -> None:
+        self.meta(r, None, self._lookup, parent, name)
+
+    def _lookup(self, parent: int, name: bytes) -> bytes:
+        attr = self.fs.find(parent, name)
+        timeout = 0.0 if self.fs.volatile(parent) else CACHE_SECONDS
         if attr is not None:
             self.fs.remember(attr)
-            return entry(attr, timeout)
-        neg = pyfuse3.EntryAttributes()
-        neg.st_ino = 0  # a negative entry the kernel may cache
-        neg.entry_timeout = timeout if await self._meta(self.fs.keeps_names, parent_inode) else 0
-        return neg
+            return abi.pack_entry(attr, timeout, ATTR_SECONDS)
+        # A negative entry the kernel may cache, where names cannot appear behind its back.
+        return abi.pack_negative_entry(timeout if self.fs.keeps_names(parent) else 0.0)
 
-    @fuse_errors
-    async def getattr(self, inode, ctx=None):
-        return entry(await self._meta(self.fs.getattr, inode))
+    def getattr(self, r: Request, node: int) -> None:
+        self.meta(r, attr_out, self.fs.getattr, node)
 
-    @fuse_errors
-    async def setattr(self, inode, attr, fields, fh, ctx):
-        ch = SetAttr(
-            mode=attr.st_mode if fields.update_mode else None,
-            uid=attr.st_uid if fields.update_uid else None,
-            gid=attr.st_gid if fields.update_gid else None,
-            size=attr.st_size if fields.update_size else None,
-            atime_ns=attr.st_atime_ns if fields.update_atime else None,
-            mtime_ns=attr.st_mtime_ns if fields.update_mtime else None,
-            ctime_ns=attr.st_ctime_ns if fields.update_ctime else None,
-        )
-        if ch.size is not None and self.fs.is_ghost(inode):
-            return entry(await self._slow(self.fs.setattr, inode, ch))
-        run = self._data if ch.size is not None else self._meta
-        return entry(await run(self.fs.setattr, inode, ch))
+    def setattr(self, r: Request, node: int, ch: SetAttr) -> None:
+        if ch.size is None:
+            self.meta(r, attr_out, self.fs.setattr, node, ch)
+        elif self.fs.is_ghost(node):
+            self.slow(r, attr_out, self.fs.setattr, node, ch)
+        else:
+            self.data(r, attr_out, self.fs.setattr, node, ch)
 
-    @fuse_errors
-    async def readlink(self, inode, ctx):
-        return await self._meta(self.fs.readlink, inode)
+    def readlink(self, r: Request, node: int) -> None:
+        self.meta(r, None, self.fs.readlink, node)
 
-    @fuse_errors
-    async def mknod(self, parent_inode, name, mode, rdev, ctx):
-        return entry(await self._meta(self.fs.mknod, parent_inode, name, mode, rdev,
-                                      caller(ctx, mode)))
+    def mknod(self, r: Request, parent: int, name: bytes, mode: int, rdev: int) -> None:
+        self.meta(r, entry, self.fs.mknod, parent, name, mode, rdev, caller(r, mode))
 
-    @fuse_errors
-    async def mkdir(self, parent_inode, name, mode, ctx):
-        attr = await self._meta(self.fs.mkdir, parent_inode, name, mode, caller(ctx))
+    def mkdir(self, r: Request, parent: int, name: bytes, mode: int) -> None:
+        self.meta(r, None, self._mkdir, parent, name, mode, caller(r))
+
+    def _mkdir(self, parent: int, name: bytes, mode: int, who: Caller) -> bytes:
+        attr = self.fs.mkdir(parent, name, mode, who)
         self.fs.remember(attr)
         return entry(attr)
 
-    @fuse_errors
-    async def symlink(self, parent_inode, name, target, ctx):
-        return entry(await self._meta(self.fs.symlink, parent_inode, name, target, caller(ctx)))
+    def symlink(self, r: Request, parent: int, name: bytes, target: bytes) -> None:
+        self.meta(r, entry, self.fs.symlink, parent, name, target, caller(r))
 
-    @fuse_errors
-    async def link(self, inode, new_parent_inode, new_name, ctx):
-        return entry(await self._meta(self.fs.link, inode, new_parent_inode, new_name))
+    def link(self, r: Request, node: int, parent: int, name: bytes) -> None:
+        self.meta(r, entry, self.fs.link, node, parent, name)
 
-    @fuse_errors
-    async def unlink(self, parent_inode, name, ctx):
-        await self._meta(self.fs.unlink, parent_inode, name)
+    def unlink(self, r: Request, parent: int, name: bytes) -> None:
+        self.meta(r, None, self.fs.unlink, parent, name)
 
-    @fuse_errors
-    async def rmdir(self, parent_inode, name, ctx):
-        await self._meta(self.fs.rmdir, parent_inode, name)
+    def rmdir(self, r: Request, parent: int, name: bytes) -> None:
+        self.meta(r, None, self.fs.rmdir, parent, name)
 
-    @fuse_errors
-    async def rename(self, parent_inode_old, name_old, parent_inode_new, name_new, flags, ctx):
-        await self._meta(self.fs.rename, parent_inode_old, name_old, parent_inode_new,
-                         name_new, flags)
+    def rename(self, r: Request, parent: int, name: bytes, new_parent: int, new_name: bytes,
+               flags: int) -> None:
+        self.meta(r, None, self.fs.rename, parent, name, new_parent, new_name, flags)
 
     # --- files --------------------------------------------------------------------------------
 
-    @fuse_errors
-    async def create(self, parent_inode, name, mode, flags, ctx):
-        a = await self._meta(self.fs.create, parent_inode, name, mode, flags, caller(ctx, mode))
-        return pyfuse3.FileInfo(fh=a.ino, keep_cache=True), entry(a)
+    def create(self, r: Request, parent: int, name: bytes, mode: int, flags: int) -> None:
+        self.meta(r, lambda a: entry(a) + open_out(a.ino), self.fs.create, parent, name, mode,
+                  flags, caller(r, mode))
 
-    @fuse_errors
-    async def open(self, inode, flags, ctx):
-        await self._data(self.fs.open, inode, flags)
-        return pyfuse3.FileInfo(fh=inode, keep_cache=True)
+    def open(self, r: Request, node: int, flags: int) -> None:
+        self.data(r, lambda _: open_out(node), self.fs.open, node, flags)
 
-    @fuse_errors
-    async def read(self, fh, off, size):
+    def read(self, r: Request, fh: int, offset: int, size: int) -> None:
         if self.fs.needs_fetch(fh):
-            held = self.fs.read_held(fh, off, size)  # no thread hop when it is at hand
-            return held if held is not None else await self._slow(self.fs.read, fh, off, size)
-        if size < 65536:  # a small read costs less than the hop to the worker and back
-            return await self._meta(self.fs.read, fh, off, size)
-        return await self._data(self.fs.read, fh, off, size)
+            held = self.fs.read_held(fh, offset, size)  # no thread hop when it is at hand
+            if held is not None:
+                r.reply(held)
+            else:
+                self.slow(r, None, self.fs.read, fh, offset, size)
+        elif size < SMALL_IO:
+            self.meta(r, None, self.fs.read, fh, offset, size)
+        else:
+            self.data(r, None, self.fs.read, fh, offset, size)
 
-    @fuse_errors
-    async def write(self, fh, off, buf):
+    def write(self, r: Request, fh: int, offset: int, data: bytes) -> None:
         if self.fs.is_ghost(fh):
-            return await self._slow(self.fs.write, fh, off, buf)
-        if len(buf) < 65536:
-            return await self._meta(self.fs.write, fh, off, buf)
-        return await self._data(self.fs.write, fh, off, buf)
+            self.slow(r, _written, self.fs.write, fh, offset, data)
+        elif len(data) < SMALL_IO:
+            self.meta(r, _written, self.fs.write, fh, offset, data)
+        else:
+            self.data(r, _written, self.fs.write, fh, offset, data)
 
-    async def flush(self, fh):
+    def flush(self, r: Request, node: int) -> None:
         # Nothing to do at close(): writes report their errors themselves (no writeback
         # cache) and fsync makes data durable. ENOSYS makes the kernel stop sending FLUSH,
         # which saves a round trip on every close(); close() then returns 0, as now.
-        raise pyfuse3.FUSEError(errno.ENOSYS)
+        r.fail(errno.ENOSYS)
 
-    @fuse_errors
-    async def fsync(self, fh, datasync):
-        await self._data(self.fs.commit)
+    def fsync(self, r: Request, fh: int, datasync: bool) -> None:
+        self.data(r, None, self.fs.commit)
 
-    @fuse_errors
-    async def release(self, fh):
-        await self._meta(self.fs.release, fh)
+    def release(self, r: Request, fh: int) -> None:
+        self.meta(r, None, self.fs.release, fh)
 
     # --- directories --------------------------------------------------------------------------
 
-    @fuse_errors
-    async def opendir(self, inode, ctx):
-        return await self._meta(self.fs.opendir, inode)
+    def opendir(self, r: Request, node: int) -> None:
+        self.meta(r, lambda fh: open_out(fh, keep_cache=False), self.fs.opendir, node)
 
-    @fuse_errors
-    async def readdir(self, fh, start_id, token):
-        cookie = start_id
+    def readdir(self, r: Request, fh: int, offset: int, size: int, plus: bool) -> None:
+        self.meta(r, None, self._readdir, fh, offset, size, plus)
+
+    def _readdir(self, fh: int, cookie: int, size: int, plus: bool) -> bytes:
+        """As many entries from `cookie` on as fit in `size` bytes; with `plus`, each with its
+        attributes, which the kernel counts as a lookup."""
         timeout = 0.0 if self.fs.volatile_handle(fh) else CACHE_SECONDS
+        out: list[bytes] = []
+        used = 0
         while True:
-            batch = await self._meta(self.fs.readdir, fh, cookie)
+            batch = self.fs.readdir(fh, cookie)
             if not batch:
-                return
+                return b"".join(out)
             for e in batch:
-                if not pyfuse3.readdir_reply(token, e.name, entry(e.attr, timeout),
-                                             e.next_cookie):
-                    return
-                if e.name not in (b".", b".."):  # the kernel counts these as lookups
-                    self.fs.remember(e.attr)
+                a = e.attr
+                item = abi.pack_dirent(a.ino, e.next_cookie, e.name, a.mode)
+                if plus:
+                    item = abi.pack_entry(a, timeout, ATTR_SECONDS) + item
+                if used + len(item) > size:
+                    return b"".join(out)
+                out.append(item)
+                used += len(item)
+                if plus and e.name not in DOTS:
+                    self.fs.remember(a)
                 cookie = e.next_cookie
 
-    @fuse_errors
-    async def releasedir(self, fh):
-        await self._meta(self.fs.releasedir, fh)
+    def releasedir(self, r: Request, fh: int) -> None:
+        self.meta(r, None, self.fs.releasedir, fh)
 
-    @fuse_errors
-    async def fsyncdir(self, fh, datasync):
-        await self._data(self.fs.commit)
+    def fsyncdir(self, r: Request, fh: int, datasync: bool) -> None:
+        self.data(r, None, self.fs.commit)
 
     # --- extended attributes ------------------------------------------------------------------
 
-    @fuse_errors
-    async def setxattr(self, inode, name, value, ctx):
+    def setxattr(self, r: Request, node: int, name: bytes, value: bytes, flags: int) -> None:
         if name == STATE_XATTR:  # may fetch or hash a whole ghost
-            await self._slow(self.fs.setxattr, inode, name, value)
-            return
-        await self._meta(self.fs.setxattr, inode, name, value)
+            self.slow(r, None, self.fs.setxattr, node, name, value)
+        else:
+            self.meta(r, None, self.fs.setxattr, node, name, value, flags)
 
-    @fuse_errors
-    async def getxattr(self, inode, name, ctx):
+    def getxattr(self, r: Request, node: int, name: bytes, size: int) -> None:
         if self.fs.has_no_capability(name):  # asked before every write: answered at once
-            raise pyfuse3.FUSEError(errno.ENODATA)
-        return await self._meta(self.fs.getxattr, inode, name)
+            r.fail(errno.ENODATA)
+        else:
+            self.meta(r, lambda v: sized(v, size), self.fs.getxattr, node, name)
 
-    @fuse_errors
-    async def listxattr(self, inode, ctx):
-        return await self._meta(self.fs.listxattr, inode)
+    def listxattr(self, r: Request, node: int, size: int) -> None:
+        self.meta(r, lambda names: sized(b"".join(n + b"\0" for n in names), size),
+                  self.fs.listxattr, node)
 
-    @fuse_errors
-    async def removexattr(self, inode, name, ctx):
-        await self._meta(self.fs.removexattr, inode, name)
+    def removexattr(self, r: Request, node: int, name: bytes) -> None:
+        self.meta(r, None, self.fs.removexattr, node, name)
 
     # --- whole filesystem ---------------------------------------------------------------------
 
-    @fuse_errors
-    async def statfs(self, ctx):
-        d = await self._meta(self.fs.statfs)
-        s = pyfuse3.StatvfsData()
-        s.f_bsize = d["bsize"]
-        s.f_frsize = d["frsize"]
-        s.f_blocks = d["blocks"]
-        s.f_bfree = d["bfree"]
-        s.f_bavail = d["bavail"]
-        s.f_files = d["files"]
-        s.f_ffree = d["ffree"]
-        s.f_favail = d["ffree"]
-        s.f_namemax = d["namemax"]
-        return s
+    def statfs(self, r: Request, node: int) -> None:
+        self.meta(r, _kstatfs, self.fs.statfs)
 
-    async def forget(self, inode_list):
+    def forget(self, items: list[tuple[int, int]]) -> None:
+        if self.lock.acquire(blocking=False):
+            try:
+                self._forget(items)
+            finally:
+                self.lock.release()
+        else:
+            self.worker.submit(self._forget, items)
+
+    def _forget(self, items: list[tuple[int, int]]) -> None:
         try:
-            await self._meta(self.fs.forget, list(inode_list))
+            self.fs.forget(items)
         except OSError as exc:  # forget has no reply: log and go on
-            log.error("forget of %d inodes failed: %s", len(inode_list), exc)
+            log.error("forget of %d inodes failed: %s", len(items), exc)
+
+
+def _written(n: int) -> bytes:
+    return abi.WRITE_OUT.pack(n, 0)
+
+
+def _kstatfs(d: dict[str, int]) -> bytes:
+    return abi.KSTATFS.pack(d["blocks"], d["bfree"], d["bavail"], d["files"], d["ffree"],
+                            d["bsize"], d["namemax"], d["frsize"], 0)

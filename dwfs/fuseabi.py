@@ -1,0 +1,125 @@
+"""The kernel's FUSE protocol (`linux/fuse.h`, version 7.31): opcodes, flags and struct layouts.
+
+Only what dwfs speaks is here. Every struct is little-endian and packed as the kernel lays it
+out; names follow the kernel's with the `fuse_` prefix dropped.
+"""
+
+from __future__ import annotations
+
+import struct
+
+from vfs.attrs import Attr
+
+KERNEL_MAJOR = 7
+KERNEL_MINOR = 31  # the replies below have this version's sizes
+ROOT_ID = 1
+
+# --- opcodes ----------------------------------------------------------------------------------
+LOOKUP, FORGET, GETATTR, SETATTR, READLINK, SYMLINK = 1, 2, 3, 4, 5, 6
+MKNOD, MKDIR, UNLINK, RMDIR, RENAME, LINK, OPEN, READ, WRITE = 8, 9, 10, 11, 12, 13, 14, 15, 16
+STATFS, RELEASE, FSYNC, SETXATTR, GETXATTR, LISTXATTR = 17, 18, 20, 21, 22, 23
+REMOVEXATTR, FLUSH, INIT, OPENDIR, READDIR, RELEASEDIR = 24, 25, 26, 27, 28, 29
+FSYNCDIR, ACCESS, CREATE, INTERRUPT, DESTROY = 30, 34, 35, 36, 38
+BATCH_FORGET, READDIRPLUS, RENAME2 = 42, 44, 45
+
+# --- INIT flags (those dwfs asks for) ---------------------------------------------------------
+ASYNC_READ = 1 << 0
+ATOMIC_O_TRUNC = 1 << 3  # open() gets O_TRUNC instead of a separate truncating setattr
+EXPORT_SUPPORT = 1 << 4
+BIG_WRITES = 1 << 5
+AUTO_INVAL_DATA = 1 << 12
+DO_READDIRPLUS = 1 << 13
+ASYNC_DIO = 1 << 15
+MAX_PAGES = 1 << 22
+
+# --- SETATTR valid bits -----------------------------------------------------------------------
+FATTR_MODE, FATTR_UID, FATTR_GID, FATTR_SIZE = 1, 2, 4, 8
+FATTR_ATIME, FATTR_MTIME, FATTR_ATIME_NOW, FATTR_MTIME_NOW = 16, 32, 128, 256
+FATTR_CTIME = 1024
+
+# --- open reply flags -------------------------------------------------------------------------
+FOPEN_KEEP_CACHE = 1 << 1
+
+# --- notifications (written with unique 0 and the code in the error field) -------------------
+NOTIFY_INVAL_INODE = 2
+NOTIFY_INVAL_ENTRY = 3
+
+# --- structs ----------------------------------------------------------------------------------
+IN_HEADER = struct.Struct("<IIQQIIIHH")  # len opcode unique nodeid uid gid pid extlen padding
+OUT_HEADER = struct.Struct("<IiQ")  # len error unique
+INIT_IN = struct.Struct("<IIII")  # major minor max_readahead flags
+INIT_OUT = struct.Struct("<IIIIHHIIHHII24x")
+ATTR = struct.Struct("<QQQQQQIIIIIIIIII")
+ENTRY_OUT = struct.Struct("<QQQQII")  # nodeid generation entry_valid attr_valid (+ nsecs)
+ATTR_OUT = struct.Struct("<QII")  # attr_valid attr_valid_nsec dummy
+OPEN_OUT = struct.Struct("<QII")  # fh open_flags padding
+OPEN_IN = struct.Struct("<II")  # flags open_flags
+GETATTR_IN = struct.Struct("<IIQ")  # getattr_flags dummy fh
+SETATTR_IN = struct.Struct("<IIQQQQQQIIIIIIII")
+MKNOD_IN = struct.Struct("<IIII")  # mode rdev umask padding
+MKDIR_IN = struct.Struct("<II")  # mode umask
+CREATE_IN = struct.Struct("<IIII")  # flags mode umask open_flags
+RENAME_IN = struct.Struct("<Q")  # newdir
+RENAME2_IN = struct.Struct("<QII")  # newdir flags padding
+LINK_IN = struct.Struct("<Q")  # oldnodeid
+READ_IN = struct.Struct("<QQIIQII")  # fh offset size read_flags lock_owner flags padding
+WRITE_IN = struct.Struct("<QQIIQII")  # fh offset size write_flags lock_owner flags padding
+WRITE_OUT = struct.Struct("<II")
+RELEASE_IN = struct.Struct("<QIIQ")  # fh flags release_flags lock_owner
+FSYNC_IN = struct.Struct("<QII")  # fh fsync_flags padding
+SETXATTR_IN = struct.Struct("<II")  # size flags
+GETXATTR_IN = struct.Struct("<II")  # size padding
+GETXATTR_OUT = struct.Struct("<II")  # size padding
+FORGET_IN = struct.Struct("<Q")  # nlookup
+BATCH_FORGET_IN = struct.Struct("<II")  # count dummy
+FORGET_ONE = struct.Struct("<QQ")  # nodeid nlookup
+KSTATFS = struct.Struct("<QQQQQIIII24x")  # blocks bfree bavail files ffree bsize namelen frsize
+DIRENT = struct.Struct("<QQII")  # ino off namelen type
+NOTIFY_INVAL_INODE_OUT = struct.Struct("<Qqq")  # ino off len
+NOTIFY_INVAL_ENTRY_OUT = struct.Struct("<QII")  # parent namelen padding
+
+NSEC = 1_000_000_000
+
+
+def pack_attr(a: Attr) -> bytes:
+    """`struct fuse_attr` of a vfs Attr."""
+    at, atn = divmod(a.atime_ns, NSEC)
+    mt, mtn = divmod(a.mtime_ns, NSEC)
+    ct, ctn = divmod(a.ctime_ns, NSEC)
+    return ATTR.pack(a.ino, a.size, a.blocks, at, mt, ct, atn, mtn, ctn, a.mode, a.nlink,
+                     a.uid, a.gid, a.rdev, a.blksize, 0)
+
+
+def _split(seconds: float) -> tuple[int, int]:
+    whole = int(seconds)
+    return whole, int((seconds - whole) * NSEC)
+
+
+def pack_entry(a: Attr, entry_seconds: float, attr_seconds: float) -> bytes:
+    """`struct fuse_entry_out`: a name's inode and attributes, with how long to cache each."""
+    es, ens = _split(entry_seconds)
+    as_, ans = _split(attr_seconds)
+    return ENTRY_OUT.pack(a.ino, 0, es, as_, ens, ans) + pack_attr(a)
+
+
+def pack_negative_entry(entry_seconds: float) -> bytes:
+    """`struct fuse_entry_out` for a missing name that the kernel may remember as missing."""
+    es, ens = _split(entry_seconds)
+    return ENTRY_OUT.pack(0, 0, es, 0, ens, 0) + bytes(ATTR.size)
+
+
+def pack_attr_out(a: Attr, attr_seconds: float) -> bytes:
+    """`struct fuse_attr_out`."""
+    s, ns = _split(attr_seconds)
+    return ATTR_OUT.pack(s, ns, 0) + pack_attr(a)
+
+
+def pack_dirent(ino: int, next_offset: int, name: bytes, mode: int) -> bytes:
+    """`struct fuse_dirent` with its name, padded to 8 bytes."""
+    raw = DIRENT.pack(ino, next_offset, len(name), (mode >> 12) & 0o17) + name
+    return raw + bytes(-len(raw) % 8)
+
+
+def split_names(body: bytes, count: int) -> list[bytes]:
+    """The first `count` NUL-terminated names of a request body."""
+    return body.split(b"\0", count)[:count]
