@@ -63,6 +63,22 @@ def unmount(mountpoint: str) -> None:
         log.warning("fusermount3 -uz %s: %s", mountpoint, done.stderr.strip())
 
 
+def abort(device: str | None) -> None:
+    """End the FUSE connection of a mount's device ("major:minor") through fusectl, if the
+    connection is still there (files open on a lazily detached mount keep it)."""
+    if device is None:
+        return
+    path = f"/sys/fs/fuse/connections/{device.split(':')[1]}/abort"
+    try:
+        with open(path, "w", encoding="ascii") as f:
+            f.write("1")
+    except FileNotFoundError:
+        return  # the connection is gone already (or fusectl is not mounted)
+    except OSError as exc:
+        log.warning("cannot abort FUSE connection %s (%s): %s; it ends when the last file "
+                    "open on it is closed", device, path, exc)
+
+
 def _mount_as_root(mountpoint: str, fsname: str, subtype: str, options: set[str]) -> int:
     flags = MS_NOSUID | MS_NODEV  # as libfuse: set-uid files and devices only when asked for
     for opt in sorted(options):

@@ -11,13 +11,12 @@ from __future__ import annotations
 import errno
 import logging
 import os
-import select
-import threading
 import time
 from typing import TYPE_CHECKING, Any
 
 from dwfs import fuseabi as abi
-from dwfs.fusemount import mount, unmount
+from dwfs.fusemount import abort, mount, unmount
+from dwfs.mounts import mount_device
 from vfs.attrs import SetAttr
 
 if TYPE_CHECKING:
@@ -72,14 +71,9 @@ class Session:
         self.handlers = handlers
         self.mountpoint = mountpoint
         self.fd = mount(mountpoint, fsname, "dwfs", options)
-        self._wake_r, self._wake_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
-        self._stopping = threading.Event()
+        self.device = mount_device(mountpoint)  # "major:minor", to end the connection by
         self._mounted = True
         self._table = self._parsers()
-        os.set_blocking(self.fd, False)
-        self._poll = select.poll()
-        self._poll.register(self.fd, select.POLLIN)
-        self._poll.register(self._wake_r, select.POLLIN)
 
     # --- serving ------------------------------------------------------------------------------
 
@@ -91,11 +85,6 @@ class Session:
         while True:
             try:
                 n = os.readv(fd, [buf])
-            except BlockingIOError:
-                if self._stopping.is_set():
-                    return
-                self._poll.poll()
-                continue
             except OSError as exc:
                 if exc.errno in GONE:
                     log.info("FUSE connection of %s ended", self.mountpoint)
@@ -119,10 +108,10 @@ class Session:
                 return
 
     def terminate(self) -> None:
-        """Stop serving and unmount (open files then see the connection gone)."""
-        self._stopping.set()
-        os.write(self._wake_w, b"x")
+        """Unmount and end the connection, so `serve` returns; files still open on the mount
+        then see it gone (ENOTCONN)."""
         self.unmount()
+        abort(self.device)
 
     def unmount(self) -> None:
         """Detach the mount, once."""
@@ -132,8 +121,7 @@ class Session:
 
     def close(self) -> None:
         """Close the connection's descriptor (which aborts it if still mounted)."""
-        for fd in (self.fd, self._wake_r, self._wake_w):
-            os.close(fd)
+        os.close(self.fd)
 
     # --- notifications ------------------------------------------------------------------------
 
