@@ -1,0 +1,166 @@
+"""dwfs's own FUSE transport: the kernel's struct layouts, requests it does not implement,
+requests answered concurrently on several threads, and the end of a session."""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import hashlib
+import os
+import random
+import signal
+import stat
+import threading
+import time
+
+import pytest
+from mountutil import daemon_pid, dwfs, is_mounted
+
+from dwfs import fuseabi as abi
+from dwfs.mounts import pid_alive
+from vfs.attrs import Attr
+
+pytestmark = pytest.mark.timeout(300)
+
+
+def _attr(**kw) -> Attr:
+    base = dict(ino=7, mode=stat.S_IFREG | 0o644, nlink=1, uid=1000, gid=100, size=5000,
+                rdev=0, atime_ns=1_700_000_000_123_456_789, mtime_ns=2, ctime_ns=3,
+                blocks=16, blksize=65536)
+    base.update(kw)
+    return Attr(**base)
+
+
+def test_replies_have_the_kernels_sizes_and_fields():
+    """Sizes as in linux/fuse.h 7.31; a wrong size makes the kernel refuse the reply (EINVAL)."""
+    assert abi.IN_HEADER.size == 40
+    assert abi.OUT_HEADER.size == 16
+    assert abi.INIT_OUT.size == 64
+    assert abi.SETATTR_IN.size == 88
+    assert abi.READ_IN.size == abi.WRITE_IN.size == 40
+    assert abi.KSTATFS.size == 80
+    a = _attr()
+    entry = abi.pack_entry(a, 300.0, 1.5)
+    assert len(entry) == 128
+    nodeid, gen, ev, av, evn, avn = abi.ENTRY_OUT.unpack_from(entry)
+    assert (nodeid, gen, ev, av, evn, avn) == (7, 0, 300, 1, 0, 500_000_000)
+    fields = abi.ATTR.unpack_from(entry, abi.ENTRY_OUT.size)
+    assert fields[0:4] == (7, 5000, 16, 1_700_000_000)  # ino size blocks atime
+    assert fields[6] == 123_456_789  # atimensec
+    assert fields[9:15] == (a.mode, 1, 1000, 100, 0, 65536)
+    assert len(abi.pack_attr_out(a, 1.0)) == 104
+    negative = abi.pack_negative_entry(300.0)
+    assert abi.ENTRY_OUT.unpack_from(negative)[0] == 0 and len(negative) == 128
+
+
+@pytest.mark.parametrize("name", [b"a", b"1234567", b"12345678", b"x" * 255])
+def test_directory_entries_are_padded_to_eight_bytes(name):
+    raw = abi.pack_dirent(9, 3, name, stat.S_IFDIR | 0o755)
+    assert len(raw) % 8 == 0
+    assert len(raw) - abi.DIRENT.size - len(name) < 8
+    ino, off, namelen, typ = abi.DIRENT.unpack_from(raw)
+    assert (ino, off, namelen, typ) == (9, 3, len(name), 4)  # DT_DIR
+    assert raw[abi.DIRENT.size:abi.DIRENT.size + namelen] == name
+
+
+def test_unimplemented_requests_get_a_clean_errno(mounted_fs):
+    """fallocate has no handler: the kernel hears ENOSYS and tells the caller EOPNOTSUPP; the
+    mount goes on serving, and copy_file_range falls back to a copy in the kernel."""
+    path = mounted_fs.path("f")
+    data = os.urandom(300_000)
+    with open(path, "wb") as f:
+        f.write(data)
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_long, ctypes.c_long]
+    fd = os.open(path, os.O_RDWR)
+    try:
+        for mode in (0, 1, 3):  # default, KEEP_SIZE, PUNCH_HOLE|KEEP_SIZE
+            assert libc.fallocate(fd, mode, 0, 4096) == -1
+            assert ctypes.get_errno() == errno.EOPNOTSUPP
+        out = os.open(mounted_fs.path("g"), os.O_CREAT | os.O_WRONLY, 0o644)
+        try:
+            copied = 0
+            while copied < len(data):
+                n = os.copy_file_range(fd, out, len(data) - copied, copied, copied)
+                assert n > 0
+                copied += n
+        finally:
+            os.close(out)
+    finally:
+        os.close(fd)
+    with open(path, "rb") as f:
+        assert f.read() == data
+    with open(mounted_fs.path("g"), "rb") as f:
+        assert f.read() == data
+
+
+def test_concurrent_requests_all_get_their_own_answers(mounted_fs):
+    """Eight threads create, write (small and large writes: inline and worker lanes), read
+    back, rename, list and remove at once; every answer must belong to its own request."""
+    errors: list[str] = []
+
+    def worker(n: int) -> None:
+        rng = random.Random(n)
+        d = mounted_fs.path(f"d{n}")
+        os.mkdir(d)
+        kept = {}
+        for i in range(40):
+            name = os.path.join(d, f"f{i}")
+            data = rng.randbytes(rng.choice([100, 5000, 70_000, 1_200_000]))
+            with open(name, "wb") as f:
+                f.write(data)
+            if i % 3 == 0:
+                os.rename(name, name + ".r")
+                name += ".r"
+            if i % 5 == 0:
+                os.unlink(name)
+                continue
+            kept[os.path.basename(name)] = hashlib.sha256(data).hexdigest()
+            os.setxattr(name, "user.n", str(i).encode())
+        if sorted(os.listdir(d)) != sorted(kept):
+            errors.append(f"thread {n}: listing {sorted(os.listdir(d))} != {sorted(kept)}")
+        for name, digest in kept.items():
+            with open(os.path.join(d, name), "rb") as f:
+                if hashlib.sha256(f.read()).hexdigest() != digest:
+                    errors.append(f"thread {n}: {name} read back wrong")
+
+    threads = [threading.Thread(target=worker, args=(n,)) for n in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+
+
+def test_sigterm_with_a_file_open_loses_nothing(tmp_path, fs_mount):
+    """SIGTERM detaches the mount; a process still holding a file goes on writing to it, and
+    the daemon exits once that file is closed, with everything stored."""
+    from mountutil import make_warehouse
+
+    m = fs_mount(make_warehouse(tmp_path / "wh"))
+    m.mount()
+    pid = daemon_pid(m.warehouse)
+    assert pid is not None
+    held = open(m.path("held"), "wb")  # noqa: SIM115 - closed below, after the signal
+    try:
+        held.write(b"before\n")
+        held.flush()
+        os.kill(pid, signal.SIGTERM)
+        deadline = time.monotonic() + 20
+        while is_mounted(m.mountpoint) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not is_mounted(m.mountpoint)
+        held.write(b"after\n")
+        held.flush()
+        os.fsync(held.fileno())
+    finally:
+        held.close()
+    deadline = time.monotonic() + 30
+    while pid_alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not pid_alive(pid)
+    m.mount()
+    with open(m.path("held"), "rb") as f:
+        assert f.read() == b"before\nafter\n"
+    m.umount()
+    dwfs("fsck", m.warehouse)  # exits non-zero on any finding
