@@ -223,6 +223,24 @@ def test_unlink_and_rmdir_errors(fs):
     assert errno_of(fs.getattr, d) == errno.ENOENT
 
 
+def test_unlink_keeps_the_name_of_a_directory_and_takes_attributes_with_the_inode(fs):
+    d = fs.mkdir(ROOT_INODE, b"d", 0o755, ROOT).ino
+    before = fs.getattr(ROOT_INODE)
+    assert errno_of(fs.unlink, ROOT_INODE, b"d") == errno.EISDIR
+    assert fs.lookup(ROOT_INODE, b"d").ino == d  # the refused unlink changed nothing
+    assert fs.getattr(ROOT_INODE) == before
+    assert errno_of(fs.unlink, d, b"x" * (NAME_MAX + 1)) == errno.ENAMETOOLONG
+    f = mkfile(fs, d, b"f")
+    assert errno_of(fs.unlink, f, b"f") == errno.ENOTDIR  # a file as the parent
+    fs.setxattr(f, b"user.a", b"1")
+    fs.link(f, ROOT_INODE, b"g")
+    fs.unlink(d, b"f")  # one name left: the attribute stays
+    assert fs.getxattr(f, b"user.a") == b"1"
+    fs.unlink(ROOT_INODE, b"g")  # the last name: inode, attributes and all go
+    assert errno_of(fs.getattr, f) == errno.ENOENT
+    assert fs.db.value("SELECT count(*) FROM xattrs WHERE inode=?", (f,)) == 0
+
+
 def test_unlink_open_file_keeps_data_until_last_close(env, fs):
     free0 = free_sectors(fs)
     data = os.urandom(3 * BLOCK + 123)

@@ -215,9 +215,7 @@ class Filesystem(ContentOps, RenameOps, XattrOps):
 
     def _free_inode(self, ino: int, sectors: int | None = None) -> None:
         self.data.drop(ino, stored=sectors != 0)
-        self.db.change("DELETE FROM xattrs WHERE inode=?", (ino,))
-        self.db.change("DELETE FROM ghosts WHERE inode=?", (ino,))
-        self.db.change("DELETE FROM inodes WHERE id=?", (ino,))
+        self.db.change("DELETE FROM inodes WHERE id=?", (ino,))  # trigger inodes_gone: the rest
         for hook in self.freed_hooks:
             hook(ino)
 
@@ -234,17 +232,22 @@ class Filesystem(ContentOps, RenameOps, XattrOps):
         with self._refs_lock:  # not the filesystem lock: called on the event loop's thread
             self.dir_refs[ino] = self.dir_refs.get(ino, 0) + 1
 
-    @operation
     def forget(self, ino: int, count: int) -> None:
-        """The kernel dropped `count` references to inode `ino`."""
+        """The kernel dropped `count` references to inode `ino` (only a directory's count
+        matters: a file lives while it has names or is open)."""
         with self._refs_lock:
-            left = self.dir_refs.get(ino, 0) - count
-            if left > 0:
-                self.dir_refs[ino] = left
+            held = self.dir_refs.get(ino)
+            if held is None:
                 return
-            held = self.dir_refs.pop(ino, None) is not None
-        if held:
-            self._maybe_free(ino)
+            if held > count:
+                self.dir_refs[ino] = held - count
+                return
+            del self.dir_refs[ino]
+        self._free_if_unlinked(ino)
+
+    @operation
+    def _free_if_unlinked(self, ino: int) -> None:
+        self._maybe_free(ino)
 
     # --- lookups and attributes ---------------------------------------------------------------
 
@@ -435,10 +438,25 @@ class Filesystem(ContentOps, RenameOps, XattrOps):
     @operation
     def unlink(self, parent: int, name: bytes) -> None:
         """Remove a non-directory name; the inode goes with its last name and last close."""
-        did, ino, r = self._existing(parent, name)
-        if stat.S_ISDIR(r[1]):
+        if len(name) > NAME_MAX:
+            raise FSError(errno.ENAMETOOLONG, f"name of {len(name)} bytes")
+        # The name goes first (one statement that also says what it named); the operation's
+        # savepoint puts it back if it named a directory.
+        e = self.db.take("DELETE FROM dentries WHERE parent=? AND name=? RETURNING inode",
+                         (parent, name))
+        r = e and self.db.row("SELECT mode, nlink, sectors FROM inodes WHERE id=?", (e[0],))
+        if not r:
+            self._dir_row(parent)
+            raise FSError(errno.ENOENT, f"{name!r} not in directory {parent}")
+        ino, (mode, nlink, sectors) = e[0], r
+        if stat.S_ISDIR(mode):
             raise FSError(errno.EISDIR, f"{name!r} is a directory")
-        self._remove_entry(did, parent, ino, r)
+        now = now_ns()
+        if nlink <= 1 and not self.opens.get(ino):
+            self._free_inode(ino, sectors)
+        else:
+            self.db.change("UPDATE inodes SET nlink=nlink-1, ctime_ns=? WHERE id=?", (now, ino))
+        self._touch(parent, now=now)
 
     @operation
     def rmdir(self, parent: int, name: bytes) -> None:

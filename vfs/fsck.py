@@ -158,9 +158,7 @@ class Checker:
 
     def _free(self, ino: int) -> None:
         self.db.change("DELETE FROM extents WHERE inode=?", (ino,))
-        self.db.change("DELETE FROM xattrs WHERE inode=?", (ino,))
-        self.db.change("DELETE FROM ghosts WHERE inode=?", (ino,))
-        self.db.change("DELETE FROM inodes WHERE id=?", (ino,))
+        self.db.change("DELETE FROM inodes WHERE id=?", (ino,))  # trigger inodes_gone: the rest
 
     def _link_counts(self) -> None:
         for ino, mode, nlink, names, subdirs in list(self.db.rows(

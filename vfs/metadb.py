@@ -76,6 +76,10 @@ CREATE TABLE IF NOT EXISTS ghosts (
     used_ns INTEGER NOT NULL DEFAULT 0
 );
 CREATE INDEX IF NOT EXISTS ghosts_state ON ghosts (state, used_ns);
+CREATE TRIGGER IF NOT EXISTS inodes_gone AFTER DELETE ON inodes BEGIN
+    DELETE FROM xattrs WHERE inode = old.id;
+    DELETE FROM ghosts WHERE inode = old.id;
+END;
 """
 
 # Format 3: the block map holds extents of 4 KiB sectors with a checksum per sector (see
@@ -171,6 +175,12 @@ class MetaDB:
         self.conn.execute(sql, tuple(args))
         self.dirty = True
         return self.conn.changes()
+
+    def take(self, sql: str, args: Iterable[Any] = ()) -> tuple | None:
+        """Run one modifying statement with a RETURNING clause; the first row it returned."""
+        rows = self.conn.execute(sql, tuple(args)).fetchall()
+        self.dirty = True
+        return rows[0] if rows else None
 
     def changemany(self, sql: str, rows: Iterable[Iterable[Any]]) -> None:
         """Run one modifying statement for each row of arguments."""
