@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import uuid as uuidlib
+from collections import Counter
 from collections.abc import Callable, Sequence
 
 import numpy as np
@@ -229,10 +230,11 @@ def _resync(volume: Volume, labels: dict[int, Label]) -> None:
         # row resynced rewrites the bitmap with its own region only, and a crash during the
         # resync would leave the other regions inconsistent and unmarked.
         volume.keep_intent(merged.tobytes())
+        outcomes: Counter[str] = Counter()
         for region in regions:
             for row in region:
                 for group in range(g.groups):
-                    resync_row(volume, group, row)
+                    outcomes.update(resync_row(volume, group, row))
             # A flush interrupted part way leaves some members with the new copy of a table
             # page and others with the old one, both valid. The resync trusted the copy it
             # read: write that copy to every member, or a later read from another member's
@@ -243,14 +245,21 @@ def _resync(volume: Volume, labels: dict[int, Label]) -> None:
                 volume.table.page(p)
                 volume.table.dirty.add(p)
         volume.flush()
+    log.warning("array %s: resync of %d rows done: %d chunks of interrupted writes rolled back "
+                "from parity, %d kept as written, %d rows unrecoverable",
+                volume.array_uuid, rows, outcomes["rolled back"], outcomes["kept"],
+                outcomes["lost"])
 
 
-def resync_row(volume: Volume, group: int, row: int) -> None:
-    """Trust verified data columns, recompute parity and checksums of one row."""
+def resync_row(volume: Volume, group: int, row: int) -> list[str]:
+    """Trust verified data columns, recompute parity and checksums of one row; what was found
+    ("rolled back", "kept" per chunk, "lost" for the row). Mismatches here are interrupted
+    writes, not damage: they are not counted as members' checksum errors."""
     g = volume.geometry
     slots = g.column_slots(group, row)
     data = np.zeros((g.k, g.chunk), dtype=np.uint8)
     changed: list[int] = []
+    found: list[str] = []
     for c in range(g.k):
         slot = slots[c]
         entry = volume.table.get(slot, row)
@@ -260,23 +269,24 @@ def resync_row(volume: Volume, group: int, row: int) -> None:
             continue
         if how == "missing":
             try:
-                data[c] = volume.reconstruct(group, row, [c], {})[c]
+                data[c] = volume.reconstruct(group, row, [c], {}, count=False)[c]
             except UnrecoverableError as exc:
                 log.error("resync of row %d, group %d: slot %d lost: %s", row, group, slot, exc)
-                return
+                return ["lost"]
             continue
         # A torn, never-flushed write: try the old contents from parity, else keep the bytes.
         try:
-            data[c] = volume.reconstruct(group, row, [c], {})[c]
+            data[c] = volume.reconstruct(group, row, [c], {}, count=False)[c]
             volume.rewrite_chunk(slot, row, data[c])
+            found.append("rolled back")
         except UnrecoverableError:
-            log.warning(
-                "resync of row %d: slot %d holds an interrupted write; keeping its bytes "
-                "(entry %x)", row, slot, entry,
-            )
+            log.debug("resync of row %d: slot %d holds an interrupted write; keeping its bytes "
+                      "(entry %x)", row, slot, entry)
             data[c] = buf
             changed.append(c)
+            found.append("kept")
             continue
     if all(volume.table.get(slots[c], row) == UNWRITTEN for c in range(g.k)) and not changed:
-        return
+        return found
     volume.store_row(group, row, data, changed)  # also records the kept chunks' checksums
+    return found

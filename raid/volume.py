@@ -434,9 +434,12 @@ class Volume(MemberRecords):
         return got
 
     def reconstruct(
-        self, group: int, row: int, lost: list[int], known: dict[int, np.ndarray]
+        self, group: int, row: int, lost: list[int], known: dict[int, np.ndarray],
+        count: bool = True,
     ) -> dict[int, np.ndarray]:
-        """Columns `lost` of a row recomputed from verified other columns."""
+        """Columns `lost` of a row recomputed from verified other columns (a mismatch among
+        them counts as the member's checksum error unless `count` is False, as in
+        `load_chunk`)."""
         g = self.geometry
         slots = g.column_slots(group, row)
         sources = {c: b for c, b in known.items() if c not in lost}
@@ -445,7 +448,7 @@ class Volume(MemberRecords):
                 break
             if c in sources or c in lost:
                 continue
-            buf, how = self.load_chunk(slots[c], row)
+            buf, how = self.load_chunk(slots[c], row, count=count)
             if how == "ok":
                 sources[c] = buf
         if len(sources) < g.k:
