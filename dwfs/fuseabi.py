@@ -6,6 +6,7 @@ out; names follow the kernel's with the `fuse_` prefix dropped.
 
 from __future__ import annotations
 
+import functools
 import struct
 
 from vfs.attrs import Attr
@@ -52,6 +53,8 @@ INIT_OUT = struct.Struct("<IIIIHHIIHHII24x")
 ATTR = struct.Struct("<QQQQQQIIIIIIIIII")
 ENTRY_OUT = struct.Struct("<QQQQII")  # nodeid generation entry_valid attr_valid (+ nsecs)
 ATTR_OUT = struct.Struct("<QII")  # attr_valid attr_valid_nsec dummy
+ENTRY_WITH_ATTR = struct.Struct(ENTRY_OUT.format + ATTR.format[1:])  # one pack for the reply
+ATTR_OUT_WITH_ATTR = struct.Struct(ATTR_OUT.format + ATTR.format[1:])
 OPEN_OUT = struct.Struct("<QII")  # fh open_flags padding
 OPEN_IN = struct.Struct("<II")  # flags open_flags
 GETATTR_IN = struct.Struct("<IIQ")  # getattr_flags dummy fh
@@ -81,15 +84,21 @@ NOTIFY_INVAL_ENTRY_OUT = struct.Struct("<QII")  # parent namelen padding
 NSEC = 1_000_000_000
 
 
-def pack_attr(a: Attr) -> bytes:
-    """`struct fuse_attr` of a vfs Attr."""
+def _attr_fields(a: Attr) -> tuple[int, ...]:
+    """The fields of `struct fuse_attr` of a vfs Attr, in order."""
     at, atn = divmod(a.atime_ns, NSEC)
     mt, mtn = divmod(a.mtime_ns, NSEC)
     ct, ctn = divmod(a.ctime_ns, NSEC)
-    return ATTR.pack(a.ino, a.size, a.blocks, at, mt, ct, atn, mtn, ctn, a.mode, a.nlink,
-                     a.uid, a.gid, a.rdev, a.blksize, 0)
+    return (a.ino, a.size, a.blocks, at, mt, ct, atn, mtn, ctn, a.mode, a.nlink, a.uid, a.gid,
+            a.rdev, a.blksize, 0)
 
 
+def pack_attr(a: Attr) -> bytes:
+    """`struct fuse_attr` of a vfs Attr."""
+    return ATTR.pack(*_attr_fields(a))
+
+
+@functools.cache
 def _split(seconds: float) -> tuple[int, int]:
     whole = int(seconds)
     return whole, int((seconds - whole) * NSEC)
@@ -99,7 +108,7 @@ def pack_entry(a: Attr, entry_seconds: float, attr_seconds: float) -> bytes:
     """`struct fuse_entry_out`: a name's inode and attributes, with how long to cache each."""
     es, ens = _split(entry_seconds)
     as_, ans = _split(attr_seconds)
-    return ENTRY_OUT.pack(a.ino, 0, es, as_, ens, ans) + pack_attr(a)
+    return ENTRY_WITH_ATTR.pack(a.ino, 0, es, as_, ens, ans, *_attr_fields(a))
 
 
 def pack_negative_entry(entry_seconds: float) -> bytes:
@@ -111,7 +120,7 @@ def pack_negative_entry(entry_seconds: float) -> bytes:
 def pack_attr_out(a: Attr, attr_seconds: float) -> bytes:
     """`struct fuse_attr_out`."""
     s, ns = _split(attr_seconds)
-    return ATTR_OUT.pack(s, ns, 0) + pack_attr(a)
+    return ATTR_OUT_WITH_ATTR.pack(s, ns, 0, *_attr_fields(a))
 
 
 def pack_dirent(ino: int, next_offset: int, name: bytes, mode: int) -> bytes:

@@ -28,6 +28,7 @@ MAX_WRITE = 1 << 20
 BUFFER = MAX_WRITE + 64 * 1024  # a whole write request with its headers, or a 64 KiB xattr
 WANTED = (abi.ASYNC_READ | abi.ATOMIC_O_TRUNC | abi.EXPORT_SUPPORT | abi.BIG_WRITES
           | abi.AUTO_INVAL_DATA | abi.DO_READDIRPLUS | abi.ASYNC_DIO | abi.MAX_PAGES)
+_BYTES = (bytes, bytearray)
 GONE = (errno.ENODEV, errno.EBADF)  # the connection ended: unmounted or aborted
 
 
@@ -45,7 +46,7 @@ class Request:
 
     def reply(self, payload: Any = b"") -> None:
         """Answer with success and `payload` (bytes or any buffer)."""
-        n = len(payload) if isinstance(payload, bytes | bytearray) else memoryview(payload).nbytes
+        n = len(payload) if isinstance(payload, _BYTES) else memoryview(payload).nbytes
         head = abi.OUT_HEADER.pack(16 + n, 0, self.unique)
         _write(self.fd, [head, payload] if n else [head], self.unique)
 
