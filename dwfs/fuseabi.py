@@ -14,6 +14,7 @@ from vfs.attrs import Attr
 KERNEL_MAJOR = 7
 KERNEL_MINOR = 31  # the replies below have this version's sizes
 ROOT_ID = 1
+DEV_IOC_CLONE = 0x8004E500  # _IOR(229, 0, uint32_t): attach a new /dev/fuse to a connection
 
 # --- opcodes ----------------------------------------------------------------------------------
 LOOKUP, FORGET, GETATTR, SETATTR, READLINK, SYMLINK = 1, 2, 3, 4, 5, 6

@@ -8,12 +8,16 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import fcntl
 import logging
 import os
 import shutil
 import socket
 import stat
 import subprocess
+import sys
+
+from dwfs.fuseabi import DEV_IOC_CLONE
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +65,26 @@ def unmount(mountpoint: str) -> None:
                           text=True, check=False)
     if done.returncode != 0:
         log.warning("fusermount3 -uz %s: %s", mountpoint, done.stderr.strip())
+
+
+def clone_nonblocking(fd: int) -> int | None:
+    """A second, non-blocking descriptor on the FUSE connection of `fd` (requests can be read
+    from either; a reply goes to the descriptor its request came from), or None if the kernel
+    refuses one."""
+    try:
+        new = os.open("/dev/fuse", os.O_RDWR | os.O_CLOEXEC | os.O_NONBLOCK)
+    except OSError as exc:
+        log.info("cannot open /dev/fuse for a second descriptor (%s): requests are read by "
+                 "blocking only", exc)
+        return None
+    try:
+        fcntl.ioctl(new, DEV_IOC_CLONE, fd.to_bytes(4, sys.byteorder))
+    except OSError as exc:
+        os.close(new)
+        log.info("cannot clone the FUSE descriptor (%s): requests are read by blocking only",
+                 exc)
+        return None
+    return new
 
 
 def abort(device: str | None) -> None:

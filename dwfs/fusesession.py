@@ -15,7 +15,7 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from dwfs import fuseabi as abi
-from dwfs.fusemount import abort, mount, unmount
+from dwfs.fusemount import abort, clone_nonblocking, mount, unmount
 from dwfs.mounts import mount_device
 from vfs.attrs import SetAttr
 
@@ -29,6 +29,9 @@ BUFFER = MAX_WRITE + 64 * 1024  # a whole write request with its headers, or a 6
 WANTED = (abi.ASYNC_READ | abi.ATOMIC_O_TRUNC | abi.EXPORT_SUPPORT | abi.BIG_WRITES
           | abi.AUTO_INVAL_DATA | abi.DO_READDIRPLUS | abi.ASYNC_DIO | abi.MAX_PAGES)
 _BYTES = (bytes, bytearray)
+# How long the reading thread polls for the next request before it sleeps (only while requests
+# come in quick succession): about one round trip of a small request.
+SPIN_NS = 50_000
 GONE = (errno.ENODEV, errno.EBADF)  # the connection ended: unmounted or aborted
 
 
@@ -73,6 +76,7 @@ class Session:
         self.mountpoint = mountpoint
         self.fd = mount(mountpoint, fsname, "dwfs", options)
         self.device = mount_device(mountpoint)  # "major:minor", to end the connection by
+        self._poll_fd = clone_nonblocking(self.fd)  # polled for requests in quick succession
         self._mounted = True
         self._table = self._parsers()
 
@@ -81,11 +85,30 @@ class Session:
     def serve(self) -> None:
         """Answer requests until the filesystem is unmounted or `terminate` is called."""
         buf = bytearray(BUFFER)
-        view = memoryview(buf)
-        fd, table, header = self.fd, self._table, abi.IN_HEADER
+        view, bufs = memoryview(buf), [buf]
+        table, header, clock = self._table, abi.IN_HEADER, time.perf_counter_ns
+        poll_fd = self._poll_fd
+        spin = poll_fd is not None
         while True:
+            start = clock()
+            n = -1
             try:
-                n = os.readv(fd, [buf])
+                if spin:
+                    # Requests that follow one another closely (a program that stats, unlinks
+                    # or creates in a loop) are taken without this thread going to sleep: a
+                    # sleeping reader costs the kernel a wake-up on every request.
+                    fd, deadline = poll_fd, start + SPIN_NS
+                    while n < 0:
+                        try:
+                            n = os.readv(fd, bufs)
+                        except BlockingIOError:
+                            if clock() > deadline:
+                                break
+                if n < 0:
+                    fd = self.fd
+                    n = os.readv(fd, bufs)
+                    # Poll before the next request only if polling would have caught this one.
+                    spin = poll_fd is not None and clock() - start < 2 * SPIN_NS
             except OSError as exc:
                 if exc.errno in GONE:
                     log.info("FUSE connection of %s ended", self.mountpoint)
@@ -121,7 +144,9 @@ class Session:
             unmount(self.mountpoint)
 
     def close(self) -> None:
-        """Close the connection's descriptor (which aborts it if still mounted)."""
+        """Close the connection's descriptors (which aborts it if still mounted)."""
+        if self._poll_fd is not None:
+            os.close(self._poll_fd)
         os.close(self.fd)
 
     # --- notifications ------------------------------------------------------------------------
