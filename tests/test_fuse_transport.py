@@ -132,6 +132,29 @@ def test_concurrent_requests_all_get_their_own_answers(mounted_fs):
     assert errors == []
 
 
+def _cpu_seconds(pid: int) -> float:
+    with open(f"/proc/{pid}/stat", encoding="ascii") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def test_a_quiet_mount_stops_polling_for_requests(mounted_fs):
+    """Requests in quick succession are polled for; once they stop, the reading thread sleeps
+    (a poll that never ended would burn a whole CPU)."""
+    pid = daemon_pid(mounted_fs.warehouse)
+    assert pid is not None
+    d = mounted_fs.path("quick")
+    os.mkdir(d)
+    for i in range(2000):  # a loop of small requests: the reader polls between them
+        os.close(os.open(os.path.join(d, f"f{i}"), os.O_CREAT | os.O_WRONLY, 0o644))
+        os.stat(os.path.join(d, f"f{i}"))
+    time.sleep(0.5)
+    before = _cpu_seconds(pid)
+    time.sleep(3)
+    assert _cpu_seconds(pid) - before < 0.5  # polling all along would be about 3 s
+    assert len(os.listdir(d)) == 2000
+
+
 def test_sigterm_with_a_file_open_loses_nothing(tmp_path, fs_mount):
     """SIGTERM detaches the mount; a process still holding a file goes on writing to it, and
     the daemon exits once that file is closed, with everything stored."""
