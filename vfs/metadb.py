@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import threading
 from collections.abc import Iterable, Iterator
 from typing import Any
 
@@ -136,6 +137,16 @@ class MetaDB:
             raise MetadataError(f"metadata database {path}: {exc}") from exc
         self.conn.execute("BEGIN")
         self.dirty = False
+        self._cursors = threading.local()
+
+    def _cursor(self) -> apsw.Cursor:
+        """This thread's cursor for statements whose results are taken at once: making a new
+        cursor costs as much as a simple indexed query (about 2.5 µs)."""
+        try:
+            return self._cursors.cursor
+        except AttributeError:
+            cursor = self._cursors.cursor = self.conn.cursor()
+            return cursor
 
     def _check_format(self) -> None:
         try:
@@ -172,13 +183,13 @@ class MetaDB:
 
     def change(self, sql: str, args: Iterable[Any] = ()) -> int:
         """Run one modifying statement; returns the number of rows changed."""
-        self.conn.execute(sql, tuple(args))
+        self._cursor().execute(sql, tuple(args))
         self.dirty = True
         return self.conn.changes()
 
     def take(self, sql: str, args: Iterable[Any] = ()) -> tuple | None:
         """Run one modifying statement with a RETURNING clause; the first row it returned."""
-        rows = self.conn.execute(sql, tuple(args)).fetchall()
+        rows = self._cursor().execute(sql, tuple(args)).fetchall()
         self.dirty = True
         return rows[0] if rows else None
 
@@ -189,11 +200,11 @@ class MetaDB:
 
     def row(self, sql: str, args: Iterable[Any] = ()) -> tuple | None:
         """The first row of a query, or None."""
-        return self.conn.execute(sql, tuple(args)).fetchone()
+        return self._cursor().execute(sql, tuple(args)).fetchone()
 
     def value(self, sql: str, args: Iterable[Any] = (), default: Any = None) -> Any:
         """The first column of the first row of a query, or `default`."""
-        r = self.conn.execute(sql, tuple(args)).fetchone()
+        r = self._cursor().execute(sql, tuple(args)).fetchone()
         return default if r is None else r[0]
 
     def rows(self, sql: str, args: Iterable[Any] = ()) -> Iterator[tuple]:
