@@ -1,5 +1,6 @@
 """Filesystem methods for open files and their contents: open and release, read, write and
-truncate, with space promised before a write is accepted."""
+truncate, with space promised before a write is accepted; and the kernel's references to
+directories, which keep a removed directory alive as an open keeps a file."""
 
 from __future__ import annotations
 
@@ -39,6 +40,30 @@ class ContentOps:
             self.opens[ino] = n
             return
         self.opens.pop(ino, None)
+        self._maybe_free(ino)
+
+    def remember(self, ino: int) -> None:
+        """The kernel now holds one more reference to directory `ino` (an entry it was
+        given): a removed directory lives on while the kernel holds it, for a process whose
+        working directory it is."""
+        with self._refs_lock:  # not the filesystem lock: called from the FUSE session's threads
+            self.dir_refs[ino] = self.dir_refs.get(ino, 0) + 1
+
+    def forget(self, ino: int, count: int) -> None:
+        """The kernel dropped `count` references to inode `ino` (only a directory's count
+        matters: a file lives while it has names or is open)."""
+        with self._refs_lock:
+            held = self.dir_refs.get(ino)
+            if held is None:
+                return
+            if held > count:
+                self.dir_refs[ino] = held - count
+                return
+            del self.dir_refs[ino]
+        self._free_if_unlinked(ino)
+
+    @operation
+    def _free_if_unlinked(self, ino: int) -> None:
         self._maybe_free(ino)
 
     def _check_truncatable(self, r: tuple, size: int) -> None:

@@ -230,30 +230,6 @@ class Filesystem(ContentOps, RenameOps, XattrOps):
                 and not self.dir_refs.get(ino)):
             self._free_inode(ino, r[1])
 
-    def remember(self, ino: int) -> None:
-        """The kernel now holds one more reference to directory `ino` (an entry it was
-        given): a removed directory lives on while the kernel holds it, for a process whose
-        working directory it is."""
-        with self._refs_lock:  # not the filesystem lock: called on the event loop's thread
-            self.dir_refs[ino] = self.dir_refs.get(ino, 0) + 1
-
-    def forget(self, ino: int, count: int) -> None:
-        """The kernel dropped `count` references to inode `ino` (only a directory's count
-        matters: a file lives while it has names or is open)."""
-        with self._refs_lock:
-            held = self.dir_refs.get(ino)
-            if held is None:
-                return
-            if held > count:
-                self.dir_refs[ino] = held - count
-                return
-            del self.dir_refs[ino]
-        self._free_if_unlinked(ino)
-
-    @operation
-    def _free_if_unlinked(self, ino: int) -> None:
-        self._maybe_free(ino)
-
     # --- lookups and attributes ---------------------------------------------------------------
 
     @query
