@@ -94,11 +94,6 @@ def _attr_fields(a: Attr) -> tuple[int, ...]:
             a.rdev, a.blksize, 0)
 
 
-def pack_attr(a: Attr) -> bytes:
-    """`struct fuse_attr` of a vfs Attr."""
-    return ATTR.pack(*_attr_fields(a))
-
-
 @functools.cache
 def _split(seconds: float) -> tuple[int, int]:
     whole = int(seconds)

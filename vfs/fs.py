@@ -407,9 +407,14 @@ class Filesystem(ContentOps, RenameOps, XattrOps):
         e = self._entry(parent, name)  # two indexed lookups: faster than a join (see find)
         r = self.db.row(_ROW_SQL, (e[1],)) if e else None
         if e is None or r is None:
-            self._dir_row(parent)
-            raise FSError(errno.ENOENT, f"{name!r} not in directory {parent}")
+            raise self._no_name(parent, name)
         return e[0], e[1], r
+
+    def _no_name(self, parent: int, name: bytes) -> FSError:
+        """The error for a name missing from `parent`: ENOTDIR or ENOENT for the parent
+        itself, else ENOENT."""
+        self._dir_row(parent)
+        return FSError(errno.ENOENT, f"{name!r} not in directory {parent}")
 
     def _has_entries(self, ino: int) -> bool:
         return self.db.row("SELECT 1 FROM dentries WHERE parent=? LIMIT 1", (ino,)) is not None
@@ -423,19 +428,12 @@ class Filesystem(ContentOps, RenameOps, XattrOps):
         # savepoint puts it back if it named a directory.
         e = self.db.take("DELETE FROM dentries WHERE parent=? AND name=? RETURNING inode",
                          (parent, name))
-        r = e and self.db.row("SELECT mode, nlink, sectors FROM inodes WHERE id=?", (e[0],))
-        if not r:
-            self._dir_row(parent)
-            raise FSError(errno.ENOENT, f"{name!r} not in directory {parent}")
-        ino, (mode, nlink, sectors) = e[0], r
-        if stat.S_ISDIR(mode):
+        r = self.db.row("SELECT mode, nlink, sectors FROM inodes WHERE id=?", e) if e else None
+        if r is None:
+            raise self._no_name(parent, name)
+        if stat.S_ISDIR(r[0]):
             raise FSError(errno.EISDIR, f"{name!r} is a directory")
-        now = now_ns()
-        if nlink <= 1 and not self.opens.get(ino):
-            self._free_inode(ino, sectors)
-        else:
-            self.db.change("UPDATE inodes SET nlink=nlink-1, ctime_ns=? WHERE id=?", (now, ino))
-        self._touch(parent, now=now)
+        self._name_removed(parent, e[0], *r)
 
     @operation
     def rmdir(self, parent: int, name: bytes) -> None:
@@ -452,15 +450,22 @@ class Filesystem(ContentOps, RenameOps, XattrOps):
         self._remove_entry(did, parent, ino, r)
 
     def _remove_entry(self, did: int, parent: int, ino: int, r: tuple) -> None:
-        now = now_ns()
         self.db.change("DELETE FROM dentries WHERE id=?", (did,))
-        if stat.S_ISDIR(r[1]):
-            self.db.change("UPDATE inodes SET nlink=0, ctime_ns=? WHERE id=?", (now, ino))
-            self._add_links(parent, -1)
+        self._name_removed(parent, ino, r[1], r[2], r[10])
+
+    def _name_removed(self, parent: int, ino: int, mode: int, nlink: int, sectors: int) -> None:
+        """Follow the removal of a name of inode `ino` (its row's mode, nlink and sectors) from
+        `parent`: link counts and times, and the inode itself once nothing holds it."""
+        now = now_ns()
+        is_dir = stat.S_ISDIR(mode)
+        left = 0 if is_dir else nlink - 1
+        if left <= 0 and not self.opens.get(ino) and not self.dir_refs.get(ino):
+            self._free_inode(ino, sectors)
         else:
-            self.db.change("UPDATE inodes SET nlink=nlink-1, ctime_ns=? WHERE id=?", (now, ino))
+            self.db.change("UPDATE inodes SET nlink=?, ctime_ns=? WHERE id=?", (left, now, ino))
+        if is_dir:
+            self._add_links(parent, -1)
         self._touch(parent, now=now)
-        self._maybe_free(ino)
 
     # --- times and bulk changes (open files and contents: vfs/content.py) ----------------------
 
