@@ -1,381 +1,38 @@
-"""The `dwfs` command line."""
+"""The `dwfs` command line: its parser, and the dispatch to the module of each command.
+
+The modules of the warehouse's own commands (`dwfs.arraycli`: the array, numpy, SQLite) are
+imported only when one of those commands runs, so `dwfs ghost ...` and `dwfs smart ...` start
+quickly.
+"""
 
 from __future__ import annotations
 
 import argparse
-import errno
-import json
+import importlib
 import logging
 import os
-import select
-import subprocess
 import sys
-import time
 from collections.abc import Callable
-from typing import Any
 
 from dwfs import control, ghostcli, smartcli
-from dwfs.cliutil import CommandError, err, out, progress_bar
-from dwfs.config import ConfigError, WarehouseConfig, load_config
-from dwfs.mountopts import MountOptionError, parse_options
-from dwfs.mounts import canonical, find_mount, fusermount_unmount, pid_alive
-from dwfs.sizes import format_size, parse_size
-from dwfs.warehouse import (
-    MkfsRequest,
-    WarehouseError,
-    WarehouseLock,
-    control_socket_path,
-    meta_path,
-    mkfs,
-    open_volume,
-    refresh_metadata_copy,
-)
-from raid.errors import RaidError
-
-log = logging.getLogger("dwfs")
-
-MOUNT_TIMEOUT = 120.0
-UMOUNT_TIMEOUT = 300.0
+from dwfs.cliutil import CommandError, err
 
 
-# --- helpers ------------------------------------------------------------------------------------
+def _array(name: str) -> Callable[[argparse.Namespace], int]:
+    """The command `name` of dwfs.arraycli, imported when it runs."""
+
+    def run(args: argparse.Namespace) -> int:
+        return getattr(importlib.import_module("dwfs.arraycli"), name)(args)
+
+    return run
 
 
-def with_volume(
-    warehouse: str,
-    local: Callable[[Any, WarehouseConfig], Any],
-    remote: dict,
-    progress: Callable[[int, int], None] | None = None,
-    read_only: bool = False,
-) -> Any:
-    """Run an operation on the warehouse's volume: in this process, or by its mount daemon."""
-    cfg = load_config(warehouse)
-    lock = WarehouseLock(cfg.directory)
-    if lock.try_acquire():
-        try:
-            volume = open_volume(cfg, allow_failed=read_only, read_only=read_only)
-            try:
-                return local(volume, cfg)
-            finally:
-                volume.close(write=not read_only)
-        finally:
-            lock.release()
-    sock = control_socket_path(cfg.directory)
-    try:
-        return control.request(sock, remote, progress)
-    except control.ControlError as exc:
-        if exc.errno == errno.ECONNREFUSED:  # no daemon answers
-            raise CommandError(
-                f"warehouse {cfg.directory} is in use by process {lock.holder()}, "
-                "which does not answer control requests"
-            ) from exc
-        raise
+def _is_array_error(exc: OSError) -> bool:
+    """True for the array's and the warehouse's errors (WarehouseError is a RaidError), which
+    a command reports as a one-line message rather than a traceback."""
+    from raid.errors import RaidError
 
-
-# --- commands -----------------------------------------------------------------------------------
-
-
-def cmd_mkfs(args: argparse.Namespace) -> int:
-    from raid import levels
-
-    members = len(args.device) if args.device else args.devices
-    if not members:
-        raise CommandError("give --devices N --device-size SIZE, or --device PATH (repeated)")
-    level = args.level
-    reason = ""
-    if level == "auto":
-        survive = args.survive if args.survive is not None else (1 if members < 6 else 2)
-        choice = levels.choose_level(members, survive)
-        level, reason = choice.level, choice.reason
-    elif args.survive is not None and levels.tolerance(level, members) < args.survive:
-        raise CommandError(
-            f"{level} on {members} members survives {levels.tolerance(level, members)} "
-            f"failed members, not {args.survive}"
-        )
-    req = MkfsRequest(
-        directory=args.warehouse,
-        level=level,
-        chunk_size=parse_size(args.chunk_size),
-        backend=args.backend,
-        devices=0 if args.device else args.devices,
-        device_size=parse_size(args.device_size) if args.device_size else 0,
-        device_paths=tuple(args.device or ()),
-    )
-    with progress_bar("writing member metadata", in_bytes=False) as update:
-        cfg, geometry = mkfs(req, progress=update)
-    out.print(f"created warehouse [bold]{cfg.directory}[/bold]")
-    out.print(f"  level      {geometry.level}" + (f"  (auto: {reason})" if reason else ""))
-    out.print(f"  members    {geometry.members} x {cfg.backend}")
-    out.print(f"  tolerance  {geometry.tolerance} failed member(s)")
-    out.print(f"  chunk      {format_size(geometry.chunk)}")
-    out.print(f"  capacity   {format_size(geometry.capacity)} ({geometry.capacity} bytes)")
-    return 0
-
-
-def cmd_mount(args: argparse.Namespace) -> int:
-    return mount_warehouse(args.warehouse, args.mountpoint, args.options, raw=args.raw,
-                           foreground=args.foreground, debug=args.debug)
-
-
-def mount_warehouse(warehouse: str, mountpoint: str, options: str = "", raw: bool = False,
-                    foreground: bool = False, debug: bool = False) -> int:
-    """Mount a warehouse; returns once the mount is ready (or, in the foreground, unmounted)."""
-    opts = parse_options(options)
-    foreground = foreground or opts.foreground
-    debug = debug or opts.debug
-    cfg = load_config(warehouse)
-    mountpoint = os.path.abspath(mountpoint)
-    what = "raw volume" if raw else "filesystem"
-    if foreground:
-        from dwfs import daemon
-
-        logging.basicConfig(level=logging.INFO, stream=sys.stderr)
-        return daemon.serve(cfg.directory, mountpoint, None, debug, raw, options)
-    read_fd, write_fd = os.pipe()
-    cmd = [sys.executable, "-m", "dwfs.daemon", cfg.directory, mountpoint,
-           "--ready-fd", str(write_fd), "-o", options]
-    if raw:
-        cmd.append("--raw")
-    if debug:
-        cmd.append("--debug")
-    with open(os.path.join(cfg.directory, "dwfs.log"), "ab") as logf:
-        proc = subprocess.Popen(cmd, pass_fds=(write_fd,), stdin=subprocess.DEVNULL,
-                                stdout=logf, stderr=logf, start_new_session=True)
-    os.close(write_fd)
-    deadline = time.monotonic() + MOUNT_TIMEOUT
-    line = b""
-    with os.fdopen(read_fd, "rb") as pipe:
-        while time.monotonic() < deadline:
-            ready, _, _ = select.select([pipe], [], [], 0.5)
-            if ready:
-                line = pipe.readline()
-                break
-            if proc.poll() is not None:
-                line = pipe.readline()
-                break
-    text = line.decode(errors="replace").strip()
-    if text == "ready":
-        out.print(f"mounted {cfg.directory} at {mountpoint} ({what}, pid {proc.pid})")
-        return 0
-    if not text:
-        if proc.poll() is None:
-            proc.terminate()
-            raise CommandError(f"the mount did not become ready in {MOUNT_TIMEOUT:.0f} s; "
-                               f"see {cfg.directory}/dwfs.log")
-        text = (f"the mount daemon exited with status {proc.returncode}; "
-                f"see {cfg.directory}/dwfs.log")
-    proc.wait()
-    raise CommandError(text.removeprefix("error: "))
-
-
-def cmd_umount(args: argparse.Namespace) -> int:
-    mountpoint = canonical(args.mountpoint)
-    entry = find_mount(mountpoint)
-    if entry is None:
-        raise CommandError(f"{mountpoint} is not mounted")
-    if entry.fstype != "fuse.dwfs":
-        raise CommandError(f"{mountpoint} is a {entry.fstype} mount, not dwfs")
-    sock = control_socket_path(entry.source)
-    pid = None
-    try:
-        pid = control.request(sock, {"op": "flush"}, timeout=UMOUNT_TIMEOUT)["pid"]
-    except control.ControlError as exc:
-        err.print(f"dwfs: the daemon of {mountpoint} does not answer ({exc}); unmounting anyway")
-    result = fusermount_unmount(mountpoint)
-    if result.returncode != 0:
-        if pid is not None:
-            raise CommandError(f"cannot unmount {mountpoint}: {result.stderr.strip()}")
-        fusermount_unmount(mountpoint, lazy=True)
-    if pid is not None:
-        deadline = time.monotonic() + UMOUNT_TIMEOUT
-        while pid_alive(pid):
-            if time.monotonic() > deadline:
-                raise CommandError(f"the daemon (pid {pid}) did not exit after unmounting")
-            time.sleep(0.05)
-    out.print(f"unmounted {mountpoint}")
-    return 0
-
-
-def cmd_fsck(args: argparse.Namespace) -> int:
-    """Exit status as e2fsck: 0 clean, 1 errors corrected, 4 errors left, 8 cannot check."""
-    try:
-        return _fsck(args)
-    except (CommandError, ConfigError, RaidError, OSError) as exc:
-        print(f"dwfs: error: {exc}", file=sys.stderr)
-        return 8
-
-
-def _fsck(args: argparse.Namespace) -> int:
-    from vfs import fsck as vfsck
-    from vfs.errors import FSError
-    from vfs.metacopy import latest_copy, restore_copy
-    from vfs.metadb import MetaDB
-
-    cfg = load_config(args.warehouse)
-    lock = WarehouseLock(cfg.directory)
-    if not lock.try_acquire():
-        raise CommandError(f"warehouse {cfg.directory} is in use by process {lock.holder()} "
-                           "(mounted?); unmount it before fsck")
-    try:
-        volume = open_volume(cfg, allow_failed=not args.repair, read_only=not args.repair)
-        try:
-            path = meta_path(cfg)
-            restored = None
-            db = None
-            why = None
-            try:
-                db = MetaDB(path)
-                errors = db.integrity_errors()
-                if errors:
-                    why = f"the metadata database is corrupt ({errors[0]})"
-                    db.close()
-                    db = None
-            except FSError as exc:
-                why = str(exc.message)
-            if db is None:
-                copy = latest_copy(volume)
-                when = f"copy {copy[0].generation} taken {copy[0].age_text()}" if copy else None
-                if not args.repair:
-                    err.print(f"dwfs fsck: {why}")
-                    if when:
-                        err.print(f"  the volume holds a metadata {when}; "
-                                  "`dwfs fsck --repair` restores it")
-                    return 4
-                if copy is None:
-                    raise CommandError(f"{why}, and the volume holds no intact metadata copy")
-                if os.path.exists(path):
-                    aside = path + ".damaged"
-                    os.replace(path, aside)
-                    err.print(f"dwfs fsck: moved the damaged database aside to {aside}")
-                restored = restore_copy(volume, path)
-                out.print(f"restored the metadata from the {when}; changes made after it are "
-                          "lost")
-                db = MetaDB(path)
-            try:
-                with progress_bar("verifying file data") as update:
-                    report = vfsck.check(db, volume, repair=args.repair,
-                                         verify_data=args.verify_data or restored is not None,
-                                         progress=update)
-                doc = report.to_dict()
-                doc["restored_from_copy"] = (
-                    {"generation": restored.generation, "time_ns": restored.time_ns,
-                     "taken": restored.age_text()} if restored else None)
-                doc["damaged_paths"] = {str(i): vfsck.paths_of(db, i)
-                                        for i in report.damaged_files}
-                if args.repair and (not report.clean or restored is not None):
-                    refresh_metadata_copy(db, volume)
-            finally:
-                db.close()
-        finally:
-            volume.close(write=args.repair)
-    finally:
-        lock.release()
-    if args.json:
-        print(json.dumps(doc, indent=2))
-    else:
-        out.print(f"{doc['inodes']} inodes, {doc['extents']} extents"
-                  + (f", {doc['extents_verified']} verified" if doc["extents_verified"] else ""))
-        for line in doc["problems"]:
-            out.print(f"  {'fixed' if args.repair else 'found'}: {line}")
-        for ino, paths in doc["damaged_paths"].items():
-            out.print(f"  damaged: inode {ino} {' '.join(paths)}")
-        out.print("clean" if report.clean and not restored else
-                  "errors corrected" if args.repair else "errors found; run with --repair")
-    if report.clean and restored is None:
-        return 0
-    return 1 if args.repair else 4
-
-
-def cmd_status(args: argparse.Namespace) -> int:
-    from rich.table import Table
-
-    from dwfs import service
-
-    doc = with_volume(args.warehouse, service.status, {"op": "status"}, read_only=True)
-    if args.json:
-        print(json.dumps(doc, indent=2))
-        return 0 if doc["state"] != "failed" else 2
-    style = {"clean": "green", "degraded": "yellow", "rebuilding": "yellow", "failed": "red"}
-    out.print(f"warehouse  {doc['warehouse']}" + (
-        f"  (mounted at {doc['mountpoint']})" if doc.get("mountpoint") else ""))
-    out.print(f"level      {doc['level']}, tolerates {doc['tolerance']} failed member(s)")
-    out.print(f"capacity   {format_size(doc['capacity_bytes'])} ({doc['capacity_bytes']} bytes)")
-    out.print(f"state      [{style[doc['state']]}]{doc['state']}[/]")
-    table = Table("slot", "state", "path", "read err", "checksum err", "repaired", "note")
-    table.columns[2].overflow = "fold"
-    for m in doc["members"]:
-        note = m["reason"]
-        if m["state"] == "rebuilding":
-            note = f"rebuilt {format_size(m['rebuilt_bytes'])}"
-        table.add_row(str(m["slot"]), m["state"], _short(m["path"], doc["warehouse"]),
-                      str(m["read_errors"]),
-                      str(m["checksum_errors"]), str(m["repaired"]), note)
-    out.print(table)
-    return 0 if doc["state"] != "failed" else 2
-
-
-def _short(path: str, warehouse: str) -> str:
-    """A member path relative to its warehouse when it lies inside it."""
-    rel = os.path.relpath(path, warehouse)
-    return path if rel.startswith("..") else rel
-
-
-def cmd_scrub(args: argparse.Namespace) -> int:
-    from dwfs import service
-
-    with progress_bar("scrubbing" + (" and repairing" if args.repair else ""),
-                      in_bytes=False) as update:
-        report = with_volume(
-            args.warehouse,
-            lambda v, c: service.run_scrub(v, args.repair, update),
-            {"op": "scrub", "repair": args.repair},
-            progress=update,
-        )
-    if args.json:
-        print(json.dumps(report, indent=2))
-    else:
-        _print_scrub(report)
-    if report["unrecoverable"]:
-        return 3
-    return 0 if report["errors"] == 0 or args.repair else 1
-
-
-def _print_scrub(report: dict) -> None:
-    from rich.table import Table
-
-    table = Table("slot", "path", "checksum", "read", "parity", "table", "fixed",
-                  "unrecoverable")
-    table.columns[1].overflow = "fold"
-    for m in report["members"]:
-        table.add_row(str(m["slot"]), m["path"], str(m["checksum_errors"]), str(m["read_errors"]),
-                      str(m["parity_mismatches"]), str(m["table_errors"]), str(m["fixed"]),
-                      str(m["unrecoverable"]))
-    out.print(table)
-    for p in report["problems"]:
-        where = f"row {p['row']}" if p["row"] is not None else "metadata"
-        out.print(f"  slot {p['slot']} {where}: {p['kind']}" + (" - fixed" if p["fixed"] else ""))
-    verdict = "no errors" if report["errors"] == 0 else (
-        f"{report['errors']} error(s), {report['fixed']} fixed, "
-        f"{report['unrecoverable']} unrecoverable")
-    out.print(f"scrub checked {report['rows_checked']} rows "
-              f"({format_size(report['bytes_checked'])} of chunks): {verdict}")
-
-
-def cmd_replace(args: argparse.Namespace) -> int:
-    from dwfs import service
-
-    rate = parse_size(args.max_rate) if args.max_rate else None
-    with progress_bar(f"rebuilding slot {args.slot}") as update:
-        result = with_volume(
-            args.warehouse,
-            lambda v, c: service.replace(v, c, args.slot, args.device, update, None, rate),
-            {"op": "replace", "slot": args.slot, "device": args.device, "max_rate": rate},
-            progress=update,
-        )
-    if result["resumed_at_bytes"]:
-        out.print(f"resumed the interrupted rebuild at {format_size(result['resumed_at_bytes'])}")
-    out.print(f"slot {result['slot']} rebuilt onto {result['path']}; array {result['state']}")
-    return 0
+    return isinstance(exc, RaidError)
 
 
 # --- parser -------------------------------------------------------------------------------------
@@ -396,7 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--device", action="append", help="an existing member file (repeat)")
     m.add_argument("--chunk-size", default="64K", help="chunk size (default 64K)")
     m.add_argument("--survive", type=int, help="with --level auto: failed members to survive")
-    m.set_defaults(func=cmd_mkfs)
+    m.set_defaults(func=_array("cmd_mkfs"))
 
     m = sub.add_parser("mount", help="mount a warehouse")
     m.add_argument("warehouse")
@@ -405,11 +62,11 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("-f", "--foreground", action="store_true")
     m.add_argument("-o", dest="options", default="", help="mount options")
     m.add_argument("--debug", action="store_true")
-    m.set_defaults(func=cmd_mount)
+    m.set_defaults(func=_array("cmd_mount"))
 
     m = sub.add_parser("umount", help="flush, unmount and wait for the daemon to exit")
     m.add_argument("mountpoint")
-    m.set_defaults(func=cmd_umount)
+    m.set_defaults(func=_array("cmd_umount"))
 
     m = sub.add_parser("fsck", help="check (and repair) the filesystem's metadata")
     m.add_argument("warehouse")
@@ -418,25 +75,25 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--verify-data", action="store_true",
                    help="also read every stored block and check its checksum")
     m.add_argument("--json", action="store_true")
-    m.set_defaults(func=cmd_fsck)
+    m.set_defaults(func=_array("cmd_fsck"))
 
     m = sub.add_parser("status", help="array state and member health")
     m.add_argument("warehouse")
     m.add_argument("--json", action="store_true")
-    m.set_defaults(func=cmd_status)
+    m.set_defaults(func=_array("cmd_status"))
 
     m = sub.add_parser("scrub", help="verify all data and parity")
     m.add_argument("warehouse")
     m.add_argument("--repair", action="store_true")
     m.add_argument("--json", action="store_true")
-    m.set_defaults(func=cmd_scrub)
+    m.set_defaults(func=_array("cmd_scrub"))
 
     m = sub.add_parser("replace", help="rebuild a member onto a replacement")
     m.add_argument("warehouse")
     m.add_argument("slot", type=int)
     m.add_argument("--device", help="replacement member file (default: a new one in place)")
     m.add_argument("--max-rate", help="rebuild at most this many bytes per second, e.g. 50M")
-    m.set_defaults(func=cmd_replace)
+    m.set_defaults(func=_array("cmd_replace"))
     smartcli.add_parsers(sub)
     ghostcli.add_parsers(sub)
     return p
@@ -449,8 +106,13 @@ def main(argv: list[str] | None = None) -> int:
                         format="dwfs: %(levelname)s: %(message)s")
     try:
         return args.func(args)
-    except (CommandError, ConfigError, RaidError, WarehouseError, control.ControlError,
-            MountOptionError, ValueError) as exc:  # (raid.levels.LevelError is a ValueError)
+    except (CommandError, control.ControlError, ValueError) as exc:
+        # (raid.levels.LevelError, ConfigError and MountOptionError are ValueErrors)
+        print(f"dwfs: error: {exc}", file=sys.stderr)
+        return 1
+    except OSError as exc:
+        if not _is_array_error(exc):
+            raise
         print(f"dwfs: error: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

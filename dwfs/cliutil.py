@@ -6,14 +6,54 @@ from __future__ import annotations
 import os
 import sys
 from contextlib import contextmanager
+from typing import TYPE_CHECKING, Any
 
-from rich.console import Console
-
+from dwfs.control import control_socket_path
 from dwfs.mounts import MountEntry, mounts
-from dwfs.warehouse import control_socket_path
 
-out = Console(soft_wrap=True, width=None if sys.stdout.isatty() else 160)
-err = Console(stderr=True, soft_wrap=True)
+if TYPE_CHECKING:
+    from rich.console import Console
+
+
+class LazyConsole:
+    """A rich Console made on first use: importing rich takes longer than many commands take,
+    and a command that only prints plain lines (`say`) need not pay for it."""
+
+    def __init__(self, stderr: bool) -> None:
+        self._stderr = stderr
+        self._console: Console | None = None
+
+    @property
+    def console(self) -> Console:
+        """The Console itself."""
+        if self._console is None:
+            from rich.console import Console
+
+            if self._stderr:
+                self._console = Console(stderr=True, soft_wrap=True)
+            else:
+                self._console = Console(soft_wrap=True,
+                                        width=None if sys.stdout.isatty() else 160)
+        return self._console
+
+    @property
+    def is_terminal(self) -> bool:
+        """True if the stream is a terminal (asked without making the Console)."""
+        stream = sys.stderr if self._stderr else sys.stdout
+        return stream.isatty()
+
+    def say(self, line: str) -> None:
+        """Print one line as it is (no markup, no highlighting)."""
+        stream = sys.stderr if self._stderr else sys.stdout
+        stream.write(line + "\n")
+        stream.flush()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.console, name)
+
+
+out = LazyConsole(stderr=False)
+err = LazyConsole(stderr=True)
 
 
 class CommandError(Exception):
@@ -22,7 +62,11 @@ class CommandError(Exception):
 
 @contextmanager
 def progress_bar(description: str, in_bytes: bool = True):
-    """A rich progress bar whose update callback takes (done, total)."""
+    """A rich progress bar whose update callback takes (done, total); nothing when standard
+    error is not a terminal."""
+    if not err.is_terminal:
+        yield lambda done, total: None
+        return
     from rich.progress import BarColumn, DownloadColumn, Progress, TimeRemainingColumn
 
     columns = [
@@ -31,7 +75,7 @@ def progress_bar(description: str, in_bytes: bool = True):
         DownloadColumn(binary_units=True) if in_bytes else "{task.completed}/{task.total}",
         TimeRemainingColumn(),
     ]
-    with Progress(*columns, console=err, transient=False, disable=not err.is_terminal) as bar:
+    with Progress(*columns, console=err.console, transient=False) as bar:
         task = bar.add_task(description, total=None)
 
         def update(done: int, total: int) -> None:

@@ -8,13 +8,37 @@ lines `{"progress": [done, total]}` and one final line, `{"ok": true, "result": 
 from __future__ import annotations
 
 import errno
+import hashlib
 import json
 import logging
+import os
 import socket
 from collections.abc import Callable
 from typing import Any
 
 log = logging.getLogger(__name__)
+
+
+def runtime_dir() -> str:
+    """Where control sockets live.
+
+    For root always /run: a mount made by mount(8) or systemd (no XDG_RUNTIME_DIR) must be
+    found by `dwfs status` from a login shell (XDG_RUNTIME_DIR=/run/user/0) and vice versa.
+    """
+    if os.getuid() == 0 and os.path.isdir("/run"):
+        base = "/run"
+    else:
+        base = os.environ.get("XDG_RUNTIME_DIR") or "/tmp"
+    path = os.path.join(base, f"dwfs-{os.getuid()}")
+    os.makedirs(path, mode=0o700, exist_ok=True)
+    return path
+
+
+def control_socket_path(directory: str) -> str:
+    """The control socket of the daemon serving this warehouse."""
+    key = hashlib.sha256(os.path.realpath(directory).encode()).hexdigest()[:20]
+    return os.path.join(runtime_dir(), f"{key}.sock")
+
 
 class ControlError(OSError):
     """The daemon refused or failed a request, or could not be reached."""

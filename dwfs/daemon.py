@@ -22,6 +22,7 @@ import trio
 
 from dwfs import control_server, service
 from dwfs.config import ConfigError, WarehouseConfig, load_config
+from dwfs.control import control_socket_path
 from dwfs.fusefs import FuseOperations
 from dwfs.fusesession import Session
 from dwfs.mountopts import MountOptions, parse_options
@@ -30,7 +31,6 @@ from dwfs.rawfs import RawOperations
 from dwfs.warehouse import (
     WarehouseError,
     WarehouseLock,
-    control_socket_path,
     open_filesystem,
     open_volume,
 )

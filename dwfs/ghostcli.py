@@ -72,15 +72,15 @@ def cmd_import(args: argparse.Namespace) -> int:
     with progress_bar("importing", in_bytes=False) as update:
         result = control.request(sock, op, update)
     took = time.monotonic() - t0
-    out.print(f"imported {source} into {args.dest}: {result['ghosts']} ghosts, "
+    out.say(f"imported {source} into {args.dest}: {result['ghosts']} ghosts, "
               f"{result['directories']} directories, {result['links']} links"
               + (f", {result['refreshed']} refreshed" if result["refreshed"] else "")
               + (f", {result['unchanged']} unchanged" if result["unchanged"] else "")
               + f" in {took:.2f} s")
     for line in result["skipped"]:
-        err.print(f"dwfs: skipped {line}", markup=False, highlight=False)
+        err.say(f"dwfs: skipped {line}")
     if result["skipped_count"] > len(result["skipped"]):
-        err.print(f"dwfs: ... {result['skipped_count'] - len(result['skipped'])} more skipped")
+        err.say(f"dwfs: ... {result['skipped_count'] - len(result['skipped'])} more skipped")
     if args.watch:
         from dwfs.ghostwatch import watch  # watchdog only when watching
 

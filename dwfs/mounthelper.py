@@ -21,7 +21,8 @@ import logging
 import os
 import sys
 
-from dwfs import cli
+from dwfs import arraycli
+from dwfs.cliutil import CommandError
 from dwfs.config import ConfigError, load_config
 from dwfs.mountopts import MountOptionError, parse_options
 from raid.errors import RaidError
@@ -95,11 +96,11 @@ def main(argv: list[str] | None = None) -> int:
                   file=sys.stderr)
         if args.fake:
             return 0
-        return cli.mount_warehouse(cfg.directory, mountpoint, options)
+        return arraycli.mount_warehouse(cfg.directory, mountpoint, options)
     except MountOptionError as exc:
         print(f"{prog}: error: {exc} (known options: README, mount options; -s ignores "
               "unknown ones)", file=sys.stderr)
         return EXIT_USAGE
-    except (ConfigError, cli.CommandError, RaidError, OSError, ValueError) as exc:
+    except (ConfigError, CommandError, RaidError, OSError, ValueError) as exc:
         print(f"{prog}: error: {exc}", file=sys.stderr)
         return EXIT_FAILURE

@@ -5,7 +5,6 @@ from __future__ import annotations
 import datetime
 import errno
 import fcntl
-import hashlib
 import logging
 import os
 from collections.abc import Callable
@@ -250,27 +249,6 @@ def open_filesystem(cfg: WarehouseConfig, volume: Volume, read_only: bool = Fals
         raise WarehouseError(
             f"the metadata database {path} is damaged ({exc}); `dwfs fsck --repair "
             f"{cfg.directory}` restores it from the copy on the volume", errno.EIO) from exc
-
-
-def runtime_dir() -> str:
-    """Where control sockets live.
-
-    For root always /run: a mount made by mount(8) or systemd (no XDG_RUNTIME_DIR) must be
-    found by `dwfs status` from a login shell (XDG_RUNTIME_DIR=/run/user/0) and vice versa.
-    """
-    if os.getuid() == 0 and os.path.isdir("/run"):
-        base = "/run"
-    else:
-        base = os.environ.get("XDG_RUNTIME_DIR") or "/tmp"
-    path = os.path.join(base, f"dwfs-{os.getuid()}")
-    os.makedirs(path, mode=0o700, exist_ok=True)
-    return path
-
-
-def control_socket_path(directory: str) -> str:
-    """The control socket of the daemon serving this warehouse."""
-    key = hashlib.sha256(os.path.realpath(directory).encode()).hexdigest()[:20]
-    return os.path.join(runtime_dir(), f"{key}.sock")
 
 
 def replacement_member(cfg: WarehouseConfig, slot: int, device: str | None,

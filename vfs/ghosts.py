@@ -207,6 +207,8 @@ class Ghosts:
         self.dropped_hooks: list[Callable[[int], None]] = []
         self._sealed_up_to = 0
         self._buffered = 0
+        self.imports = 0  # imports running (one at a time: the control channel takes turns);
+        # hashing waits for them: they would share one interpreter
         self._buffer_cond = threading.Condition()
         self._unsealable: dict[int, tuple[int, int]] = {}  # sources that failed, as recorded
         with fs.lock:
@@ -508,18 +510,22 @@ class Ghosts:
         """Take the content hash of up to `limit` ghosts imported without one; returns how
         many were looked at. A source that changed since its import is left unhashed (its
         reads fail until it is imported again or a watcher refreshes it)."""
+        if self.imports:
+            return 0
         with self.fs.lock:
+            # In inode order from where the last call stopped (`+state`: not by the state
+            # index, which would visit every ghost and sort them on every call).
             todo = [r[0] for r in self.db.rows(
-                "SELECT inode FROM ghosts WHERE hashes IS NULL AND state = ? AND inode > ? "
+                "SELECT inode FROM ghosts WHERE hashes IS NULL AND +state = ? AND inode > ? "
                 "ORDER BY inode LIMIT ?", (GHOST, self._sealed_up_to, limit))]
             recs = [self.record(ino) for ino in todo]
         if not todo:
             self._sealed_up_to = 0
             return 0
-        self._sealed_up_to = todo[-1]
         for rec in recs:
-            if self.stop.is_set():
+            if self.stop.is_set() or self.imports:
                 break
+            self._sealed_up_to = rec.ino
             if (self._unsealable.get(rec.ino) == (rec.size, rec.mtime_ns)
                     or rec.ino in self.fetches):  # a fetch takes the hashes itself
                 continue

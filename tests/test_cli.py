@@ -1,0 +1,59 @@
+"""The `dwfs` command line itself: what a command loads before it runs, and how it reports
+a user's mistake."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+HEAVY = ("numpy", "rich", "apsw", "galois", "numba", "trio", "raid.volume", "vfs.fs")
+
+
+def dwfs_cli(*args: str, cwd: str | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "dwfs.cli", *args], capture_output=True,
+                          text=True, timeout=60, cwd=cwd)
+
+
+def test_the_command_line_loads_no_array_code_until_a_command_needs_it():
+    # `dwfs ghost ...` and `dwfs smart ...` only talk to the mount's daemon: they must not pay
+    # for numpy, SQLite or rich at every start (a ghost import of 10,000 files takes about
+    # as long as importing them).
+    probe = ("import sys, dwfs.cli, dwfs.ghostcli, dwfs.smartcli; "
+             f"print(sorted(m for m in {HEAVY!r} if m in sys.modules))")
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                          timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"
+
+
+@pytest.mark.parametrize("args, message", [
+    (("status", "/nonexistent/warehouse"), "is not a dwfs warehouse"),
+    (("mkfs", "{tmp}/w", "--level", "raid9", "--devices", "3", "--device-size", "1M"),
+     "unknown level 'raid9'"),
+    (("mkfs", "{tmp}/w", "--level", "raid5", "--devices", "2", "--device-size", "1M"),
+     "raid5 needs at least 3 members, got 2"),
+    (("ghost", "import", "/nonexistent/source", "{tmp}"), "is not a directory"),
+    (("ghost", "import", "{tmp}", "{tmp}"), "is not inside a mounted dwfs filesystem"),
+])
+def test_a_mistake_is_one_line_on_standard_error_and_exit_status_1(tmp_path, args, message):
+    done = dwfs_cli(*(a.format(tmp=tmp_path) for a in args))
+    assert done.returncode == 1, (done.stdout, done.stderr)
+    assert done.stdout == ""
+    assert done.stderr.startswith("dwfs: error: ") and message in done.stderr
+    assert "Traceback" not in done.stderr
+    assert not (tmp_path / "w").exists()
+
+
+def test_an_array_beyond_its_tolerance_is_reported_in_one_line(tmp_path):
+    wh = tmp_path / "w"
+    made = dwfs_cli("mkfs", str(wh), "--level", "raid5", "--devices", "3", "--device-size", "8M")
+    assert made.returncode == 0, made.stderr
+    for slot in (0, 1):
+        (wh / "members" / f"member-{slot}.img").unlink()
+    done = dwfs_cli("scrub", str(wh))
+    assert done.returncode == 1
+    assert done.stderr.startswith("dwfs: error: raid5 tolerates 1 failed members")
+    assert "slot 0 missing" in done.stderr and "slot 1 missing" in done.stderr
+    assert "Traceback" not in done.stderr
