@@ -10,6 +10,7 @@ import os
 import queue
 import threading
 
+from backends.directwriter import DIRECT_ALIGN, DirectWriter, open_direct
 from backends.member import Member, MemberIOError
 
 log = logging.getLogger(__name__)
@@ -82,6 +83,18 @@ class BlockFileMember(Member):
         self.capacity = capacity
         self._unkicked = 0  # bytes written since writeback was last started
         self._fd_lock = threading.Lock()  # closing waits for a hint in flight on the fd
+        # Whole aligned writes (chunks, rows of them) bypass the page cache in the background;
+        # everything else on this member first waits for them (`_drain`).
+        dfd = open_direct(path)
+        self._direct = DirectWriter(path, dfd, fd) if dfd is not None else None
+
+    def _drain(self) -> None:
+        """Wait for the queued direct writes; a failed one fails this call."""
+        if self._direct is not None:
+            try:
+                self._direct.drain()
+            except OSError as exc:
+                raise MemberIOError(self.path, "write", exc.strerror or str(exc)) from exc
 
     @classmethod
     def create(cls, path: str, capacity: int) -> BlockFileMember:
@@ -136,6 +149,7 @@ class BlockFileMember(Member):
         # each member); a short read resumes where it stopped.
         total = sum(len(b) for b in buffers)
         self._check_range(offset, total, "read")
+        self._drain()
         done = 0
         try:
             while done < total:
@@ -169,9 +183,22 @@ class BlockFileMember(Member):
         while done < len(view):
             done += os.pwritev(self._fd, [view[done:]], offset + done, flags)
 
+    def write_stream(self, offset: int, data: bytes | memoryview) -> None:
+        view = memoryview(data).cast("B")
+        if (self._direct is None or not self._direct.usable or not view
+                or (offset | len(view)) % DIRECT_ALIGN):
+            self.write(offset, view)
+            return
+        self._check_range(offset, len(view), "write")
+        try:
+            self._direct.submit(offset, view)
+        except OSError as exc:
+            raise MemberIOError(self.path, "write", exc.strerror or str(exc)) from exc
+
     def write(self, offset: int, data: bytes | memoryview) -> None:
         view = memoryview(data).cast("B")
         self._check_range(offset, len(view), "write")
+        self._drain()
         try:
             self._pwrite_all(offset, view)
         except OSError as exc:
@@ -188,6 +215,7 @@ class BlockFileMember(Member):
         # fdatasync would first write out every dirty page of the file.
         view = memoryview(data).cast("B")
         self._check_range(offset, len(view), "write")
+        self._drain()
         try:
             self._pwrite_all(offset, view, os.RWF_DSYNC)
         except OSError as exc:
@@ -199,6 +227,7 @@ class BlockFileMember(Member):
             self.flush()
 
     def flush(self) -> None:
+        self._drain()
         self._unkicked = 0
         try:
             os.fdatasync(self._fd)
@@ -214,6 +243,10 @@ class BlockFileMember(Member):
             raise MemberIOError(self.path, "check", "the file was deleted")
 
     def close(self) -> None:
+        if self._direct is not None:
+            self._direct.close()
+            os.close(self._direct.fd)
+            self._direct = None
         with self._fd_lock:
             if self._fd >= 0:
                 try:

@@ -43,6 +43,12 @@ class Member(ABC):
     def write(self, offset: int, data: bytes | memoryview) -> None:
         """Store `data` at `offset`."""
 
+    def write_stream(self, offset: int, data: bytes | memoryview) -> None:
+        """Store `data` at `offset`, a write in a stream of whole stripes that nothing will
+        read back soon: the member may queue it and skip its caches (`write` otherwise).
+        Reads, other writes and `flush` see it as if it were done at once."""
+        self.write(offset, data)
+
     @abstractmethod
     def flush(self) -> None:
         """Make every completed write durable before returning."""

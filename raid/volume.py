@@ -527,12 +527,16 @@ class Volume(MemberRecords):
         columns = [(c, data[c]) for c in changed] + [
             (g.k + j, parity[j]) for j in range(g.m)
         ]
+        whole = len(changed) == g.k  # a whole row: part of a stream of them, most likely
         for c, buf in columns:
             slot = slots[c]
             s = self.slots[slot]
             if s.writable:
                 try:
-                    s.member.write(g.chunk_offset(row), buf)
+                    if whole:
+                        s.member.write_stream(g.chunk_offset(row), buf)
+                    else:
+                        s.member.write(g.chunk_offset(row), buf)
                 except MemberIOError as exc:
                     s.write_errors += 1
                     self.member_failed(slot, exc)
