@@ -94,6 +94,8 @@ class DirectWriter:
 
     def drain(self) -> None:
         """Wait until every queued write is done; raises the error of one that failed."""
+        if not self._queued and self._error is None:
+            return  # nothing queued by this caller or before it (reads need no lock here)
         with self._cond:
             self._draining += 1
             self._cond.notify_all()
