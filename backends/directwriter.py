@@ -74,7 +74,12 @@ class DirectWriter:
         with self._cond:
             self._raise_error()
             while self._queued and self._queued + n > QUEUE_BYTES:
-                self._cond.wait()
+                self._draining += 1  # wake the thread even if little is queued: make room
+                self._cond.notify_all()
+                try:
+                    self._cond.wait()
+                finally:
+                    self._draining -= 1
                 self._raise_error()
             free = self._free.get(n)
             buf = free.pop() if free else None
@@ -186,6 +191,10 @@ class DirectWriter:
             log.error("member %s: direct write of %d bytes at %d failed: %s", self.path,
                       total, offset, exc.strerror)
             return exc
+        except Exception as exc:  # noqa: BLE001 - a bug here must fail the member, not hang it
+            log.exception("member %s: direct write of %d bytes at %d failed", self.path,
+                          total, offset)
+            return OSError(errno.EIO, f"direct write failed: {exc!r}")
         return None
 
     def _forget_thread(self) -> None:

@@ -117,3 +117,18 @@ def test_a_file_that_refuses_direct_writes_gets_them_through_the_page_cache(tmp_
     assert not writer.usable
     assert m.read(0, 20 * CHUNK) == b"".join(chunks)
     m.close()
+
+
+def test_a_large_write_behind_a_small_one_makes_room_instead_of_waiting_forever(tmp_path):
+    # A small queued write does not wake the writing thread on its own (it waits for 1 MiB);
+    # a write too large to fit beside it must wake it rather than wait for room forever.
+    m = _member(tmp_path, 32 * MiB)
+    small = _chunks(7, 1)[0]
+    large = np.random.default_rng(8).integers(0, 256, QUEUE_BYTES - CHUNK // 2,
+                                              dtype=np.uint8)
+    large = large[: len(large) // 4096 * 4096].tobytes()
+    m.write_stream(0, small)
+    m.write_stream(MiB, large)
+    assert m.read(0, CHUNK) == small
+    assert m.read(MiB, len(large)) == large
+    m.close()
