@@ -12,6 +12,7 @@ import threading
 
 from backends.directwriter import DIRECT_ALIGN, DirectWriter, open_direct
 from backends.member import Member, MemberIOError
+from backends.vectored import pwritev_all, skip
 
 log = logging.getLogger(__name__)
 
@@ -28,15 +29,6 @@ def start_writeback(fd: int) -> None:
     if _sync_file_range is not None and _sync_file_range(fd, 0, 0, _SYNC_FILE_RANGE_WRITE):
         err = ctypes.get_errno()
         log.debug("sync_file_range on fd %d failed: %s", fd, os.strerror(err))
-
-
-def _skip(buffers: list[memoryview], n: int) -> list[memoryview]:
-    """The buffers left to fill once the first `n` bytes of `buffers` are filled."""
-    for i, b in enumerate(buffers):
-        if n < len(b):
-            return [b[n:], *buffers[i + 1 :]]
-        n -= len(b)
-    return []
 
 
 class _Prefetcher:
@@ -158,7 +150,7 @@ class BlockFileMember(Member):
                     raise MemberIOError(self.path, "read", f"short read at {offset + done}")
                 done += n
                 if done < total:
-                    buffers = _skip(buffers, n)
+                    buffers = skip(buffers, n)
         except OSError as exc:
             if isinstance(exc, MemberIOError):
                 raise
@@ -177,12 +169,6 @@ class BlockFileMember(Member):
             except OSError as exc:  # only a hint: reading will report real failures
                 log.debug("member %s: prefetch hint failed: %s", self.path, exc)
 
-    def _pwrite_all(self, offset: int, view: memoryview, flags: int = 0) -> None:
-        """pwritev until all of `view` is written (RWF_* `flags`)."""
-        done = 0
-        while done < len(view):
-            done += os.pwritev(self._fd, [view[done:]], offset + done, flags)
-
     def write_stream(self, offset: int, data: bytes | memoryview) -> None:
         view = memoryview(data).cast("B")
         if (self._direct is None or not self._direct.usable or not view
@@ -200,7 +186,7 @@ class BlockFileMember(Member):
         self._check_range(offset, len(view), "write")
         self._drain()
         try:
-            self._pwrite_all(offset, view)
+            pwritev_all(self._fd, [view], offset)
         except OSError as exc:
             raise MemberIOError(self.path, "write", exc.strerror or str(exc)) from exc
         # Stream dirty pages to the disk as they accumulate, so that flush() has little left
@@ -217,7 +203,7 @@ class BlockFileMember(Member):
         self._check_range(offset, len(view), "write")
         self._drain()
         try:
-            self._pwrite_all(offset, view, os.RWF_DSYNC)
+            pwritev_all(self._fd, [view], offset, os.RWF_DSYNC)
         except OSError as exc:
             if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
                 raise MemberIOError(self.path, "write", exc.strerror or str(exc)) from exc
@@ -245,7 +231,6 @@ class BlockFileMember(Member):
     def close(self) -> None:
         if self._direct is not None:
             self._direct.close()
-            os.close(self._direct.fd)
             self._direct = None
         with self._fd_lock:
             if self._fd >= 0:

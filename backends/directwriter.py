@@ -21,6 +21,8 @@ from collections import deque
 
 import numpy as np
 
+from backends.vectored import pwritev_all
+
 log = logging.getLogger(__name__)
 
 DIRECT_ALIGN = 4096  # offset, length and memory address of a write with O_DIRECT
@@ -102,31 +104,33 @@ class DirectWriter:
         if not self._queued and self._error is None:
             return  # nothing queued by this caller or before it (reads need no lock here)
         with self._cond:
-            self._draining += 1
-            self._cond.notify_all()
-            try:
-                while self._queue or self._busy:
-                    self._cond.wait()
-            finally:
-                self._draining -= 1
+            self._wait_empty()
             self._raise_error()
 
     def close(self) -> None:
-        """Finish the queued writes and stop the thread (errors are the caller's to drain)."""
+        """Finish the queued writes, stop the thread and close the descriptor (errors are the
+        caller's to drain first)."""
         with self._cond:
-            self._draining += 1
-            self._cond.notify_all()
-            while self._queue or self._busy:
-                self._cond.wait()
-            self._draining -= 1
+            self._wait_empty()
             self._stop = True
             self._cond.notify_all()
             thread = self._thread
         if thread is not None:
             thread.join()
+        os.close(self.fd)
         if self._error is not None:
             log.error("member %s: a direct write failed before closing: %s", self.path,
                       self._error)
+
+    def _wait_empty(self) -> None:
+        """Under the lock: have the thread write what is queued, and wait until it has."""
+        self._draining += 1
+        self._cond.notify_all()
+        try:
+            while self._queue or self._busy:
+                self._cond.wait()
+        finally:
+            self._draining -= 1
 
     def _raise_error(self) -> None:
         if self._error is not None:
@@ -174,10 +178,11 @@ class DirectWriter:
 
     def _write(self, run: list[tuple[int, np.ndarray]]) -> OSError | None:
         offset = run[0][0]
-        total = sum(len(buf) for _o, buf in run)
+        views = [memoryview(buf) for _o, buf in run]
+        total = sum(len(v) for v in views)
         try:
             try:
-                _pwritev_all(self.fd if self.usable else self.buffered_fd, run)
+                pwritev_all(self.fd if self.usable else self.buffered_fd, views, offset)
             except OSError as exc:
                 if exc.errno != errno.EINVAL or not self.usable:
                     raise
@@ -186,7 +191,7 @@ class DirectWriter:
                 log.warning("member %s: direct write refused (%s); writing through the page "
                             "cache", self.path, exc.strerror)
                 self.usable = False
-                _pwritev_all(self.buffered_fd, run)
+                pwritev_all(self.buffered_fd, views, offset)
         except OSError as exc:
             log.error("member %s: direct write of %d bytes at %d failed: %s", self.path,
                       total, offset, exc.strerror)
@@ -205,20 +210,6 @@ class DirectWriter:
         self._waiting = 0
         self._draining = 0
         self._busy = False
-
-
-def _pwritev_all(fd: int, run: list[tuple[int, np.ndarray]]) -> None:
-    """Write the buffers of `run` (back to back from its first offset) completely."""
-    offset = run[0][0]
-    views = [memoryview(buf) for _o, buf in run]
-    while views:
-        n = os.pwritev(fd, views, offset)
-        offset += n
-        while views and n >= len(views[0]):
-            n -= len(views[0])
-            views.pop(0)
-        if n:
-            views[0] = views[0][n:]
 
 
 def _after_fork_in_child() -> None:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 import sys
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TextIO
 
 from dwfs.control import control_socket_path
 from dwfs.mounts import MountEntry, mounts
@@ -32,21 +32,23 @@ class LazyConsole:
             if self._stderr:
                 self._console = Console(stderr=True, soft_wrap=True)
             else:
-                self._console = Console(soft_wrap=True,
-                                        width=None if sys.stdout.isatty() else 160)
+                self._console = Console(soft_wrap=True, width=None if self.is_terminal else 160)
         return self._console
+
+    @property
+    def stream(self) -> TextIO:
+        """The stream printed to (standard error or output, as they are now)."""
+        return sys.stderr if self._stderr else sys.stdout
 
     @property
     def is_terminal(self) -> bool:
         """True if the stream is a terminal (asked without making the Console)."""
-        stream = sys.stderr if self._stderr else sys.stdout
-        return stream.isatty()
+        return self.stream.isatty()
 
     def say(self, line: str) -> None:
         """Print one line as it is (no markup, no highlighting)."""
-        stream = sys.stderr if self._stderr else sys.stdout
-        stream.write(line + "\n")
-        stream.flush()
+        self.stream.write(line + "\n")
+        self.stream.flush()
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.console, name)

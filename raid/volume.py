@@ -533,10 +533,8 @@ class Volume(MemberRecords):
             s = self.slots[slot]
             if s.writable:
                 try:
-                    if whole:
-                        s.member.write_stream(g.chunk_offset(row), buf)
-                    else:
-                        s.member.write(g.chunk_offset(row), buf)
+                    put = s.member.write_stream if whole else s.member.write
+                    put(g.chunk_offset(row), buf)
                 except MemberIOError as exc:
                     s.write_errors += 1
                     self.member_failed(slot, exc)
