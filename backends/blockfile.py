@@ -10,9 +10,9 @@ import os
 import queue
 import threading
 
-from backends.directwriter import DIRECT_ALIGN, DirectWriter, open_direct
+from backends.directwriter import DirectWriter, open_direct
 from backends.member import Member, MemberIOError
-from backends.vectored import pwritev_all, skip
+from backends.vectored import DIRECT_ALIGN, preadv_all, pwritev_all
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +66,10 @@ class _Prefetcher:
 _prefetcher = _Prefetcher()
 
 
+class _Refused(OSError):
+    """The file system refused a kind of read (O_DIRECT) rather than failing it."""
+
+
 class BlockFileMember(Member):
     """A member backed by a host file: pread/pwrite, fdatasync on flush."""
 
@@ -79,6 +83,7 @@ class BlockFileMember(Member):
         # everything else on this member first waits for them (`_drain`).
         dfd = open_direct(path)
         self._direct = DirectWriter(path, dfd, fd) if dfd is not None else None
+        self._dread_fd: int | None = -1  # -1: not opened yet (see _direct_read_fd)
 
     def _drain(self) -> None:
         """Wait for the queued direct writes; a failed one fails this call."""
@@ -138,23 +143,58 @@ class BlockFileMember(Member):
 
     def readinto_many(self, offset: int, buffers: list[memoryview]) -> None:
         # One preadv for the lot (sequential volume reads take several consecutive chunks of
-        # each member); a short read resumes where it stopped.
+        # each member).
+        self._read(self._fd, offset, buffers)
+
+    def readinto_uncached(self, offset: int, buffers: list[memoryview]) -> None:
+        # O_DIRECT: the disk fills the buffers itself, and no page-cache pages are made for
+        # data that the FUSE mount caches again above.
+        fd = self._direct_read_fd
+        if fd is None or offset % DIRECT_ALIGN or any(len(b) % DIRECT_ALIGN for b in buffers):
+            self.readinto_many(offset, buffers)
+            return
+        try:
+            self._read(fd, offset, buffers, refused=errno.EINVAL)
+        except _Refused as exc:
+            log.warning("member %s: direct read refused (%s); reading through the page cache",
+                        self.path, exc.strerror)
+            self._close_direct_read()
+            self.readinto_many(offset, buffers)
+
+    def _read(self, fd: int, offset: int, buffers: list[memoryview], refused: int = 0) -> None:
+        """Fill `buffers` from `fd` at `offset`; an error numbered `refused` raises _Refused."""
         total = sum(len(b) for b in buffers)
         self._check_range(offset, total, "read")
         self._drain()
-        done = 0
         try:
-            while done < total:
-                n = os.preadv(self._fd, buffers, offset + done)
-                if n == 0:
-                    raise MemberIOError(self.path, "read", f"short read at {offset + done}")
-                done += n
-                if done < total:
-                    buffers = skip(buffers, n)
+            done = preadv_all(fd, buffers, offset)
         except OSError as exc:
-            if isinstance(exc, MemberIOError):
-                raise
+            if refused and exc.errno == refused:
+                raise _Refused(exc.errno, exc.strerror) from exc
             raise MemberIOError(self.path, "read", exc.strerror or str(exc)) from exc
+        if done < total:
+            raise MemberIOError(self.path, "read", f"short read at {offset + done}")
+
+    @property
+    def _direct_read_fd(self) -> int | None:
+        """The member's O_DIRECT descriptor for reading, opened on first use; None where the
+        file system has none or refused a direct read."""
+        if self._dread_fd == -1:
+            with self._fd_lock:
+                if self._dread_fd == -1 and self._fd >= 0:
+                    try:
+                        self._dread_fd = os.open(self.path,
+                                                 os.O_RDONLY | os.O_DIRECT | os.O_CLOEXEC)
+                    except OSError as exc:
+                        log.info("member %s: no direct reads (%s)", self.path, exc.strerror)
+                        self._dread_fd = None
+        return self._dread_fd
+
+    def _close_direct_read(self) -> None:
+        with self._fd_lock:
+            fd, self._dread_fd = self._dread_fd, None
+        if fd is not None and fd >= 0:
+            os.close(fd)
 
     def prefetch(self, offset: int, length: int) -> None:
         _prefetcher.submit(self, offset, length)
@@ -232,6 +272,7 @@ class BlockFileMember(Member):
         if self._direct is not None:
             self._direct.close()
             self._direct = None
+        self._close_direct_read()
         with self._fd_lock:
             if self._fd >= 0:
                 try:

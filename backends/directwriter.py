@@ -21,11 +21,10 @@ from collections import deque
 
 import numpy as np
 
-from backends.vectored import pwritev_all
+from backends.vectored import aligned_empty, pwritev_all
 
 log = logging.getLogger(__name__)
 
-DIRECT_ALIGN = 4096  # offset, length and memory address of a write with O_DIRECT
 QUEUE_BYTES = 8 * 1024 * 1024  # bytes queued at most per member; a writer beyond waits
 JOIN_BYTES = 1024 * 1024  # bytes joined into one write at most
 _IOV_MAX = 1024
@@ -41,12 +40,6 @@ def open_direct(path: str) -> int | None:
         log.info("member %s: no direct I/O (%s); writing through the page cache", path,
                  exc.strerror)
         return None
-
-
-def _aligned_empty(n: int) -> np.ndarray:
-    raw = np.empty(n + DIRECT_ALIGN, dtype=np.uint8)
-    start = -raw.ctypes.data % DIRECT_ALIGN
-    return raw[start : start + n]
 
 
 class DirectWriter:
@@ -87,7 +80,7 @@ class DirectWriter:
             buf = free.pop() if free else None
             self._queued += n
         if buf is None:
-            buf = _aligned_empty(n)
+            buf = aligned_empty(n)
         buf[:] = np.frombuffer(view, dtype=np.uint8)
         with self._cond:
             self._queue.append((offset, buf))
@@ -96,8 +89,11 @@ class DirectWriter:
                 self._thread = threading.Thread(target=self._run, name="direct-writer",
                                                 daemon=True)
                 self._thread.start()
-            if self._waiting >= JOIN_BYTES or self._queued >= QUEUE_BYTES // 2:
-                self._cond.notify_all()  # (the thread sleeps until it can write much at once)
+            # The thread sleeps until it can write much at once, or until someone drains: a
+            # drain waiting since before this write must not wait for more writes to come.
+            if (self._waiting >= JOIN_BYTES or self._queued >= QUEUE_BYTES // 2
+                    or self._draining):
+                self._cond.notify_all()
 
     def drain(self) -> None:
         """Wait until every queued write is done; raises the error of one that failed."""

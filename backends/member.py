@@ -35,6 +35,11 @@ class Member(ABC):
             self.readinto(offset, buffer)
             offset += len(buffer)
 
+    def readinto_uncached(self, offset: int, buffers: list[memoryview]) -> None:
+        """Like `readinto_many`, bypassing the host's page cache where the member can (for
+        buffers aligned to 4096 bytes in address and length, at an aligned offset)."""
+        self.readinto_many(offset, buffers)
+
     def prefetch(self, offset: int, length: int) -> None:
         """Hint that [offset, offset + length) will be read soon (may do nothing)."""
         return None

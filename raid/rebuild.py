@@ -33,6 +33,7 @@ def attach_replacement(volume: Volume, slot: int, member: Member, path: str) -> 
         )
     with volume.lock:
         s = volume.slots[slot]
+        volume.settle_read_ahead()
         if s.member is not None and s.member is not member:
             try:
                 s.member.close()

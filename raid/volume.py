@@ -19,6 +19,7 @@ from backends.member import Member, MemberIOError
 from raid.checksums import UNWRITTEN, array_seed, chunk_checksum
 from raid.errors import RaidError, UnrecoverableError
 from raid.geometry import Geometry
+from raid.readahead import ReadAhead
 from raid.records import USABLE_STATES, MemberRecords
 from raid.stripecache import PendingStripe, StripeCache
 from raid.table import ChecksumTable, page_offset
@@ -26,7 +27,6 @@ from raid.table import ChecksumTable, page_offset
 log = logging.getLogger(__name__)
 
 STRIPE_CACHE_BYTES = 32 * 1024 * 1024
-READ_AHEAD_BYTES = 8 * 1024 * 1024
 
 
 @dataclass
@@ -80,8 +80,7 @@ class Volume(MemberRecords):
         self._cache = StripeCache(geometry.stripe_bytes, STRIPE_CACHE_BYTES)
         self._intent: set[int] = set()
         self._intent_on_disk = False
-        self._last_read_end = -1
-        self._prefetched_until = 0
+        self._ahead = ReadAhead(self)
         self._closed = False
         self.read_only = False  # set by assembly: nothing is written, not even repairs
 
@@ -92,18 +91,35 @@ class Volume(MemberRecords):
         """Usable bytes."""
         return self.geometry.capacity
 
-    def read(self, offset: int, length: int) -> bytearray:
+    def read(self, offset: int, length: int) -> bytearray | memoryview:
         """Bytes at [offset, offset + length), short at the end of the volume."""
         n = self._clamp(offset, length)
+        ahead = self._read_ahead(offset, n)
+        if ahead is not None:
+            return memoryview(ahead)
         out = bytearray(n)
         self._read_into(offset, np.frombuffer(out, dtype=np.uint8))
         return out
 
     def read_array(self, offset: int, length: int) -> np.ndarray:
-        """Like `read`, as a new uint8 array, sparing the zero-filling of a bytearray."""
-        out = np.empty(self._clamp(offset, length), dtype=np.uint8)
+        """Like `read`, as a uint8 array (new, or a view of bytes read ahead), sparing the
+        zero-filling of a bytearray."""
+        n = self._clamp(offset, length)
+        ahead = self._read_ahead(offset, n)
+        if ahead is not None:
+            return ahead
+        out = np.empty(n, dtype=np.uint8)
         self._read_into(offset, out)
         return out
+
+    def _read_ahead(self, offset: int, length: int) -> np.ndarray | None:
+        """The bytes at [offset, offset + length) if they were read ahead, else None."""
+        ahead = self._ahead.take(offset, length)
+        if ahead is not None:
+            with self.lock:
+                self._check_open()
+                self._ahead.follow(offset, length)
+        return ahead
 
     def _clamp(self, offset: int, length: int) -> int:
         if offset < 0 or length < 0:
@@ -120,7 +136,7 @@ class Volume(MemberRecords):
             self._check_open()
             if self._cache.pending:
                 self._commit_range(offset // sb, (offset + length - 1) // sb)
-            self._read_ahead(offset, length)
+            self._ahead.follow(offset, length)
             for stripe in self._read_batched(offset, outv):
                 self._read_stripe(offset, outv, stripe)
 
@@ -209,45 +225,6 @@ class Volume(MemberRecords):
             hi = min(within + n, (c + 1) * chunk)
             outv[base + lo : base + hi] = cols[c][lo - c * chunk : hi - c * chunk]
 
-    def _read_ahead(self, offset: int, length: int) -> None:
-        """Ask members to start reading what this read (and, if sequential, the next) needs."""
-        end = offset + length
-        start = offset
-        # Sequential, give or take reordering (the kernel sends several readahead requests at
-        # once, and worker threads may take them out of order).
-        near = abs(offset - self._last_read_end) <= READ_AHEAD_BYTES
-        if near:
-            end = min(self.capacity, end + READ_AHEAD_BYTES)
-            if start < self._prefetched_until <= end:
-                start = self._prefetched_until
-            self._last_read_end = max(self._last_read_end, offset + length)
-        else:
-            self._last_read_end = offset + length
-            self._prefetched_until = 0
-        if start >= end or (near and end <= self._prefetched_until):
-            return
-        self._prefetched_until = max(self._prefetched_until, end)
-        g = self.geometry
-        sb, chunk = g.stripe_bytes, g.chunk
-        runs: dict[int, list[int]] = {}
-        for stripe in range(start // sb, (end - 1) // sb + 1):
-            group, row = g.locate(stripe)
-            slots = g.column_slots(group, row)
-            lo = max(start, stripe * sb) - stripe * sb
-            hi = min(end, (stripe + 1) * sb) - stripe * sb
-            for c in range(lo // chunk, (hi - 1) // chunk + 1):
-                slot = slots[c]
-                if self.slots[slot].holds(row):
-                    run = runs.setdefault(slot, [])
-                    if run and run[-1] >= row - 1:
-                        run[-1] = max(run[-1], row)
-                    else:
-                        run.extend((row, row))
-        for slot, run in runs.items():
-            member = self.slots[slot].member
-            for i in range(0, len(run), 2):
-                member.prefetch(g.chunk_offset(run[i]), (run[i + 1] - run[i] + 1) * chunk)
-
     def write(self, offset: int, data: bytes | bytearray | memoryview) -> None:
         """Store `data` at `offset`; durable after the next flush."""
         view = memoryview(data).cast("B")
@@ -265,6 +242,7 @@ class Volume(MemberRecords):
         pos = 0
         with self.lock:
             self._check_open()
+            self._ahead.invalidate(offset, len(view))
             while pos < len(view):
                 stripe, within = divmod(offset + pos, sb)
                 n = min(sb - within, len(view) - pos)
@@ -297,6 +275,7 @@ class Volume(MemberRecords):
         with self.lock:
             if self._closed:
                 return
+            self._ahead.close()
             if write and not self.read_only:
                 self._commit_all()
                 self._flush_locked()
@@ -508,6 +487,15 @@ class Volume(MemberRecords):
         for a, b in pending.covered:
             flat[a:b] = pending.data[a:b]
         self.store_row(group, row, data, changed)
+
+    def settle_read_ahead(self) -> None:
+        """Forget what was read ahead and wait for member reads in flight (before a member is
+        closed or replaced under the volume)."""
+        self._ahead.settle()
+
+    def pending_stripes(self, first: int, last: int) -> bool:
+        """Whether a stripe in [first, last] has writes waiting in the stripe cache."""
+        return any(first <= s <= last for s in self._cache.pending)
 
     def _commit_range(self, first: int, last: int) -> None:
         for stripe in sorted(s for s in self._cache.pending if first <= s <= last):

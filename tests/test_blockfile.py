@@ -4,6 +4,7 @@ a flush and a failure see of them, on real files."""
 from __future__ import annotations
 
 import os
+import threading
 
 import numpy as np
 import pytest
@@ -131,4 +132,25 @@ def test_a_large_write_behind_a_small_one_makes_room_instead_of_waiting_forever(
     m.write_stream(MiB, large)
     assert m.read(0, CHUNK) == small
     assert m.read(MiB, len(large)) == large
+    m.close()
+
+
+def test_a_drain_on_another_thread_returns_while_small_writes_keep_coming(tmp_path):
+    # One thread drains the queue (a member read by read-ahead) while another goes on queueing
+    # small writes (the volume's writer). A small write does not wake the writing thread on
+    # its own; one queued while somebody drains must, or the drain and the thread wait for
+    # each other until 1 MiB more is queued, which may never come.
+    m = _member(tmp_path)
+    writer = m._direct
+    block = memoryview(bytes(range(256)) * 16)
+    for round_ in range(3000):
+        writer.submit(0, block)
+        drain = threading.Thread(target=writer.drain, daemon=True)
+        drain.start()
+        for i in range(1, 4):
+            writer.submit(i * 4096, block)
+        drain.join(timeout=10)
+        assert not drain.is_alive(), f"the drain never returned (round {round_})"
+        writer.drain()
+    assert m.read(0, 4 * 4096) == bytes(block) * 4
     m.close()

@@ -1,0 +1,283 @@
+"""Read-ahead of a volume: hints to its members, and spans read into buffers of its own, past
+the host's page cache.
+
+Every read first hints (`Member.prefetch`) each chunk it needs that no span covers, and, when
+reads are sequential, the next HINT_BYTES, so that members read in parallel.
+
+While a volume is read sequentially, the spans that follow the reader (SPAN_BYTES of the volume
+each, DEPTH of them) are also read from the members in background threads, straight into one
+aligned buffer per span (`Member.readinto_uncached`: O_DIRECT on block files), and checked
+against the chunk checksums. A read that finished spans cover is answered with a view of their
+buffers, without touching a member.
+
+Planning a span (which chunks, on which members, with which checksums) happens under the
+volume lock, like any read; the reading itself does not take the lock. A write to the volume
+drops the spans it overlaps (`invalidate`, under the lock). A span serves only if every chunk
+in it read cleanly and matched its checksum; anything else, from a member that does not hold
+its chunk to a failed read, is left to the volume's ordinary read, which reconstructs, repairs
+and counts.
+
+Why: filling the host's page cache with member data (a page allocated, zeroed and accounted
+for every 4 KiB) cost the daemon more CPU than the rest of a read, and the FUSE mount caches
+the same bytes again above.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from backends.member import Member, MemberIOError
+from backends.vectored import aligned_empty
+from raid.checksums import UNWRITTEN, chunk_checksum
+
+if TYPE_CHECKING:
+    from raid.volume import Volume
+
+log = logging.getLogger(__name__)
+
+HINT_BYTES = 8 * 1024 * 1024  # how far ahead of a sequential reader members get hints
+SPAN_BYTES = 8 * 1024 * 1024  # volume bytes read ahead as one piece (rounded to stripes)
+DEPTH = 4  # spans kept ahead of a sequential reader
+THREADS = 16  # member reads at once
+
+# One pool for every volume in the process; a forked child makes its own on first use.
+_pool: ThreadPoolExecutor | None = None
+_pool_lock = threading.Lock()
+
+
+def _executor() -> ThreadPoolExecutor:
+    global _pool
+    if _pool is None:
+        with _pool_lock:
+            if _pool is None:
+                _pool = ThreadPoolExecutor(THREADS, thread_name_prefix="read-ahead")
+    return _pool
+
+
+def _forget_pool() -> None:
+    global _pool, _pool_lock
+    _pool, _pool_lock = None, threading.Lock()
+
+
+os.register_at_fork(after_in_child=_forget_pool)
+
+# (row, view of the span's buffer, checksum the chunk must have)
+_Check = tuple[int, np.ndarray, int]
+
+
+class _Span:
+    """Volume bytes [start, end) being read, or read, into `data`."""
+
+    __slots__ = ("start", "end", "data", "done")
+
+    def __init__(self, start: int, end: int, data: np.ndarray) -> None:
+        self.start = start
+        self.end = end
+        self.data = data
+        self.done: list[Future[bool]] = []  # one per member read from
+
+    def ready(self) -> bool:
+        """Wait for the span's reading; True if it holds the volume's bytes."""
+        try:
+            return all([f.result() for f in self.done])
+        except Exception:  # noqa: BLE001 - a bug in read-ahead must not fail the read itself
+            log.exception("read-ahead of [%d, %d) failed; the reader reads it itself",
+                          self.start, self.end)
+            return False
+
+
+class ReadAhead:
+    """What is read ahead of one volume's reader: member hints and spans."""
+
+    def __init__(self, volume: Volume) -> None:
+        self.volume = volume
+        g = volume.geometry
+        self.span_bytes = max(1, SPAN_BYTES // g.stripe_bytes) * g.stripe_bytes
+        self._spans: dict[int, _Span] = {}  # by index (start // span_bytes)
+        self._lock = threading.Lock()  # guards _spans: readers do not hold the volume lock
+        self._closed = False
+        self._last_read_end = -1
+        self._hinted_until = 0
+
+    # --- the reader's side (no volume lock) ---------------------------------------------------
+
+    def take(self, offset: int, length: int) -> np.ndarray | None:
+        """The volume's bytes [offset, offset + length) if spans read ahead hold all of them;
+        None otherwise."""
+        if not self._spans or length <= 0:
+            return None
+        sb = self.span_bytes
+        first, last = offset // sb, (offset + length - 1) // sb
+        with self._lock:
+            spans = [self._spans.get(i) for i in range(first, last + 1)]
+        parts = []
+        for span in spans:
+            if span is None or not span.ready():
+                return None
+            lo, hi = max(offset, span.start), min(offset + length, span.end)
+            parts.append(span.data[lo - span.start : hi - span.start])
+        with self._lock:
+            for span in spans:
+                if offset + length >= span.end and self._spans.get(span.start // sb) is span:
+                    del self._spans[span.start // sb]  # the reader is past it
+        return parts[0] if len(parts) == 1 else np.concatenate(parts)
+
+    def covers(self, offset: int) -> bool:
+        """Whether a span is being read, or was read, for the byte at `offset`."""
+        return offset // self.span_bytes in self._spans
+
+    # --- the volume's side (under its lock) ---------------------------------------------------
+
+    def follow(self, offset: int, length: int) -> None:
+        """A read of [offset, offset + length) is under way: hint what it and, if reads are
+        sequential, the next HINT_BYTES need, and plan spans."""
+        end = offset + length
+        start = offset
+        # Sequential, give or take reordering (the kernel sends several readahead requests at
+        # once, and worker threads may take them out of order).
+        near = abs(offset - self._last_read_end) <= HINT_BYTES
+        if near:
+            self.advance(end)
+            end = min(self.volume.capacity, end + HINT_BYTES)
+            if start < self._hinted_until <= end:
+                start = self._hinted_until
+            self._last_read_end = max(self._last_read_end, offset + length)
+        else:
+            self._last_read_end = offset + length
+            self._hinted_until = 0
+        if start >= end or (near and end <= self._hinted_until):
+            return
+        self._hinted_until = max(self._hinted_until, end)
+        self._hint(start, end)
+
+    def _hint(self, start: int, end: int) -> None:
+        """Hint the members' chunks of volume bytes [start, end) that no span covers."""
+        v = self.volume
+        g = v.geometry
+        sb, chunk = g.stripe_bytes, g.chunk
+        runs: dict[int, list[int]] = {}
+        for stripe in range(start // sb, (end - 1) // sb + 1):
+            if self.covers(stripe * sb):
+                continue
+            group, row = g.locate(stripe)
+            slots = g.column_slots(group, row)
+            lo = max(start, stripe * sb) - stripe * sb
+            hi = min(end, (stripe + 1) * sb) - stripe * sb
+            for c in range(lo // chunk, (hi - 1) // chunk + 1):
+                slot = slots[c]
+                if v.slots[slot].holds(row):
+                    run = runs.setdefault(slot, [])
+                    if run and run[-1] >= row - 1:
+                        run[-1] = max(run[-1], row)
+                    else:
+                        run.extend((row, row))
+        for slot, run in runs.items():
+            member = v.slots[slot].member
+            for i in range(0, len(run), 2):
+                member.prefetch(g.chunk_offset(run[i]), (run[i + 1] - run[i] + 1) * chunk)
+
+    def advance(self, position: int) -> None:
+        """A sequential reader got to `position`: plan the DEPTH spans from the next span
+        boundary on."""
+        sb = self.span_bytes
+        capacity = self.volume.capacity
+        first = -(-position // sb)
+        if self._closed or first * sb >= capacity:
+            return
+        with self._lock:
+            for i in [i for i in self._spans if i < first - 1 or i > first + DEPTH]:
+                del self._spans[i]  # left behind by a reader that moved on
+        for i in range(first, first + DEPTH):
+            if i * sb >= capacity:
+                break
+            if i not in self._spans:
+                self._plan(i)
+
+    def invalidate(self, offset: int, length: int) -> None:
+        """Forget what was read ahead of volume bytes [offset, offset + length) (they are
+        being written)."""
+        if not self._spans or length <= 0:
+            return
+        sb = self.span_bytes
+        with self._lock:
+            for i in range(offset // sb, (offset + length - 1) // sb + 1):
+                self._spans.pop(i, None)
+
+    def _plan(self, index: int) -> None:
+        v = self.volume
+        g = v.geometry
+        sb, chunk = g.stripe_bytes, g.chunk
+        start = index * self.span_bytes
+        end = min(v.capacity, start + self.span_bytes)
+        if v.pending_stripes(start // sb, (end - 1) // sb):
+            return  # data still in the stripe cache: the ordinary read commits it
+        data = aligned_empty(end - start)
+        runs: dict[int, list[tuple[int, np.ndarray]]] = {}
+        checks: dict[int, list[_Check]] = {}
+        for stripe in range(start // sb, (end - 1) // sb + 1):
+            group, row = g.locate(stripe)
+            slots = g.column_slots(group, row)
+            base = stripe * sb - start
+            for c in range(g.k):
+                slot = slots[c]
+                buf = data[base + c * chunk : base + (c + 1) * chunk]
+                entry = v.table.get(slot, row)
+                if entry == UNWRITTEN:
+                    buf[:] = 0
+                    continue
+                if not v.slots[slot].holds(row):
+                    return  # reconstruction is the ordinary read's work
+                runs.setdefault(slot, []).append((row, buf))
+                checks.setdefault(slot, []).append((row, buf, entry))
+        data.flags.writeable = False  # readers get views of it; only the reads below fill it
+        span = _Span(start, end, data)
+        pool = _executor()
+        span.done = [pool.submit(self._read, span, slot, v.slots[slot].member, pieces,
+                                 checks[slot]) for slot, pieces in runs.items()]
+        with self._lock:
+            self._spans[index] = span
+
+    # --- the background threads ---------------------------------------------------------------
+
+    def _read(self, span: _Span, slot: int, member: Member,
+              pieces: list[tuple[int, np.ndarray]], checks: list[_Check]) -> bool:
+        """Read one member's chunks of a planned span; True if every one arrived and matched
+        its checksum."""
+        g = self.volume.geometry
+        i = 0
+        while i < len(pieces):
+            j = i + 1
+            while j < len(pieces) and pieces[j][0] == pieces[j - 1][0] + 1:
+                j += 1
+            try:
+                member.readinto_uncached(g.chunk_offset(pieces[i][0]),
+                                         [memoryview(p[1]) for p in pieces[i:j]])
+            except MemberIOError as exc:
+                log.debug("slot %d: read-ahead of [%d, %d) failed (%s); the reader will "
+                          "read it itself", slot, span.start, span.end, exc)
+                return False
+            i = j
+        for row, buf, entry in checks:
+            if chunk_checksum(buf, slot, row) != entry:
+                log.debug("slot %d row %d: read-ahead chunk fails its checksum; the reader "
+                          "will read it itself", slot, row)
+                return False
+        return True
+
+    def close(self) -> None:
+        """Stop planning and wait for the spans being read."""
+        self._closed = True
+        self.settle()
+
+    def settle(self) -> None:
+        """Forget every span and wait for those being read (before a member is closed)."""
+        with self._lock:
+            spans, self._spans = list(self._spans.values()), {}
+        for span in spans:
+            span.ready()
