@@ -38,6 +38,7 @@ class GhostModel(RuleBasedStateMachine):
         self.src = os.path.join(self.base, f"src{n}")
         os.makedirs(self.src)
         self.source: dict[str, bytes] = {}
+        self.mtime: dict[str, int] = {}  # each source's modification time
         self.tick = 10**18 + n * 10**12  # source mtimes: each change a new one
         for f in FILES:
             self._write_source(f, os.urandom(5000))
@@ -47,6 +48,7 @@ class GhostModel(RuleBasedStateMachine):
         self.state: dict[str, str | None] = {
             f: "ghost" if self.source[f] else "hydrated" for f in FILES}
         self.imported = dict(self.source)  # the source content each ghost was imported as
+        self.imported_mtime = dict(self.mtime)  # and the modification time it had then
 
     def _write_source(self, f: str, data: bytes) -> None:
         p = os.path.join(self.src, f)
@@ -55,12 +57,16 @@ class GhostModel(RuleBasedStateMachine):
         self.tick += 10**9
         os.utime(p, ns=(self.tick, self.tick))
         self.source[f] = data
+        self.mtime[f] = self.tick
 
     def _ino(self, f: str) -> int:
         return self.view.lookup(self.dest, f.encode()).ino
 
     def _source_same(self, f: str) -> bool:
-        return self.source[f] == self.imported[f] and self.state[f] is not None
+        # A ghost is checked against its source by size, modification time and content: a
+        # source rewritten with the same bytes (an empty file, say) has still changed.
+        return (self.source[f] == self.imported[f] and self.mtime[f] == self.imported_mtime[f]
+                and self.state[f] is not None)
 
     def _expect(self, fn, *args, err: int | None = None):
         if err is None:
@@ -78,8 +84,9 @@ class GhostModel(RuleBasedStateMachine):
     def reimport(self):
         import_tree(self.env.fs, self.view.ghosts, self.dest, self.src, ROOT)
         for f in FILES:
-            if self.state[f] is not None and self.source[f] != self.imported[f]:
+            if self.state[f] is not None and not self._source_same(f):
                 self.imported[f] = self.content[f] = self.source[f]
+                self.imported_mtime[f] = self.mtime[f]
                 self.state[f] = "ghost" if self.source[f] else "hydrated"
 
     @rule(f=st.sampled_from(FILES), off=st.sampled_from([0, 5, 65536, 1_000_000]))
