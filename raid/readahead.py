@@ -4,11 +4,11 @@ the host's page cache.
 Every read first hints (`Member.prefetch`) each chunk it needs that no span covers, and, when
 reads are sequential, the next HINT_BYTES, so that members read in parallel.
 
-While a volume is read sequentially, the spans that follow the reader (SPAN_BYTES of the volume
-each, DEPTH of them) are also read from the members in background threads, straight into one
-aligned buffer per span (`Member.readinto_uncached`: O_DIRECT on block files), and checked
-against the chunk checksums. A read that finished spans cover is answered with a view of their
-buffers, without touching a member.
+While a volume is read sequentially (STREAK_BYTES back to back), the spans that follow the
+reader (SPAN_BYTES of the volume each, DEPTH of them) are also read from the members in
+background threads, straight into one aligned buffer per span (`Member.readinto_uncached`:
+O_DIRECT on block files), and checked against the chunk checksums. A read that finished spans
+cover is answered with a view of their buffers, without touching a member.
 
 Planning a span (which chunks, on which members, with which checksums) happens under the
 volume lock, like any read; the reading itself does not take the lock. A write to the volume
@@ -45,6 +45,11 @@ HINT_BYTES = 8 * 1024 * 1024  # how far ahead of a sequential reader members get
 SPAN_BYTES = 8 * 1024 * 1024  # volume bytes read ahead as one piece (rounded to stripes)
 DEPTH = 4  # spans kept ahead of a sequential reader
 THREADS = 16  # member reads at once
+# Spans are read only for a reader that has read this much back to back, each read starting
+# within STREAK_SLACK of where the one before ended: random reads that happen to land near
+# each other must not start reading many megabytes ahead.
+STREAK_BYTES = 2 * 1024 * 1024
+STREAK_SLACK = 256 * 1024
 
 # One pool for every volume in the process; a forked child makes its own on first use.
 _pool: ThreadPoolExecutor | None = None
@@ -104,6 +109,7 @@ class ReadAhead:
         self._closed = False
         self._last_read_end = -1
         self._hinted_until = 0
+        self._streak = 0  # bytes read back to back (give or take STREAK_SLACK) so far
 
     # --- the reader's side (no volume lock) ---------------------------------------------------
 
@@ -142,8 +148,13 @@ class ReadAhead:
         # Sequential, give or take reordering (the kernel sends several readahead requests at
         # once, and worker threads may take them out of order).
         near = abs(offset - self._last_read_end) <= HINT_BYTES
+        if abs(offset - self._last_read_end) <= STREAK_SLACK:
+            self._streak += length
+        else:
+            self._streak = length
         if near:
-            self.advance(end)
+            if self._streak >= STREAK_BYTES:
+                self.advance(end)
             end = min(self.volume.capacity, end + HINT_BYTES)
             if start < self._hinted_until <= end:
                 start = self._hinted_until

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import random
+import threading
 
 import pytest
 from volhelpers import Model, build, open_vol, rand_bytes, remove_member
@@ -22,6 +23,8 @@ def small_spans(monkeypatch):
     # Spans of a few stripes, so that a small volume holds many of them.
     monkeypatch.setattr(raid.readahead, "SPAN_BYTES", 8 * CHUNK * 4)
     monkeypatch.setattr(raid.readahead, "HINT_BYTES", 16 * CHUNK)
+    monkeypatch.setattr(raid.readahead, "STREAK_BYTES", 2 * CHUNK)
+    monkeypatch.setattr(raid.readahead, "STREAK_SLACK", CHUNK)
 
 
 def _filled(tmp_path, level="raid6", members=6, seed=1):
@@ -166,6 +169,25 @@ def test_never_written_stripes_read_as_zeros_from_spans(tmp_path):
         vol.close()
 
 
+def test_reads_that_are_not_back_to_back_read_nothing_ahead(tmp_path):
+    paths, uuid, vol, model = _filled(tmp_path)
+    try:
+        rng = random.Random(3)
+        span = vol._ahead.span_bytes
+        for _ in range(200):
+            # Random reads, some landing near the one before (within HINT_BYTES) by chance.
+            off = rng.randrange(0, vol.capacity - CHUNK)
+            if rng.random() < 0.5:
+                off = min(vol.capacity - CHUNK, off % (4 * span))
+            assert vol.read(off, 100) == model.get(off, 100)
+            assert not vol._ahead._spans, f"spans planned after a read at {off}"
+        vol.read(0, CHUNK)
+        vol.read(CHUNK, CHUNK)  # now back to back
+        assert vol._ahead._spans
+    finally:
+        vol.close()
+
+
 def test_closing_with_spans_in_flight_waits_for_them(tmp_path):
     paths, uuid, vol, model = _filled(tmp_path)
     vol.read(0, CHUNK)
@@ -188,5 +210,61 @@ def test_spans_are_read_with_direct_io_into_aligned_buffers(tmp_path):
         assert all(isinstance(m, BlockFileMember) for m in members)
         # Every member opened its direct descriptor (none refused here).
         assert all(isinstance(m._dread_fd, int) and m._dread_fd >= 0 for m in members)
+    finally:
+        vol.close()
+
+
+def test_a_sequential_reader_beside_a_writer_sees_only_written_versions(tmp_path):
+    # One thread reads the volume front to back again and again (spans in play) while another
+    # rewrites blocks with increasing version numbers. Every block a read returns must be a
+    # version written to it, no older than the last write that returned before the read began;
+    # once the writer stops, every block reads as its last version.
+    paths, uuid, g = build(tmp_path / "a", "raid6", 6, CHUNK, ROWS)
+    vol = open_vol(paths, uuid)
+    blocks = vol.capacity // CHUNK
+
+    def version(block: int, v: int) -> bytes:
+        return (block.to_bytes(4, "little") + v.to_bytes(4, "little")) * (CHUNK // 8)
+
+    try:
+        for b in range(blocks):
+            vol.write(b * CHUNK, version(b, 0))
+        written = {b: {0} for b in range(blocks)}
+        last = dict.fromkeys(range(blocks), 0)
+        stop = threading.Event()
+        problems: list[str] = []
+
+        def reader() -> None:
+            while not stop.is_set():
+                for pos in range(0, vol.capacity, 3 * CHUNK):
+                    n = min(3 * CHUNK, vol.capacity - pos)
+                    floor = [last[b] for b in range(pos // CHUNK, (pos + n) // CHUNK)]
+                    data = bytes(vol.read(pos, n))
+                    for i in range(0, len(data), CHUNK):
+                        b = (pos + i) // CHUNK
+                        v = int.from_bytes(data[i + 4 : i + 8], "little")
+                        if data[i : i + CHUNK] != version(b, v) or v not in written[b]:
+                            problems.append(f"block {b}: read a version never written")
+                            return
+                        if v < floor[i // CHUNK]:
+                            problems.append(f"block {b}: read version {v} after version "
+                                            f"{floor[i // CHUNK]} was written")
+                            return
+
+        t = threading.Thread(target=reader, daemon=True)
+        t.start()
+        rng = random.Random(11)
+        for v in range(1, 400):
+            b = rng.randrange(blocks)
+            written[b].add(v)  # before the write: the reader may see it from now on
+            vol.write(b * CHUNK, version(b, v))
+            last[b] = v  # written: reads that begin from now on must not see older ones
+        stop.set()
+        t.join(timeout=60)
+        assert not t.is_alive()
+        assert not problems, problems[0]
+        data = _read_sequentially(vol, 5 * CHUNK)
+        for b in range(blocks):
+            assert data[b * CHUNK : (b + 1) * CHUNK] == version(b, last[b]), f"block {b}"
     finally:
         vol.close()
