@@ -27,6 +27,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TYPE_CHECKING
 
@@ -71,6 +72,18 @@ def _forget_pool() -> None:
 
 
 os.register_at_fork(after_in_child=_forget_pool)
+
+def row_runs(pieces: Sequence[tuple]) -> Iterator[tuple[int, int]]:
+    """Index ranges [i, j) of `pieces` (each starting with a row number, in order) whose rows
+    follow one another: what one vectored read of a member takes."""
+    i = 0
+    while i < len(pieces):
+        j = i + 1
+        while j < len(pieces) and pieces[j][0] == pieces[j - 1][0] + 1:
+            j += 1
+        yield i, j
+        i = j
+
 
 # (row, view of the span's buffer, checksum the chunk must have)
 _Check = tuple[int, np.ndarray, int]
@@ -261,11 +274,7 @@ class ReadAhead:
         """Read one member's chunks of a planned span; True if every one arrived and matched
         its checksum."""
         g = self.volume.geometry
-        i = 0
-        while i < len(pieces):
-            j = i + 1
-            while j < len(pieces) and pieces[j][0] == pieces[j - 1][0] + 1:
-                j += 1
+        for i, j in row_runs(pieces):
             try:
                 member.readinto_uncached(g.chunk_offset(pieces[i][0]),
                                          [memoryview(p[1]) for p in pieces[i:j]])
@@ -273,7 +282,6 @@ class ReadAhead:
                 log.debug("slot %d: read-ahead of [%d, %d) failed (%s); the reader will "
                           "read it itself", slot, span.start, span.end, exc)
                 return False
-            i = j
         for row, buf, entry in checks:
             if chunk_checksum(buf, slot, row) != entry:
                 log.debug("slot %d row %d: read-ahead chunk fails its checksum; the reader "

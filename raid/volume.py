@@ -19,7 +19,7 @@ from backends.member import Member, MemberIOError
 from raid.checksums import UNWRITTEN, array_seed, chunk_checksum
 from raid.errors import RaidError, UnrecoverableError
 from raid.geometry import Geometry
-from raid.readahead import ReadAhead
+from raid.readahead import ReadAhead, row_runs
 from raid.records import USABLE_STATES, MemberRecords
 from raid.stripecache import PendingStripe, StripeCache
 from raid.table import ChecksumTable, page_offset
@@ -177,11 +177,7 @@ class Volume(MemberRecords):
                 checks.append((slot, row, buf, entry, stripe, lo - a, hi - a, lo - offset))
         for slot, pieces in runs.items():
             member = self.slots[slot].member
-            i = 0
-            while i < len(pieces):
-                j = i + 1
-                while j < len(pieces) and pieces[j][0] == pieces[j - 1][0] + 1:
-                    j += 1
+            for i, j in row_runs(pieces):
                 try:
                     member.readinto_many(
                         g.chunk_offset(pieces[i][0]), [memoryview(p[1]) for p in pieces[i:j]]
@@ -191,7 +187,6 @@ class Volume(MemberRecords):
                     log.debug("slot %d: batched read failed (%s); rereading chunk by chunk",
                               slot, exc)
                     redo.update(p[2] for p in pieces[i:j])
-                i = j
         for slot, row, buf, entry, stripe, lo, hi, dst in checks:
             if stripe in redo:
                 continue
