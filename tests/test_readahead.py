@@ -3,6 +3,7 @@ must always be what the volume holds, after writes, corruption, lost members and
 
 from __future__ import annotations
 
+import logging
 import os
 import random
 import threading
@@ -27,8 +28,8 @@ def small_spans(monkeypatch):
     monkeypatch.setattr(raid.readahead, "STREAK_SLACK", CHUNK)
 
 
-def _filled(tmp_path, level="raid6", members=6, seed=1):
-    paths, uuid, g = build(tmp_path / "a", level, members, CHUNK, ROWS)
+def _filled(tmp_path, level="raid6", members=6, seed=1, backend="file"):
+    paths, uuid, g = build(tmp_path / "a", level, members, CHUNK, ROWS, backend)
     vol = open_vol(paths, uuid)
     model = Model(vol.capacity)
     data = rand_bytes(seed, vol.capacity)
@@ -48,8 +49,9 @@ def _read_sequentially(vol, size: int) -> bytes:
     return bytes(out)
 
 
-def test_a_sequential_reader_is_served_from_spans_read_ahead(tmp_path):
+def test_a_sequential_reader_is_served_from_spans_read_ahead(tmp_path, caplog):
     paths, uuid, vol, model = _filled(tmp_path)
+    caplog.set_level(logging.DEBUG, logger="raid.readahead")
     try:
         ahead = vol._ahead
         pos = 0
@@ -61,8 +63,10 @@ def test_a_sequential_reader_is_served_from_spans_read_ahead(tmp_path):
                 served += 1
             assert vol.read(pos, n) == model.get(pos, n), f"read at {pos}"
             pos += n
-        # All but the start (read before any span was planned) came from spans.
+        # All but the start (read before any span was planned) came from spans, and every
+        # span read cleanly (a failed one would leave its reads to the ordinary path).
         assert served > (vol.capacity // size) // 2
+        assert not [r.getMessage() for r in caplog.records if "read-ahead" in r.getMessage()]
     finally:
         vol.close()
 
@@ -72,6 +76,19 @@ def test_reads_of_any_size_across_span_boundaries_match(tmp_path, size):
     paths, uuid, vol, model = _filled(tmp_path, seed=size)
     try:
         assert _read_sequentially(vol, size) == bytes(model.data)
+    finally:
+        vol.close()
+
+
+def test_sqlite_members_are_read_ahead_through_their_own_reads(tmp_path, caplog):
+    # No direct I/O there: spans read through readinto_many, from several threads at once.
+    paths, uuid, vol, model = _filled(tmp_path, level="raidz1", members=4, backend="sqlite")
+    try:
+        with caplog.at_level(logging.DEBUG, logger="raid.readahead"):
+            assert _read_sequentially(vol, 3 * CHUNK) == bytes(model.data)
+            assert _read_sequentially(vol, 5 * CHUNK) == bytes(model.data)
+        assert not [r.getMessage() for r in caplog.records if "read-ahead" in r.getMessage()]
+        assert all(m["checksum_errors"] == 0 for m in vol.status()["members"])
     finally:
         vol.close()
 
