@@ -73,6 +73,7 @@ def _forget_pool() -> None:
 
 os.register_at_fork(after_in_child=_forget_pool)
 
+
 def row_runs(pieces: Sequence[tuple]) -> Iterator[tuple[int, int]]:
     """Index ranges [i, j) of `pieces` (each starting with a row number, in order) whose rows
     follow one another: what one vectored read of a member takes."""
