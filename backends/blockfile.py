@@ -83,7 +83,9 @@ class BlockFileMember(Member):
         # everything else on this member first waits for them (`_drain`).
         dfd = open_direct(path)
         self._direct = DirectWriter(path, dfd, fd) if dfd is not None else None
-        self._dread_fd: int | None = -1  # -1: not opened yet (see _direct_read_fd)
+        # Reads bypass the page cache through the writer's descriptor too (readinto_uncached),
+        # until the file refuses one.
+        self._direct_reads = self._direct is not None
 
     def _drain(self) -> None:
         """Wait for the queued direct writes; a failed one fails this call."""
@@ -149,16 +151,17 @@ class BlockFileMember(Member):
     def readinto_uncached(self, offset: int, buffers: list[memoryview]) -> None:
         # O_DIRECT: the disk fills the buffers itself, and no page-cache pages are made for
         # data that the FUSE mount caches again above.
-        fd = self._direct_read_fd
-        if fd is None or offset % DIRECT_ALIGN or any(len(b) % DIRECT_ALIGN for b in buffers):
+        direct = self._direct
+        if (direct is None or not self._direct_reads or offset % DIRECT_ALIGN
+                or any(len(b) % DIRECT_ALIGN for b in buffers)):
             self.readinto_many(offset, buffers)
             return
         try:
-            self._read(fd, offset, buffers, refused=errno.EINVAL)
+            self._read(direct.fd, offset, buffers, refused=errno.EINVAL)
         except _Refused as exc:
             log.warning("member %s: direct read refused (%s); reading through the page cache",
                         self.path, exc.strerror)
-            self._close_direct_read()
+            self._direct_reads = False
             self.readinto_many(offset, buffers)
 
     def _read(self, fd: int, offset: int, buffers: list[memoryview], refused: int = 0) -> None:
@@ -174,27 +177,6 @@ class BlockFileMember(Member):
             raise MemberIOError(self.path, "read", exc.strerror or str(exc)) from exc
         if done < total:
             raise MemberIOError(self.path, "read", f"short read at {offset + done}")
-
-    @property
-    def _direct_read_fd(self) -> int | None:
-        """The member's O_DIRECT descriptor for reading, opened on first use; None where the
-        file system has none or refused a direct read."""
-        if self._dread_fd == -1:
-            with self._fd_lock:
-                if self._dread_fd == -1 and self._fd >= 0:
-                    try:
-                        self._dread_fd = os.open(self.path,
-                                                 os.O_RDONLY | os.O_DIRECT | os.O_CLOEXEC)
-                    except OSError as exc:
-                        log.info("member %s: no direct reads (%s)", self.path, exc.strerror)
-                        self._dread_fd = None
-        return self._dread_fd
-
-    def _close_direct_read(self) -> None:
-        with self._fd_lock:
-            fd, self._dread_fd = self._dread_fd, None
-        if fd is not None and fd >= 0:
-            os.close(fd)
 
     def prefetch(self, offset: int, length: int) -> None:
         _prefetcher.submit(self, offset, length)
@@ -272,7 +254,6 @@ class BlockFileMember(Member):
         if self._direct is not None:
             self._direct.close()
             self._direct = None
-        self._close_direct_read()
         with self._fd_lock:
             if self._fd >= 0:
                 try:

@@ -33,9 +33,10 @@ _writers: weakref.WeakSet[DirectWriter] = weakref.WeakSet()
 
 
 def open_direct(path: str) -> int | None:
-    """A descriptor of `path` for direct writes, or None where the file system has none."""
+    """A descriptor of `path` for direct reads and writes, or None where the file system has
+    none."""
     try:
-        return os.open(path, os.O_WRONLY | os.O_DIRECT | os.O_CLOEXEC)
+        return os.open(path, os.O_RDWR | os.O_DIRECT | os.O_CLOEXEC)
     except OSError as exc:
         log.info("member %s: no direct I/O (%s); writing through the page cache", path,
                  exc.strerror)

@@ -94,7 +94,7 @@ class Volume(MemberRecords):
     def read(self, offset: int, length: int) -> bytearray | memoryview:
         """Bytes at [offset, offset + length), short at the end of the volume."""
         n = self._clamp(offset, length)
-        ahead = self._read_ahead(offset, n)
+        ahead = self._from_read_ahead(offset, n)
         if ahead is not None:
             return memoryview(ahead)
         out = bytearray(n)
@@ -105,14 +105,14 @@ class Volume(MemberRecords):
         """Like `read`, as a uint8 array (new, or a view of bytes read ahead), sparing the
         zero-filling of a bytearray."""
         n = self._clamp(offset, length)
-        ahead = self._read_ahead(offset, n)
+        ahead = self._from_read_ahead(offset, n)
         if ahead is not None:
             return ahead
         out = np.empty(n, dtype=np.uint8)
         self._read_into(offset, out)
         return out
 
-    def _read_ahead(self, offset: int, length: int) -> np.ndarray | None:
+    def _from_read_ahead(self, offset: int, length: int) -> np.ndarray | None:
         """The bytes at [offset, offset + length) if they were read ahead, else None."""
         ahead = self._ahead.take(offset, length)
         if ahead is not None:

@@ -49,6 +49,12 @@ def _read_sequentially(vol, size: int) -> bytes:
     return bytes(out)
 
 
+def _start_streak(vol) -> None:
+    """Read back to back from the start, so that the volume plans spans ahead."""
+    vol.read(0, CHUNK)
+    vol.read(CHUNK, CHUNK)
+
+
 def test_a_sequential_reader_is_served_from_spans_read_ahead(tmp_path, caplog):
     paths, uuid, vol, model = _filled(tmp_path)
     caplog.set_level(logging.DEBUG, logger="raid.readahead")
@@ -97,8 +103,7 @@ def test_a_write_into_a_span_read_ahead_is_seen_by_the_next_read(tmp_path):
     paths, uuid, vol, model = _filled(tmp_path)
     try:
         span = vol._ahead.span_bytes
-        vol.read(0, CHUNK)
-        vol.read(CHUNK, CHUNK)  # sequential: the next spans are being read
+        _start_streak(vol)  # the next spans are being read
         assert vol._ahead.covers(span)
         for off, n in ((span + 100, 3000), (2 * span - 10, 4 * CHUNK), (span, span)):
             payload = os.urandom(n)
@@ -152,14 +157,12 @@ def test_a_degraded_volume_reads_sequentially_without_the_lost_member(tmp_path):
 def test_a_member_failing_under_spans_read_ahead_is_reconstructed(tmp_path):
     paths, uuid, vol, model = _filled(tmp_path)
     try:
-        vol.read(0, CHUNK)
-        vol.read(CHUNK, CHUNK)
+        _start_streak(vol)
         assert vol._ahead.covers(vol._ahead.span_bytes)
         # The member's reads fail from now on (its descriptors are closed), with spans planned
         # or in flight on it.
         vol.settle_read_ahead()
-        vol.read(0, CHUNK)
-        vol.read(CHUNK, CHUNK)
+        _start_streak(vol)
         vol.slots[3].member.close()
         assert _read_sequentially(vol, 3 * CHUNK) == bytes(model.data)
         assert vol.slots[3].state == "faulty"
@@ -198,8 +201,7 @@ def test_reads_that_are_not_back_to_back_read_nothing_ahead(tmp_path):
                 off = min(vol.capacity - CHUNK, off % (4 * span))
             assert vol.read(off, 100) == model.get(off, 100)
             assert not vol._ahead._spans, f"spans planned after a read at {off}"
-        vol.read(0, CHUNK)
-        vol.read(CHUNK, CHUNK)  # now back to back
+        _start_streak(vol)  # now back to back
         assert vol._ahead._spans
     finally:
         vol.close()
@@ -207,8 +209,7 @@ def test_reads_that_are_not_back_to_back_read_nothing_ahead(tmp_path):
 
 def test_closing_with_spans_in_flight_waits_for_them(tmp_path):
     paths, uuid, vol, model = _filled(tmp_path)
-    vol.read(0, CHUNK)
-    vol.read(CHUNK, CHUNK)
+    _start_streak(vol)
     assert vol._ahead.covers(vol._ahead.span_bytes)
     vol.close()  # joins the reads in flight before the members close
     assert vol._ahead.take(vol._ahead.span_bytes, CHUNK) is None
@@ -225,8 +226,8 @@ def test_spans_are_read_with_direct_io_into_aligned_buffers(tmp_path):
         _read_sequentially(vol, 2 * CHUNK)
         members = [s.member for s in vol.slots]
         assert all(isinstance(m, BlockFileMember) for m in members)
-        # Every member opened its direct descriptor (none refused here).
-        assert all(isinstance(m._dread_fd, int) and m._dread_fd >= 0 for m in members)
+        # Every member reads directly (none refused here).
+        assert all(m._direct is not None and m._direct_reads for m in members)
     finally:
         vol.close()
 
