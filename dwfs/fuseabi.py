@@ -22,7 +22,7 @@ MKNOD, MKDIR, UNLINK, RMDIR, RENAME, LINK, OPEN, READ, WRITE = 8, 9, 10, 11, 12,
 STATFS, RELEASE, FSYNC, SETXATTR, GETXATTR, LISTXATTR = 17, 18, 20, 21, 22, 23
 REMOVEXATTR, FLUSH, INIT, OPENDIR, READDIR, RELEASEDIR = 24, 25, 26, 27, 28, 29
 FSYNCDIR, ACCESS, CREATE, INTERRUPT, DESTROY = 30, 34, 35, 36, 38
-BATCH_FORGET, READDIRPLUS, RENAME2 = 42, 44, 45
+BATCH_FORGET, FALLOCATE, READDIRPLUS, RENAME2, LSEEK = 42, 43, 44, 45, 46
 
 # --- INIT flags (those dwfs asks for) ---------------------------------------------------------
 ASYNC_READ = 1 << 0
@@ -71,6 +71,9 @@ WRITE_IN = struct.Struct("<QQIIQII")  # fh offset size write_flags lock_owner fl
 WRITE_OUT = struct.Struct("<II")
 RELEASE_IN = struct.Struct("<QIIQ")  # fh flags release_flags lock_owner
 FSYNC_IN = struct.Struct("<QII")  # fh fsync_flags padding
+FALLOCATE_IN = struct.Struct("<QQQII")  # fh offset length mode padding
+LSEEK_IN = struct.Struct("<QQII")  # fh offset whence padding
+LSEEK_OUT = struct.Struct("<Q")  # offset
 SETXATTR_IN = struct.Struct("<II")  # size flags
 GETXATTR_IN = struct.Struct("<II")  # size padding
 GETXATTR_OUT = struct.Struct("<II")  # size padding

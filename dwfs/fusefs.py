@@ -164,6 +164,13 @@ class FuseOperations(Handlers):
         else:
             self.data(r, _written, self.fs.write, fh, offset, data)
 
+    def fallocate(self, r: Request, fh: int, mode: int, offset: int, length: int) -> None:
+        lane = self.slow if self.fs.is_ghost(fh) else self.data
+        lane(r, None, self.fs.fallocate, fh, mode, offset, length)
+
+    def lseek(self, r: Request, fh: int, offset: int, whence: int) -> None:
+        self.meta(r, abi.LSEEK_OUT.pack, self.fs.seek, fh, offset, whence)
+
     def flush(self, r: Request, node: int) -> None:
         # Nothing to do at close(): writes report their errors themselves (no writeback
         # cache) and fsync makes data durable. ENOSYS makes the kernel stop sending FLUSH,

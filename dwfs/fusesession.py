@@ -263,6 +263,14 @@ class Session:
             fh, flags, _ = abi.FSYNC_IN.unpack_from(body)
             h.fsyncdir(r, fh, bool(flags & 1))
 
+        def fallocate(r: Request, node: int, body: memoryview) -> None:
+            fh, offset, length, mode, _ = abi.FALLOCATE_IN.unpack_from(body)
+            h.fallocate(r, fh, mode, offset, length)
+
+        def lseek(r: Request, node: int, body: memoryview) -> None:
+            fh, offset, whence, _ = abi.LSEEK_IN.unpack_from(body)
+            h.lseek(r, fh, offset, whence)
+
         def setxattr(r: Request, node: int, body: memoryview) -> None:
             size, flags = abi.SETXATTR_IN.unpack_from(body)
             rest = bytes(body[8:])
@@ -310,4 +318,5 @@ class Session:
             abi.REMOVEXATTR: by_name(h.removexattr), abi.FLUSH: by_node(h.flush),
             abi.OPENDIR: opendir, abi.READDIR: readdir, abi.READDIRPLUS: readdirplus,
             abi.RELEASEDIR: releasedir, abi.FSYNCDIR: fsyncdir, abi.CREATE: create,
+            abi.FALLOCATE: fallocate, abi.LSEEK: lseek,
         }

@@ -33,6 +33,16 @@ def renameat2(old: str, new: str, flags: int) -> None:
         raise OSError(e, os.strerror(e), old)
 
 
+FALLOC_KEEP_SIZE, FALLOC_PUNCH_HOLE, FALLOC_COLLAPSE_RANGE, FALLOC_ZERO_RANGE = 1, 2, 8, 0x10
+
+
+def fallocate(fd: int, mode: int, offset: int, length: int) -> None:
+    """fallocate(2), which the os module lacks."""
+    if _libc.fallocate(fd, mode, ctypes.c_int64(offset), ctypes.c_int64(length)) != 0:
+        e = ctypes.get_errno()
+        raise OSError(e, os.strerror(e))
+
+
 def c_getxattr(path: str, name: str, size: int) -> int:
     """getxattr(2) with a caller-chosen buffer size; returns the length or raises."""
     buf = ctypes.create_string_buffer(max(size, 1))

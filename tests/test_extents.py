@@ -15,6 +15,13 @@ from test_vfs_unit import Env, errno_of, mkfile, read_all
 from vfs import fsck
 from vfs.alloc import SECTOR
 from vfs.attrs import ROOT_INODE, SetAttr
+from vfs.content import (
+    COLLAPSE_RANGE,
+    KEEP_SIZE,
+    MAX_FILE_SIZE,
+    PUNCH_HOLE,
+    ZERO_RANGE,
+)
 from vfs.errors import FSError
 from vfs.extents import GROUP_SECTORS, block_checksum
 from vfs.filedata import BLOCK
@@ -78,6 +85,135 @@ def test_byte_model_at_sector_edges(env):
     check_clean(env)
     fs = env.reopen()
     assert read_all(fs, f) == bytes(model)
+
+
+def test_fallocate_byte_model(env):
+    """fallocate's punch, zero-range and allocate modes at offsets around sector, block and
+    group edges, among writes, truncates, commits and reopens, against a bytearray: reads
+    agree, a punched range is a hole again, and the space of what it covered comes back."""
+    fs = env.fs
+    f = mkfile(fs, ROOT_INODE, b"f")
+    model = bytearray()
+    rng = random.Random(5)
+    group = GROUP_SECTORS * SECTOR
+    edges = [0, 1, SECTOR - 1, SECTOR, SECTOR + 1, BLOCK - 1, BLOCK, BLOCK + SECTOR + 7,
+             group - SECTOR - 1, group, group + 3 * BLOCK]
+    lengths = [1, SECTOR - 1, SECTOR, SECTOR + 1, BLOCK, 2 * BLOCK + 5, group, 3 * group]
+    for step in range(300):
+        off, n = rng.choice(edges), rng.choice(lengths)
+        u = rng.random()
+        if u < 0.35:
+            data = rng.randbytes(n)
+            fs.write(f, off, data)
+            model += bytes(max(0, off + n - len(model)))
+            model[off : off + n] = data
+        elif u < 0.85:
+            mode = rng.choice([0, KEEP_SIZE, PUNCH_HOLE | KEEP_SIZE, ZERO_RANGE,
+                               ZERO_RANGE | KEEP_SIZE])
+            fs.fallocate(f, mode, off, n)
+            end = min(off + n, len(model))
+            if mode & (PUNCH_HOLE | ZERO_RANGE) and off < end:
+                model[off:end] = bytes(end - off)
+            if not mode & KEEP_SIZE:
+                model += bytes(max(0, off + n - len(model)))
+        elif u < 0.9:
+            size = rng.choice([0, rng.randrange(len(model) + 1)])
+            fs.setattr(f, SetAttr(size=size))
+            del model[size:]
+        elif u < 0.97:
+            fs.commit()
+        else:
+            fs = env.reopen()
+        assert fs.getattr(f).size == len(model), step
+        r_off = rng.choice(edges + [rng.randrange(len(model) + 10)])
+        assert fs.read(f, r_off, 3 * BLOCK) == bytes(model[r_off : r_off + 3 * BLOCK]), step
+    fs.commit()
+    assert read_all(fs, f) == bytes(model)
+    assert fs.getattr(f).blocks == stored_sectors(model) * SECTOR // 512
+    check_clean(env)
+    # Punching the whole file frees all its sectors.
+    free = fs.statfs()["bfree"]
+    fs.fallocate(f, PUNCH_HOLE | KEEP_SIZE, 0, len(model) + 1)
+    fs.commit()
+    assert fs.getattr(f).blocks == 0 and fs.getattr(f).size == len(model)
+    assert fs.statfs()["bfree"] >= free + stored_sectors(model) * SECTOR // fs.statfs()["bsize"]
+    assert read_all(fs, f) == bytes(len(model))
+    check_clean(env)
+
+
+def test_seek_data_and_hole(env):
+    """SEEK_DATA and SEEK_HOLE against a byte model: before a commit, only data-bearing
+    answers (what lies before the next data reads as zeros, a hole's start reads as zeros);
+    after it, exactly the non-zero sectors are data. ENXIO at and past the end."""
+    fs = env.fs
+    f = mkfile(fs, ROOT_INODE, b"f")
+    model = bytearray()
+    rng = random.Random(3)
+    group = GROUP_SECTORS * SECTOR
+    for step in range(60):
+        for _ in range(rng.randrange(1, 4)):
+            off = rng.choice([0, SECTOR, BLOCK - 1, BLOCK, group - SECTOR, group + BLOCK,
+                              rng.randrange(3 * group)])
+            n = rng.choice([1, SECTOR, 3 * SECTOR + 1, BLOCK, 2 * group])
+            data = bytes(n) if rng.random() < 0.2 else rng.randbytes(n)
+            fs.write(f, off, data)
+            model += bytes(max(0, off + n - len(model)))
+            model[off : off + n] = data
+        committed = rng.random() < 0.5
+        if committed:
+            fs.commit()
+        size = len(model)
+        offsets = [0, 1, SECTOR, BLOCK + 5, group, size - 1] + [rng.randrange(size)
+                                                                 for _ in range(5)]
+        for o in [o for o in offsets if o < size]:
+            d, h = fs.seek(f, o, os.SEEK_DATA) if any(model[o:]) else None, \
+                fs.seek(f, o, os.SEEK_HOLE)
+            assert o <= h <= size, step
+            if d is not None:
+                assert o <= d < size and not any(model[o:d]), step
+            if committed:
+                sectors = range(o // SECTOR, -(-size // SECTOR))
+                data_at = [s for s in sectors if any(model[s * SECTOR : (s + 1) * SECTOR])]
+                hole_at = [s for s in sectors if not any(model[s * SECTOR : (s + 1) * SECTOR])]
+                assert d == (max(o, data_at[0] * SECTOR) if data_at else None), step
+                assert h == (min(size, max(o, hole_at[0] * SECTOR)) if hole_at else size), step
+            elif h < size:
+                assert not any(model[h : (h // SECTOR + 1) * SECTOR]), step
+        if not any(model):
+            assert errno_of(fs.seek, f, 0, os.SEEK_DATA) == errno.ENXIO
+        for whence in (os.SEEK_DATA, os.SEEK_HOLE):
+            assert errno_of(fs.seek, f, size, whence) == errno.ENXIO
+            assert errno_of(fs.seek, f, size + 10, whence) == errno.ENXIO
+
+
+def test_fallocate_errors_change_nothing(env):
+    """Unsupported modes, bad ranges, non-files, sizes past the largest file and ranges the
+    volume has no room for each fail with their errno and leave the file as it was."""
+    fs = env.fs
+    data = os.urandom(3 * BLOCK + 5)
+    f = mkfile(fs, ROOT_INODE, b"f", data)
+    d = fs.mkdir(ROOT_INODE, b"d", 0o755, test_vfs_unit.ROOT).ino
+    free = fs.statfs()["bavail"] * fs.statfs()["bsize"]
+    cases = [
+        (f, COLLAPSE_RANGE, 0, BLOCK, errno.EOPNOTSUPP),
+        (f, PUNCH_HOLE, 0, BLOCK, errno.EOPNOTSUPP),  # a hole must keep the size
+        (f, PUNCH_HOLE | ZERO_RANGE | KEEP_SIZE, 0, BLOCK, errno.EOPNOTSUPP),
+        (f, 0, 0, 0, errno.EINVAL),
+        (f, PUNCH_HOLE | KEEP_SIZE, -1, 5, errno.EINVAL),
+        (f, 0, MAX_FILE_SIZE - 10, 11, errno.EFBIG),
+        (f, 0, 0, free + 64 * BLOCK, errno.ENOSPC),
+        (f, KEEP_SIZE, 10 * BLOCK, free + 64 * BLOCK, errno.ENOSPC),
+        (d, 0, 0, BLOCK, errno.EISDIR),
+    ]
+    for ino, mode, off, n, code in cases:
+        assert errno_of(fs.fallocate, ino, mode, off, n) == code, (mode, off, n)
+        assert fs.getattr(f).size == len(data)
+        assert read_all(fs, f) == data
+    # Room that exists is found (the file's own stored sectors count as room).
+    fs.fallocate(f, 0, 0, free // 2)
+    assert fs.getattr(f).size == free // 2
+    assert fs.read(f, 0, len(data)) == data
+    check_clean(env)
 
 
 def test_one_sector_rewrite_touches_nothing_else(env):

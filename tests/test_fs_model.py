@@ -24,7 +24,17 @@ from hypothesis.stateful import (
     run_state_machine_as_test,
 )
 from mountutil import FsMount, make_warehouse
-from posixutil import NOBODY, RENAME_EXCHANGE, RENAME_NOREPLACE, as_user, renameat2
+from posixutil import (
+    FALLOC_KEEP_SIZE,
+    FALLOC_PUNCH_HOLE,
+    FALLOC_ZERO_RANGE,
+    NOBODY,
+    RENAME_EXCHANGE,
+    RENAME_NOREPLACE,
+    as_user,
+    fallocate,
+    renameat2,
+)
 
 LONG = "L" * 255
 TOO_LONG = "T" * 256
@@ -42,6 +52,9 @@ OPEN_FLAGS = [
     os.O_RDONLY | os.O_DIRECTORY,
 ]
 MAX_OPEN = 6
+# fallocate modes ext4 and dwfs both have (a hole without KEEP_SIZE: EOPNOTSUPP on both)
+FALLOCATE_MODES = [0, FALLOC_KEEP_SIZE, FALLOC_PUNCH_HOLE | FALLOC_KEEP_SIZE, FALLOC_ZERO_RANGE,
+                   FALLOC_ZERO_RANGE | FALLOC_KEEP_SIZE, FALLOC_PUNCH_HOLE]
 OWNERS = [(0, 0), (NOBODY, NOBODY), (0, 4321), (NOBODY, 4321)]
 
 
@@ -367,6 +380,12 @@ class PosixModel(RuleBasedStateMachine):
     @rule(i=st.integers(0, MAX_OPEN), size=st.sampled_from(SIZES))
     def ftruncate(self, i, size):
         self.both_fd(i, lambda fd: os.ftruncate(fd, size))
+
+    @precondition(lambda self: self.fds)
+    @rule(i=st.integers(0, MAX_OPEN), mode=st.sampled_from(FALLOCATE_MODES),
+          offset=st.sampled_from(OFFSETS), length=st.sampled_from([0, 1, 4096, 70_000, 300_000]))
+    def fallocate(self, i, mode, offset, length):
+        self.both_fd(i, lambda fd: fallocate(fd, mode, offset, length))
 
     @precondition(lambda self: self.fds)
     @rule(i=st.integers(0, MAX_OPEN), whence=st.sampled_from([os.SEEK_SET, os.SEEK_END]),

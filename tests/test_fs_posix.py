@@ -14,6 +14,9 @@ import tempfile
 import pytest
 from mountutil import FsMount, make_warehouse
 from posixutil import (
+    FALLOC_COLLAPSE_RANGE,
+    FALLOC_PUNCH_HOLE,
+    FALLOC_ZERO_RANGE,
     NOBODY,
     RENAME_EXCHANGE,
     RENAME_NOREPLACE,
@@ -21,6 +24,7 @@ from posixutil import (
     c_getxattr,
     c_listxattr,
     errno_of,
+    fallocate,
     renameat2,
 )
 
@@ -280,6 +284,69 @@ def test_holes_take_no_space(d):
     os.fsync(fd)
     assert os.fstat(fd).st_blocks == 65536 // 512
     os.close(fd)
+
+
+def test_fallocate(mnt, d):
+    """fallocate(1) and fallocate(2): allocate (with and without keeping the size), punch a
+    hole (its space comes back), zero a range; unsupported modes and a range the volume has
+    no room for fail with their errno and change nothing."""
+    p = f"{d}/f"
+    data = bytearray(os.urandom(1 << 20))
+    write_file(p, bytes(data))
+    subprocess.run(["fallocate", "-l", "3MiB", p], check=True)
+    data += bytes((3 << 20) - len(data))
+    assert os.stat(p).st_size == 3 << 20
+    subprocess.run(["fallocate", "-n", "-o", "4MiB", "-l", "1MiB", p], check=True)
+    assert os.stat(p).st_size == 3 << 20
+    os.sync()
+    before = os.stat(p).st_blocks
+    subprocess.run(["fallocate", "-p", "-o", "1000", "-l", "500000", p], check=True)
+    data[1000:501_000] = bytes(500_000)
+    fd = os.open(p, os.O_RDWR)
+    try:
+        os.fsync(fd)
+        assert os.fstat(fd).st_blocks <= before - (500_000 // 4096 - 1) * 8
+        fallocate(fd, FALLOC_ZERO_RANGE, 600_000, 4 << 20)  # past the end: the size grows
+        data[600_000:] = bytes(len(data) - 600_000)
+        data += bytes(600_000 + (4 << 20) - len(data))
+        assert os.fstat(fd).st_size == len(data)
+        free = os.statvfs(p).f_bavail * os.statvfs(p).f_frsize
+        for mode, offset, length, code in [
+            (FALLOC_COLLAPSE_RANGE, 0, 1 << 20, errno.EOPNOTSUPP),
+            (FALLOC_PUNCH_HOLE, 0, 4096, errno.EOPNOTSUPP),
+            (0, 0, free + (64 << 20), errno.ENOSPC),
+        ]:
+            assert errno_of(fallocate, fd, mode, offset, length) == code
+            assert os.fstat(fd).st_size == len(data)
+    finally:
+        os.close(fd)
+    assert read_file(p) == bytes(data)
+
+
+def test_seek_data_and_hole(d):
+    """SEEK_DATA and SEEK_HOLE find the stored ranges of a sparse file, and `cp` keeps the
+    copy sparse."""
+    p = f"{d}/f"
+    with open(p, "wb") as f:
+        f.truncate(10 << 20)
+    fd = os.open(p, os.O_RDWR)
+    try:
+        os.pwrite(fd, b"y" * 65536, 5 << 20)
+        os.pwrite(fd, b"z" * 100, (10 << 20) - 100)
+        os.fsync(fd)
+        assert os.lseek(fd, 0, os.SEEK_HOLE) == 0
+        assert os.lseek(fd, 0, os.SEEK_DATA) == 5 << 20
+        assert os.lseek(fd, (5 << 20) + 7, os.SEEK_DATA) == (5 << 20) + 7
+        assert os.lseek(fd, 5 << 20, os.SEEK_HOLE) == (5 << 20) + 65536
+        assert os.lseek(fd, (5 << 20) + 65536, os.SEEK_DATA) == (10 << 20) - 4096
+        assert os.lseek(fd, (10 << 20) - 1, os.SEEK_HOLE) == 10 << 20
+        assert errno_of(os.lseek, fd, 10 << 20, os.SEEK_DATA) == errno.ENXIO
+    finally:
+        os.close(fd)
+    subprocess.run(["cp", "--sparse=auto", p, f"{d}/copy"], check=True)
+    os.sync()
+    assert os.stat(f"{d}/copy").st_blocks <= (65536 + 4096) // 512
+    assert read_file(f"{d}/copy") == read_file(p)
 
 
 def test_unlink_open_file(mnt, d):

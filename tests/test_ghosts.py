@@ -18,6 +18,7 @@ import time
 
 import pytest
 from mountutil import daemon_pid, dwfs, make_warehouse, mounted_warehouse
+from posixutil import FALLOC_KEEP_SIZE, FALLOC_PUNCH_HOLE, fallocate
 
 STATE = "user.dwfs.state"
 MiB = 1 << 20
@@ -233,6 +234,31 @@ def test_writing_to_a_ghost_fetches_it_and_makes_it_ordinary(fsm, tmp_path):
     with open(t, "rb") as f:
         assert f.read() == b"new"
     assert not [line for line in fetched(fsm.warehouse) if str(src / "t.bin") in line]
+
+
+def test_seek_and_fallocate_on_ghosts(fsm, tmp_path):
+    """SEEK_DATA/SEEK_HOLE on a ghost see data throughout without fetching it (so `cp`
+    copies every byte); a hole punched into a ghost fetches it first and makes it an
+    ordinary file with the hole in place."""
+    src = tmp_path / "seek"
+    src.mkdir()
+    data = os.urandom(3 * 65536 + 5)
+    (src / "s.bin").write_bytes(data)
+    dest = import_into(fsm, str(src), "seek")
+    p = os.path.join(dest, "s.bin")
+    fd = os.open(p, os.O_RDWR)
+    try:
+        assert os.lseek(fd, 0, os.SEEK_DATA) == 0
+        assert os.lseek(fd, 70_000, os.SEEK_DATA) == 70_000
+        assert os.lseek(fd, 0, os.SEEK_HOLE) == len(data)
+        assert state(p) == "ghost"
+        assert not [line for line in fetched(fsm.warehouse) if str(src / "s.bin") in line]
+        fallocate(fd, FALLOC_PUNCH_HOLE | FALLOC_KEEP_SIZE, 65536, 65536)
+    finally:
+        os.close(fd)
+    assert state(p) is None
+    with open(p, "rb") as f:
+        assert f.read() == data[:65536] + bytes(65536) + data[131072:]
 
 
 def test_smart_folders_query_ghost_states(fsm, tmp_path):

@@ -8,12 +8,15 @@ import errno
 import os
 import stat
 
+from vfs.alloc import SECTOR
 from vfs.attrs import Attr
 from vfs.errors import FSError
 from vfs.filedata import BLOCK, SECTORS_PER_BLOCK
 from vfs.ops import now_ns, operation, query
 
 MAX_FILE_SIZE = 1 << 44  # 16 TiB, as ext4 with 4 KiB blocks
+# fallocate(2) modes (linux/falloc.h)
+KEEP_SIZE, PUNCH_HOLE, COLLAPSE_RANGE, ZERO_RANGE = 0x01, 0x02, 0x08, 0x10
 
 
 class ContentOps:
@@ -170,6 +173,91 @@ class ContentOps:
         self.db.change("UPDATE inodes SET size=?, mtime_ns=?, ctime_ns=? WHERE id=?",
                        (new_size, now, now, ino))
         return n
+
+    def fallocate(self, ino: int, mode: int, offset: int, length: int) -> None:
+        """fallocate(2): mode 0 or KEEP_SIZE makes sure the volume has room for the range's
+        holes (ENOSPC if not) and, without KEEP_SIZE, extends the file over it; PUNCH_HOLE
+        (with KEEP_SIZE) and ZERO_RANGE make the range read as zeros, freeing the sectors it
+        covers whole. Other modes (collapse, insert, unshare) are EOPNOTSUPP.
+
+        Data is copy-on-write, so, as on ZFS, room found now is not set aside: a later write
+        may still meet ENOSPC if other files have taken the space meanwhile.
+        """
+        with self.lock:
+            self._check_open()
+            r = self._check_fallocate(ino, mode, offset, length)
+            end = offset + length
+            if mode & (PUNCH_HOLE | ZERO_RANGE):
+                if offset < r[5]:  # the edge sectors may be rewritten with zeros
+                    self._reserve(ino, offset // BLOCK, offset // BLOCK)
+                    last = (min(end, r[5]) - 1) // BLOCK
+                    self._reserve(ino, last, last)
+            else:
+                self._check_room(ino, offset, end)
+            self._fallocate(ino, mode, offset, end)
+
+    def _check_fallocate(self, ino: int, mode: int, offset: int, length: int) -> tuple:
+        if mode & ~(KEEP_SIZE | PUNCH_HOLE | ZERO_RANGE):
+            raise FSError(errno.EOPNOTSUPP, f"fallocate mode {mode:#x} is not supported")
+        if mode & PUNCH_HOLE and (mode & ZERO_RANGE or not mode & KEEP_SIZE):
+            raise FSError(errno.EOPNOTSUPP, f"fallocate mode {mode:#x}: a hole keeps the size")
+        if offset < 0 or length <= 0:
+            raise FSError(errno.EINVAL, f"fallocate of {length} bytes at {offset}")
+        r = self._row(ino)
+        if stat.S_ISDIR(r[1]):
+            raise FSError(errno.EISDIR, f"inode {ino} is a directory")
+        if not stat.S_ISREG(r[1]):
+            raise FSError(errno.ENODEV, f"inode {ino} is not a regular file")
+        if offset + length > MAX_FILE_SIZE:
+            raise FSError(errno.EFBIG, f"fallocate past the largest file size ({MAX_FILE_SIZE})")
+        return r
+
+    def _check_room(self, ino: int, offset: int, end: int) -> None:
+        """ENOSPC unless the volume has room for the holes among bytes [offset, end)."""
+        lo, hi = offset // SECTOR, -(-end // SECTOR)
+
+        def short() -> int:
+            holes = hi - lo - self.data.map.stored_in(ino, lo, hi)
+            promised = self.data.dirty_blocks * SECTORS_PER_BLOCK + self.copy_reserve
+            return holes + promised - self.alloc.free_count
+
+        if short() > 0 and self._depth == 0 and (self.alloc.held_count or self.needs_commit()):
+            self.commit()
+        missing = short()
+        if missing > 0:
+            raise FSError(errno.ENOSPC, f"no space left on the volume ({missing} sectors short)")
+
+    @operation
+    def _fallocate(self, ino: int, mode: int, offset: int, end: int) -> None:
+        r = self._row(ino)
+        size = r[5]
+        if mode & (PUNCH_HOLE | ZERO_RANGE):
+            self.data.punch(ino, size, offset, end)
+        grows = not mode & KEEP_SIZE and end > size
+        now = now_ns()
+        if grows or mode & (PUNCH_HOLE | ZERO_RANGE):
+            self.db.change("UPDATE inodes SET size=?, mtime_ns=?, ctime_ns=? WHERE id=?",
+                           (max(size, end) if grows else size, now, now, ino))
+        else:
+            self.db.change("UPDATE inodes SET ctime_ns=? WHERE id=?", (now, ino))
+
+    @query
+    def seek(self, ino: int, offset: int, whence: int) -> int:
+        """lseek(2)'s SEEK_DATA and SEEK_HOLE: the next offset at or after `offset` in data
+        or in a hole (the end of file counts as a hole); ENXIO at or past the end."""
+        r = self._row(ino)
+        size = r[5]
+        if whence not in (os.SEEK_DATA, os.SEEK_HOLE):
+            raise FSError(errno.EINVAL, f"whence {whence}")
+        if offset < 0 or offset >= size:
+            raise FSError(errno.ENXIO, f"offset {offset} of a file of {size} bytes")
+        sector = offset // SECTOR
+        if whence == os.SEEK_HOLE:
+            return min(size, max(offset, self.data.next_hole(ino, sector) * SECTOR))
+        found = self.data.next_data(ino, sector)
+        if found is None or found * SECTOR >= size:
+            raise FSError(errno.ENXIO, f"no data after offset {offset} of inode {ino}")
+        return max(offset, found * SECTOR)
 
     @operation
     def drop_content(self, ino: int) -> None:

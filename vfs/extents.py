@@ -211,6 +211,38 @@ class ExtentMap:
             "INSERT INTO extents (inode, sector, nsect, addr, csums) VALUES (?, ?, ?, ?, ?)",
             [(ino, e.sector, e.nsect, e.addr, e.csums) for e in insert])
 
+    def punch(self, ino: int, lo: int, hi: int) -> list[tuple[int, int]]:
+        """Remove file sectors [lo, hi) (they become holes); returns the freed (addr, nsect)
+        pieces of the volume."""
+        delete, keep, freed = self.cut(ino, self.overlapping(ino, lo, hi - 1), [(lo, hi)])
+        self.apply(ino, delete, keep)
+        return freed
+
+    def next_stored(self, ino: int, lo: int) -> int | None:
+        """The first stored file sector at or after `lo`, or None."""
+        return self.db.value(
+            "SELECT max(sector, ?) FROM extents WHERE inode=? AND sector >= ? "
+            "AND sector + nsect > ? ORDER BY sector LIMIT 1",
+            (lo, ino, lo - GROUP_SECTORS + 1, lo))
+
+    def next_unstored(self, ino: int, lo: int) -> int:
+        """The first file sector at or after `lo` that is a hole."""
+        pos = lo
+        for sector, nsect in self.db.rows(
+                "SELECT sector, nsect FROM extents WHERE inode=? AND sector >= ? "
+                "AND sector + nsect > ? ORDER BY sector", (ino, lo - GROUP_SECTORS + 1, lo)):
+            if sector > pos:
+                break
+            pos = sector + nsect
+        return pos
+
+    def stored_in(self, ino: int, lo: int, hi: int) -> int:
+        """How many of file sectors [lo, hi) are stored (not holes)."""
+        return self.db.value(
+            "SELECT total(min(sector + nsect, ?) - max(sector, ?)) FROM extents "
+            "WHERE inode=? AND sector BETWEEN ? AND ? AND sector + nsect > ?",
+            (hi, lo, ino, lo - GROUP_SECTORS + 1, hi - 1, lo), 0)
+
     def truncate(self, ino: int, first: int) -> list[tuple[int, int]]:
         """Remove every sector of a file from `first` on; returns the freed (addr, nsect)
         pieces of the volume."""

@@ -360,12 +360,7 @@ class FileData:
             for s in [s for s in secs if last * SECTORS_PER_BLOCK + s >= keep]:
                 del secs[s]
                 self.dirty_bytes -= SECTOR
-        freed = self.map.truncate(ino, keep)
-        if freed:
-            for addr, n in freed:
-                self.alloc.hold(addr, n)
-            self.db.change("UPDATE inodes SET sectors=sectors-? WHERE id=?",
-                           (sum(n for _a, n in freed), ino))
+        self._release(ino, self.map.truncate(ino, keep))
         tail = new_size % SECTOR
         if tail:
             s = (keep - 1) % SECTORS_PER_BLOCK
@@ -383,6 +378,45 @@ class FileData:
         if not dirty:
             self.dirty.pop(ino, None)
 
+    def punch(self, ino: int, size: int, offset: int, end: int) -> None:
+        """Make bytes [offset, end) of a file of `size` bytes read as zeros: the whole sectors
+        in it become holes (their space is freed at the next commit), the rest is overwritten
+        with zeros. The caller has made room for the two edge sectors' blocks."""
+        end = min(end, size)
+        if offset >= end:
+            return
+        lo, hi = -(-offset // SECTOR), end // SECTOR  # the sectors the range covers whole
+        if hi <= lo:
+            self.write(ino, size, offset, bytes(end - offset))
+            return
+        if offset < lo * SECTOR:
+            self.write(ino, size, offset, bytes(lo * SECTOR - offset))
+        if end > hi * SECTOR:
+            self.write(ino, size, hi * SECTOR, bytes(end - hi * SECTOR))
+        self._seq_end.pop(ino, None)
+        dirty = self.dirty.get(ino, {})
+        b0, b1 = lo // SECTORS_PER_BLOCK, (hi - 1) // SECTORS_PER_BLOCK
+        for blk in [b for b in dirty if b0 <= b <= b1]:
+            secs = dirty[blk]
+            first = blk * SECTORS_PER_BLOCK
+            for s in [s for s in secs if lo <= first + s < hi]:
+                del secs[s]
+                self.dirty_bytes -= SECTOR
+            if not secs:
+                del dirty[blk]
+                self.dirty_blocks -= 1
+        if not dirty:
+            self.dirty.pop(ino, None)
+        self._release(ino, self.map.punch(ino, lo, hi))
+
+    def _release(self, ino: int, freed: list[tuple[int, int]]) -> None:
+        """Hold a file's freed volume pieces until the next commit, and count them off."""
+        if freed:
+            for addr, n in freed:
+                self.alloc.hold(addr, n)
+            self.db.change("UPDATE inodes SET sectors=sectors-? WHERE id=?",
+                           (sum(n for _a, n in freed), ino))
+
     def drop(self, ino: int, stored: bool = True) -> None:
         """Forget a deleted file's contents and free its sectors (`stored`: it has some)."""
         self._forget_file(ino)
@@ -391,6 +425,29 @@ class FileData:
             return
         for addr, nsect in self.map.truncate(ino, 0):
             self.alloc.hold(addr, nsect)
+
+    def next_data(self, ino: int, sector: int) -> int | None:
+        """The first file sector at or after `sector` holding data (stored or dirty), or
+        None."""
+        found = self.map.next_stored(ino, sector)
+        for blk, secs in self.dirty.get(ino, {}).items():
+            first = blk * SECTORS_PER_BLOCK
+            for s in secs:
+                if sector <= first + s and (found is None or first + s < found):
+                    found = first + s
+        return found
+
+    def next_hole(self, ino: int, sector: int) -> int:
+        """The first file sector at or after `sector` that holds no data (stored or dirty)."""
+        dirty = {blk * SECTORS_PER_BLOCK + s for blk, secs in self.dirty.get(ino, {}).items()
+                 for s in secs}
+        while True:
+            pos = self.map.next_unstored(ino, sector)
+            while pos in dirty:
+                pos += 1
+            if pos == sector:
+                return pos
+            sector = pos
 
     def dirty_sectors(self, ino: int) -> int:
         """Sectors the file's unwritten blocks will take at most (for st_blocks)."""

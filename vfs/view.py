@@ -223,6 +223,23 @@ class View:
             self.ghosts.make_ordinary(ino)
         return self.fs.write(ino, offset, data)
 
+    def fallocate(self, ino: int, mode: int, offset: int, length: int) -> None:
+        """fallocate(2) on a file; a ghost is fetched first and becomes an ordinary file."""
+        if self.ghosts.state(ino) is not None:
+            self.ghosts.make_ordinary(ino)
+        self.fs.fallocate(ino, mode, offset, length)
+
+    def seek(self, ino: int, offset: int, whence: int) -> int:
+        """SEEK_DATA / SEEK_HOLE. A ghost not yet stored is data throughout (its holes are
+        not known here), as a filesystem that cannot tell answers."""
+        if self.ghosts.needs_fetch(ino):
+            with self.lock:
+                size = self.fs.getattr(ino).size
+            if offset < 0 or offset >= size:
+                raise FSError(errno.ENXIO, f"offset {offset} of a file of {size} bytes")
+            return offset if whence == os.SEEK_DATA else size
+        return self.fs.seek(ino, offset, whence)
+
     # --- directories --------------------------------------------------------------------------
 
     def opendir(self, ino: int) -> int:
