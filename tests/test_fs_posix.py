@@ -15,6 +15,7 @@ import pytest
 from mountutil import FsMount, make_warehouse
 from posixutil import (
     FALLOC_COLLAPSE_RANGE,
+    FALLOC_KEEP_SIZE,
     FALLOC_PUNCH_HOLE,
     FALLOC_ZERO_RANGE,
     NOBODY,
@@ -569,6 +570,14 @@ def test_time_rules(d):
     os.setxattr(p, "user.t", b"1")
     st = os.stat(p)
     assert st.st_mtime_ns == old and st.st_ctime_ns > c1 - 1
+    for mode in (0, FALLOC_KEEP_SIZE, FALLOC_PUNCH_HOLE | FALLOC_KEEP_SIZE, FALLOC_ZERO_RANGE):
+        os.utime(p, ns=(old, old))
+        fd = os.open(p, os.O_RDWR)
+        try:
+            fallocate(fd, mode, 0, 1)  # any fallocate sets mtime (as ext4)
+        finally:
+            os.close(fd)
+        assert os.stat(p).st_mtime_ns > old, mode
 
 
 def test_permissions_as_nobody(d):

@@ -233,13 +233,11 @@ class ContentOps:
         size = r[5]
         if mode & (PUNCH_HOLE | ZERO_RANGE):
             self.data.punch(ino, size, offset, end)
-        grows = not mode & KEEP_SIZE and end > size
-        now = now_ns()
-        if grows or mode & (PUNCH_HOLE | ZERO_RANGE):
-            self.db.change("UPDATE inodes SET size=?, mtime_ns=?, ctime_ns=? WHERE id=?",
-                           (max(size, end) if grows else size, now, now, ino))
-        else:
-            self.db.change("UPDATE inodes SET ctime_ns=? WHERE id=?", (now, ino))
+        if not mode & KEEP_SIZE:
+            size = max(size, end)
+        now = now_ns()  # every mode sets mtime and ctime, as on ext4
+        self.db.change("UPDATE inodes SET size=?, mtime_ns=?, ctime_ns=? WHERE id=?",
+                       (size, now, now, ino))
 
     @query
     def seek(self, ino: int, offset: int, whence: int) -> int:
