@@ -256,6 +256,8 @@ def serve(warehouse: str, mountpoint: str, ready_fd: int | None, debug: bool = F
         else:
             queued = WriteBehind(volume)
             fs = open_filesystem(cfg, queued, read_only=read_only)
+            fs.noatime = "noatime" in opts.fuse
+            fs.nodiratime = "nodiratime" in opts.fuse
             ops = FuseOperations(View(fs, cfg.ghost_cache_limit))
         fuse_options = {"default_permissions"} | opts.fuse
         if os.getuid() == 0:

@@ -142,7 +142,11 @@ class FuseOperations(Handlers):
                   flags, caller(r, mode))
 
     def open(self, r: Request, node: int, flags: int) -> None:
-        self.data(r, lambda _: open_out(node), self.fs.open, node, flags)
+        # The kernel reads cached pages without telling the filesystem, so a file whose
+        # atime a read would update is opened without its cached pages: its first read comes
+        # here (and updates atime as relatime does); once atime is current the cache is kept.
+        self.data(r, lambda a: open_out(node, keep_cache=not self.fs.atime_due(a)),
+                  self.fs.open, node, flags)
 
     def read(self, r: Request, fh: int, offset: int, size: int) -> None:
         if self.fs.needs_fetch(fh):

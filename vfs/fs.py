@@ -69,6 +69,8 @@ class Filesystem(ContentOps, RenameOps, XattrOps):
         self.dir_refs: dict[int, int] = {}  # directory -> references the kernel holds
         self._refs_lock = threading.Lock()
         self.freed_hooks: list[Callable[[int], None]] = []  # told of every inode freed
+        self.noatime = False  # the mount's noatime: reads never update atime
+        self.nodiratime = False  # the mount's nodiratime: listings never update atime
         self._look_for_capabilities()
         if not db.read_only:
             self._free_orphans()  # a read-only mount leaves them for the next read-write one
@@ -469,14 +471,21 @@ class Filesystem(ContentOps, RenameOps, XattrOps):
 
     # --- times and bulk changes (open files and contents: vfs/content.py) ----------------------
 
+    def atime_due(self, a: Attr) -> bool:
+        """True if reading `a` now would update its atime: as relatime does, when it is not
+        newer than mtime or ctime, or a day old; never on a read-only, noatime (or, for a
+        directory, nodiratime) mount."""
+        return self._atime_due(a.mode, a.atime_ns, a.mtime_ns, a.ctime_ns)
+
+    def _atime_due(self, mode: int, atime: int, mtime: int, ctime: int) -> bool:
+        if self.db.read_only or self.noatime or (self.nodiratime and stat.S_ISDIR(mode)):
+            return False
+        return atime <= mtime or atime <= ctime or now_ns() - atime > RELATIME_SECONDS * 10**9
+
     def _accessed(self, r: tuple) -> None:
-        """Update atime as relatime does: when it is not newer than mtime or ctime, or a day
-        old."""
-        if self.db.read_only:
-            return
-        now = now_ns()
-        if r[7] <= r[8] or r[7] <= r[9] or now - r[7] > RELATIME_SECONDS * 10**9:
-            self.db.change("UPDATE inodes SET atime_ns=? WHERE id=?", (now, r[0]))
+        """Update the atime of inode row `r` after a read, if it is due (`atime_due`)."""
+        if self._atime_due(r[1], r[7], r[8], r[9]):
+            self.db.change("UPDATE inodes SET atime_ns=? WHERE id=?", (now_ns(), r[0]))
 
     @operation
     def atomically(self, fn: Callable[..., T], *args: Any) -> T:

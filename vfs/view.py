@@ -196,6 +196,10 @@ class View:
                 self.ghosts.make_ordinary(ino, keep_content=False)
             return self.fs.open(ino, flags)
 
+    def atime_due(self, attr: Attr) -> bool:
+        """True if reading the file or directory `attr` now would update its atime."""
+        return self.fs.atime_due(attr)
+
     def release(self, ino: int) -> None:
         """Close a file."""
         self.fs.release(ino)
