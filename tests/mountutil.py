@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from contextlib import contextmanager
 
@@ -129,6 +131,25 @@ def make_warehouse(path, level: str = "raidz2", devices: int = 5, size: str = "6
     dwfs("mkfs", path, "--level", level, "--devices", str(devices), "--device-size", size,
          "--backend", backend)
     return str(path)
+
+
+@contextmanager
+def scratch_mount(prefix: str, public: bool = False):
+    """A new warehouse mounted in a new directory under /var/tmp (an ext4 beside which the
+    tests compare): yields the mount and that directory (for a reference tree), and removes
+    both afterwards. `public`: every user can reach the mount (for the non-root steps)."""
+    base = tempfile.mkdtemp(prefix=prefix, dir="/var/tmp")
+    if public:
+        os.chmod(base, 0o755)
+    m = FsMount(make_warehouse(os.path.join(base, "wh")), os.path.join(base, "mnt"))
+    try:
+        m.mount()
+        if public:
+            os.chmod(m.mountpoint, 0o755)
+        yield m, base
+    finally:
+        m.cleanup()
+        shutil.rmtree(base, ignore_errors=True)
 
 
 @contextmanager

@@ -8,11 +8,9 @@ from __future__ import annotations
 import mmap
 import os
 import random
-import shutil
-import tempfile
 
 import pytest
-from mountutil import FsMount, make_warehouse
+from mountutil import scratch_mount
 from posixutil import FALLOC_KEEP_SIZE, FALLOC_PUNCH_HOLE, FALLOC_ZERO_RANGE, fallocate
 
 MAX_SIZE = 3 << 20
@@ -22,14 +20,8 @@ OPS = int(os.environ.get("DWFS_EXERCISER_OPS", "3000"))
 
 @pytest.fixture(scope="module")
 def mnt():
-    base = tempfile.mkdtemp(prefix="dwfs-fsx-", dir="/var/tmp")
-    m = FsMount(make_warehouse(os.path.join(base, "wh")), os.path.join(base, "mnt"))
-    try:
-        m.mount()
+    with scratch_mount("dwfs-fsx-") as (m, _base):
         yield m
-    finally:
-        m.cleanup()
-        shutil.rmtree(base, ignore_errors=True)
 
 
 class Exerciser:

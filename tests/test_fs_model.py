@@ -10,7 +10,6 @@ import itertools
 import os
 import shutil
 import stat
-import tempfile
 
 import pytest
 from hypothesis import HealthCheck, settings
@@ -23,7 +22,7 @@ from hypothesis.stateful import (
     rule,
     run_state_machine_as_test,
 )
-from mountutil import FsMount, make_warehouse
+from mountutil import scratch_mount
 from posixutil import (
     FALLOC_KEEP_SIZE,
     FALLOC_PUNCH_HOLE,
@@ -434,18 +433,10 @@ class PosixModel(RuleBasedStateMachine):
 
 @pytest.fixture(scope="module")
 def model_mount():
-    base = tempfile.mkdtemp(prefix="dwfs-model-", dir="/var/tmp")
-    os.chmod(base, 0o755)  # the non-root steps must reach both trees
-    m = FsMount(make_warehouse(os.path.join(base, "wh")), os.path.join(base, "mnt"))
-    ref = os.path.join(base, "ref")
-    os.mkdir(ref)
-    try:
-        m.mount()
-        os.chmod(m.mountpoint, 0o755)
+    with scratch_mount("dwfs-model-", public=True) as (m, base):  # non-root steps reach both
+        ref = os.path.join(base, "ref")
+        os.mkdir(ref)
         yield m, ref
-    finally:
-        m.cleanup()
-        shutil.rmtree(base, ignore_errors=True)
 
 
 @pytest.mark.timeout(600)

@@ -5,14 +5,12 @@ from __future__ import annotations
 import errno
 import mmap
 import os
-import shutil
 import stat
 import struct
 import subprocess
-import tempfile
 
 import pytest
-from mountutil import FsMount, make_warehouse
+from mountutil import scratch_mount
 from posixutil import (
     FALLOC_COLLAPSE_RANGE,
     FALLOC_KEEP_SIZE,
@@ -36,16 +34,8 @@ GiB = 1 << 30
 @pytest.fixture(scope="module")
 def mnt():
     """One mounted filesystem for the module, in a directory every user can reach."""
-    base = tempfile.mkdtemp(prefix="dwfs-posix-", dir="/var/tmp")
-    os.chmod(base, 0o755)
-    m = FsMount(make_warehouse(os.path.join(base, "wh")), os.path.join(base, "mnt"))
-    try:
-        m.mount()
-        os.chmod(m.mountpoint, 0o755)
+    with scratch_mount("dwfs-posix-", public=True) as (m, _base):
         yield m
-    finally:
-        m.cleanup()
-        shutil.rmtree(base, ignore_errors=True)
 
 
 @pytest.fixture

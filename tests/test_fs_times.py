@@ -7,11 +7,10 @@ from __future__ import annotations
 import os
 import shutil
 import stat
-import tempfile
 import time
 
 import pytest
-from mountutil import FsMount, make_warehouse
+from mountutil import scratch_mount
 from posixutil import (
     FALLOC_KEEP_SIZE,
     FALLOC_PUNCH_HOLE,
@@ -24,16 +23,10 @@ TICK = 0.012  # ext4 takes times from a coarse clock: wait longer than one tick 
 
 @pytest.fixture(scope="module")
 def roots():
-    base = tempfile.mkdtemp(prefix="dwfs-times-", dir="/var/tmp")
-    m = FsMount(make_warehouse(os.path.join(base, "wh")), os.path.join(base, "mnt"))
-    ref = os.path.join(base, "ref")
-    os.mkdir(ref)
-    try:
-        m.mount()
+    with scratch_mount("dwfs-times-") as (m, base):
+        ref = os.path.join(base, "ref")
+        os.mkdir(ref)
         yield ref, m
-    finally:
-        m.cleanup()
-        shutil.rmtree(base, ignore_errors=True)
 
 
 def _with_fd(flags: int, fn):

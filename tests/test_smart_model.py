@@ -9,13 +9,12 @@ from __future__ import annotations
 import os
 import shutil
 import stat
-import tempfile
 
 import pytest
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule, run_state_machine_as_test
-from mountutil import FsMount, make_warehouse
+from mountutil import scratch_mount
 
 MIRROR_BIT = 1 << 48  # directories found by a query are shown with this bit set
 DIRS = ["a", "b", "a/deep"]
@@ -150,19 +149,13 @@ class SmartModel(RuleBasedStateMachine):
 
 @pytest.fixture(scope="module")
 def smart_mount():
-    base = tempfile.mkdtemp(prefix="dwfs-smart-model-", dir="/var/tmp")
-    m = FsMount(make_warehouse(os.path.join(base, "wh")), os.path.join(base, "mnt"))
-    try:
-        m.mount()
+    with scratch_mount("dwfs-smart-model-") as (m, _base):
         for folder, (query, _pred) in QUERIES.items():
             path = m.path("s", folder)
             os.makedirs(path)
             os.setxattr(path, "user.dwfs.query", query.encode())
         yield m
         m.umount()
-    finally:
-        m.cleanup()
-        shutil.rmtree(base, ignore_errors=True)
 
 
 @pytest.mark.timeout(600)
