@@ -12,6 +12,7 @@ from volhelpers import build, close_members, open_vol
 
 from vfs.alloc import SECTOR
 from vfs.attrs import NAME_MAX, ROOT_INODE, Caller, SetAttr
+from vfs.content import KEEP_SIZE, PUNCH_HOLE
 from vfs.errors import FSError
 from vfs.filedata import BLOCK
 from vfs.fs import RENAME_EXCHANGE, RENAME_NOREPLACE, XATTR_CREATE, XATTR_REPLACE, Filesystem
@@ -536,6 +537,26 @@ def test_enospc_keeps_data_and_space_comes_back(env, chunk):
     fs = env.reopen()
     assert read_all(fs, k) == keep
     assert free_sectors(fs) + fs.copy_reserve == free0
+
+
+def test_punching_whole_sectors_works_on_a_full_volume(env):
+    """A hole punched at sector edges needs no room, so a full volume can be made roomy
+    again without deleting anything; a punch that must rewrite part of a sector says ENOSPC
+    and changes nothing."""
+    fs = env.fs
+    big = mkfile(fs, ROOT_INODE, b"big")
+    written = _fill(fs, big, BLOCK)
+    fs.commit()
+    assert _fill(fs, mkfile(fs, ROOT_INODE, b"more"), BLOCK) == 0
+    before = read_all(fs, big)
+    assert errno_of(fs.fallocate, big, PUNCH_HOLE | KEEP_SIZE, 100, 8 * BLOCK) == errno.ENOSPC
+    assert read_all(fs, big) == before
+    fs.fallocate(big, PUNCH_HOLE | KEEP_SIZE, 0, 8 * BLOCK)
+    fs.commit()
+    assert fs.read(big, 0, 8 * BLOCK) == bytes(8 * BLOCK)
+    assert fs.getattr(big).size == written
+    g = mkfile(fs, ROOT_INODE, b"fits", os.urandom(6 * BLOCK))
+    assert fs.getattr(g).size == 6 * BLOCK
 
 
 def test_enospc_failed_write_keeps_old_bytes(env):

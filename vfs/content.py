@@ -188,10 +188,12 @@ class ContentOps:
             r = self._check_fallocate(ino, mode, offset, length)
             end = offset + length
             if mode & (PUNCH_HOLE | ZERO_RANGE):
-                if offset < r[5]:  # the edge sectors may be rewritten with zeros
-                    self._reserve(ino, offset // BLOCK, offset // BLOCK)
-                    last = (min(end, r[5]) - 1) // BLOCK
-                    self._reserve(ino, last, last)
+                # Only sectors the range covers in part are rewritten (with zeros): a punch
+                # of whole sectors needs no room, even on a full volume.
+                stop = min(end, r[5])
+                for edge in (offset, stop) if offset < stop else ():
+                    if edge % SECTOR:
+                        self._reserve(ino, edge // BLOCK, edge // BLOCK)
             else:
                 self._check_room(ino, offset, end)
             self._fallocate(ino, mode, offset, end)
