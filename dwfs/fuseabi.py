@@ -33,6 +33,8 @@ AUTO_INVAL_DATA = 1 << 12
 DO_READDIRPLUS = 1 << 13
 ASYNC_DIO = 1 << 15
 MAX_PAGES = 1 << 22
+DONT_MASK = 1 << 6  # the filesystem applies the umask (it sees default ACLs)
+POSIX_ACL = 1 << 20  # the kernel checks ACLs (system.posix_acl_* attributes)
 
 # --- SETATTR valid bits -----------------------------------------------------------------------
 FATTR_MODE, FATTR_UID, FATTR_GID, FATTR_SIZE = 1, 2, 4, 8

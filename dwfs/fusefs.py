@@ -51,14 +51,15 @@ def sized(value: bytes, size: int) -> bytes:
 
 
 def caller(r: Request, mode: int = 0) -> Caller:
-    """The requesting process; its supplementary groups only when setgid rules need them."""
+    """The requesting process (with the umask a creating request carries); its supplementary
+    groups only when setgid rules need them."""
     groups: tuple[int, ...] = ()
     if mode & stat.S_ISGID and r.uid != 0:
         try:
             groups = _sup_groups(r.pid)
         except OSError as exc:
             log.info("groups of pid %d unknown (%s); using its primary group only", r.pid, exc)
-    return Caller(r.uid, r.gid, groups)
+    return Caller(r.uid, r.gid, groups, getattr(r, "umask", None))
 
 
 def _sup_groups(pid: int) -> tuple[int, ...]:

@@ -27,7 +27,8 @@ log = logging.getLogger(__name__)
 MAX_WRITE = 1 << 20
 BUFFER = MAX_WRITE + 64 * 1024  # a whole write request with its headers, or a 64 KiB xattr
 WANTED = (abi.ASYNC_READ | abi.ATOMIC_O_TRUNC | abi.EXPORT_SUPPORT | abi.BIG_WRITES
-          | abi.AUTO_INVAL_DATA | abi.DO_READDIRPLUS | abi.ASYNC_DIO | abi.MAX_PAGES)
+          | abi.AUTO_INVAL_DATA | abi.DO_READDIRPLUS | abi.ASYNC_DIO | abi.MAX_PAGES
+          | abi.DONT_MASK | abi.POSIX_ACL)
 _BYTES = (bytes, bytearray)
 # How long the reading thread polls for the next request before it sleeps (only while requests
 # come in quick succession): about one round trip of a small request.
@@ -38,7 +39,7 @@ GONE = (errno.ENODEV, errno.EBADF)  # the connection ended: unmounted or aborted
 class Request:
     """One request being answered: who asked, and how to answer."""
 
-    __slots__ = ("fd", "unique", "uid", "gid", "pid")
+    __slots__ = ("fd", "unique", "uid", "gid", "pid", "umask")  # umask: set by creating requests
 
     def __init__(self, fd: int, unique: int, uid: int, gid: int, pid: int) -> None:
         self.fd = fd
@@ -218,11 +219,11 @@ class Session:
             h.symlink(r, node, name, target)
 
         def mknod(r: Request, node: int, body: memoryview) -> None:
-            mode, rdev, _, _ = abi.MKNOD_IN.unpack_from(body)
+            mode, rdev, r.umask, _ = abi.MKNOD_IN.unpack_from(body)
             h.mknod(r, node, name_of(body[16:]), mode, rdev)
 
         def mkdir(r: Request, node: int, body: memoryview) -> None:
-            mode, _ = abi.MKDIR_IN.unpack_from(body)
+            mode, r.umask = abi.MKDIR_IN.unpack_from(body)
             h.mkdir(r, node, name_of(body[8:]), (mode & 0o7777) | 0o040000)
 
         def rename(r: Request, node: int, body: memoryview) -> None:
@@ -296,7 +297,7 @@ class Session:
             h.readdir(r, fh, offset, size, True)
 
         def create(r: Request, node: int, body: memoryview) -> None:
-            flags, mode, _, _ = abi.CREATE_IN.unpack_from(body)
+            flags, mode, r.umask, _ = abi.CREATE_IN.unpack_from(body)
             h.create(r, node, name_of(body[16:]), mode, flags)
 
         def by_name(method: Any) -> Any:

@@ -10,6 +10,7 @@ import itertools
 import os
 import shutil
 import stat
+import struct
 
 import pytest
 from hypothesis import HealthCheck, settings
@@ -55,6 +56,25 @@ MAX_OPEN = 6
 FALLOCATE_MODES = [0, FALLOC_KEEP_SIZE, FALLOC_PUNCH_HOLE | FALLOC_KEEP_SIZE, FALLOC_ZERO_RANGE,
                    FALLOC_ZERO_RANGE | FALLOC_KEEP_SIZE, FALLOC_PUNCH_HOLE]
 OWNERS = [(0, 0), (NOBODY, NOBODY), (0, 4321), (NOBODY, 4321)]
+
+
+ACL_NAMES = ["system.posix_acl_access", "system.posix_acl_default"]
+PERM = st.integers(0, 7)
+
+
+def acl_value(owner: int, group: int, other: int, named: list[tuple[int, int, int]],
+              mask: int | None) -> bytes:
+    """An access control list in the kernel's binary form (version 2; entries: tag, perm, id;
+    named users and groups sorted by id, a mask when there are any)."""
+    no_id = 0xFFFFFFFF
+    entries = [(0x01, owner, no_id)]
+    entries += sorted((0x02, p, i) for tag, p, i in named if tag == 0x02)
+    entries += [(0x04, group, no_id)]
+    entries += sorted((0x08, p, i) for tag, p, i in named if tag == 0x08)
+    if named or mask is not None:
+        entries.append((0x10, 7 if mask is None else mask, no_id))
+    entries.append((0x20, other, no_id))
+    return struct.pack("<I", 2) + b"".join(struct.pack("<HHI", *e) for e in entries)
 
 
 def _append(p: str) -> int:
@@ -328,6 +348,24 @@ class PosixModel(RuleBasedStateMachine):
     def setxattr(self, data, name, value, flags, follow):
         self.both(lambda p: os.setxattr(p, name, value, flags, follow_symlinks=follow),
                   self.path(data))
+
+    @rule(data=st.data(), name=st.sampled_from(ACL_NAMES), owner=PERM, group=PERM, other=PERM,
+          named=st.lists(st.tuples(st.sampled_from([0x02, 0x08]), PERM,
+                                   st.sampled_from([NOBODY, 4321])),
+                         max_size=2, unique_by=lambda e: (e[0], e[2])),
+          mask=st.one_of(st.none(), PERM), follow=st.booleans())
+    def setacl(self, data, name, owner, group, other, named, mask, follow):
+        value = acl_value(owner, group, other, named, mask)
+        self.both(lambda p: os.setxattr(p, name, value, follow_symlinks=follow),
+                  self.path(data))
+
+    @rule(data=st.data(), name=st.sampled_from(ACL_NAMES))
+    def getacl(self, data, name):
+        self.both(lambda p: os.getxattr(p, name), self.path(data))
+
+    @rule(data=st.data(), name=st.sampled_from(ACL_NAMES))
+    def removeacl(self, data, name):
+        self.both(lambda p: os.removexattr(p, name), self.path(data))
 
     @rule(data=st.data(), name=st.sampled_from(XATTR_NAMES))
     def getxattr(self, data, name):

@@ -52,6 +52,7 @@ class Caller:
     uid: int = 0
     gid: int = 0
     groups: tuple[int, ...] = field(default_factory=tuple)
+    umask: int | None = None  # to apply to a new file's mode (None: already applied)
 
     def in_group(self, gid: int) -> bool:
         """True if the caller belongs to group `gid`."""

@@ -1,9 +1,9 @@
 """The POSIX filesystem over a redundant volume: inodes, names, contents, links, xattrs.
 
 Every public method takes inode numbers, is safe to call from several threads (one lock), and
-raises FSError with the errno POSIX and Linux prescribe. Permission bits are checked by the
-kernel (the mount uses default_permissions); this class does what the kernel leaves to the
-filesystem: name rules, rename and rmdir rules, setgid inheritance, times and link counts.
+raises FSError with the errno POSIX and Linux prescribe. The kernel checks permissions (bits and
+ACLs); this class does what it leaves to the filesystem: name rules, rename and rmdir rules,
+setgid and ACL inheritance, times and link counts.
 
 Metadata changes are collected in one open SQLite transaction. `commit` makes them durable
 after the file data they point to: dirty blocks are written out, the volume is flushed, then the
@@ -290,6 +290,7 @@ class Filesystem(ContentOps, RenameOps, XattrOps):
         if ch.mode is not None:
             sets.append("mode=?")
             args.append(stat.S_IFMT(r[1]) | (ch.mode & 0o7777))
+            self._acl_follows_mode(ino, ch.mode)
         if ch.uid is not None:
             sets.append("uid=?")
             args.append(ch.uid)
@@ -324,6 +325,7 @@ class Filesystem(ContentOps, RenameOps, XattrOps):
         if (not stat.S_ISDIR(mode) and mode & setgid_exec == setgid_exec and caller.uid != 0
                 and not caller.in_group(gid)):
             mode &= ~stat.S_ISGID  # as the kernel's mode_strip_sgid
+        mode, lists = self._acl_for_new(parent, mode, caller.umask)
         now = now_ns()
         is_dir = stat.S_ISDIR(mode)
         self.db.change(
@@ -332,6 +334,7 @@ class Filesystem(ContentOps, RenameOps, XattrOps):
             (mode, 2 if is_dir else 1, caller.uid, gid, len(target) if target else 0, rdev,
              now, now, now, target))
         ino = self.db.last_id()
+        self._put_xattrs(ino, lists)
         self.db.change("INSERT INTO dentries (parent, name, inode) VALUES (?, ?, ?)",
                        (parent, name, ino))
         if is_dir:

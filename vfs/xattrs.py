@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import errno
+import stat
 
+from vfs import acl
 from vfs.errors import FSError
 from vfs.ops import operation, query
 
@@ -39,7 +41,7 @@ class XattrOps:
             raise FSError(errno.EINVAL, "empty attribute name")
         if len(name) > XATTR_NAME_MAX:
             raise FSError(errno.ERANGE, f"attribute name of {len(name)} bytes")
-        if not name.startswith(XATTR_NAMESPACES):
+        if not name.startswith(XATTR_NAMESPACES) and name not in acl.NAMES:
             raise FSError(errno.EOPNOTSUPP, f"attribute namespace of {name!r} not supported")
         if name in XATTR_NAMESPACES:
             raise FSError(errno.EINVAL, f"attribute name {name!r} is only a namespace")
@@ -53,15 +55,65 @@ class XattrOps:
             raise FSError(errno.E2BIG, f"attribute value of {len(value)} bytes")
         if name == CAPABILITY_XATTR:
             self.capabilities_seen = True  # never back to False while mounted: conservative
+        if name in acl.NAMES:
+            self._set_acl(ino, name, value)
+            return
         exists = self.db.row("SELECT 1 FROM xattrs WHERE inode=? AND name=?",
                              (ino, name)) is not None
         if flags & XATTR_CREATE and exists:
             raise FSError(errno.EEXIST, f"attribute {name!r} exists")
         if flags & XATTR_REPLACE and not exists:
             raise FSError(errno.ENODATA, f"no attribute {name!r}")
-        self.db.change("INSERT OR REPLACE INTO xattrs (inode, name, value) VALUES (?, ?, ?)",
-                       (ino, name, value))
+        self._put_xattr(ino, name, value)
         self._touch(ino, mtime=False)
+
+    def _set_acl(self, ino: int, name: bytes, value: bytes) -> None:
+        """Set an access control list: an access list sets the mode's permission bits (and
+        is not kept when they say it all); a default list only on a directory."""
+        entries = acl.parse(value)
+        r = self._row(ino)
+        if name == acl.DEFAULT:
+            if not stat.S_ISDIR(r[1]):
+                raise FSError(errno.EACCES, f"inode {ino}: a default list needs a directory")
+            self._put_xattr(ino, name, acl.pack(entries))
+        else:
+            mode = (r[1] & ~acl.PERMS) | acl.mode_bits(entries)
+            if acl.is_minimal(entries):
+                self.db.change("DELETE FROM xattrs WHERE inode=? AND name=?", (ino, name))
+            else:
+                self._put_xattr(ino, name, acl.pack(entries))
+            self.db.change("UPDATE inodes SET mode=? WHERE id=?", (mode, ino))
+        self._touch(ino, mtime=False)
+
+    def _put_xattr(self, ino: int, name: bytes, value: bytes) -> None:
+        self._put_xattrs(ino, [(name, value)])
+
+    def _put_xattrs(self, ino: int, items: list[tuple[bytes, bytes]]) -> None:
+        for name, value in items:
+            self.db.change("INSERT OR REPLACE INTO xattrs (inode, name, value) VALUES (?, ?, ?)",
+                           (ino, name, value))
+
+    def _acl_follows_mode(self, ino: int, mode: int) -> None:
+        """chmod: an access list takes the new permission bits."""
+        v = self.db.value("SELECT value FROM xattrs WHERE inode=? AND name=?", (ino, acl.ACCESS))
+        if v is not None:
+            self._put_xattr(ino, acl.ACCESS, acl.pack(acl.with_mode(acl.parse(bytes(v)), mode)))
+
+    def _acl_for_new(self, parent: int, mode: int, umask: int | None
+                     ) -> tuple[int, list[tuple[bytes, bytes]]]:
+        """The mode and access control lists of a new file in directory `parent`: its default
+        list when it has one (a directory inherits it as its own default too), else the mode
+        less the creator's umask (`umask` None: the kernel has applied it)."""
+        v = self.db.value("SELECT value FROM xattrs WHERE inode=? AND name=?",
+                          (parent, acl.DEFAULT))
+        if v is None or stat.S_ISLNK(mode):
+            return (mode if umask is None or stat.S_ISLNK(mode) else mode & ~umask), []
+        default = acl.parse(bytes(v))
+        entries, mode = acl.inherited(default, mode)
+        lists = [] if acl.is_minimal(entries) else [(acl.ACCESS, acl.pack(entries))]
+        if stat.S_ISDIR(mode):
+            lists.append((acl.DEFAULT, bytes(v)))
+        return mode, lists
 
     @query
     def getxattr(self, ino: int, name: bytes) -> bytes:
@@ -82,9 +134,12 @@ class XattrOps:
 
     @operation
     def removexattr(self, ino: int, name: bytes) -> None:
-        """Remove an extended attribute."""
+        """Remove an extended attribute (an access control list that is not there is removed
+        without complaint, as on ext4)."""
         self._check_xattr_name(name)
         self._row(ino)
         if not self.db.change("DELETE FROM xattrs WHERE inode=? AND name=?", (ino, name)):
+            if name in acl.NAMES:
+                return
             raise FSError(errno.ENODATA, f"no attribute {name!r}")
         self._touch(ino, mtime=False)
