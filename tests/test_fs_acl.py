@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import errno
 import os
+import shutil
 import stat
 import struct
+import subprocess
 
 import pytest
 from mountutil import scratch_mount
@@ -140,3 +142,24 @@ def test_the_kernel_checks_named_entries(roots):
     with pytest.raises(OSError) as exc:
         as_user(read)
     assert exc.value.errno == errno.EACCES
+
+
+def test_cp_and_rsync_carry_lists(roots):
+    """`cp -a` and `rsync -aAX` copy a tree with access and default lists from ext4 onto the
+    mount and back, unchanged."""
+    ref, m = roots
+    src = os.path.join(ref, "tree")
+    os.makedirs(os.path.join(src, "sub"))
+    with open(os.path.join(src, "sub", "f"), "wb") as fh:
+        fh.write(b"f")
+    os.setxattr(os.path.join(src, "sub", "f"), ACCESS, NOBODY_RW)
+    os.setxattr(os.path.join(src, "sub"), DEFAULT, INHERIT)
+    want = state(src)
+    subprocess.run(["cp", "-a", src, m.path("cp-tree")], check=True)
+    assert state(m.path("cp-tree")) == want
+    if shutil.which("rsync"):
+        subprocess.run(["rsync", "-aAX", src + "/", m.path("rsync-tree") + "/"], check=True)
+        assert state(m.path("rsync-tree")) == want
+        back = os.path.join(ref, "back")
+        subprocess.run(["rsync", "-aAX", m.path("rsync-tree") + "/", back + "/"], check=True)
+        assert state(back) == want
