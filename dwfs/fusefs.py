@@ -73,6 +73,10 @@ def _sup_groups(pid: int) -> tuple[int, ...]:
 class FuseOperations(Handlers):
     """FUSE requests answered by the vfs View of a filesystem."""
 
+    # The kernel checks POSIX ACLs (system.posix_acl_* attributes); creating requests carry
+    # the umask, which vfs applies unless the directory has a default ACL.
+    init_flags = abi.POSIX_ACL | abi.DONT_MASK
+
     def __init__(self, fs: View) -> None:
         super().__init__(fs.lock, "fs-worker")
         self.fs = fs

@@ -81,6 +81,8 @@ class Worker:
 class Handlers:
     """Answers to every FUSE request: ENOSYS unless a subclass says otherwise."""
 
+    init_flags = 0  # FUSE INIT flags these handlers ask for beyond the session's own
+
     def __init__(self, lock: threading.RLock | threading.Lock, worker_name: str) -> None:
         self.lock = lock
         self.worker = Worker(worker_name)
