@@ -13,6 +13,7 @@ import stat
 from dwfs import fuseabi as abi
 from dwfs.fusehandlers import Handlers
 from dwfs.fusesession import Request
+from vfs.acl import NAMES as ACL_NAMES
 from vfs.attrs import STATE_XATTR, Attr, Caller, SetAttr
 from vfs.view import View
 
@@ -234,6 +235,9 @@ class FuseOperations(Handlers):
     def setxattr(self, r: Request, node: int, name: bytes, value: bytes, flags: int) -> None:
         if name == STATE_XATTR:  # may fetch or hash a whole ghost
             self.slow(r, None, self.fs.setxattr, node, name, value)
+        elif name in ACL_NAMES:  # setgid follows the setter's groups
+            self.meta(r, None, self.fs.setxattr, node, name, value, flags,
+                      caller(r, stat.S_ISGID))
         else:
             self.meta(r, None, self.fs.setxattr, node, name, value, flags)
 

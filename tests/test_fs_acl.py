@@ -163,3 +163,21 @@ def test_cp_and_rsync_carry_lists(roots):
         back = os.path.join(ref, "back")
         subprocess.run(["rsync", "-aAX", m.path("rsync-tree") + "/", back + "/"], check=True)
         assert state(back) == want
+
+
+def test_a_non_member_setting_a_list_loses_setgid(roots):
+    """As on ext4: an owner outside the file's group who sets an access list clears the
+    setgid bit (a member keeps it)."""
+    ref, m = roots
+    modes = []
+    for root in (ref, m.mountpoint):
+        for name, gid in (("outsider", 4321), ("member", NOBODY)):
+            p = os.path.join(root, f"sgid-{name}")
+            with open(p, "wb"):
+                pass
+            os.chown(p, NOBODY, gid)
+            os.chmod(p, 0o2775)
+            as_user(lambda p=p: os.setxattr(p, ACCESS, MINIMAL))
+            modes.append(stat.filemode(os.stat(p).st_mode))
+    assert modes[2:] == modes[:2]
+    assert modes[:2] == ["-rwxr-x--x", "-rwxr-s--x"]

@@ -106,6 +106,7 @@ NOBODY_OPS = {
     "utime_set": lambda p: os.utime(p, ns=(5, 5)),
     "truncate": lambda p: os.truncate(p, 1),
     "setxattr": lambda p: os.setxattr(p, "user.n", b"nobody"),
+    "setacl": lambda p: os.setxattr(p, "system.posix_acl_access", acl_value(7, 5, 5, [], None)),
     "getxattr": lambda p: os.getxattr(p, "user.a"),
     "listdir": lambda p: sorted(os.listdir(p)),
     "stat": lambda p: stat_key(os.stat(p)),

@@ -289,8 +289,10 @@ class View:
 
     # --- extended attributes ------------------------------------------------------------------
 
-    def setxattr(self, ino: int, name: bytes, value: bytes, flags: int = 0) -> None:
-        """Set an attribute; `user.dwfs.query` on an empty directory makes a smart folder."""
+    def setxattr(self, ino: int, name: bytes, value: bytes, flags: int = 0,
+                 who: Caller | None = None) -> None:
+        """Set an attribute; `user.dwfs.query` on an empty directory makes a smart folder.
+        `who` sets it (for the setgid rule of access control lists)."""
         real = real_inode(ino)
         if name == STATE_XATTR:
             self.fs.getattr(real)
@@ -298,7 +300,7 @@ class View:
             return
         with self.lock:
             if name != QUERY_XATTR:
-                self.fs.setxattr(real, name, value, flags)
+                self.fs.setxattr(real, name, value, flags, who)
                 return
             query = self.smart.parse(value)
             attr = self.fs.getattr(real)

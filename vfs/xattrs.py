@@ -6,6 +6,7 @@ import errno
 import stat
 
 from vfs import acl
+from vfs.attrs import Caller
 from vfs.errors import FSError
 from vfs.ops import operation, query
 
@@ -47,8 +48,11 @@ class XattrOps:
             raise FSError(errno.EINVAL, f"attribute name {name!r} is only a namespace")
 
     @operation
-    def setxattr(self, ino: int, name: bytes, value: bytes, flags: int = 0) -> None:
-        """Set an extended attribute (XATTR_CREATE / XATTR_REPLACE as setxattr(2))."""
+    def setxattr(self, ino: int, name: bytes, value: bytes, flags: int = 0,
+                 who: Caller | None = None) -> None:
+        """Set an extended attribute (XATTR_CREATE / XATTR_REPLACE as setxattr(2)); `who`
+        sets it (an access control list set by an outsider to the file's group clears
+        setgid)."""
         self._check_xattr_name(name)
         self._row(ino)
         if len(value) > XATTR_SIZE_MAX:
@@ -56,7 +60,7 @@ class XattrOps:
         if name == CAPABILITY_XATTR:
             self.capabilities_seen = True  # never back to False while mounted: conservative
         if name in acl.NAMES:
-            self._set_acl(ino, name, value)
+            self._set_acl(ino, name, value, who)
             return
         exists = self.db.row("SELECT 1 FROM xattrs WHERE inode=? AND name=?",
                              (ino, name)) is not None
@@ -67,7 +71,7 @@ class XattrOps:
         self._put_xattr(ino, name, value)
         self._touch(ino, mtime=False)
 
-    def _set_acl(self, ino: int, name: bytes, value: bytes) -> None:
+    def _set_acl(self, ino: int, name: bytes, value: bytes, who: Caller | None) -> None:
         """Set an access control list: an access list sets the mode's permission bits (and
         is not kept when they say it all); a default list only on a directory."""
         entries = acl.parse(value)
@@ -78,6 +82,8 @@ class XattrOps:
             self._put_xattr(ino, name, acl.pack(entries))
         else:
             mode = (r[1] & ~acl.PERMS) | acl.mode_bits(entries)
+            if who is not None and who.uid != 0 and not who.in_group(r[4]):
+                mode &= ~stat.S_ISGID  # as the kernel's posix_acl_update_mode
             if acl.is_minimal(entries):
                 self.db.change("DELETE FROM xattrs WHERE inode=? AND name=?", (ino, name))
             else:
