@@ -87,7 +87,7 @@ def row_runs(pieces: Sequence[tuple]) -> Iterator[tuple[int, int]]:
 
 
 # (row, view of the span's buffer, checksum the chunk must have)
-_Check = tuple[int, np.ndarray, int]
+_Piece = tuple[int, np.ndarray, int]
 
 
 class _Span:
@@ -243,8 +243,7 @@ class ReadAhead:
         if v.pending_stripes(start // sb, (end - 1) // sb):
             return  # data still in the stripe cache: the ordinary read commits it
         data = aligned_empty(end - start)
-        runs: dict[int, list[tuple[int, np.ndarray]]] = {}
-        checks: dict[int, list[_Check]] = {}
+        pieces: dict[int, list[_Piece]] = {}  # by slot
         for stripe in range(start // sb, (end - 1) // sb + 1):
             group, row = g.locate(stripe)
             slots = g.column_slots(group, row)
@@ -258,20 +257,18 @@ class ReadAhead:
                     continue
                 if not v.slots[slot].holds(row):
                     return  # reconstruction is the ordinary read's work
-                runs.setdefault(slot, []).append((row, buf))
-                checks.setdefault(slot, []).append((row, buf, entry))
+                pieces.setdefault(slot, []).append((row, buf, entry))
         data.flags.writeable = False  # readers get views of it; only the reads below fill it
         span = _Span(start, end, data)
         pool = _executor()
-        span.done = [pool.submit(self._read, span, slot, v.slots[slot].member, pieces,
-                                 checks[slot]) for slot, pieces in runs.items()]
+        span.done = [pool.submit(self._read, span, slot, v.slots[slot].member, mine)
+                     for slot, mine in pieces.items()]
         with self._lock:
             self._spans[index] = span
 
     # --- the background threads ---------------------------------------------------------------
 
-    def _read(self, span: _Span, slot: int, member: Member,
-              pieces: list[tuple[int, np.ndarray]], checks: list[_Check]) -> bool:
+    def _read(self, span: _Span, slot: int, member: Member, pieces: list[_Piece]) -> bool:
         """Read one member's chunks of a planned span; True if every one arrived and matched
         its checksum."""
         g = self.volume.geometry
@@ -283,7 +280,7 @@ class ReadAhead:
                 log.debug("slot %d: read-ahead of [%d, %d) failed (%s); the reader will "
                           "read it itself", slot, span.start, span.end, exc)
                 return False
-        for row, buf, entry in checks:
+        for row, buf, entry in pieces:
             if chunk_checksum(buf, slot, row) != entry:
                 log.debug("slot %d row %d: read-ahead chunk fails its checksum; the reader "
                           "will read it itself", slot, row)

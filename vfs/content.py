@@ -7,6 +7,7 @@ from __future__ import annotations
 import errno
 import os
 import stat
+from collections.abc import Callable
 
 from vfs.alloc import SECTOR
 from vfs.attrs import Attr
@@ -118,18 +119,22 @@ class ContentOps:
         return max(0, -(-(need - self.alloc.free_count) // SECTORS_PER_BLOCK))
 
     def _reserve(self, ino: int, first: int, last: int) -> None:
-        """Make sure blocks first..last of a file can become dirty, else raise ENOSPC.
+        """Make sure blocks first..last of a file can become dirty, else raise ENOSPC."""
+        self._make_room(lambda: self._blocks_short(ino, first, last), "blocks")
+
+    def _make_room(self, short: Callable[[], int], unit: str) -> None:
+        """Raise ENOSPC unless `short()` (how many `unit` of room are missing) is nothing.
 
         Sectors freed since the last commit (deleted files, overwritten blocks) become usable
         only after a commit, so one is made when the free ones do not suffice.
         """
-        if not self._blocks_short(ino, first, last):
+        if short() <= 0:
             return
         if self._depth == 0 and (self.alloc.held_count or self.needs_commit()):
             self.commit()
-        short = self._blocks_short(ino, first, last)
-        if short:
-            raise FSError(errno.ENOSPC, f"no space left on the volume ({short} blocks short)")
+        missing = short()
+        if missing > 0:
+            raise FSError(errno.ENOSPC, f"no space left on the volume ({missing} {unit} short)")
 
     def _check_write(self, ino: int, offset: int, n: int) -> tuple:
         r = self._row(ino)
@@ -223,11 +228,7 @@ class ContentOps:
             promised = self.data.dirty_blocks * SECTORS_PER_BLOCK + self.copy_reserve
             return holes + promised - self.alloc.free_count
 
-        if short() > 0 and self._depth == 0 and (self.alloc.held_count or self.needs_commit()):
-            self.commit()
-        missing = short()
-        if missing > 0:
-            raise FSError(errno.ENOSPC, f"no space left on the volume ({missing} sectors short)")
+        self._make_room(short, "sectors")
 
     @operation
     def _fallocate(self, ino: int, mode: int, offset: int, end: int) -> None:
@@ -242,15 +243,18 @@ class ContentOps:
                        (size, now, now, ino))
 
     @query
-    def seek(self, ino: int, offset: int, whence: int) -> int:
+    def seek(self, ino: int, offset: int, whence: int, all_data: bool = False) -> int:
         """lseek(2)'s SEEK_DATA and SEEK_HOLE: the next offset at or after `offset` in data
-        or in a hole (the end of file counts as a hole); ENXIO at or past the end."""
+        or in a hole (the end of file counts as a hole); ENXIO at or past the end.
+        `all_data`: the file is data throughout (its holes are not known)."""
         r = self._row(ino)
         size = r[5]
         if whence not in (os.SEEK_DATA, os.SEEK_HOLE):
             raise FSError(errno.EINVAL, f"whence {whence}")
         if offset < 0 or offset >= size:
             raise FSError(errno.ENXIO, f"offset {offset} of a file of {size} bytes")
+        if all_data:
+            return offset if whence == os.SEEK_DATA else size
         sector = offset // SECTOR
         if whence == os.SEEK_HOLE:
             return min(size, max(offset, self.data.next_hole(ino, sector) * SECTOR))

@@ -403,8 +403,7 @@ class FileData:
                 del secs[s]
                 self.dirty_bytes -= SECTOR
             if not secs:
-                del dirty[blk]
-                self.dirty_blocks -= 1
+                self._forget_block(dirty, blk)
         if not dirty:
             self.dirty.pop(ino, None)
         self._release(ino, self.map.punch(ino, lo, hi))

@@ -236,13 +236,7 @@ class View:
     def seek(self, ino: int, offset: int, whence: int) -> int:
         """SEEK_DATA / SEEK_HOLE. A ghost not yet stored is data throughout (its holes are
         not known here), as a filesystem that cannot tell answers."""
-        if self.ghosts.needs_fetch(ino):
-            with self.lock:
-                size = self.fs.getattr(ino).size
-            if offset < 0 or offset >= size:
-                raise FSError(errno.ENXIO, f"offset {offset} of a file of {size} bytes")
-            return offset if whence == os.SEEK_DATA else size
-        return self.fs.seek(ino, offset, whence)
+        return self.fs.seek(ino, offset, whence, all_data=self.ghosts.needs_fetch(ino))
 
     # --- directories --------------------------------------------------------------------------
 

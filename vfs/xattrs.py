@@ -99,26 +99,30 @@ class XattrOps:
             self.db.change("INSERT OR REPLACE INTO xattrs (inode, name, value) VALUES (?, ?, ?)",
                            (ino, name, value))
 
+    def _xattr(self, ino: int, name: bytes) -> bytes | None:
+        v = self.db.value("SELECT value FROM xattrs WHERE inode=? AND name=?", (ino, name))
+        return None if v is None else bytes(v)
+
     def _acl_follows_mode(self, ino: int, mode: int) -> None:
         """chmod: an access list takes the new permission bits."""
-        v = self.db.value("SELECT value FROM xattrs WHERE inode=? AND name=?", (ino, acl.ACCESS))
+        v = self._xattr(ino, acl.ACCESS)
         if v is not None:
-            self._put_xattr(ino, acl.ACCESS, acl.pack(acl.with_mode(acl.parse(bytes(v)), mode)))
+            self._put_xattr(ino, acl.ACCESS, acl.pack(acl.with_mode(acl.parse(v), mode)))
 
     def _acl_for_new(self, parent: int, mode: int, umask: int | None
                      ) -> tuple[int, list[tuple[bytes, bytes]]]:
         """The mode and access control lists of a new file in directory `parent`: its default
         list when it has one (a directory inherits it as its own default too), else the mode
         less the creator's umask (`umask` None: the kernel has applied it)."""
-        v = self.db.value("SELECT value FROM xattrs WHERE inode=? AND name=?",
-                          (parent, acl.DEFAULT))
-        if v is None or stat.S_ISLNK(mode):
-            return (mode if umask is None or stat.S_ISLNK(mode) else mode & ~umask), []
-        default = acl.parse(bytes(v))
-        entries, mode = acl.inherited(default, mode)
+        if stat.S_ISLNK(mode):
+            return mode, []
+        v = self._xattr(parent, acl.DEFAULT)
+        if v is None:
+            return (mode if umask is None else mode & ~umask), []
+        entries, mode = acl.inherited(acl.parse(v), mode)
         lists = [] if acl.is_minimal(entries) else [(acl.ACCESS, acl.pack(entries))]
         if stat.S_ISDIR(mode):
-            lists.append((acl.DEFAULT, bytes(v)))
+            lists.append((acl.DEFAULT, v))
         return mode, lists
 
     @query
@@ -126,10 +130,10 @@ class XattrOps:
         """The value of an extended attribute."""
         self._check_xattr_name(name)
         self._row(ino)
-        v = self.db.value("SELECT value FROM xattrs WHERE inode=? AND name=?", (ino, name))
+        v = self._xattr(ino, name)
         if v is None:
             raise FSError(errno.ENODATA, f"no attribute {name!r}")
-        return bytes(v)
+        return v
 
     @query
     def listxattr(self, ino: int) -> list[bytes]:
