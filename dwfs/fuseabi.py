@@ -23,6 +23,7 @@ STATFS, RELEASE, FSYNC, SETXATTR, GETXATTR, LISTXATTR = 17, 18, 20, 21, 22, 23
 REMOVEXATTR, FLUSH, INIT, OPENDIR, READDIR, RELEASEDIR = 24, 25, 26, 27, 28, 29
 FSYNCDIR, ACCESS, CREATE, INTERRUPT, DESTROY = 30, 34, 35, 36, 38
 BATCH_FORGET, FALLOCATE, READDIRPLUS, RENAME2, LSEEK = 42, 43, 44, 45, 46
+TMPFILE = 51  # O_TMPFILE (Linux 6.1): create_in and the name "/"; answered as CREATE
 
 # --- INIT flags (those dwfs asks for) ---------------------------------------------------------
 ASYNC_READ = 1 << 0

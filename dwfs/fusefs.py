@@ -147,6 +147,10 @@ class FuseOperations(Handlers):
         self.meta(r, lambda a: entry(a) + open_out(a.ino), self.fs.create, parent, name, mode,
                   flags, caller(r, mode))
 
+    def tmpfile(self, r: Request, parent: int, mode: int, flags: int) -> None:
+        self.meta(r, lambda a: entry(a) + open_out(a.ino), self.fs.tmpfile, parent, mode,
+                  flags, caller(r, mode))
+
     def open(self, r: Request, node: int, flags: int) -> None:
         # The kernel reads cached pages without telling the filesystem, so a file whose
         # atime a read would update is opened without its cached pages: its first read comes

@@ -299,6 +299,10 @@ class Session:
             flags, mode, r.umask, _ = abi.CREATE_IN.unpack_from(body)
             h.create(r, node, name_of(body[16:]), mode, flags)
 
+        def tmpfile(r: Request, node: int, body: memoryview) -> None:
+            flags, mode, r.umask, _ = abi.CREATE_IN.unpack_from(body)
+            h.tmpfile(r, node, mode, flags)
+
         def by_name(method: Any) -> Any:
             return lambda r, node, body: method(r, node, name_of(body))
 
@@ -318,5 +322,5 @@ class Session:
             abi.REMOVEXATTR: by_name(h.removexattr), abi.FLUSH: by_node(h.flush),
             abi.OPENDIR: opendir, abi.READDIR: readdir, abi.READDIRPLUS: readdirplus,
             abi.RELEASEDIR: releasedir, abi.FSYNCDIR: fsyncdir, abi.CREATE: create,
-            abi.FALLOCATE: fallocate, abi.LSEEK: lseek,
+            abi.FALLOCATE: fallocate, abi.LSEEK: lseek, abi.TMPFILE: tmpfile,
         }

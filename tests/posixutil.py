@@ -43,6 +43,16 @@ def fallocate(fd: int, mode: int, offset: int, length: int) -> None:
         raise OSError(e, os.strerror(e))
 
 
+AT_EMPTY_PATH = 0x1000
+
+
+def link_fd(fd: int, new: str) -> None:
+    """linkat(fd, "", AT_FDCWD, new, AT_EMPTY_PATH): name an open file (root only)."""
+    if _libc.linkat(fd, b"", AT_FDCWD, new.encode(), AT_EMPTY_PATH) != 0:
+        e = ctypes.get_errno()
+        raise OSError(e, os.strerror(e), new)
+
+
 def c_getxattr(path: str, name: str, size: int) -> int:
     """getxattr(2) with a caller-chosen buffer size; returns the length or raises."""
     buf = ctypes.create_string_buffer(max(size, 1))

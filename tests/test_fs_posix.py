@@ -24,6 +24,7 @@ from posixutil import (
     c_listxattr,
     errno_of,
     fallocate,
+    link_fd,
     renameat2,
 )
 
@@ -358,6 +359,61 @@ def test_unlink_open_file(mnt, d):
     os.close(fd2)
     # the kernel sends RELEASE after close() returns: wait for the space to come back
     assert wait_for(lambda: os.statvfs(mnt.mountpoint).f_bfree >= free0 + 300_000 // 4096 - 1)
+
+
+def test_o_tmpfile(mnt, d):
+    """O_TMPFILE makes an open file with no name: it is listed nowhere, has no links, and
+    linkat names it (not when opened O_EXCL); unnamed, its space comes back at close."""
+    data = os.urandom(200_000)
+    fd = os.open(d, os.O_TMPFILE | os.O_RDWR, 0o640)
+    try:
+        st = os.fstat(fd)
+        assert (st.st_nlink, stat.S_IMODE(st.st_mode), st.st_size) == (0, 0o640, 0)
+        assert stat.S_ISREG(st.st_mode)
+        os.write(fd, data)
+        assert os.listdir(d) == []
+        link_fd(fd, f"{d}/named")
+        assert os.fstat(fd).st_nlink == 1
+        assert os.stat(f"{d}/named").st_ino == st.st_ino
+    finally:
+        os.close(fd)
+    assert read_file(f"{d}/named") == data
+    assert errno_of(os.open, f"{d}/named", os.O_TMPFILE | os.O_RDWR) == errno.ENOTDIR
+
+    fd = os.open(d, os.O_TMPFILE | os.O_WRONLY | os.O_EXCL, 0o600)
+    try:
+        assert errno_of(link_fd, fd, f"{d}/never") == errno.ENOENT
+    finally:
+        os.close(fd)
+    free0 = os.statvfs(mnt.mountpoint).f_bfree
+    fd = os.open(d, os.O_TMPFILE | os.O_RDWR, 0o600)
+    os.write(fd, os.urandom(1 << 20))
+    os.fsync(fd)
+    assert os.statvfs(mnt.mountpoint).f_bfree < free0 - 200
+    os.close(fd)
+    assert wait_for(lambda: os.statvfs(mnt.mountpoint).f_bfree >= free0 - 4)
+    assert sorted(os.listdir(d)) == ["named"]
+
+
+def test_o_tmpfile_group_and_permissions(d):
+    """An O_TMPFILE file takes its directory's setgid group, as one made by name would; a
+    caller who may not write in the directory gets EACCES."""
+    g = f"{d}/shared"
+    os.mkdir(g)
+    os.chown(g, 0, 4321)
+    os.chmod(g, 0o2777)
+
+    def make() -> tuple[int, int]:
+        fd = os.open(g, os.O_TMPFILE | os.O_RDWR, 0o600)
+        try:
+            st = os.fstat(fd)
+            return st.st_uid, st.st_gid
+        finally:
+            os.close(fd)
+
+    assert as_user(make) == (NOBODY, 4321)
+    os.chmod(g, 0o2755)
+    assert as_user(lambda: errno_of(os.open, g, os.O_TMPFILE | os.O_RDWR, 0o600)) == errno.EACCES
 
 
 def test_removed_directory_while_open(d):

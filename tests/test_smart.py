@@ -181,6 +181,7 @@ def test_every_change_of_names_in_a_smart_folder_is_refused(fsm):
     assert errno_of(os.open, os.path.join(folder, "new.txt"), os.O_CREAT | os.O_WRONLY) \
         == errno.EPERM
     assert errno_of(os.mkdir, os.path.join(folder, "d")) == errno.EPERM
+    assert errno_of(os.open, folder, os.O_TMPFILE | os.O_RDWR, 0o600) == errno.EPERM
     assert errno_of(os.symlink, "a.log", os.path.join(folder, "l")) == errno.EPERM
     assert errno_of(os.link, os.path.join(top, "elsewhere.log"),
                     os.path.join(folder, "h.log")) == errno.EPERM

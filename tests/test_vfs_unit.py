@@ -263,6 +263,37 @@ def test_unlink_open_file_keeps_data_until_last_close(env, fs):
     assert free_sectors(fs) == free0
 
 
+def test_tmpfile_is_nameless_until_linked(env, fs):
+    """O_TMPFILE: no name, no links and the directory untouched; `link` names it while it is
+    open; unnamed, it is freed at its last close, or at the next open after a crash."""
+    d = fs.mkdir(ROOT_INODE, b"d", 0o2775, ROOT).ino
+    fs.setattr(d, SetAttr(gid=77))
+    before = fs.getattr(d)
+    free0 = free_sectors(fs)
+    a = fs.tmpfile(d, 0o600, os.O_RDWR, USER)
+    assert (a.nlink, a.uid, a.gid, stat.S_IMODE(a.mode)) == (0, 1000, 77, 0o600)
+    assert names(fs, d) == [b".", b".."] and fs.getattr(d).mtime_ns == before.mtime_ns
+    fs.write(a.ino, 0, b"kept")
+    assert fs.link(a.ino, d, b"kept").nlink == 1
+    fs.release(a.ino)
+    assert read_all(fs, fs.lookup(d, b"kept").ino) == b"kept"
+    b = fs.tmpfile(d, 0o600, os.O_RDWR, ROOT)
+    fs.write(b.ino, 0, os.urandom(3 * BLOCK))
+    fs.release(b.ino)
+    assert errno_of(fs.getattr, b.ino) == errno.ENOENT
+    assert errno_of(fs.link, b.ino, d, b"late") == errno.ENOENT
+    c = fs.tmpfile(d, 0o600, os.O_RDWR, ROOT)
+    fs.write(c.ino, 0, os.urandom(3 * BLOCK))
+    fs.commit()
+    env.close()  # "crash" with the temporary file open
+    fs = env.open()
+    assert errno_of(fs.getattr, c.ino) == errno.ENOENT
+    fs.commit()
+    kept = fs.lookup(d, b"kept")
+    assert free_sectors(fs) == free0 - kept.blocks * 512 // SECTOR
+    assert errno_of(fs.tmpfile, kept.ino, 0o600, os.O_RDWR, ROOT) == errno.ENOTDIR
+
+
 def test_removed_directory_lives_while_open(fs):
     d = fs.mkdir(ROOT_INODE, b"d", 0o755, ROOT).ino
     fs.opendir(d)

@@ -14,17 +14,17 @@ from __future__ import annotations
 
 import errno
 import logging
-import os
 import stat
 import threading
 from collections.abc import Callable
 from typing import Any
 
 from vfs.alloc import SECTOR, Allocator
-from vfs.attrs import NAME_MAX, ROOT_INODE, Attr, Caller, DirEntry, SetAttr, check_name
+from vfs.attrs import NAME_MAX, ROOT_INODE, Attr, DirEntry, SetAttr, check_name
 from vfs.content import ContentOps
 from vfs.errors import FSError
 from vfs.filedata import BLOCK, SECTORS_PER_BLOCK, FileData, VolumeLike
+from vfs.making import MakeOps
 from vfs.metacopy import copy_reserve
 from vfs.metadb import MetaDB
 from vfs.ops import T, now_ns, operation, query
@@ -36,7 +36,6 @@ __all__ = ["RENAME_EXCHANGE", "RENAME_NOREPLACE", "XATTR_CREATE", "XATTR_REPLACE
 
 log = logging.getLogger(__name__)
 
-LINK_MAX = 65000
 RESERVED_SECTORS = 2 * BLOCK // SECTOR  # the two metadata-copy superblocks at the start
 DIR_SIZE = 4096
 RELATIME_SECONDS = 24 * 3600
@@ -49,7 +48,7 @@ _FIND_SQL = (f"SELECT {_INODE_COLS} FROM inodes WHERE id = "
              "(SELECT inode FROM dentries WHERE parent=? AND name=?)")
 
 
-class Filesystem(ContentOps, RenameOps, XattrOps):
+class Filesystem(ContentOps, MakeOps, RenameOps, XattrOps):
     """A mounted dwfs filesystem: metadata database + file contents on the volume."""
 
     def __init__(self, db: MetaDB, volume: VolumeLike) -> None:
@@ -308,70 +307,6 @@ class Filesystem(ContentOps, RenameOps, XattrOps):
         self.db.change(f"UPDATE inodes SET {', '.join(sets)} WHERE id=?", (*args, ino))
         return self._attr(self._row(ino))
 
-    # --- creating names -----------------------------------------------------------------------
-
-    def _make(self, parent: int, name: bytes, mode: int, caller: Caller, rdev: int = 0,
-              target: bytes | None = None) -> Attr:
-        check_name(name)
-        p = self._live_dir(parent)
-        if self._entry(parent, name) is not None:
-            raise FSError(errno.EEXIST, f"{name!r} exists in directory {parent}")
-        gid = caller.gid
-        if p[1] & stat.S_ISGID:
-            gid = p[4]
-            if stat.S_ISDIR(mode):
-                mode |= stat.S_ISGID
-        setgid_exec = stat.S_ISGID | stat.S_IXGRP
-        if (not stat.S_ISDIR(mode) and mode & setgid_exec == setgid_exec and caller.uid != 0
-                and not caller.in_group(gid)):
-            mode &= ~stat.S_ISGID  # as the kernel's mode_strip_sgid
-        mode, lists = self._acl_for_new(parent, mode, caller.umask)
-        now = now_ns()
-        is_dir = stat.S_ISDIR(mode)
-        self.db.change(
-            "INSERT INTO inodes (mode, nlink, uid, gid, size, rdev, atime_ns, mtime_ns, "
-            "ctime_ns, target) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            (mode, 2 if is_dir else 1, caller.uid, gid, len(target) if target else 0, rdev,
-             now, now, now, target))
-        ino = self.db.last_id()
-        self._put_xattrs(ino, lists)
-        self.db.change("INSERT INTO dentries (parent, name, inode) VALUES (?, ?, ?)",
-                       (parent, name, ino))
-        if is_dir:
-            self._add_links(parent, 1)
-        self._touch(parent, now=now)
-        return self._attr(self._row(ino))
-
-    @operation
-    def mknod(self, parent: int, name: bytes, mode: int, rdev: int, caller: Caller) -> Attr:
-        """Create a regular file, FIFO, socket or device node."""
-        kind = stat.S_IFMT(mode) or stat.S_IFREG
-        if kind not in (stat.S_IFREG, stat.S_IFIFO, stat.S_IFSOCK, stat.S_IFCHR, stat.S_IFBLK):
-            raise FSError(errno.EINVAL, f"mknod of file type {kind:o}")
-        keep_rdev = rdev if kind in (stat.S_IFCHR, stat.S_IFBLK) else 0
-        return self._make(parent, name, kind | (mode & 0o7777), caller, rdev=keep_rdev)
-
-    @operation
-    def mkdir(self, parent: int, name: bytes, mode: int, caller: Caller) -> Attr:
-        """Create a directory."""
-        return self._make(parent, name, stat.S_IFDIR | (mode & 0o7777), caller)
-
-    @operation
-    def create(self, parent: int, name: bytes, mode: int, flags: int, caller: Caller) -> Attr:
-        """Create a regular file and open it."""
-        attr = self._make(parent, name, stat.S_IFREG | (mode & 0o7777), caller)
-        self.opens[attr.ino] = self.opens.get(attr.ino, 0) + 1
-        return attr
-
-    @operation
-    def symlink(self, parent: int, name: bytes, target: bytes, caller: Caller) -> Attr:
-        """Create a symbolic link to `target`."""
-        if not target:
-            raise FSError(errno.ENOENT, "empty symlink target")
-        if len(target) >= os.pathconf("/", "PC_PATH_MAX"):
-            raise FSError(errno.ENAMETOOLONG, f"symlink target of {len(target)} bytes")
-        return self._make(parent, name, stat.S_IFLNK | 0o777, caller, target=target)
-
     @query
     def readlink(self, ino: int) -> bytes:
         """The target of a symbolic link."""
@@ -380,28 +315,6 @@ class Filesystem(ContentOps, RenameOps, XattrOps):
             raise FSError(errno.EINVAL, f"inode {ino} is not a symbolic link")
         self._accessed(r)
         return bytes(self.db.value("SELECT target FROM inodes WHERE id=?", (ino,)))
-
-    @operation
-    def link(self, ino: int, parent: int, name: bytes) -> Attr:
-        """Give inode `ino` another name."""
-        check_name(name)
-        r = self._row(ino)
-        if stat.S_ISDIR(r[1]):
-            raise FSError(errno.EPERM, "hard links to directories are not allowed")
-        if r[2] == 0:
-            raise FSError(errno.ENOENT, f"inode {ino} has been removed")
-        if r[2] >= LINK_MAX:
-            raise FSError(errno.EMLINK, f"inode {ino} has {r[2]} links already")
-        self._live_dir(parent)
-        if self._entry(parent, name) is not None:
-            raise FSError(errno.EEXIST, f"{name!r} exists in directory {parent}")
-        self.db.change("INSERT INTO dentries (parent, name, inode) VALUES (?, ?, ?)",
-                       (parent, name, ino))
-        now = now_ns()
-        self._add_links(ino, 1)
-        self._touch(ino, mtime=False, now=now)
-        self._touch(parent, now=now)
-        return self._attr(self._row(ino))
 
     # --- removing names -----------------------------------------------------------------------
 

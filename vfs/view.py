@@ -153,6 +153,12 @@ class View:
             self._fixed(parent, "create a file")
             return self.fs.create(parent, name, mode, flags, caller)
 
+    def tmpfile(self, parent: int, mode: int, flags: int, caller: Caller) -> Attr:
+        """Create and open a regular file with no name (O_TMPFILE)."""
+        with self.lock:
+            self._fixed(parent, "create a file")
+            return self.fs.tmpfile(parent, mode, flags, caller)
+
     def symlink(self, parent: int, name: bytes, target: bytes, caller: Caller) -> Attr:
         """Create a symbolic link."""
         with self.lock:
