@@ -23,6 +23,7 @@ STATFS, RELEASE, FSYNC, SETXATTR, GETXATTR, LISTXATTR = 17, 18, 20, 21, 22, 23
 REMOVEXATTR, FLUSH, INIT, OPENDIR, READDIR, RELEASEDIR = 24, 25, 26, 27, 28, 29
 FSYNCDIR, ACCESS, CREATE, INTERRUPT, DESTROY = 30, 34, 35, 36, 38
 BATCH_FORGET, FALLOCATE, READDIRPLUS, RENAME2, LSEEK = 42, 43, 44, 45, 46
+COPY_FILE_RANGE, COPY_FILE_RANGE_64 = 47, 53  # the second (Linux 6.18) answers 64 bits
 TMPFILE = 51  # O_TMPFILE (Linux 6.1): create_in and the name "/"; answered as CREATE
 
 # --- INIT flags (those dwfs asks for) ---------------------------------------------------------
@@ -76,6 +77,8 @@ RELEASE_IN = struct.Struct("<QIIQ")  # fh flags release_flags lock_owner
 FSYNC_IN = struct.Struct("<QII")  # fh fsync_flags padding
 FALLOCATE_IN = struct.Struct("<QQQII")  # fh offset length mode padding
 LSEEK_IN = struct.Struct("<QQII")  # fh offset whence padding
+COPY_FILE_RANGE_IN = struct.Struct("<QQQQQQQ")  # fh_in off_in nodeid_out fh_out off_out len flags
+COPY_FILE_RANGE_OUT = struct.Struct("<Q")  # bytes copied (COPY_FILE_RANGE_64)
 LSEEK_OUT = struct.Struct("<Q")  # offset
 SETXATTR_IN = struct.Struct("<II")  # size flags
 GETXATTR_IN = struct.Struct("<II")  # size padding

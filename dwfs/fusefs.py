@@ -182,6 +182,16 @@ class FuseOperations(Handlers):
         lane = self.slow if self.fs.is_ghost(fh) else self.data
         lane(r, None, self.fs.fallocate, fh, mode, offset, length)
 
+    def copy_file_range(self, r: Request, fh_in: int, off_in: int, fh_out: int, off_out: int,
+                        length: int, flags: int, wide: bool) -> None:
+        if flags:
+            r.fail(errno.EINVAL)
+            return
+        pack = abi.COPY_FILE_RANGE_OUT.pack if wide else _written
+        ghosts = self.fs.is_ghost(fh_in) or self.fs.is_ghost(fh_out)
+        lane = self.slow if ghosts else self.data
+        lane(r, pack, self.fs.copy_range, fh_in, off_in, fh_out, off_out, length)
+
     def lseek(self, r: Request, fh: int, offset: int, whence: int) -> None:
         self.meta(r, abi.LSEEK_OUT.pack, self.fs.seek, fh, offset, whence)
 

@@ -299,6 +299,13 @@ class Session:
             flags, mode, r.umask, _ = abi.CREATE_IN.unpack_from(body)
             h.create(r, node, name_of(body[16:]), mode, flags)
 
+        def copy_file_range(wide: bool) -> Any:
+            def parse(r: Request, node: int, body: memoryview) -> None:
+                fh_in, off_in, _, fh_out, off_out, length, flags = \
+                    abi.COPY_FILE_RANGE_IN.unpack_from(body)
+                h.copy_file_range(r, fh_in, off_in, fh_out, off_out, length, flags, wide)
+            return parse
+
         def tmpfile(r: Request, node: int, body: memoryview) -> None:
             flags, mode, r.umask, _ = abi.CREATE_IN.unpack_from(body)
             h.tmpfile(r, node, mode, flags)
@@ -323,4 +330,6 @@ class Session:
             abi.OPENDIR: opendir, abi.READDIR: readdir, abi.READDIRPLUS: readdirplus,
             abi.RELEASEDIR: releasedir, abi.FSYNCDIR: fsyncdir, abi.CREATE: create,
             abi.FALLOCATE: fallocate, abi.LSEEK: lseek, abi.TMPFILE: tmpfile,
+            abi.COPY_FILE_RANGE: copy_file_range(False),
+            abi.COPY_FILE_RANGE_64: copy_file_range(True),
         }

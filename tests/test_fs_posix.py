@@ -315,6 +315,98 @@ def test_fallocate(mnt, d):
     assert read_file(p) == bytes(data)
 
 
+def copy_all(src: int, dst: int, length: int, off_in: int | None = None,
+             off_out: int | None = None) -> int:
+    """copy_file_range until `length` bytes are copied or the source ends; the total."""
+    done = 0
+    while done < length:
+        n = os.copy_file_range(src, dst, length - done,
+                               None if off_in is None else off_in + done,
+                               None if off_out is None else off_out + done)
+        if n == 0:
+            break
+        done += n
+    return done
+
+
+def test_copy_file_range(mnt, d):
+    """copy_file_range is answered inside the filesystem: whole files and ranges at any
+    offsets, the source's holes kept (and zeroing data the destination had there), a copy
+    past the source's end, the copy's times and the kernel's own refusals."""
+    data = os.urandom(3 << 20) + bytes(5 << 20) + os.urandom(100_001)
+    with open(f"{d}/src", "wb") as f:
+        f.write(data[: 3 << 20])
+        f.seek(8 << 20)
+        f.write(data[8 << 20:])
+    src = os.open(f"{d}/src", os.O_RDONLY)
+    dst = os.open(f"{d}/dst", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        assert copy_all(src, dst, len(data) + 12345) == len(data)  # stops at the source's end
+        os.fsync(dst)
+        assert read_file(f"{d}/dst") == data
+        assert os.fstat(dst).st_blocks <= os.fstat(src).st_blocks + 16  # the hole stays
+        os.pwrite(dst, b"x" * (4 << 20), 2 << 20)  # data where the source has its hole
+        before = os.fstat(dst).st_mtime_ns
+        assert copy_all(src, dst, 6 << 20, 1 << 20, 1 << 20) == 6 << 20
+        assert read_file(f"{d}/dst") == data
+        assert os.fstat(dst).st_mtime_ns > before
+        assert copy_all(src, dst, 1000, len(data) + 5, 0) == 0
+        assert copy_all(src, dst, 777, 4095, len(data) + 3) == 777  # unaligned, past the end
+        expect = data + bytes(3) + data[4095:4095 + 777]
+        assert read_file(f"{d}/dst") == expect
+        assert copy_all(dst, dst, 5000, 10, 20_000) == 5000  # within one file, apart
+        expect = expect[:20_000] + expect[10:5010] + expect[25_000:]
+        assert read_file(f"{d}/dst") == expect
+        assert errno_of(os.copy_file_range, dst, dst, 5000, 0, 100) == errno.EINVAL
+    finally:
+        os.close(src)
+        os.close(dst)
+    app = os.open(f"{d}/app", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    src = os.open(f"{d}/src", os.O_RDONLY)
+    try:
+        assert errno_of(os.copy_file_range, src, app, 100) == errno.EBADF
+    finally:
+        os.close(src)
+        os.close(app)
+    subprocess.run(["cp", f"{d}/src", f"{d}/cp"], check=True)
+    assert read_file(f"{d}/cp") == data
+
+
+def test_copy_file_range_enospc(mnt, d):
+    """A copy the volume has no room for fails with ENOSPC when nothing was copied, or
+    copies less; what the destination held before stays readable."""
+    free = os.statvfs(mnt.mountpoint).f_bavail * os.statvfs(mnt.mountpoint).f_frsize
+    big = f"{d}/big"
+    with open(big, "wb") as f:
+        chunk = os.urandom(1 << 20)
+        for _ in range(free // 2 // len(chunk) + 4):
+            f.write(chunk)
+    size = os.stat(big).st_size
+    old = os.urandom(10_000)
+    write_file(f"{d}/dst", old)
+    src = os.open(big, os.O_RDONLY)
+    dst = os.open(f"{d}/dst", os.O_RDWR)
+    try:
+        copied = 0
+        code = 0
+        try:
+            while copied < size:
+                n = os.copy_file_range(src, dst, size - copied, copied, copied)
+                assert n > 0
+                copied += n
+        except OSError as exc:
+            code = exc.errno
+        assert code == errno.ENOSPC and copied < size
+        assert os.pread(dst, copied, 0) == read_file(big)[:copied]
+        if copied < len(old):
+            assert os.pread(dst, len(old) - copied, copied) == old[copied:]
+    finally:
+        os.close(src)
+        os.close(dst)
+    os.unlink(big)
+    os.unlink(f"{d}/dst")
+
+
 def test_seek_data_and_hole(d):
     """SEEK_DATA and SEEK_HOLE find the stored ranges of a sparse file, and `cp` keeps the
     copy sparse."""

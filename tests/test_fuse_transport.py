@@ -42,6 +42,7 @@ def test_replies_have_the_kernels_sizes_and_fields():
     assert abi.SETATTR_IN.size == 88
     assert abi.READ_IN.size == abi.WRITE_IN.size == 40
     assert abi.KSTATFS.size == 80
+    assert abi.COPY_FILE_RANGE_IN.size == 56 and abi.COPY_FILE_RANGE_OUT.size == 8
     a = _attr()
     entry = abi.pack_entry(a, 300.0, 1.5)
     assert len(entry) == 128
@@ -67,9 +68,8 @@ def test_directory_entries_are_padded_to_eight_bytes(name):
 
 
 def test_unimplemented_requests_get_a_clean_errno(mounted_fs):
-    """Requests dwfs does not answer (ioctl, copy_file_range) get ENOSYS, which the kernel
-    turns into ENOTTY for an ioctl and into its own copy for copy_file_range; the mount goes
-    on serving."""
+    """A request dwfs does not answer (an ioctl) gets ENOSYS, which the kernel turns into
+    ENOTTY; the mount goes on serving (a copy_file_range after it)."""
     path = mounted_fs.path("f")
     data = os.urandom(300_000)
     with open(path, "wb") as f:

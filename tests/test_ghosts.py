@@ -261,6 +261,36 @@ def test_seek_and_fallocate_on_ghosts(fsm, tmp_path):
         assert f.read() == data[:65536] + bytes(65536) + data[131072:]
 
 
+def test_copy_file_range_with_ghosts(fsm, tmp_path):
+    """copy_file_range from a ghost fetches what it copies; into a ghost, fetches it first
+    and makes it an ordinary file with the copied range in place."""
+    src = tmp_path / "copy"
+    src.mkdir()
+    a, b = os.urandom(300_000), os.urandom(200_000)
+    (src / "a.bin").write_bytes(a)
+    (src / "b.bin").write_bytes(b)
+    dest = import_into(fsm, str(src), "copy")
+    pa, pb, out = (os.path.join(dest, n) for n in ("a.bin", "b.bin", "out.bin"))
+    fa = os.open(pa, os.O_RDONLY)
+    fo = os.open(out, os.O_WRONLY | os.O_CREAT, 0o644)
+    fb = os.open(pb, os.O_WRONLY)
+    try:
+        done = 0
+        while done < len(a):
+            n = os.copy_file_range(fa, fo, len(a) - done)
+            assert n > 0
+            done += n
+        assert os.copy_file_range(fa, fb, 1000, 5, 100) == 1000
+    finally:
+        for fd in (fa, fo, fb):
+            os.close(fd)
+    with open(out, "rb") as f:
+        assert f.read() == a
+    assert state(pb) is None
+    with open(pb, "rb") as f:
+        assert f.read() == b[:100] + a[5:1005] + b[1100:]
+
+
 def test_smart_folders_query_ghost_states(fsm, tmp_path):
     src = tmp_path / "q"
     src.mkdir()

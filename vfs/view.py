@@ -20,6 +20,7 @@ import os
 import stat
 
 from vfs.attrs import QUERY_XATTR, ROOT_INODE, STATE_XATTR, Attr, Caller, DirEntry, SetAttr
+from vfs.copyrange import copy_range
 from vfs.errors import FSError
 from vfs.fs import JOINED_COLUMNS, Filesystem
 from vfs.ghostimport import ImportReport, import_tree, sync_changes
@@ -238,6 +239,10 @@ class View:
         if self.ghosts.state(ino) is not None:
             self.ghosts.make_ordinary(ino)
         self.fs.fallocate(ino, mode, offset, length)
+
+    def copy_range(self, src: int, off_in: int, dst: int, off_out: int, length: int) -> int:
+        """copy_file_range(2) from file `src` to file `dst`; returns the bytes copied."""
+        return copy_range(self, src, off_in, dst, off_out, length)
 
     def seek(self, ino: int, offset: int, whence: int) -> int:
         """SEEK_DATA / SEEK_HOLE. A ghost not yet stored is data throughout (its holes are
