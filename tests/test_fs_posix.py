@@ -849,6 +849,35 @@ def test_xattrs(d):
     assert os.getxattr(f"{d}/l", "trusted.x", follow_symlinks=False) == b"1"
 
 
+def test_xattr_names_stay_listable(d):
+    """Attributes are refused (ENOSPC, as ext4 does when its attribute space is full) before
+    their names would make a list longer than listxattr can return; values up to 64 KiB."""
+    p = f"{d}/f"
+    write_file(p, b"")
+    os.setxattr(p, "user.big", b"v" * 65536)
+    assert len(os.getxattr(p, "user.big")) == 65536
+    assert errno_of(os.setxattr, p, "user.bigger", b"v" * 65537) == errno.E2BIG
+    names = ["user.big"]
+    code = 0
+    for i in range(1000):
+        name = f"user.{i:0200d}"
+        try:
+            os.setxattr(p, name, b"1")
+        except OSError as exc:
+            code = exc.errno
+            break
+        names.append(name)
+    assert code == errno.ENOSPC and 300 < len(names) < 1000
+    assert sorted(os.listxattr(p)) == sorted(names)
+    os.setxattr(p, names[-1], b"replaced")  # an existing name can still be set
+    os.removexattr(p, names[-1])
+    os.setxattr(p, "user.short", b"fits again")
+    assert "user.short" in os.listxattr(p)
+    out = subprocess.run(["getfattr", "-d", "--absolute-names", p], capture_output=True,
+                         text=True, check=True).stdout
+    assert "user.short" in out
+
+
 # --- the whole filesystem ------------------------------------------------------------------------
 
 

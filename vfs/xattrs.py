@@ -12,6 +12,8 @@ from vfs.ops import operation, query
 
 XATTR_NAME_MAX = 255
 XATTR_SIZE_MAX = 65536
+XATTR_LIST_MAX = 65536  # the most listxattr(2) returns
+LIST_RESERVE = 64  # room in the list for names the view adds (user.dwfs.state, .query)
 XATTR_CREATE = 1
 XATTR_REPLACE = 2
 XATTR_NAMESPACES = (b"user.", b"trusted.", b"security.")
@@ -57,19 +59,31 @@ class XattrOps:
         self._row(ino)
         if len(value) > XATTR_SIZE_MAX:
             raise FSError(errno.E2BIG, f"attribute value of {len(value)} bytes")
+        exists = self.db.row("SELECT 1 FROM xattrs WHERE inode=? AND name=?",
+                             (ino, name)) is not None
+        if not exists:
+            self._check_list_room(ino, name)
         if name == CAPABILITY_XATTR:
             self.capabilities_seen = True  # never back to False while mounted: conservative
         if name in acl.NAMES:
             self._set_acl(ino, name, value, who)
             return
-        exists = self.db.row("SELECT 1 FROM xattrs WHERE inode=? AND name=?",
-                             (ino, name)) is not None
         if flags & XATTR_CREATE and exists:
             raise FSError(errno.EEXIST, f"attribute {name!r} exists")
         if flags & XATTR_REPLACE and not exists:
             raise FSError(errno.ENODATA, f"no attribute {name!r}")
         self._put_xattr(ino, name, value)
         self._touch(ino, mtime=False)
+
+    def _check_list_room(self, ino: int, name: bytes) -> None:
+        """ENOSPC if one more name would make the inode's list of attribute names longer than
+        listxattr(2) can return (then no tool could copy or show them; ext4 says ENOSPC when
+        its attribute space is full)."""
+        used = self.db.value("SELECT coalesce(sum(length(name) + 1), 0) FROM xattrs "
+                             "WHERE inode=?", (ino,))
+        if used + len(name) + 1 > XATTR_LIST_MAX - LIST_RESERVE:
+            raise FSError(errno.ENOSPC, f"inode {ino}: the names of its attributes would pass "
+                                        f"{XATTR_LIST_MAX - LIST_RESERVE} bytes")
 
     def _set_acl(self, ino: int, name: bytes, value: bytes, who: Caller | None) -> None:
         """Set an access control list: an access list sets the mode's permission bits (and
