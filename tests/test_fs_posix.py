@@ -10,7 +10,7 @@ import struct
 import subprocess
 
 import pytest
-from mountutil import scratch_mount
+from mountutil import drop_caches, scratch_mount
 from posixutil import (
     FALLOC_COLLAPSE_RANGE,
     FALLOC_KEEP_SIZE,
@@ -671,6 +671,25 @@ def test_chmod_chown_utimensat(d):
     os.utime(f"{d}/l", ns=(5, 6), follow_symlinks=False)
     assert os.lstat(f"{d}/l").st_mtime_ns == 6
     assert os.stat(p).st_mtime_ns != 6
+
+
+def test_times_before_1970_and_far_ahead(d):
+    """Times before 1970 are kept to the nanosecond (touch -d 1960 used to fail with EIO);
+    times past what is stored (2262) are clamped, as the kernel clamps to what ext4 keeps."""
+    p = f"{d}/f"
+    write_file(p, b"")
+    subprocess.run(["touch", "-d", "1960-01-01 00:00:00.5 UTC", p], check=True)
+    assert os.stat(p).st_mtime_ns == -315_619_199_500_000_000
+    for ns in (-1, -(1 << 62) - 7, (1 << 62) + 9):
+        os.utime(p, ns=(ns, ns))
+        st = os.stat(p)
+        assert (st.st_atime_ns, st.st_mtime_ns) == (ns, ns)
+    os.utime(p, ns=(3 * 10**19, -(1 << 63) - 10**12))
+    st = os.stat(p)
+    assert (st.st_atime_ns, st.st_mtime_ns) == ((1 << 63) - 1, -(1 << 63))
+    drop_caches()
+    st = os.stat(p)
+    assert (st.st_atime_ns, st.st_mtime_ns) == ((1 << 63) - 1, -(1 << 63))
 
 
 def test_time_rules(d):

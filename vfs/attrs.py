@@ -32,6 +32,15 @@ class Attr:
     blksize: int
 
 
+TIME_MIN_NS, TIME_MAX_NS = -(1 << 63), (1 << 63) - 1  # times stored: 1677 to 2262
+
+
+def clamp_time(ns: int) -> int:
+    """A time in nanoseconds brought into the range stored (as the kernel clamps a time to
+    what a filesystem keeps)."""
+    return min(max(ns, TIME_MIN_NS), TIME_MAX_NS)
+
+
 @dataclass(slots=True)
 class SetAttr:
     """The attribute changes of one setattr call; None means unchanged."""
