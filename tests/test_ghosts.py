@@ -425,6 +425,27 @@ def test_watch_follows_create_modify_move_delete(fsm, tmp_path):
             proc.wait()
 
 
+def test_sources_with_times_before_1970_and_past_2262(fsm, tmp_path):
+    """A source file from 1960 keeps its time; one dated past what dwfs stores (ext4 keeps
+    times to 2446) is imported with its time clamped, and both fetch."""
+    src = tmp_path / "times"
+    src.mkdir()
+    (src / "old.txt").write_bytes(b"old")
+    (src / "far.txt").write_bytes(b"far")
+    os.utime(src / "old.txt", ns=(-315_619_200_000_000_000, -315_619_199_500_000_000))
+    far = 14_000_000_000 * 10**9  # the year 2413
+    os.utime(src / "far.txt", ns=(far, far))
+    if os.stat(src / "far.txt").st_mtime_ns != far:
+        pytest.skip("the source filesystem does not keep times past 2262")
+    dest = import_into(fsm, str(src), "times")
+    assert os.stat(os.path.join(dest, "old.txt")).st_mtime_ns == -315_619_199_500_000_000
+    assert os.stat(os.path.join(dest, "far.txt")).st_mtime_ns == (1 << 63) - 1
+    for name, data in (("old.txt", b"old"), ("far.txt", b"far")):
+        with open(os.path.join(dest, name), "rb") as f:
+            assert f.read() == data
+        assert state(os.path.join(dest, name)) == "hydrated"
+
+
 def test_import_errors_are_clear(fsm, tmp_path):
     (tmp_path / "file").write_bytes(b"x")
     r = dwfs("ghost", "import", str(tmp_path / "file"), fsm.mountpoint, check=False)

@@ -18,7 +18,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 
-from vfs.attrs import NAME_MAX, Caller
+from vfs.attrs import NAME_MAX, Caller, clamp_time
 from vfs.errors import FSError
 from vfs.fs import Filesystem
 from vfs.ghosts import GHOST, HYDRATED, PINNED, Ghosts
@@ -173,8 +173,9 @@ class Importer:
             uid, gid = self._owner(e.st)
             is_dir = kind == stat.S_IFDIR
             size = 0 if is_dir else (len(e.target) if e.target is not None else e.st.st_size)
-            inodes.append((ino, mode, 2 if is_dir else 1, uid, gid, size, e.st.st_atime_ns,
-                           e.st.st_mtime_ns, now, e.target))
+            inodes.append((ino, mode, 2 if is_dir else 1, uid, gid, size,
+                           clamp_time(e.st.st_atime_ns), clamp_time(e.st.st_mtime_ns), now,
+                           e.target))
             dentries.append((parent, e.name, ino))
             if is_dir:
                 links[parent] = links.get(parent, 0) + 1
@@ -184,7 +185,7 @@ class Importer:
             elif kind == stat.S_IFLNK:
                 report.links += 1
             else:  # an empty file has nothing to fetch: it is hydrated from the start
-                ghosts.append((ino, e.path, e.st.st_size, e.st.st_mtime_ns,
+                ghosts.append((ino, e.path, e.st.st_size, clamp_time(e.st.st_mtime_ns),
                                GHOST if e.st.st_size else HYDRATED,
                                None if e.st.st_size else b""))
                 report.ghosts += 1
@@ -215,7 +216,8 @@ class Importer:
         if kind == stat.S_IFREG and state is not None:
             rec = self.ghosts.record(ino)
             if (rec.source.encode(errors="surrogateescape") == e.path
-                    and rec.size == e.st.st_size and rec.mtime_ns == e.st.st_mtime_ns):
+                    and rec.size == e.st.st_size
+                    and rec.mtime_ns == clamp_time(e.st.st_mtime_ns)):
                 report.unchanged += 1
             elif ino in self.ghosts.fetches:
                 self.deferred.append((ino, e.path, e.st))  # after its fetch has ended
@@ -254,10 +256,10 @@ class Importer:
         self.fs.drop_content(ino)
         state = GHOST if st.st_size else HYDRATED
         self.db.change("UPDATE ghosts SET source=?, size=?, mtime_ns=?, hashes=?, state=? "
-                       "WHERE inode=?", (path, st.st_size, st.st_mtime_ns,
+                       "WHERE inode=?", (path, st.st_size, clamp_time(st.st_mtime_ns),
                                          None if st.st_size else b"", state, ino))
         self.db.change("UPDATE inodes SET size=?, mtime_ns=?, ctime_ns=?, mode=? WHERE id=?",
-                       (st.st_size, st.st_mtime_ns, time.time_ns(),
+                       (st.st_size, clamp_time(st.st_mtime_ns), time.time_ns(),
                         stat.S_IFREG | stat.S_IMODE(st.st_mode), ino))
         self.ghosts.added(ino, state)
         report.refreshed += 1

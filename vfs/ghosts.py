@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import xxhash
 
+from vfs.attrs import clamp_time
 from vfs.errors import FSError
 from vfs.fs import Filesystem
 
@@ -87,7 +88,7 @@ def check_source(rec: Record, st: os.stat_result) -> None:
         raise SourceChanged(rec, "is no longer a regular file")
     if st.st_size != rec.size:
         raise SourceChanged(rec, f"changed size ({rec.size} -> {st.st_size} bytes)")
-    if st.st_mtime_ns != rec.mtime_ns:
+    if clamp_time(st.st_mtime_ns) != rec.mtime_ns:
         raise SourceChanged(rec, "changed (its modification time differs)")
 
 
