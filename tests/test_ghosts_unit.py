@@ -118,6 +118,36 @@ def test_a_changed_or_missing_source_fails_the_read_and_keeps_the_ghost(env, tmp
     view.ghosts.close()
 
 
+@pytest.mark.parametrize("failure", [RuntimeError("a bug"), OSError(errno.EIO, "member")])
+@pytest.mark.timeout(60)
+def test_an_unexpected_failure_while_storing_fails_the_read(env, tmp_path, failure):
+    """An error of any kind while a fetch stores its pieces (a bug, an I/O error from below)
+    ends the fetch: readers get EIO instead of waiting forever, the file stays a ghost with
+    nothing partial kept, and the next read fetches it again."""
+    src, view, big = imported(env, tmp_path, 3 * MiB)
+    original = env.fs.write
+    calls = []
+
+    def failing_write(ino, offset, data, keep_times=False):
+        if ino == big and keep_times:
+            calls.append(offset)
+            raise failure
+        return original(ino, offset, data, keep_times)
+
+    env.fs.write = failing_write
+    with pytest.raises(FSError) as info:
+        view.ghosts.hydrate(big)
+    assert info.value.errno == errno.EIO and calls
+    assert view.ghosts.state(big) == GHOST and big not in view.ghosts.fetches
+    assert env.fs.getattr(big).blocks == 0
+    env.fs.write = original
+    with open(os.path.join(src, "big.bin"), "rb") as f:
+        assert bytes(view.read(big, 0, 3 * MiB)) == f.read()
+    view.ghosts.hydrate(big)
+    assert view.ghosts.state(big) == HYDRATED
+    view.ghosts.close()
+
+
 def test_hash_mismatch_is_caught_piece_by_piece(env, tmp_path):
     src, view, big = imported(env, tmp_path, 3 * MiB)
     view.ghosts.hydrate(big)  # takes the hashes

@@ -358,8 +358,13 @@ class Ghosts:
                 self.fetches.pop(rec.ino, None)
             log.info("ghost inode %d: fetched %d bytes from %s in %.2f s", rec.ino, rec.size,
                      rec.source, time.monotonic() - t0)
-        except FSError as exc:
-            if self.stop.is_set():
+        except Exception as exc:  # noqa: BLE001 - any failure must end the fetch for its readers
+            if not isinstance(exc, FSError):
+                log.exception("ghost inode %d: fetching %s failed unexpectedly", rec.ino,
+                              rec.source)
+                exc = FSError(getattr(exc, "errno", None) or errno.EIO,
+                              f"ghost inode {rec.ino}: fetching {rec.source} failed: {exc}")
+            elif self.stop.is_set():
                 log.info("ghost inode %d: fetch of %s stopped by the unmount; it stays a ghost",
                          rec.ino, rec.source)
             else:
@@ -389,7 +394,12 @@ class Ghosts:
                 if fetch.store_error is None and fetch.error is None:
                     self.fs.write(fetch.rec.ino, offset, piece, keep_times=True)
                     fetch.stored(offset)
-            except FSError as exc:
+            except Exception as exc:  # noqa: BLE001 - the fetch reports it; storing stops
+                if not isinstance(exc, FSError):
+                    log.exception("ghost inode %d: storing %d bytes at %d failed unexpectedly",
+                                  fetch.rec.ino, len(piece), offset)
+                    exc = FSError(getattr(exc, "errno", None) or errno.EIO,
+                                  f"storing a fetched piece failed: {exc}")
                 fetch.store_error = exc
             finally:
                 self._give_buffer(len(piece))
