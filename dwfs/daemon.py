@@ -109,8 +109,9 @@ class Daemon:
         raise ValueError(f"unknown control request {name!r}")
 
     def _ghost_request(self, name: str, op: dict, progress) -> dict:
-        """Import a source tree as ghosts, or apply a watcher's changes, then make the kernel
-        forget what it cached of the names and files that changed."""
+        """Import a source tree as ghosts, or apply a watcher's changes, durably (committed
+        before the answer), then make the kernel forget what it cached of the names and files
+        that changed."""
         view = self.view
         dest = view.fs.resolve_dir(str(op["dest"]))
         if dest is None:
@@ -120,6 +121,7 @@ class Daemon:
             report = view.import_ghosts(dest, str(op["source"]), caller, progress)
         else:
             report = view.sync_ghosts(dest, str(op["source"]), caller, list(op["changes"]))
+        view.commit()  # the command's success means the ghosts survive a crash
         for parent, entry in report.touched_names:
             _invalidate(self.session.invalidate_entry, parent, entry)
         for ino in report.touched_inodes:

@@ -504,6 +504,33 @@ while True:
 """
 
 
+def test_an_import_survives_a_crash_right_after_the_command(tmp_path, fs_mount):
+    """`dwfs ghost import` returns once the ghosts are durable: kill -9 of the daemon right
+    after it loses none of them."""
+    m = fs_mount(make_warehouse(tmp_path / "wh", size="64M"))
+    m.mount()
+    src = tmp_path / "src"
+    (src / "sub").mkdir(parents=True)
+    for i in range(200):
+        (src / "sub" / f"f{i}.txt").write_bytes(f"file {i}\n".encode())
+    dest = m.path("g")
+    os.mkdir(dest)
+    fd = os.open(m.mountpoint, os.O_RDONLY)
+    os.fsync(fd)  # the destination directory itself is durable
+    os.close(fd)
+    dwfs("ghost", "import", str(src), dest)
+    os.kill(daemon_pid(m.warehouse), signal.SIGKILL)
+    subprocess.run(["fusermount3", "-u", m.mountpoint], check=True)
+    m.mount()
+    names = sorted(os.listdir(os.path.join(dest, "sub")))
+    assert names == sorted(f"f{i}.txt" for i in range(200))
+    with open(os.path.join(dest, "sub", "f7.txt"), "rb") as f:
+        assert f.read() == b"file 7\n"
+    m.umount()
+    r = dwfs("fsck", m.warehouse, check=False)
+    assert r.returncode == 0, r.stdout + r.stderr
+
+
 def test_kill9_during_a_fetch(tmp_path, fs_mount):
     m = fs_mount(make_warehouse(tmp_path / "wh", size="128M"))
     m.mount()
