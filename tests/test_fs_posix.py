@@ -246,6 +246,22 @@ def test_sparse_file_over_4gib(d):
     assert os.stat(p).st_blocks == 0
 
 
+def test_largest_file_as_ext4(d):
+    """Files end where ext4's do (16 TiB less 4 KiB): a write across that line writes what
+    fits, one at it is EFBIG, and so are truncate and fallocate past it."""
+    top = (1 << 44) - 4096
+    fd = os.open(f"{d}/big", os.O_CREAT | os.O_RDWR, 0o644)
+    try:
+        assert os.pwrite(fd, b"abcdef", top - 3) == 3
+        assert os.fstat(fd).st_size == top and os.pread(fd, 10, top - 3) == b"abc"
+        assert errno_of(os.pwrite, fd, b"x", top) == errno.EFBIG
+        assert errno_of(os.ftruncate, fd, top + 1) == errno.EFBIG
+        assert errno_of(fallocate, fd, 0, top - 10, 11) == errno.EFBIG
+        assert os.fstat(fd).st_size == top
+    finally:
+        os.close(fd)
+
+
 def test_truncate_both_ways(d):
     p = f"{d}/f"
     write_file(p, b"x" * 100_000)

@@ -415,6 +415,11 @@ def test_read_and_write_errors(fs):
     assert errno_of(fs.write, d, 0, b"x") == errno.EISDIR
     assert errno_of(fs.write, f, -1, b"x") == errno.EINVAL
     assert errno_of(fs.write, f, 1 << 44, b"x") == errno.EFBIG
+    top = (1 << 44) - 4096  # ext4's largest file with 4 KiB blocks
+    assert errno_of(fs.write, f, top, b"x") == errno.EFBIG
+    assert fs.write(f, top - 3, b"abcdef") == 3  # what fits is written, as write(2) does
+    assert fs.getattr(f).size == top and fs.read(f, top - 3, 10) == b"abc"
+    fs.setattr(f, SetAttr(size=3))
     assert fs.read(f, 100, 10) == b""
     assert fs.write(f, 1, b"") == 0 and read_all(fs, f) == b"abc"
 

@@ -15,7 +15,7 @@ from vfs.errors import FSError
 from vfs.filedata import BLOCK, SECTORS_PER_BLOCK
 from vfs.ops import now_ns, operation, query
 
-MAX_FILE_SIZE = 1 << 44  # 16 TiB, as ext4 with 4 KiB blocks
+MAX_FILE_SIZE = (1 << 44) - 4096  # 16 TiB less a block: ext4's largest file (4 KiB blocks)
 # fallocate(2) modes (linux/falloc.h)
 KEEP_SIZE, PUNCH_HOLE, COLLAPSE_RANGE, ZERO_RANGE = 0x01, 0x02, 0x08, 0x10
 
@@ -143,7 +143,7 @@ class ContentOps:
                           f"inode {ino} is not a regular file")
         if offset < 0:
             raise FSError(errno.EINVAL, f"negative offset {offset}")
-        if offset + n > MAX_FILE_SIZE:
+        if n and offset + n > MAX_FILE_SIZE:  # (`write` has cut what would pass it)
             raise FSError(errno.EFBIG, f"write past the largest file size ({MAX_FILE_SIZE})")
         return r
 
@@ -152,8 +152,12 @@ class ContentOps:
         """Write bytes at `offset`; returns how many were written. `keep_times` stores
         content without changing mtime and ctime (a ghost's content arriving).
 
-        ENOSPC comes before anything changes: a failed write leaves the file as it was.
+        ENOSPC comes before anything changes: a failed write leaves the file as it was. A
+        write that would pass the largest file size writes what fits (EFBIG if nothing
+        does), as write(2) does at a file size limit.
         """
+        if offset + len(data) > MAX_FILE_SIZE and 0 <= offset < MAX_FILE_SIZE:
+            data = memoryview(data)[:MAX_FILE_SIZE - offset]
         with self.lock:
             self._check_open()
             n = len(data)
