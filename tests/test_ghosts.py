@@ -443,6 +443,7 @@ def test_sources_with_times_before_1970_and_past_2262(fsm, tmp_path):
     for name, data in (("old.txt", b"old"), ("far.txt", b"far")):
         with open(os.path.join(dest, name), "rb") as f:
             assert f.read() == data
+        dwfs("ghost", "hydrate", os.path.join(dest, name))  # waits for the store to finish
         assert state(os.path.join(dest, name)) == "hydrated"
 
 
