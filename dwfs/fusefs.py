@@ -37,6 +37,11 @@ def attr_out(a: Attr) -> bytes:
     return abi.pack_attr_out(a, ATTR_SECONDS)
 
 
+def created(a: Attr) -> bytes:
+    """The reply to create and tmpfile: the new file's entry and its open handle."""
+    return entry(a) + open_out(a.ino)
+
+
 def open_out(fh: int, keep_cache: bool = True) -> bytes:
     """The reply to open and opendir."""
     return abi.OPEN_OUT.pack(fh, abi.FOPEN_KEEP_CACHE if keep_cache else 0, 0)
@@ -144,12 +149,10 @@ class FuseOperations(Handlers):
     # --- files --------------------------------------------------------------------------------
 
     def create(self, r: Request, parent: int, name: bytes, mode: int, flags: int) -> None:
-        self.meta(r, lambda a: entry(a) + open_out(a.ino), self.fs.create, parent, name, mode,
-                  flags, caller(r, mode))
+        self.meta(r, created, self.fs.create, parent, name, mode, flags, caller(r, mode))
 
     def tmpfile(self, r: Request, parent: int, mode: int, flags: int) -> None:
-        self.meta(r, lambda a: entry(a) + open_out(a.ino), self.fs.tmpfile, parent, mode,
-                  flags, caller(r, mode))
+        self.meta(r, created, self.fs.tmpfile, parent, mode, flags, caller(r, mode))
 
     def open(self, r: Request, node: int, flags: int) -> None:
         # The kernel reads cached pages without telling the filesystem, so a file whose

@@ -43,7 +43,8 @@ def clamp_time(ns: int) -> int:
 
 @dataclass(slots=True)
 class SetAttr:
-    """The attribute changes of one setattr call; None means unchanged."""
+    """The attribute changes of one setattr call; None means unchanged. Times are clamped to
+    the range stored."""
 
     mode: int | None = None
     uid: int | None = None
@@ -52,6 +53,12 @@ class SetAttr:
     atime_ns: int | None = None
     mtime_ns: int | None = None
     ctime_ns: int | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("atime_ns", "mtime_ns", "ctime_ns"):
+            ns = getattr(self, name)
+            if ns is not None:
+                setattr(self, name, clamp_time(ns))
 
 
 @dataclass(slots=True)

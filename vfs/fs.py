@@ -20,7 +20,7 @@ from collections.abc import Callable
 from typing import Any
 
 from vfs.alloc import SECTOR, Allocator
-from vfs.attrs import NAME_MAX, ROOT_INODE, Attr, DirEntry, SetAttr, check_name, clamp_time
+from vfs.attrs import NAME_MAX, ROOT_INODE, Attr, DirEntry, SetAttr, check_name
 from vfs.content import ContentOps
 from vfs.errors import FSError
 from vfs.filedata import BLOCK, SECTORS_PER_BLOCK, FileData, VolumeLike
@@ -285,7 +285,7 @@ class Filesystem(ContentOps, MakeOps, RenameOps, XattrOps):
             else:
                 self._check_truncatable(r, ch.size)
             sets.append("mtime_ns=?")
-            args.append(now if ch.mtime_ns is None else clamp_time(ch.mtime_ns))
+            args.append(now if ch.mtime_ns is None else ch.mtime_ns)
         if ch.mode is not None:
             sets.append("mode=?")
             args.append(stat.S_IFMT(r[1]) | (ch.mode & 0o7777))
@@ -298,12 +298,12 @@ class Filesystem(ContentOps, MakeOps, RenameOps, XattrOps):
             args.append(ch.gid)
         if ch.atime_ns is not None:
             sets.append("atime_ns=?")
-            args.append(clamp_time(ch.atime_ns))
+            args.append(ch.atime_ns)
         if ch.mtime_ns is not None and "mtime_ns=?" not in sets:
             sets.append("mtime_ns=?")
-            args.append(clamp_time(ch.mtime_ns))
+            args.append(ch.mtime_ns)
         sets.append("ctime_ns=?")
-        args.append(now if ch.ctime_ns is None else clamp_time(ch.ctime_ns))
+        args.append(now if ch.ctime_ns is None else ch.ctime_ns)
         self.db.change(f"UPDATE inodes SET {', '.join(sets)} WHERE id=?", (*args, ino))
         return self._attr(self._row(ino))
 

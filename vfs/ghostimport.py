@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from vfs.attrs import NAME_MAX, Caller, clamp_time
 from vfs.errors import FSError
 from vfs.fs import Filesystem
-from vfs.ghosts import GHOST, HYDRATED, PINNED, Ghosts
+from vfs.ghosts import GHOST, HYDRATED, PINNED, Ghosts, recorded_mtime
 
 log = logging.getLogger(__name__)
 
@@ -174,7 +174,7 @@ class Importer:
             is_dir = kind == stat.S_IFDIR
             size = 0 if is_dir else (len(e.target) if e.target is not None else e.st.st_size)
             inodes.append((ino, mode, 2 if is_dir else 1, uid, gid, size,
-                           clamp_time(e.st.st_atime_ns), clamp_time(e.st.st_mtime_ns), now,
+                           clamp_time(e.st.st_atime_ns), recorded_mtime(e.st), now,
                            e.target))
             dentries.append((parent, e.name, ino))
             if is_dir:
@@ -185,7 +185,7 @@ class Importer:
             elif kind == stat.S_IFLNK:
                 report.links += 1
             else:  # an empty file has nothing to fetch: it is hydrated from the start
-                ghosts.append((ino, e.path, e.st.st_size, clamp_time(e.st.st_mtime_ns),
+                ghosts.append((ino, e.path, e.st.st_size, recorded_mtime(e.st),
                                GHOST if e.st.st_size else HYDRATED,
                                None if e.st.st_size else b""))
                 report.ghosts += 1
@@ -217,7 +217,7 @@ class Importer:
             rec = self.ghosts.record(ino)
             if (rec.source.encode(errors="surrogateescape") == e.path
                     and rec.size == e.st.st_size
-                    and rec.mtime_ns == clamp_time(e.st.st_mtime_ns)):
+                    and rec.mtime_ns == recorded_mtime(e.st)):
                 report.unchanged += 1
             elif ino in self.ghosts.fetches:
                 self.deferred.append((ino, e.path, e.st))  # after its fetch has ended
@@ -256,10 +256,10 @@ class Importer:
         self.fs.drop_content(ino)
         state = GHOST if st.st_size else HYDRATED
         self.db.change("UPDATE ghosts SET source=?, size=?, mtime_ns=?, hashes=?, state=? "
-                       "WHERE inode=?", (path, st.st_size, clamp_time(st.st_mtime_ns),
+                       "WHERE inode=?", (path, st.st_size, recorded_mtime(st),
                                          None if st.st_size else b"", state, ino))
         self.db.change("UPDATE inodes SET size=?, mtime_ns=?, ctime_ns=?, mode=? WHERE id=?",
-                       (st.st_size, clamp_time(st.st_mtime_ns), time.time_ns(),
+                       (st.st_size, recorded_mtime(st), time.time_ns(),
                         stat.S_IFREG | stat.S_IMODE(st.st_mode), ino))
         self.ghosts.added(ino, state)
         report.refreshed += 1

@@ -82,13 +82,25 @@ class SourceChanged(FSError):
         super().__init__(errno.EIO, f"ghost inode {rec.ino}: source {rec.source} {why}")
 
 
+def _unexpected(exc: Exception, doing: str) -> FSError:
+    """An error other than FSError met while `doing` something for a fetch: logged with its
+    traceback and turned into the FSError (its errno, else EIO) the fetch's readers get."""
+    log.exception("%s failed unexpectedly", doing)
+    return FSError(getattr(exc, "errno", None) or errno.EIO, f"{doing} failed: {exc}")
+
+
+def recorded_mtime(st: os.stat_result) -> int:
+    """A source's modification time as a ghost records it (clamped to the range stored)."""
+    return clamp_time(st.st_mtime_ns)
+
+
 def check_source(rec: Record, st: os.stat_result) -> None:
     """Refuse a source whose size or mtime differ from the record."""
     if not stat.S_ISREG(st.st_mode):
         raise SourceChanged(rec, "is no longer a regular file")
     if st.st_size != rec.size:
         raise SourceChanged(rec, f"changed size ({rec.size} -> {st.st_size} bytes)")
-    if clamp_time(st.st_mtime_ns) != rec.mtime_ns:
+    if recorded_mtime(st) != rec.mtime_ns:
         raise SourceChanged(rec, "changed (its modification time differs)")
 
 
@@ -360,10 +372,7 @@ class Ghosts:
                      rec.source, time.monotonic() - t0)
         except Exception as exc:  # noqa: BLE001 - any failure must end the fetch for its readers
             if not isinstance(exc, FSError):
-                log.exception("ghost inode %d: fetching %s failed unexpectedly", rec.ino,
-                              rec.source)
-                exc = FSError(getattr(exc, "errno", None) or errno.EIO,
-                              f"ghost inode {rec.ino}: fetching {rec.source} failed: {exc}")
+                exc = _unexpected(exc, f"ghost inode {rec.ino}: fetching {rec.source}")
             elif self.stop.is_set():
                 log.info("ghost inode %d: fetch of %s stopped by the unmount; it stays a ghost",
                          rec.ino, rec.source)
@@ -396,10 +405,8 @@ class Ghosts:
                     fetch.stored(offset)
             except Exception as exc:  # noqa: BLE001 - the fetch reports it; storing stops
                 if not isinstance(exc, FSError):
-                    log.exception("ghost inode %d: storing %d bytes at %d failed unexpectedly",
-                                  fetch.rec.ino, len(piece), offset)
-                    exc = FSError(getattr(exc, "errno", None) or errno.EIO,
-                                  f"storing a fetched piece failed: {exc}")
+                    exc = _unexpected(exc, f"ghost inode {fetch.rec.ino}: storing "
+                                           f"{len(piece)} bytes at {offset}")
                 fetch.store_error = exc
             finally:
                 self._give_buffer(len(piece))

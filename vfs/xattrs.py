@@ -56,7 +56,7 @@ class XattrOps:
         sets it (an access control list set by an outsider to the file's group clears
         setgid)."""
         self._check_xattr_name(name)
-        self._row(ino)
+        r = self._row(ino)
         if len(value) > XATTR_SIZE_MAX:
             raise FSError(errno.E2BIG, f"attribute value of {len(value)} bytes")
         exists = self.db.row("SELECT 1 FROM xattrs WHERE inode=? AND name=?",
@@ -66,7 +66,7 @@ class XattrOps:
         if name == CAPABILITY_XATTR:
             self.capabilities_seen = True  # never back to False while mounted: conservative
         if name in acl.NAMES:
-            self._set_acl(ino, name, value, who)
+            self._set_acl(r, name, value, who)
             return
         if flags & XATTR_CREATE and exists:
             raise FSError(errno.EEXIST, f"attribute {name!r} exists")
@@ -85,11 +85,12 @@ class XattrOps:
             raise FSError(errno.ENOSPC, f"inode {ino}: the names of its attributes would pass "
                                         f"{XATTR_LIST_MAX - LIST_RESERVE} bytes")
 
-    def _set_acl(self, ino: int, name: bytes, value: bytes, who: Caller | None) -> None:
-        """Set an access control list: an access list sets the mode's permission bits (and
-        is not kept when they say it all); a default list only on a directory."""
+    def _set_acl(self, r: tuple, name: bytes, value: bytes, who: Caller | None) -> None:
+        """Set an access control list on the inode of row `r`: an access list sets the mode's
+        permission bits (and is not kept when they say it all); a default list only on a
+        directory."""
         entries = acl.parse(value)
-        r = self._row(ino)
+        ino = r[0]
         if name == acl.DEFAULT:
             if not stat.S_ISDIR(r[1]):
                 raise FSError(errno.EACCES, f"inode {ino}: a default list needs a directory")
