@@ -48,6 +48,7 @@ import os, random, sys
 sys.path.insert(0, sys.argv[3])
 from test_fs_faults import content
 top, log = sys.argv[1], sys.argv[2]
+tag = " ".join(sys.argv[4:5] + [""])  # a word before each number logged, if given
 lf = open(log, "a")
 i = 0
 while True:
@@ -56,7 +57,7 @@ while True:
     os.write(fd, data)
     os.fsync(fd)
     os.close(fd)
-    lf.write(f"{i}\\n")
+    lf.write(f"{tag}{i}\\n")
     lf.flush()
     os.fsync(lf.fileno())
     # Unsynced writes alongside, so the kill also lands on dirty buffers.

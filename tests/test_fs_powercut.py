@@ -1,0 +1,157 @@
+"""Pulled plugs: the warehouse (members, metadata database, lock and log) lives on a disk that
+loses every write not yet fsync'd, or a random part of them, when the power goes
+(tests/powercutfs.py). dwfs is killed with it while one program writes and fsyncs files and
+another replaces a file the way editors do; the next mount must need no repair, every byte that
+fsync returned for must be there, every file must read, and fsck and scrub must be clean.
+
+kill -9 alone (test_fs_faults) leaves every write the daemon made in the host's page cache;
+only a pulled plug tests the order in which dwfs makes data, parity, checksums, the write-intent
+record and the metadata durable.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+from mountutil import (
+    FsMount,
+    daemon_pid,
+    drop_caches,
+    dwfs,
+    force_unmount,
+    is_mounted,
+    make_warehouse,
+    status,
+)
+from test_fs_faults import REPLACER, WRITER, content, read_file, version
+
+DISK = Path(__file__).with_name("powercutfs.py")
+# One pulled plug each; DWFS_POWERCUT_PLUGS=N for a longer run.
+SEEDS = tuple(range(11, 11 + int(os.environ.get("DWFS_POWERCUT_PLUGS", "3"))))
+SYNCED_PER_CYCLE = 12  # files fsync'd before the plug is pulled
+
+
+@contextmanager
+def disk(durable: Path, mountpoint: Path, seed: int):
+    """The power-cut disk mounted over `durable`; yields its process."""
+    mountpoint.mkdir(exist_ok=True)
+    proc = subprocess.Popen([sys.executable, str(DISK), str(durable), str(mountpoint),
+                             str(seed)], stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 30
+        while not is_mounted(mountpoint):
+            assert proc.poll() is None, proc.stderr.read().decode() if proc.stderr else ""
+            assert time.monotonic() < deadline, "the power-cut disk did not mount"
+            time.sleep(0.05)
+        yield proc
+    finally:
+        if proc.poll() is None:
+            force_unmount(mountpoint)
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(30)
+        force_unmount(mountpoint)
+
+
+def synced(log: Path) -> list[tuple[str, int]]:
+    """(directory, file number) of every file the writers saw fsync return for."""
+    if not log.exists():
+        return []
+    return [(d, int(i)) for d, i in (line.split() for line in log.read_text().splitlines())]
+
+
+def check_synced(mnt: FsMount, log: Path, replaced: Path) -> int:
+    """Every fsync'd file reads back exactly, the replaced file is one whole version no older
+    than the last one fsync'd, and every other file can be read; returns how many files were
+    fsync'd."""
+    drop_caches()
+    done = synced(log)
+    for d, i in done:
+        assert read_file(mnt.path(d, f"f{i}")) == content(i), f"{d}/f{i} differs"
+    if replaced.exists():
+        last = int(replaced.read_text().split()[-1])
+        data = read_file(mnt.path("replace", "cfg"))
+        n = int(data.partition(b"\n")[0].split()[1])
+        assert n >= last, f"cfg is version {n}, {last} was fsync'd"
+        assert data == version(n), f"cfg is not a whole version {n}"
+    for root, _dirs, files in os.walk(mnt.mountpoint):
+        for name in files:  # what was not synced may be lost, but reads without error
+            read_file(os.path.join(root, name))
+    return len(done)
+
+
+def pull_the_plug(mnt: FsMount, disk_proc: subprocess.Popen, disk_mnt: Path,
+                  writers: list[subprocess.Popen]) -> None:
+    """Power off: the daemon dies at once, the disk keeps what it had written back."""
+    pid = daemon_pid(mnt.warehouse)
+    assert pid is not None
+    os.kill(pid, signal.SIGKILL)
+    disk_proc.send_signal(signal.SIGTERM)
+    said = disk_proc.stderr.read().decode() if disk_proc.stderr else ""
+    assert disk_proc.wait(60) == 0, said
+    # The plug caught writes in flight (the disk kept a random part of them).
+    m = re.search(r"pulled the plug: (\d+) unsynced blocks in \d+ files", said)
+    assert m and int(m.group(1)) > 0, said
+    for w in writers:
+        w.wait(60)
+        assert w.returncode != 0  # cut off mid-way by the dead mount
+    for point in (mnt.mountpoint, disk_mnt):
+        subprocess.run(["fusermount3", "-u", str(point)], capture_output=True, check=False)
+        assert not is_mounted(point)
+
+
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize("backend", ["file", "sqlite"])
+def test_pulled_plugs_keep_every_fsynced_byte(tmp_path, backend):
+    durable, disk_mnt = tmp_path / "durable", tmp_path / "disk"
+    make_warehouse(durable / "wh", backend=backend)
+    mnt = FsMount(disk_mnt / "wh", tmp_path / "mnt")
+    log, replaced = tmp_path / "fsynced.log", tmp_path / "replaced.log"
+    here = os.path.dirname(__file__)
+    try:
+        for cycle, seed in enumerate(SEEDS):
+            with disk(durable, disk_mnt, seed) as disk_proc:
+                mnt.mount()  # after the last plug, with no repair
+                before = check_synced(mnt, log, replaced)
+                name = f"c{cycle}"
+                os.mkdir(mnt.path(name))
+                if cycle == 0:
+                    os.mkdir(mnt.path("replace"))
+                start = int(([-1] + replaced.read_text().split())[-1]) + 1 if cycle else 0
+                writers = [
+                    subprocess.Popen([sys.executable, "-c", WRITER, mnt.path(name), str(log),
+                                      here, name], stderr=subprocess.PIPE),
+                    subprocess.Popen([sys.executable, "-c", REPLACER, mnt.path("replace"),
+                                      str(replaced), here, str(start)], stderr=subprocess.PIPE),
+                ]
+                deadline = time.monotonic() + 120
+                while len(synced(log)) < before + SYNCED_PER_CYCLE:
+                    for w in writers:
+                        assert w.poll() is None, w.stderr.read().decode() if w.stderr else ""
+                    assert time.monotonic() < deadline, "the writer made no progress"
+                    time.sleep(0.05)
+                pull_the_plug(mnt, disk_proc, disk_mnt, writers)
+        with disk(durable, disk_mnt, 0):
+            mnt.mount()
+            assert check_synced(mnt, log, replaced) >= len(SEEDS) * SYNCED_PER_CYCLE
+            st = status(mnt.warehouse)
+            assert st["state"] == "clean", st
+            # Writes the plug cut short are not damage: no member is blamed for them.
+            assert [m["checksum_errors"] for m in st["members"]] == [0] * 5, st
+            mnt.umount()
+            p = dwfs("fsck", mnt.warehouse, "--verify-data", check=False)
+            assert p.returncode == 0 and "clean" in p.stdout, p.stdout + p.stderr
+            p = dwfs("scrub", mnt.warehouse, check=False)
+            assert p.returncode == 0, p.stdout + p.stderr
+    finally:
+        force_unmount(mnt.mountpoint, mnt.warehouse if is_mounted(disk_mnt) else None)
