@@ -15,11 +15,13 @@ import trio
 log = logging.getLogger(__name__)
 
 Handler = Callable[[dict, Callable[[int, int], None]], Any]
+LimiterFor = Callable[[dict], trio.CapacityLimiter]  # the threads a request may wait for
 
 
-async def serve(sock_path: str, handler: Handler, limiter: trio.CapacityLimiter,
+async def serve(sock_path: str, handler: Handler, limiter_for: LimiterFor,
                 task_status=trio.TASK_STATUS_IGNORED) -> None:
-    """Serve requests on a Unix socket until cancelled; each runs in a worker thread."""
+    """Serve requests on a Unix socket until cancelled; each runs in a worker thread, within
+    the limiter `limiter_for` gives it."""
     if os.path.exists(sock_path):
         os.unlink(sock_path)
     sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -30,7 +32,7 @@ async def serve(sock_path: str, handler: Handler, limiter: trio.CapacityLimiter,
     task_status.started()
     try:
         await trio.serve_listeners(
-            lambda stream: _connection(stream, handler, limiter), [listener]
+            lambda stream: _connection(stream, handler, limiter_for), [listener]
         )
     finally:
         try:
@@ -40,7 +42,7 @@ async def serve(sock_path: str, handler: Handler, limiter: trio.CapacityLimiter,
 
 
 async def _connection(stream: trio.SocketStream, handler: Handler,
-                      limiter: trio.CapacityLimiter) -> None:
+                      limiter_for: LimiterFor) -> None:
     async with stream:
         buf = b""
         while b"\n" not in buf:
@@ -66,7 +68,7 @@ async def _connection(stream: trio.SocketStream, handler: Handler,
             async with send_channel:
                 try:
                     result = await trio.to_thread.run_sync(handler, op, progress,
-                                                           limiter=limiter)
+                                                           limiter=limiter_for(op))
                     await send_channel.send({"ok": True, "result": result})
                 except OSError as exc:
                     log.error("control request %s failed: %s", op.get("op"), exc)

@@ -129,9 +129,15 @@ class Daemon:
         return report.summary()
 
     async def run(self, ready) -> None:
-        limiter = trio.CapacityLimiter(1)
+        # Long requests (a rebuild, a scrub, an import) run one at a time; quick ones (status,
+        # flush, ping, smart-list) are answered meanwhile, so `dwfs status` follows a rebuild.
+        long, quick = trio.CapacityLimiter(1), trio.CapacityLimiter(QUICK_REQUESTS_AT_ONCE)
+
+        def limiter_for(op: dict) -> trio.CapacityLimiter:
+            return long if op.get("op") in LONG_REQUESTS else quick
+
         async with trio.open_nursery() as nursery:
-            await nursery.start(control_server.serve, self.sock_path, self.handle, limiter)
+            await nursery.start(control_server.serve, self.sock_path, self.handle, limiter_for)
             nursery.start_soon(self._signals, nursery)
             nursery.start_soon(self._tune_readahead)
             nursery.start_soon(self._watch_members)
@@ -326,6 +332,8 @@ def _close_filesystem(fs: Filesystem, warehouse: str) -> None:
 
 
 WRITING_REQUESTS = ("replace", "ghost-import", "ghost-sync")
+LONG_REQUESTS = ("replace", "scrub", "ghost-import", "ghost-sync")
+QUICK_REQUESTS_AT_ONCE = 4
 COMMIT_SECONDS = 5.0
 SEAL_IDLE_SECONDS = 2.0
 METACOPY_SECONDS = 600.0

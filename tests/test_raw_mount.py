@@ -10,7 +10,16 @@ import sys
 import time
 
 import pytest
-from mountutil import daemon_pid, drop_caches, dwfs, is_mounted, pid_alive, status, wait_for_log
+from mountutil import (
+    DWFS,
+    daemon_pid,
+    drop_caches,
+    dwfs,
+    is_mounted,
+    pid_alive,
+    status,
+    wait_for_log,
+)
 
 from backends import open_member
 from dwfs.config import load_config
@@ -141,8 +150,21 @@ def test_member_deleted_while_mounted_then_replaced_online(tmp_path, raw_mount):
     assert _read(m.volume, 0, len(data)) == data
     more = os.urandom(2 * MiB)
     _write(m.volume, 21 * MiB, more)
-    proc = dwfs("replace", wh, "2")
-    assert "rebuilt" in proc.stdout
+    # Paced (24 MiB at 4 MiB/s) so that status is asked while it runs.
+    replace = subprocess.Popen([*DWFS, "replace", str(wh), "2", "--max-rate", "4M"],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for_log(wh, "rebuild starts")
+        doc = status(wh)  # answered during the rebuild, not after it
+        assert replace.poll() is None, replace.communicate()
+        assert doc["state"] == "rebuilding", doc
+        assert doc["members"][2]["state"] == "rebuilding", doc
+        out, err = replace.communicate(timeout=120)
+    finally:
+        if replace.poll() is None:
+            replace.kill()
+            replace.wait()
+    assert replace.returncode == 0 and "rebuilt" in out, out + err
     doc = status(wh)
     assert doc["state"] == "clean"
     assert os.path.exists(victim)
