@@ -6,10 +6,13 @@ Usage: python tests/powercutfs.py DURABLE MNT SEED
 
 MNT shows DURABLE (scripts/passthroughfs.py's passthrough). Names (create, rename, unlink,
 mkdir) reach DURABLE at once; file data and sizes reach it only on fsync or fdatasync of the
-file. Until then they live in this process, and reads see them. SIGTERM pulls the plug: of each
-file's unsynced 4 KiB blocks, a random half (random.Random(SEED)) reaches DURABLE, in no order,
-the unsynced size or truncation or not, as a disk may have written back part of its cache,
-and the process ends at once. SIGKILL loses every unsynced write.
+file. Until then they live in this process, and reads see them.
+
+Pulling the plug: of each file's unsynced 4 KiB blocks, a random half (random.Random(SEED))
+reaches DURABLE, in no order, with the unsynced size or truncation or without, as a disk may
+have written back part of its cache; then the process ends at once. SIGTERM pulls it now.
+SIGUSR1 pulls it at one of the next 1-8 fsyncs (chosen by SEED), as that fsync begins: the
+moment an fsync-ordering mistake shows. SIGKILL loses every unsynced write.
 
 A test helper, not a product: it serves the tests that pull the plug under dwfs.
 """
@@ -23,6 +26,7 @@ import signal
 import sys
 import types
 from pathlib import Path
+from typing import NoReturn
 
 import pyfuse3
 import trio
@@ -112,9 +116,16 @@ class Unsynced:
 class PowerCutFS(Passthrough):
     """The passthrough with a volatile cache in front of every file's data."""
 
-    def __init__(self, source: str) -> None:
+    def __init__(self, source: str, seed: int) -> None:
         super().__init__(source, inline_io=True)
         self.unsynced: dict[int, Unsynced] = {}  # inode -> its unsynced writes
+        self.rng = random.Random(seed)
+        self.fsyncs_left: int | None = None  # armed: the plug goes at this many fsyncs on
+
+    def arm(self) -> None:
+        """Pull the plug as one of the next few fsyncs begins."""
+        self.fsyncs_left = self.rng.randint(1, 8)
+        log.info("armed: the plug goes at the %d. fsync from now", self.fsyncs_left)
 
     def _unsynced(self, inode: int, fd: int) -> Unsynced:
         u = self.unsynced.get(inode)
@@ -175,6 +186,10 @@ class PowerCutFS(Passthrough):
     @fuse_errors
     async def fsync(self, fh, datasync):
         """Land the file's unsynced writes, then sync the durable file."""
+        if self.fsyncs_left is not None:
+            self.fsyncs_left -= 1
+            if not self.fsyncs_left:
+                self.pull_the_plug()
         u = self.unsynced.pop(self.fd_inode[fh], None)
         if u is not None:
             try:
@@ -183,32 +198,35 @@ class PowerCutFS(Passthrough):
                 os.close(u.fd)
         os.fsync(fh)
 
-    def pull_the_plug(self, rng: random.Random) -> None:
-        """What a disk had written back of its cache when the power went; says how much
-        was unsynced and how much of that landed (on stderr)."""
+    def pull_the_plug(self) -> NoReturn:
+        """Keep what a disk had written back of its cache when the power went, say how much
+        was unsynced and how much of that landed (on stderr), and end the process."""
         blocks = landed = 0
         for _inode, u in sorted(self.unsynced.items()):
             blocks += len(u.blocks)
-            landed += u.land(rng)
+            landed += u.land(self.rng)
             os.fsync(u.fd)
         print(f"pulled the plug: {blocks} unsynced blocks in {len(self.unsynced)} files, "
               f"{landed} landed", file=sys.stderr, flush=True)
+        os._exit(0)
 
 
-async def serve(ops: PowerCutFS, seed: int) -> None:
-    """Answer requests until unmounted (then land every write, a clean shutdown) or SIGTERM
-    (then pull the plug and end the process at once)."""
+async def serve(ops: PowerCutFS) -> None:
+    """Answer requests until unmounted (then land every write, a clean shutdown) or the plug
+    is pulled (SIGTERM now, SIGUSR1 at an fsync soon)."""
 
     async def fuse(nursery: trio.Nursery) -> None:
         await pyfuse3.main()
         nursery.cancel_scope.cancel()
 
-    with trio.open_signal_receiver(signal.SIGTERM) as signals:
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGUSR1) as signals:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(fuse, nursery)
-            async for _ in signals:
-                ops.pull_the_plug(random.Random(seed))
-                os._exit(0)
+            async for signum in signals:
+                if signum == signal.SIGUSR1:
+                    ops.arm()
+                else:
+                    ops.pull_the_plug()
     for u in ops.unsynced.values():
         u.land()
         os.fsync(u.fd)
@@ -221,15 +239,15 @@ def main(argv: list[str] | None = None) -> int:
         sys.stderr.write("usage: powercutfs.py DURABLE MNT SEED\n")
         return 2
     durable, mountpoint, seed = args
-    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
+    logging.basicConfig(level=logging.WARNING, stream=sys.stderr,
                         format="powercutfs: %(levelname)s %(message)s")
     os.umask(0)
-    ops = PowerCutFS(durable)
+    ops = PowerCutFS(durable, int(seed))
     options = set(pyfuse3.default_options)
     options |= {"fsname=powercutfs", "subtype=powercutfs", "default_permissions"}
     pyfuse3.init(ops, mountpoint, options)
     try:
-        trio.run(serve, ops, int(seed))
+        trio.run(serve, ops)
     except BaseException:
         pyfuse3.close(unmount=False)
         raise

@@ -11,7 +11,9 @@ record and the metadata durable.
 
 from __future__ import annotations
 
+import json
 import os
+import random
 import re
 import signal
 import subprocess
@@ -22,6 +24,7 @@ from pathlib import Path
 
 import pytest
 from mountutil import (
+    DWFS,
     FsMount,
     daemon_pid,
     drop_caches,
@@ -30,8 +33,9 @@ from mountutil import (
     is_mounted,
     make_warehouse,
     status,
+    wait_for_log,
 )
-from test_fs_faults import REPLACER, WRITER, content, read_file, version
+from test_fs_faults import REPLACER, WRITER, content, read_file, version, write_file
 
 DISK = Path(__file__).with_name("powercutfs.py")
 # One pulled plug each; DWFS_POWERCUT_PLUGS=N for a longer run.
@@ -91,16 +95,20 @@ def check_synced(mnt: FsMount, log: Path, replaced: Path) -> int:
 
 
 def pull_the_plug(mnt: FsMount, disk_proc: subprocess.Popen, disk_mnt: Path,
-                  writers: list[subprocess.Popen]) -> None:
-    """Power off: the daemon dies at once, the disk keeps what it had written back."""
+                  writers: list[subprocess.Popen], at_fsync: bool) -> None:
+    """Power off, now or (`at_fsync`) as one of the next few fsyncs reaches the disk: the disk
+    keeps what it had written back, and the daemon dies with it."""
     pid = daemon_pid(mnt.warehouse)
     assert pid is not None
-    os.kill(pid, signal.SIGKILL)
-    disk_proc.send_signal(signal.SIGTERM)
-    said = disk_proc.stderr.read().decode() if disk_proc.stderr else ""
-    assert disk_proc.wait(60) == 0, said
+    if not at_fsync:
+        os.kill(pid, signal.SIGKILL)
+    disk_proc.send_signal(signal.SIGUSR1 if at_fsync else signal.SIGTERM)
+    _, said = disk_proc.communicate(timeout=60)
+    if at_fsync:
+        os.kill(pid, signal.SIGKILL)  # it outlived its disk by a moment
+    assert disk_proc.returncode == 0, said
     # The plug caught writes in flight (the disk kept a random part of them).
-    m = re.search(r"pulled the plug: (\d+) unsynced blocks in \d+ files", said)
+    m = re.search(r"pulled the plug: (\d+) unsynced blocks in \d+ files", said.decode())
     assert m and int(m.group(1)) > 0, said
     for w in writers:
         w.wait(60)
@@ -140,7 +148,7 @@ def test_pulled_plugs_keep_every_fsynced_byte(tmp_path, backend):
                         assert w.poll() is None, w.stderr.read().decode() if w.stderr else ""
                     assert time.monotonic() < deadline, "the writer made no progress"
                     time.sleep(0.05)
-                pull_the_plug(mnt, disk_proc, disk_mnt, writers)
+                pull_the_plug(mnt, disk_proc, disk_mnt, writers, at_fsync=cycle % 2 == 1)
         with disk(durable, disk_mnt, 0):
             mnt.mount()
             assert check_synced(mnt, log, replaced) >= len(SEEDS) * SYNCED_PER_CYCLE
@@ -153,5 +161,56 @@ def test_pulled_plugs_keep_every_fsynced_byte(tmp_path, backend):
             assert p.returncode == 0 and "clean" in p.stdout, p.stdout + p.stderr
             p = dwfs("scrub", mnt.warehouse, check=False)
             assert p.returncode == 0, p.stdout + p.stderr
+    finally:
+        force_unmount(mnt.mountpoint, mnt.warehouse if is_mounted(disk_mnt) else None)
+
+
+@pytest.mark.timeout(600)
+def test_pulled_plug_during_a_rebuild_resumes_it(tmp_path):
+    """The plug is pulled while `dwfs replace` rebuilds a deleted member online; the next
+    mount resumes the rebuild, which ends clean with every file intact and no member blamed."""
+    durable, disk_mnt = tmp_path / "durable", tmp_path / "disk"
+    make_warehouse(durable / "wh")
+    mnt = FsMount(disk_mnt / "wh", tmp_path / "mnt")
+    files = {f"g{i}": random.Random(i).randbytes(1 + i * 200_000) for i in range(30)}
+    try:
+        with disk(durable, disk_mnt, 1) as disk_proc:
+            mnt.mount()
+            for name, data in files.items():
+                write_file(mnt.path(name), data)
+            victim = status(mnt.warehouse)["members"][2]["path"]
+            os.unlink(victim)
+            wait_for_log(mnt.warehouse, "failed and is taken out of service")
+            # Paced (as md's speed_limit_max) so that the plug lands after a checkpoint.
+            replace = subprocess.Popen([*DWFS, "replace", mnt.warehouse, "2", "--max-rate", "16M"],
+                                       stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+            deadline = time.monotonic() + 120
+            while True:
+                assert replace.poll() is None, replace.communicate()
+                member = status(mnt.warehouse)["members"][2]
+                if member["state"] == "rebuilding" and (member["rebuilt_bytes"] or 0) > 0:
+                    break
+                assert time.monotonic() < deadline, "the rebuild made no progress"
+                time.sleep(0.02)
+            pull_the_plug(mnt, disk_proc, disk_mnt, [replace], at_fsync=True)
+        with disk(durable, disk_mnt, 0):
+            mnt.mount()
+            resumed = re.search(r"slot 2: resuming rebuild at row (\d+)",
+                                wait_for_log(mnt.warehouse, "resuming rebuild at row"))
+            assert resumed and int(resumed.group(1)) > 0  # from its last checkpoint
+            deadline = time.monotonic() + 300
+            while (st := status(mnt.warehouse))["state"] != "clean":
+                assert st["state"] == "rebuilding", st
+                assert time.monotonic() < deadline, "the resumed rebuild did not end"
+                time.sleep(0.2)
+            assert [m["checksum_errors"] for m in st["members"]] == [0] * 5, st
+            drop_caches()
+            for name, data in files.items():
+                assert read_file(mnt.path(name)) == data, name
+            mnt.umount()
+            p = dwfs("fsck", mnt.warehouse, "--verify-data", check=False)
+            assert p.returncode == 0 and "clean" in p.stdout, p.stdout + p.stderr
+            scrub = json.loads(dwfs("scrub", mnt.warehouse, "--json").stdout)
+            assert scrub["errors"] == 0 and scrub["unrecoverable"] == 0, scrub
     finally:
         force_unmount(mnt.mountpoint, mnt.warehouse if is_mounted(disk_mnt) else None)
