@@ -11,10 +11,12 @@ record and the metadata durable.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -36,11 +38,14 @@ from mountutil import (
     wait_for_log,
 )
 from test_fs_faults import REPLACER, WRITER, content, read_file, version, write_file
+from test_ghosts import READER, sha256_of, state, stored
 
 DISK = Path(__file__).with_name("powercutfs.py")
+MiB = 1 << 20
 # One pulled plug each; DWFS_POWERCUT_PLUGS=N for a longer run.
 SEEDS = tuple(range(11, 11 + int(os.environ.get("DWFS_POWERCUT_PLUGS", "3"))))
 SYNCED_PER_CYCLE = 12  # files fsync'd before the plug is pulled
+KEEP_CYCLES = 3  # the files of older cycles are removed
 
 
 @contextmanager
@@ -74,14 +79,15 @@ def synced(log: Path) -> list[tuple[str, int]]:
     return [(d, int(i)) for d, i in (line.split() for line in log.read_text().splitlines())]
 
 
-def check_synced(mnt: FsMount, log: Path, replaced: Path) -> int:
-    """Every fsync'd file reads back exactly, the replaced file is one whole version no older
-    than the last one fsync'd, and every other file can be read; returns how many files were
-    fsync'd."""
+def check_synced(mnt: FsMount, log: Path, replaced: Path, gone: frozenset = frozenset()) -> int:
+    """Every fsync'd file (but those in the directories `gone`) reads back exactly, the
+    replaced file is one whole version no older than the last one fsync'd, and every other
+    file can be read; returns how many files were fsync'd."""
     drop_caches()
     done = synced(log)
     for d, i in done:
-        assert read_file(mnt.path(d, f"f{i}")) == content(i), f"{d}/f{i} differs"
+        if d not in gone:
+            assert read_file(mnt.path(d, f"f{i}")) == content(i), f"{d}/f{i} differs"
     if replaced.exists():
         last = int(replaced.read_text().split()[-1])
         data = read_file(mnt.path("replace", "cfg"))
@@ -126,11 +132,15 @@ def test_pulled_plugs_keep_every_fsynced_byte(tmp_path, backend):
     mnt = FsMount(disk_mnt / "wh", tmp_path / "mnt")
     log, replaced = tmp_path / "fsynced.log", tmp_path / "replaced.log"
     here = os.path.dirname(__file__)
+    gone: set[str] = set()  # the directories of old cycles, removed
     try:
         for cycle, seed in enumerate(SEEDS):
             with disk(durable, disk_mnt, seed) as disk_proc:
                 mnt.mount()  # after the last plug, with no repair
-                before = check_synced(mnt, log, replaced)
+                before = check_synced(mnt, log, replaced, frozenset(gone))
+                if cycle >= KEEP_CYCLES:  # room for the next, and space freed and reused
+                    gone.add(f"c{cycle - KEEP_CYCLES}")
+                    shutil.rmtree(mnt.path(f"c{cycle - KEEP_CYCLES}"))
                 name = f"c{cycle}"
                 os.mkdir(mnt.path(name))
                 if cycle == 0:
@@ -151,7 +161,8 @@ def test_pulled_plugs_keep_every_fsynced_byte(tmp_path, backend):
                 pull_the_plug(mnt, disk_proc, disk_mnt, writers, at_fsync=cycle % 2 == 1)
         with disk(durable, disk_mnt, 0):
             mnt.mount()
-            assert check_synced(mnt, log, replaced) >= len(SEEDS) * SYNCED_PER_CYCLE
+            total = check_synced(mnt, log, replaced, frozenset(gone))
+            assert total >= len(SEEDS) * SYNCED_PER_CYCLE
             st = status(mnt.warehouse)
             assert st["state"] == "clean", st
             # Writes the plug cut short are not damage: no member is blamed for them.
@@ -212,5 +223,59 @@ def test_pulled_plug_during_a_rebuild_resumes_it(tmp_path):
             assert p.returncode == 0 and "clean" in p.stdout, p.stdout + p.stderr
             scrub = json.loads(dwfs("scrub", mnt.warehouse, "--json").stdout)
             assert scrub["errors"] == 0 and scrub["unrecoverable"] == 0, scrub
+    finally:
+        force_unmount(mnt.mountpoint, mnt.warehouse if is_mounted(disk_mnt) else None)
+
+
+@pytest.mark.timeout(600)
+def test_pulled_plug_during_a_ghost_fetch(tmp_path):
+    """Ghosts imported (the command returned), one fetched and fsync'd, a large one being
+    fetched when the plug goes: the next mount has every ghost, the fsync'd one hydrated, the
+    large one a ghost or hydrated with its source's exact bytes, and fsck is clean."""
+    durable, disk_mnt = tmp_path / "durable", tmp_path / "disk"
+    make_warehouse(durable / "wh", size="128M")
+    mnt = FsMount(disk_mnt / "wh", tmp_path / "mnt")
+    src = tmp_path / "src"
+    (src / "sub").mkdir(parents=True)
+    for i in range(200):
+        (src / "sub" / f"f{i}.txt").write_bytes(f"file {i}\n".encode())
+    big = random.Random(3).randbytes(96 * MiB)
+    (src / "big.bin").write_bytes(big)
+    dest = mnt.path("g")
+    try:
+        with disk(durable, disk_mnt, 21) as disk_proc:
+            mnt.mount()
+            os.mkdir(dest)
+            fd = os.open(mnt.mountpoint, os.O_RDONLY)
+            os.fsync(fd)  # the destination directory itself is durable
+            os.close(fd)
+            dwfs("ghost", "import", str(src), dest)
+            small = os.path.join(dest, "sub", "f7.txt")
+            assert read_file(small) == b"file 7\n"
+            assert stored(small) == "hydrated"
+            fd = os.open(small, os.O_RDONLY)
+            os.fsync(fd)  # makes its state durable
+            os.close(fd)
+            reader = subprocess.Popen([sys.executable, "-c", READER,
+                                       os.path.join(dest, "big.bin")],
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            got = 0
+            while got < 8 * MiB:
+                line = reader.stdout.readline()
+                assert line, reader.stderr.read()
+                got = int(line)
+            pull_the_plug(mnt, disk_proc, disk_mnt, [reader], at_fsync=False)
+        with disk(durable, disk_mnt, 0):
+            mnt.mount()
+            names = sorted(os.listdir(os.path.join(dest, "sub")))
+            assert names == sorted(f"f{i}.txt" for i in range(200))
+            assert state(small) == "hydrated"
+            assert read_file(small) == b"file 7\n"
+            assert state(os.path.join(dest, "big.bin")) in ("ghost", "hydrated")
+            assert sha256_of(os.path.join(dest, "big.bin")) == hashlib.sha256(big).hexdigest()
+            assert stored(os.path.join(dest, "big.bin")) == "hydrated"
+            mnt.umount()
+            p = dwfs("fsck", mnt.warehouse, "--verify-data", check=False)
+            assert p.returncode == 0 and "clean" in p.stdout, p.stdout + p.stderr
     finally:
         force_unmount(mnt.mountpoint, mnt.warehouse if is_mounted(disk_mnt) else None)
