@@ -62,6 +62,10 @@ class WriteBehind:
         """The volume's usable bytes."""
         return self.volume.capacity
 
+    def parity_only_chunks(self, offset: int, length: int) -> list[tuple[int, int, int]]:
+        """The volume's chunks in those stripes that parity alone holds (see Volume)."""
+        return self.volume.parity_only_chunks(offset, length)
+
     def write(self, offset: int, data: bytes | bytearray | memoryview) -> None:
         """Queue a write (the data must not change afterwards), waiting for room."""
         self.submit(offset, data)

@@ -10,7 +10,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 
 from backends.member import Member, MemberIOError
-from raid.checksums import UNWRITTEN, array_seed
+from raid.checksums import UNWRITTEN, array_seed, chunk_checksum
 from raid.errors import ArrayCreateError, AssemblyError, UnrecoverableError
 from raid.geometry import BITMAP_OFFSET, BITMAP_SIZE, LABEL_OFFSET, LABEL_SIZE, Geometry
 from raid.label import Label, LabelError, SlotRecord
@@ -254,12 +254,18 @@ def _resync(volume: Volume, labels: dict[int, Label]) -> None:
 def resync_row(volume: Volume, group: int, row: int) -> list[str]:
     """Trust verified data columns, recompute parity and checksums of one row; what was found
     ("rolled back", "kept" per chunk, "lost" for the row). Mismatches here are interrupted
-    writes, not damage: they are not counted as members' checksum errors."""
+    writes, not damage: they are not counted as members' checksum errors.
+
+    A row whose missing member's chunk cannot be reconstructed any more (the crash tore the
+    parity of a degraded array) is "lost": that chunk stays unreadable, never wrong. Its torn
+    chunks still keep their bytes and get their checksums: a write tears only the sectors it
+    changes, so data in use beside them in the chunk is intact and readable."""
     g = volume.geometry
     slots = g.column_slots(group, row)
     data = np.zeros((g.k, g.chunk), dtype=np.uint8)
     changed: list[int] = []
     found: list[str] = []
+    missing: list[int] = []
     for c in range(g.k):
         slot = slots[c]
         entry = volume.table.get(slot, row)
@@ -268,11 +274,7 @@ def resync_row(volume: Volume, group: int, row: int) -> list[str]:
             data[c] = buf
             continue
         if how == "missing":
-            try:
-                data[c] = volume.reconstruct(group, row, [c], {}, count=False)[c]
-            except UnrecoverableError as exc:
-                log.error("resync of row %d, group %d: slot %d lost: %s", row, group, slot, exc)
-                return ["lost"]
+            missing.append(c)
             continue
         # A torn, never-flushed write: try the old contents from parity, else keep the bytes.
         try:
@@ -285,7 +287,15 @@ def resync_row(volume: Volume, group: int, row: int) -> list[str]:
             data[c] = buf
             changed.append(c)
             found.append("kept")
-            continue
+    for c in missing:
+        try:
+            data[c] = volume.reconstruct(group, row, [c], {}, count=False)[c]
+        except UnrecoverableError as exc:
+            log.error("resync of row %d, group %d: the chunk of missing slot %d is lost: %s",
+                      row, group, slots[c], exc)
+            for k in changed:  # kept as they are: their parity cannot be made right
+                volume.table.set(slots[k], row, chunk_checksum(data[k], slots[k], row))
+            return [*found, "lost"]
     if all(volume.table.get(slots[c], row) == UNWRITTEN for c in range(g.k)) and not changed:
         return found
     volume.store_row(group, row, data, changed)  # also records the kept chunks' checksums

@@ -91,6 +91,28 @@ class Volume(MemberRecords):
         """Usable bytes."""
         return self.geometry.capacity
 
+    def parity_only_chunks(self, offset: int, length: int) -> list[tuple[int, int, int]]:
+        """The data chunks (offset, length, end of their stripe) in the stripes that
+        [offset, offset+length) touches whose member is missing or not yet rebuilt there:
+        parity alone holds them.
+
+        A write of part of such a stripe rewrites its parity in place, and a crash in the
+        middle would leave them unrecoverable (the RAID write hole while degraded), so the
+        filesystem puts new data elsewhere while it can. Empty while every member is whole."""
+        g = self.geometry
+        if length <= 0 or all(s.state == "active" and s.member is not None
+                              for s in self.slots):
+            return []
+        out = []
+        first, last = offset // g.stripe_bytes, (offset + length - 1) // g.stripe_bytes
+        for stripe in range(first, min(last + 1, g.stripes)):
+            group, row = g.locate(stripe)
+            for c, slot in enumerate(g.column_slots(group, row)[: g.k]):
+                if not self.slots[slot].holds(row):
+                    out.append((stripe * g.stripe_bytes + c * g.chunk, g.chunk,
+                                (stripe + 1) * g.stripe_bytes))
+        return out
+
     def read(self, offset: int, length: int) -> bytearray | memoryview:
         """Bytes at [offset, offset + length), short at the end of the volume."""
         n = self._clamp(offset, length)

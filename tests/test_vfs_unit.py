@@ -4,6 +4,7 @@ persistence across commit + reopen, copy-on-write, ENOSPC, holes, orphans."""
 from __future__ import annotations
 
 import errno
+import logging
 import os
 import stat
 
@@ -1039,3 +1040,51 @@ def test_random_contents_against_model(env):
         env.fs.commit()
 
     run()
+
+
+def test_allocator_guard_keeps_writes_out_of_stripes_parity_alone_holds(caplog):
+    """While degraded, new data stays out of stripes where parity alone holds a chunk in use
+    (stripes of 48 sectors; the missing member's data chunk is sectors 16-31 of each), lands
+    where that chunk is free or wholly overwritten, and goes there anyway only when nothing
+    else is free (with a warning)."""
+    from vfs.alloc import Allocator
+
+    def guard(start: int, count: int) -> list[tuple[int, int, int]]:
+        first, last = start // 48, (start + count - 1) // 48
+        return [(s * 48 + 16, 16, s * 48 + 48) for s in range(first, last + 1)]
+
+    # Stripe 0's missing chunk is in use; everything else is free.
+    a = Allocator(48 * 4, [(16, 16)], run=16)
+    a.guard = guard
+    assert a.allocate_each([4]) == [48]  # not 0: stripe 0 only has parity for sectors 16-31
+    assert a.allocate_each([16]) == [52]  # stripe 1's missing chunk is free: it may go there
+    assert a.allocate_each([8]) == [96]  # stripe 1's is now taken (52-67) and not overwritten
+    # Stripe 2's missing chunk (112-127) wholly overwritten, stripe 3's (160-175) still free.
+    assert a.allocate_each([48]) == [104]
+    assert a.allocate_each([4]) == [152]  # not 68: stripe 1's missing chunk is in use
+    with caplog.at_level(logging.WARNING, logger="vfs.alloc"):
+        rest = a.free_count
+        starts = a.allocate_each([1] * rest)  # nothing else is left: no ENOSPC for that
+    assert len(starts) == rest and a.free_count == 0
+    assert "degraded and full" in caplog.text
+
+
+def test_parity_only_chunks_name_the_missing_members_data(tmp_path):
+    paths, uuid, g = build(tmp_path / "a", "raidz2", 5, 4096, rows=20)
+    vol = open_vol(paths, uuid)
+    assert vol.parity_only_chunks(0, g.capacity) == []  # every member is there
+    close_members(vol)
+    os.unlink(paths[3])
+    vol = open_vol(paths, uuid)
+    got = vol.parity_only_chunks(0, g.capacity)
+    want = []
+    for stripe in range(g.stripes):
+        group, row = g.locate(stripe)
+        cols = g.column_slots(group, row)
+        if 3 in cols[: g.k]:
+            c = cols.index(3)
+            want.append((stripe * g.stripe_bytes + c * 4096, 4096, (stripe + 1) * g.stripe_bytes))
+    assert got == want and 0 < len(want) < g.stripes  # (slot 3 holds parity in some rows)
+    assert vol.parity_only_chunks(g.stripe_bytes, 1) == [w for w in want
+                                                        if w[2] == 2 * g.stripe_bytes]
+    vol.close()

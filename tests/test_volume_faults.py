@@ -875,3 +875,56 @@ def test_crash_between_table_copies_is_resynced(tmp_path):
         assert_reads(vol, model)
         close_members(vol)
         restore(paths, snap)
+
+
+def test_torn_write_while_degraded_keeps_the_data_beside_it(tmp_path):
+    """A pulled plug while degraded: a partial-stripe write tore its chunk and a parity chunk,
+    so the missing member's chunk of that row cannot be reconstructed any more. The resync
+    keeps the torn chunk's bytes: data in use beside the write in that chunk stays readable;
+    the lost chunk raises, never wrong bytes; the other rows are untouched."""
+    chunk = 16384
+    paths, uuid, g = build(tmp_path / "a", "raidz2", 5, chunk, rows=16)
+    old = rand_bytes(1, g.stripe_bytes * 4)
+    vol = open_vol(paths, uuid)
+    vol.write(0, old)
+    vol.flush()
+    group, row = g.locate(1)
+    slots = g.column_slots(group, row)
+    stripe = g.stripe_bytes
+    half = chunk // 2
+    # The new bytes go into the second half of data column 1 of stripe 1; its first half is
+    # data in use. The row reaches the members, and the plug goes before the flush.
+    vol.write(stripe + chunk + half, rand_bytes(2, half))
+    vol._commit_all()
+    close_members(vol)
+
+    def region(slot: int, lo: int, hi: int):
+        return paths[slot], g.chunk_offset(row) + lo, hi - lo
+
+    def put(path: str, at: int, data: bytes) -> None:
+        with open(path, "r+b") as f:
+            f.seek(at)
+            f.write(data)
+
+    # Tear (old bytes written back where the new ones did not land): column 1's new half
+    # landed in its first 4 KiB only, parity P in its last 4 KiB only, Q not at all; then the
+    # member holding data column 2 is lost.
+    old_row = np.frombuffer(old[stripe : 2 * stripe], dtype=np.uint8).reshape(g.k, chunk)
+    old_parity = g.codec.encode(old_row)
+    path, at, _ = region(slots[1], half + 4096, chunk)
+    put(path, at, old_row[1][half + 4096 :].tobytes())
+    path, at, _ = region(slots[g.k], half, half + 4096)
+    put(path, at, old_parity[0][half : half + 4096].tobytes())
+    path, at, _ = region(slots[g.k + 1], 0, chunk)
+    put(path, at, old_parity[1].tobytes())
+    remove_member(paths[slots[2]])
+
+    vol = open_vol(paths, uuid)
+    assert vol.state() == "degraded"
+    # In use beside the write: untouched, readable (column 0, and column 1's first half).
+    assert bytes(vol.read(stripe, chunk + half)) == old[stripe : stripe + chunk + half]
+    with pytest.raises(UnrecoverableError):
+        vol.read(stripe + 2 * chunk, chunk)  # only parity held it, and the plug tore parity
+    for s in (0, 2, 3):
+        assert bytes(vol.read(s * stripe, stripe)) == old[s * stripe : (s + 1) * stripe]
+    vol.close()

@@ -2,17 +2,28 @@
 
 Freed space is held back until the metadata commit that frees it is durable (`release`), so a
 crash can never leave the committed block map pointing at space already reused.
+
+While the volume has a member missing, a `guard` steers new data away from stripes where
+parity alone holds a chunk still in use: writing part of such a stripe rewrites its parity
+in place, and a crash in the middle would lose that chunk (the RAID write hole while
+degraded). Only when no other free space is left does a write go there.
 """
 
 from __future__ import annotations
 
 import bisect
 import errno
-from collections.abc import Iterable
+import logging
+from collections.abc import Callable, Iterable
 
 from vfs.errors import FSError
 
+log = logging.getLogger(__name__)
+
 SECTOR = 4096
+# (start, count) sectors -> the (start, count, stripe end) of the chunks in the stripes it
+# touches that only parity holds
+Guard = Callable[[int, int], list[tuple[int, int, int]]]
 
 
 class Allocator:
@@ -41,6 +52,8 @@ class Allocator:
         if pos < total:
             self._append(pos, total - pos)
         self._cursor = 0
+        self.guard: Guard | None = None
+        self._warned = False  # that the guard found no other room (once per mount)
         self._held: list[tuple[int, int]] = []
         self._taken: list[tuple[int, int]] = []  # allocated since the last mark was dropped
 
@@ -109,7 +122,37 @@ class Allocator:
         return out
 
     def _take(self, n: int) -> int | None:
-        """Carve `n` contiguous sectors from the first free extent at or after the cursor."""
+        """Carve `n` contiguous sectors from the first free extent at or after the cursor
+        (with a guard: the first place it allows, else any)."""
+        if self.guard is not None:
+            at = self._carve(n, self._guarded)
+            if at is not None:
+                return at
+            if not self._warned:
+                self._warned = True
+                log.warning("the volume is degraded and full: new data goes into stripes "
+                            "where parity alone holds data in use (a crash while writing "
+                            "them could lose it); replace the missing member")
+        return self._carve(n, None)
+
+    def _guarded(self, start: int, length: int, at: int, n: int) -> int | None:
+        """The first place at or after `at` in the free extent (start, length) for `n`
+        sectors whose stripes hold no parity-only chunk in use (one outside the extent and
+        not wholly overwritten)."""
+        assert self.guard is not None
+        end = start + length
+        while at + n <= end:
+            past = None
+            for s, c, stripe_end in self.guard(at, n):
+                if not (start <= s and s + c <= end) and not (at <= s and s + c <= at + n):
+                    past = stripe_end if past is None else max(past, stripe_end)
+            if past is None:
+                return at
+            at = past
+        return None
+
+    def _carve(self, n: int, place: Callable[[int, int, int, int], int | None] | None
+               ) -> int | None:
         count = len(self._starts)
         i = bisect.bisect_right(self._starts, self._cursor) - 1
         if i < 0:
@@ -122,6 +165,11 @@ class Allocator:
             start, length = self._starts[i], self._lens[i]
             # Only the first look starts at the cursor; after the wrap the whole extent counts.
             at = self._cursor if turn == 0 and start < self._cursor < start + length else start
+            if place is not None and start + length - at >= n:
+                at = place(start, length, at, n)
+                if at is None:
+                    i += 1
+                    continue
             if start + length - at >= n:
                 head, tail = at - start, start + length - (at + n)
                 self.runs += head // self.run + tail // self.run - length // self.run

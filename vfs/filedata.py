@@ -40,6 +40,8 @@ class VolumeLike(Protocol):
 
     def flush(self) -> None: ...
 
+    def parity_only_chunks(self, offset: int, length: int) -> list[tuple[int, int, int]]: ...
+
 
 Sectors = dict[int, bytearray]
 """A dirty block: sector index within the block -> that sector's 4 KiB."""

@@ -62,6 +62,7 @@ class Filesystem(ContentOps, MakeOps, RenameOps, XattrOps):
         used += list(db.rows("SELECT addr, nsect FROM extents"))
         used += list(db.rows("SELECT addr, nsect FROM metacopy"))
         self.alloc = Allocator(total, used, run=SECTORS_PER_BLOCK)
+        self.alloc.guard = self._parity_only_sectors
         self.data = FileData(db, volume, self.alloc)
         self.copy_reserve = copy_reserve(db)  # sectors file data leaves for the next copy
         self.opens: dict[int, int] = {}
@@ -467,6 +468,11 @@ class Filesystem(ContentOps, MakeOps, RenameOps, XattrOps):
             "ffree": free,
             "namemax": NAME_MAX,
         }
+
+    def _parity_only_sectors(self, start: int, count: int) -> list[tuple[int, int, int]]:
+        """The allocator's guard: the volume's parity-only chunks near a run, in sectors."""
+        return [(o // SECTOR, -(-n // SECTOR), -(-e // SECTOR)) for o, n, e in
+                self.volume.parity_only_chunks(start * SECTOR, count * SECTOR)]
 
     def commit(self, head_start: bool = False) -> None:
         """Make every change so far durable: file data first, then the metadata.
