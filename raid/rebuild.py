@@ -9,7 +9,7 @@ from collections.abc import Callable
 
 from backends.member import Member, MemberIOError
 from raid.checksums import UNWRITTEN
-from raid.errors import RaidError
+from raid.errors import RaidError, UnrecoverableError
 from raid.geometry import BITMAP_OFFSET, BITMAP_SIZE
 from raid.table import page_offset
 from raid.volume import Volume
@@ -101,7 +101,16 @@ def rebuild(
                 if volume.table.get(slot, r) == UNWRITTEN:
                     continue
                 column = g.column_slots(group, r).index(slot)
-                data = volume.reconstruct(group, r, [column], {})[column]
+                try:
+                    data = volume.reconstruct(group, r, [column], {})[column]
+                except UnrecoverableError as exc:
+                    if volume.state() == "failed":
+                        raise  # too many members gone: nothing more can be rebuilt
+                    # Lost before the rebuild began (a crash tore the row's parity while
+                    # degraded): it stays unreadable, never wrong; the rest goes on.
+                    log.error("slot %d row %d: cannot be rebuilt, its chunk stays unreadable: "
+                              "%s", slot, r, exc)
+                    continue
                 s.member.write(g.chunk_offset(r), data)
             row = end
             now = time.monotonic()

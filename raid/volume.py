@@ -498,12 +498,36 @@ class Volume(MemberRecords):
         need = [c for c, (a, b) in enumerate(spans) if not pending.covers(a, b)]
         changed = [c for c, (a, b) in enumerate(spans) if pending.touches(a, b)]
         data = np.empty((g.k, chunk), dtype=np.uint8)
-        for c, buf in self._columns(group, row, need).items():
+        try:
+            columns = self._columns(group, row, need)
+        except UnrecoverableError as exc:
+            columns = self._columns_of_lost_row(group, row, need, exc)
+        for c, buf in columns.items():
             data[c] = buf
         flat = data.reshape(-1)
         for a, b in pending.covered:
             flat[a:b] = pending.data[a:b]
         self.store_row(group, row, data, changed)
+
+    def _columns_of_lost_row(self, group: int, row: int, need: list[int],
+                             exc: UnrecoverableError) -> dict[int, np.ndarray]:
+        """Columns `need` of a row with chunks that can no longer be reconstructed (a crash
+        tore its parity while degraded; see resync_row), for new parity: a missing member's
+        chunk counts as zeros there, a mismatching one as its bytes, and both keep failing
+        their checksums (EIO, never wrong bytes), so the rest of the stripe stays writable."""
+        slots = self.geometry.column_slots(group, row)
+        got: dict[int, np.ndarray] = {}
+        lost = []
+        for c in need:
+            buf, how = self.load_chunk(slots[c], row, count=False)
+            if how != "ok":
+                lost.append(slots[c])
+            if buf is None:
+                buf = np.zeros(self.geometry.chunk, dtype=np.uint8)
+            got[c] = buf
+        log.warning("group %d row %d: the chunks of slots %s cannot be reconstructed (%s); "
+                    "new parity keeps them as they are, unreadable", group, row, lost, exc)
+        return got
 
     def settle_read_ahead(self) -> None:
         """Forget what was read ahead and wait for member reads in flight (before a member is

@@ -398,17 +398,23 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr,
                         format="passthroughfs: %(levelname)s %(message)s")
     os.umask(0)  # the kernel has applied the caller's umask to every mode it sends
-    ops = Passthrough(source, inline_io)
+    mount_and_serve(Passthrough(source, inline_io), mountpoint, "passthroughfs")
+    return 0
+
+
+def mount_and_serve(ops: pyfuse3.Operations, mountpoint: str, name: str,
+                    serve: Callable[..., Awaitable[None]] = pyfuse3.main, *args: Any) -> None:
+    """Mount `ops` at `mountpoint` (fsname and subtype `name`, default_permissions) and run
+    `serve(*args)` on trio until it returns; then close the session."""
     options = set(pyfuse3.default_options)
-    options |= {"fsname=passthroughfs", "subtype=passthroughfs", "default_permissions"}
+    options |= {f"fsname={name}", f"subtype={name}", "default_permissions"}
     pyfuse3.init(ops, mountpoint, options)
     try:
-        trio.run(pyfuse3.main)
+        trio.run(serve, *args)
     except BaseException:
         pyfuse3.close(unmount=False)
         raise
     pyfuse3.close()
-    return 0
 
 
 if __name__ == "__main__":

@@ -32,7 +32,7 @@ import pyfuse3
 import trio
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
-from passthroughfs import Passthrough, fuse_errors  # noqa: E402
+from passthroughfs import Passthrough, fuse_errors, mount_and_serve  # noqa: E402
 
 log = logging.getLogger("powercutfs")
 
@@ -243,15 +243,7 @@ def main(argv: list[str] | None = None) -> int:
                         format="powercutfs: %(levelname)s %(message)s")
     os.umask(0)
     ops = PowerCutFS(durable, int(seed))
-    options = set(pyfuse3.default_options)
-    options |= {"fsname=powercutfs", "subtype=powercutfs", "default_permissions"}
-    pyfuse3.init(ops, mountpoint, options)
-    try:
-        trio.run(serve, ops)
-    except BaseException:
-        pyfuse3.close(unmount=False)
-        raise
-    pyfuse3.close()
+    mount_and_serve(ops, mountpoint, "powercutfs", serve, ops)
     return 0
 
 

@@ -49,9 +49,10 @@ sys.path.insert(0, sys.argv[3])
 from test_fs_faults import content
 top, log = sys.argv[1], sys.argv[2]
 tag = " ".join(sys.argv[4:5] + [""])  # a word before each number logged, if given
+files = int(sys.argv[5]) if len(sys.argv) > 5 else None  # then only unsynced writes
 lf = open(log, "a")
 i = 0
-while True:
+while files is None or i < files:
     data = content(i)
     fd = os.open(os.path.join(top, f"f{i}"), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     os.write(fd, data)
@@ -64,6 +65,9 @@ while True:
     with open(os.path.join(top, f"unsynced{i % 4}"), "wb") as f:
         f.write(os.urandom(300_000))
     i += 1
+while True:  # all files written: unsynced writes alone, until the mount goes
+    with open(os.path.join(top, "unsynced"), "wb") as f:
+        f.write(os.urandom(300_000))
 """
 
 

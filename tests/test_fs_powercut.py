@@ -38,7 +38,7 @@ from mountutil import (
     wait_for_log,
 )
 from test_fs_faults import REPLACER, WRITER, content, read_file, version, write_file
-from test_ghosts import READER, sha256_of, state, stored
+from test_ghosts import reading, sha256_of, state, stored
 
 DISK = Path(__file__).with_name("powercutfs.py")
 MiB = 1 << 20
@@ -49,8 +49,9 @@ KEEP_CYCLES = 3  # the files of older cycles are removed
 
 
 @contextmanager
-def disk(durable: Path, mountpoint: Path, seed: int):
-    """The power-cut disk mounted over `durable`; yields its process."""
+def disk(durable: Path, mountpoint: Path, seed: int, above: FsMount):
+    """The power-cut disk mounted over `durable`; yields its process. On the way out the
+    mount `above` (of the warehouse on the disk) goes first, so the disk can end cleanly."""
     mountpoint.mkdir(exist_ok=True)
     proc = subprocess.Popen([sys.executable, str(DISK), str(durable), str(mountpoint),
                              str(seed)], stderr=subprocess.PIPE)
@@ -63,6 +64,7 @@ def disk(durable: Path, mountpoint: Path, seed: int):
         yield proc
     finally:
         if proc.poll() is None:
+            force_unmount(above.mountpoint, above.warehouse)
             force_unmount(mountpoint)
             try:
                 proc.wait(30)
@@ -135,7 +137,7 @@ def test_pulled_plugs_keep_every_fsynced_byte(tmp_path, backend):
     gone: set[str] = set()  # the directories of old cycles, removed
     try:
         for cycle, seed in enumerate(SEEDS):
-            with disk(durable, disk_mnt, seed) as disk_proc:
+            with disk(durable, disk_mnt, seed, mnt) as disk_proc:
                 mnt.mount()  # after the last plug, with no repair
                 before = check_synced(mnt, log, replaced, frozenset(gone))
                 if cycle >= KEEP_CYCLES:  # room for the next, and space freed and reused
@@ -148,7 +150,8 @@ def test_pulled_plugs_keep_every_fsynced_byte(tmp_path, backend):
                 start = int(([-1] + replaced.read_text().split())[-1]) + 1 if cycle else 0
                 writers = [
                     subprocess.Popen([sys.executable, "-c", WRITER, mnt.path(name), str(log),
-                                      here, name], stderr=subprocess.PIPE),
+                                      here, name, str(SYNCED_PER_CYCLE + 8)],
+                                     stderr=subprocess.PIPE),
                     subprocess.Popen([sys.executable, "-c", REPLACER, mnt.path("replace"),
                                       str(replaced), here, str(start)], stderr=subprocess.PIPE),
                 ]
@@ -159,7 +162,7 @@ def test_pulled_plugs_keep_every_fsynced_byte(tmp_path, backend):
                     assert time.monotonic() < deadline, "the writer made no progress"
                     time.sleep(0.05)
                 pull_the_plug(mnt, disk_proc, disk_mnt, writers, at_fsync=cycle % 2 == 1)
-        with disk(durable, disk_mnt, 0):
+        with disk(durable, disk_mnt, 0, mnt):
             mnt.mount()
             total = check_synced(mnt, log, replaced, frozenset(gone))
             assert total >= len(SEEDS) * SYNCED_PER_CYCLE
@@ -185,7 +188,7 @@ def test_pulled_plug_during_a_rebuild_resumes_it(tmp_path):
     mnt = FsMount(disk_mnt / "wh", tmp_path / "mnt")
     files = {f"g{i}": random.Random(i).randbytes(1 + i * 200_000) for i in range(30)}
     try:
-        with disk(durable, disk_mnt, 1) as disk_proc:
+        with disk(durable, disk_mnt, 1, mnt) as disk_proc:
             mnt.mount()
             for name, data in files.items():
                 write_file(mnt.path(name), data)
@@ -204,7 +207,7 @@ def test_pulled_plug_during_a_rebuild_resumes_it(tmp_path):
                 assert time.monotonic() < deadline, "the rebuild made no progress"
                 time.sleep(0.02)
             pull_the_plug(mnt, disk_proc, disk_mnt, [replace], at_fsync=True)
-        with disk(durable, disk_mnt, 0):
+        with disk(durable, disk_mnt, 0, mnt):
             mnt.mount()
             resumed = re.search(r"slot 2: resuming rebuild at row (\d+)",
                                 wait_for_log(mnt.warehouse, "resuming rebuild at row"))
@@ -243,7 +246,7 @@ def test_pulled_plug_during_a_ghost_fetch(tmp_path):
     (src / "big.bin").write_bytes(big)
     dest = mnt.path("g")
     try:
-        with disk(durable, disk_mnt, 21) as disk_proc:
+        with disk(durable, disk_mnt, 21, mnt) as disk_proc:
             mnt.mount()
             os.mkdir(dest)
             fd = os.open(mnt.mountpoint, os.O_RDONLY)
@@ -256,16 +259,9 @@ def test_pulled_plug_during_a_ghost_fetch(tmp_path):
             fd = os.open(small, os.O_RDONLY)
             os.fsync(fd)  # makes its state durable
             os.close(fd)
-            reader = subprocess.Popen([sys.executable, "-c", READER,
-                                       os.path.join(dest, "big.bin")],
-                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-            got = 0
-            while got < 8 * MiB:
-                line = reader.stdout.readline()
-                assert line, reader.stderr.read()
-                got = int(line)
+            reader = reading(os.path.join(dest, "big.bin"), 8 * MiB)
             pull_the_plug(mnt, disk_proc, disk_mnt, [reader], at_fsync=False)
-        with disk(durable, disk_mnt, 0):
+        with disk(durable, disk_mnt, 0, mnt):
             mnt.mount()
             names = sorted(os.listdir(os.path.join(dest, "sub")))
             assert names == sorted(f"f{i}.txt" for i in range(200))

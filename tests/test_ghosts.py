@@ -505,6 +505,18 @@ while True:
 """
 
 
+def reading(path: str, until: int) -> subprocess.Popen:
+    """A process that reads `path` in 1 MiB reads, returned once it has read `until` bytes."""
+    reader = subprocess.Popen([sys.executable, "-c", READER, path],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    got = 0
+    while got < until:
+        line = reader.stdout.readline()
+        assert line, reader.stderr.read()
+        got = int(line)
+    return reader
+
+
 def test_an_import_survives_a_crash_right_after_the_command(tmp_path, fs_mount):
     """`dwfs ghost import` returns once the ghosts are durable: kill -9 of the daemon right
     after it loses none of them."""
@@ -550,13 +562,7 @@ def test_kill9_during_a_fetch(tmp_path, fs_mount):
     fd = os.open(small, os.O_RDONLY)
     os.fsync(fd)  # makes its state durable
     os.close(fd)
-    reader = subprocess.Popen([sys.executable, "-c", READER, os.path.join(dest, "big.bin")],
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    got = 0
-    while got < 8 * MiB:
-        line = reader.stdout.readline()
-        assert line, reader.stderr.read()
-        got = int(line)
+    reader = reading(os.path.join(dest, "big.bin"), 8 * MiB)
     pid = daemon_pid(m.warehouse)
     assert pid is not None
     os.kill(pid, signal.SIGKILL)

@@ -881,7 +881,8 @@ def test_torn_write_while_degraded_keeps_the_data_beside_it(tmp_path):
     """A pulled plug while degraded: a partial-stripe write tore its chunk and a parity chunk,
     so the missing member's chunk of that row cannot be reconstructed any more. The resync
     keeps the torn chunk's bytes: data in use beside the write in that chunk stays readable;
-    the lost chunk raises, never wrong bytes; the other rows are untouched."""
+    the lost chunk raises, never wrong bytes; the other rows are untouched; the stripe can be
+    written again and a rebuild onto a new member finishes."""
     chunk = 16384
     paths, uuid, g = build(tmp_path / "a", "raidz2", 5, chunk, rows=16)
     old = rand_bytes(1, g.stripe_bytes * 4)
@@ -927,4 +928,24 @@ def test_torn_write_while_degraded_keeps_the_data_beside_it(tmp_path):
         vol.read(stripe + 2 * chunk, chunk)  # only parity held it, and the plug tore parity
     for s in (0, 2, 3):
         assert bytes(vol.read(s * stripe, stripe)) == old[s * stripe : (s + 1) * stripe]
+    # The stripe stays writable (its new parity counts the lost chunk as zeros).
+    fresh = rand_bytes(3, half)
+    vol.write(stripe + chunk + half, fresh)
+    vol.flush()
+    assert bytes(vol.read(stripe + chunk + half, half)) == fresh
+    # A rebuild goes past the lost chunk, which stays unreadable; the rest comes back.
+    size = os.path.getsize(paths[slots[0]])
+    new = str(tmp_path / "replacement.img")
+    attach_replacement(vol, slots[2], BlockFileMember.create(new, size), new)
+    rebuild(vol, slots[2])
+    assert vol.state() == "clean"
+    with pytest.raises(UnrecoverableError):
+        vol.read(stripe + 2 * chunk, chunk)
+    assert bytes(vol.read(stripe, chunk + half)) == old[stripe : stripe + chunk + half]
+    for s in (0, 2, 3):
+        assert bytes(vol.read(s * stripe, stripe)) == old[s * stripe : (s + 1) * stripe]
+    again = rand_bytes(4, half)  # and the stripe stays writable with every member there
+    vol.write(stripe + chunk + half, again)
+    vol.flush()
+    assert bytes(vol.read(stripe + chunk + half, half)) == again
     vol.close()
