@@ -164,6 +164,8 @@ while True:
     os.makedirs(os.path.join(d, "sub"), exist_ok=True)
     with open(os.path.join(d, f"x{n}"), "wb") as f:
         f.write(os.urandom(n % 5 * 9000))
+    if os.path.lexists(os.path.join(top, f"hard{n % 3}.new")):  # left by a crash
+        os.unlink(os.path.join(top, f"hard{n % 3}.new"))
     os.link(os.path.join(d, f"x{n}"), os.path.join(top, f"hard{n % 3}.new"))
     os.replace(os.path.join(top, f"hard{n % 3}.new"), os.path.join(top, f"hard{n % 3}"))
     if n % 7 == 6 and os.path.isdir(os.path.join(top, "d0")):
