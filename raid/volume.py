@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from backends.member import Member, MemberIOError
+from raid import writehole
 from raid.checksums import UNWRITTEN, array_seed, chunk_checksum
 from raid.errors import RaidError, UnrecoverableError
 from raid.geometry import Geometry
@@ -92,26 +93,8 @@ class Volume(MemberRecords):
         return self.geometry.capacity
 
     def parity_only_chunks(self, offset: int, length: int) -> list[tuple[int, int, int]]:
-        """The data chunks (offset, length, end of their stripe) in the stripes that
-        [offset, offset+length) touches whose member is missing or not yet rebuilt there:
-        parity alone holds them.
-
-        A write of part of such a stripe rewrites its parity in place, and a crash in the
-        middle would leave them unrecoverable (the RAID write hole while degraded), so the
-        filesystem puts new data elsewhere while it can. Empty while every member is whole."""
-        g = self.geometry
-        if length <= 0 or all(s.state == "active" and s.member is not None
-                              for s in self.slots):
-            return []
-        out = []
-        first, last = offset // g.stripe_bytes, (offset + length - 1) // g.stripe_bytes
-        for stripe in range(first, min(last + 1, g.stripes)):
-            group, row = g.locate(stripe)
-            for c, slot in enumerate(g.column_slots(group, row)[: g.k]):
-                if not self.slots[slot].holds(row):
-                    out.append((stripe * g.stripe_bytes + c * g.chunk, g.chunk,
-                                (stripe + 1) * g.stripe_bytes))
-        return out
+        """The data chunks near a range that parity alone holds (see raid.writehole)."""
+        return writehole.parity_only_chunks(self, offset, length)
 
     def read(self, offset: int, length: int) -> bytearray | memoryview:
         """Bytes at [offset, offset + length), short at the end of the volume."""
@@ -501,33 +484,13 @@ class Volume(MemberRecords):
         try:
             columns = self._columns(group, row, need)
         except UnrecoverableError as exc:
-            columns = self._columns_of_lost_row(group, row, need, exc)
+            columns = writehole.columns_of_lost_row(self, group, row, need, exc)
         for c, buf in columns.items():
             data[c] = buf
         flat = data.reshape(-1)
         for a, b in pending.covered:
             flat[a:b] = pending.data[a:b]
         self.store_row(group, row, data, changed)
-
-    def _columns_of_lost_row(self, group: int, row: int, need: list[int],
-                             exc: UnrecoverableError) -> dict[int, np.ndarray]:
-        """Columns `need` of a row with chunks that can no longer be reconstructed (a crash
-        tore its parity while degraded; see resync_row), for new parity: a missing member's
-        chunk counts as zeros there, a mismatching one as its bytes, and both keep failing
-        their checksums (EIO, never wrong bytes), so the rest of the stripe stays writable."""
-        slots = self.geometry.column_slots(group, row)
-        got: dict[int, np.ndarray] = {}
-        lost = []
-        for c in need:
-            buf, how = self.load_chunk(slots[c], row, count=False)
-            if how != "ok":
-                lost.append(slots[c])
-            if buf is None:
-                buf = np.zeros(self.geometry.chunk, dtype=np.uint8)
-            got[c] = buf
-        log.warning("group %d row %d: the chunks of slots %s cannot be reconstructed (%s); "
-                    "new parity keeps them as they are, unreadable", group, row, lost, exc)
-        return got
 
     def settle_read_ahead(self) -> None:
         """Forget what was read ahead and wait for member reads in flight (before a member is
