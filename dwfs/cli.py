@@ -51,7 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--device-size", help="size of each new member, e.g. 1G")
     m.add_argument("--backend", default="file", help="file (default) or sqlite")
     m.add_argument("--device", action="append", help="an existing member file (repeat)")
-    m.add_argument("--chunk-size", default="64K", help="chunk size (default 64K)")
+    m.add_argument("--chunk-size", default="256K", help="chunk size (default 256K)")
     m.add_argument("--survive", type=int, help="with --level auto: failed members to survive")
     m.set_defaults(func=_array("cmd_mkfs"))
 
