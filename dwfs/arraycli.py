@@ -327,7 +327,7 @@ def cmd_scrub(args: argparse.Namespace) -> int:
                       in_bytes=False) as update:
         report = with_volume(
             args.warehouse,
-            lambda v, c: service.run_scrub(v, args.repair, update),
+            lambda v, c: service.scrub_unmounted(v, c, args.repair, update),
             {"op": "scrub", "repair": args.repair},
             progress=update,
         )

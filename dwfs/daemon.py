@@ -87,7 +87,8 @@ class Daemon:
             self.ops.sync()
             return {"pid": os.getpid()}
         if name == "scrub":
-            return service.run_scrub(self.volume, bool(op.get("repair")), progress)
+            space = self.fs.free_space() if self.fs is not None else None
+            return service.run_scrub(self.volume, bool(op.get("repair")), progress, space)
         if name == "replace":
             slot = int(op["slot"])
             if slot in self.rebuilding:

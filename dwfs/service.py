@@ -3,14 +3,20 @@
 from __future__ import annotations
 
 import logging
+import os
 import threading
 from collections.abc import Callable
 
+import apsw
+
 from dwfs.config import WarehouseConfig
-from dwfs.warehouse import WarehouseError, replacement_member
+from dwfs.warehouse import WarehouseError, meta_path, replacement_member
 from raid.rebuild import attach_replacement, rebuild
-from raid.scrub import scrub
+from raid.scrub import FreeSpace, scrub
 from raid.volume import Volume
+from vfs.errors import FSError
+from vfs.freespace import FreeSpace as FilesystemSpace
+from vfs.metadb import MetaDB
 
 log = logging.getLogger(__name__)
 
@@ -24,9 +30,28 @@ def status(volume: Volume, cfg: WarehouseConfig) -> dict:
     return doc
 
 
-def run_scrub(volume: Volume, repair: bool, progress: Progress | None = None) -> dict:
-    """Scrub the volume; the report as a dict."""
-    return scrub(volume, repair=repair, progress=progress).to_dict()
+def run_scrub(volume: Volume, repair: bool, progress: Progress | None = None,
+              space: FreeSpace | None = None) -> dict:
+    """Scrub the volume (lost chunks in `space` it may rewrite); the report as a dict."""
+    return scrub(volume, repair=repair, progress=progress, space=space).to_dict()
+
+
+def scrub_unmounted(volume: Volume, cfg: WarehouseConfig, repair: bool,
+                    progress: Progress | None = None) -> dict:
+    """Scrub the volume of a warehouse nothing has mounted; on a filesystem warehouse, lost
+    chunks its committed metadata leaves unused may be rewritten."""
+    space = None
+    if repair and os.path.exists(meta_path(cfg)):
+        try:
+            db = MetaDB(meta_path(cfg), read_only=True)
+            try:
+                space = FilesystemSpace.committed(db, volume.capacity)
+            finally:
+                db.close()
+        except (apsw.Error, FSError) as exc:
+            log.warning("%s: the metadata database cannot be read (%s); scrub repairs only "
+                        "what redundancy can", cfg.directory, exc)
+    return run_scrub(volume, repair, progress, space)
 
 
 def replace(

@@ -1,10 +1,18 @@
-"""Scrub: verify every written chunk, every checksum-table copy and every row's parity."""
+"""Scrub: verify every written chunk, every checksum-table copy and every row's parity.
+
+A row that redundancy can no longer mend (a crash tore its parity while a member was missing)
+is mended with `--repair` only where the layer above says its lost data chunks hold nothing
+(`FreeSpace`): those chunks become zeros and the row's parity is written anew. Lost chunks
+that are in use stay unreadable and are reported (EIO for their readers, never wrong bytes).
+"""
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import numpy as np
 
@@ -15,9 +23,20 @@ from raid.table import page_offset
 from raid.volume import Volume
 
 log = logging.getLogger(__name__)
+_NO_LOCK = nullcontext()
 
 Progress = Callable[[int, int], None]
 MAX_LISTED = 100
+
+
+class FreeSpace(Protocol):
+    """What the layer above the volume says about volume bytes it does not use."""
+
+    lock: AbstractContextManager  # held, before the volume lock, while asking and rewriting
+
+    def unused(self, offset: int, length: int) -> bool:
+        """Whether no data lives in volume bytes [offset, offset + length)."""
+        ...
 
 
 @dataclass
@@ -80,21 +99,27 @@ class ScrubReport:
             self.problems.append({"slot": slot, "row": row, "kind": kind, "fixed": fixed})
 
 
-def scrub(volume: Volume, repair: bool = False, progress: Progress | None = None) -> ScrubReport:
-    """Check the whole array; with `repair`, rewrite what is wrong from redundancy."""
+def scrub(volume: Volume, repair: bool = False, progress: Progress | None = None,
+          space: FreeSpace | None = None) -> ScrubReport:
+    """Check the whole array; with `repair`, rewrite what is wrong from redundancy, and lost
+    chunks that `space` says hold nothing as zeros."""
     g = volume.geometry
     report = ScrubReport(repair, members=[MemberFindings(s.index, s.path) for s in volume.slots])
     with volume.lock:
         volume.check_members()
         _scrub_table(volume, report, repair)
     total = g.rows * g.groups
+    lost: list[tuple[int, int]] = []  # (group, row) that redundancy cannot mend
     for row in range(g.rows):
         with volume.lock:
             for group in range(g.groups):
-                _scrub_row(volume, group, row, report, repair)
+                if _scrub_row(volume, group, row, report, repair):
+                    lost.append((group, row))
         report.rows_checked += 1
         if progress and (row % 64 == 0 or row == g.rows - 1):
             progress((row + 1) * g.groups, total)
+    for group, row in lost:
+        _mend_lost_row(volume, group, row, report, space)
     if repair:
         volume.flush()
     return report
@@ -124,11 +149,12 @@ def _scrub_table(volume: Volume, report: ScrubReport, repair: bool) -> None:
             volume.table.forget()
 
 
-def _scrub_row(volume: Volume, group: int, row: int, report: ScrubReport, repair: bool) -> None:
+def _scrub_row(volume: Volume, group: int, row: int, report: ScrubReport, repair: bool) -> bool:
+    """Check (and with `repair` mend) one row; True if it needs `_mend_lost_row`."""
     g = volume.geometry
     slots = g.column_slots(group, row)
     if all(volume.table.get(slot, row) == UNWRITTEN for slot in slots):
-        return
+        return False
     good: dict[int, np.ndarray] = {}
     bad: list[int] = []
     for c, slot in enumerate(slots):
@@ -157,22 +183,56 @@ def _scrub_row(volume: Volume, group: int, row: int, report: ScrubReport, repair
                     report.members[slot].fixed += 1
                     fixed = True
                 report.note(slot, row, "parity mismatch", fixed)
-        return
+        return False
     if not bad:
-        return
+        return False
     if not repair:
         for c in bad:
             report.note(slots[c], row, "checksum mismatch", False)
-        return
+        return False
     try:
         rebuilt = volume.reconstruct(group, row, bad, good)
-    except UnrecoverableError as exc:
-        log.error("scrub: row %d of group %d cannot be repaired: %s", row, group, exc)
-        for c in bad:
-            report.members[slots[c]].unrecoverable += 1
-            report.note(slots[c], row, "checksum mismatch, unrecoverable", False)
-        return
+    except UnrecoverableError:
+        return True
     for c in bad:
         volume.rewrite_chunk(slots[c], row, rebuilt[c])
         report.members[slots[c]].fixed += 1
         report.note(slots[c], row, "checksum mismatch", True)
+    return False
+
+
+def _mend_lost_row(volume: Volume, group: int, row: int, report: ScrubReport,
+                   space: FreeSpace | None) -> None:
+    """A row redundancy could not mend: if every lost data chunk in it is unused, write those
+    as zeros and the parity anew; otherwise report the mismatching chunks unrecoverable."""
+    g = volume.geometry
+    slots = g.column_slots(group, row)
+    stripe = row * g.groups + group
+    with (space.lock if space is not None else _NO_LOCK), volume.lock:
+        volume.flush()  # what the stripe cache holds for the row reaches the members first
+        loaded = [volume.load_chunk(slot, row, count=False) for slot in slots]
+        lost = [c for c, (_, how) in enumerate(loaded) if how != "ok"]
+        if not lost:
+            return  # written again since the check: nothing is lost any more
+        lost_data = [c for c in lost if c < g.k]
+        if space is not None and all(
+                space.unused(stripe * g.stripe_bytes + c * g.chunk, g.chunk) for c in lost_data):
+            zeros = np.zeros(g.chunk, dtype=np.uint8)
+            data = np.stack([zeros if c in lost else loaded[c][0] for c in range(g.k)])
+            volume.store_row(group, row, data, lost_data)
+            log.warning("scrub: row %d of group %d could not be reconstructed; its lost "
+                        "chunks hold no data and were written as zeros with new parity",
+                        row, group)
+            for c in lost:
+                if loaded[c][1] == "corrupt":
+                    report.members[slots[c]].fixed += 1
+                    report.note(slots[c], row, "checksum mismatch in unused space, rewritten",
+                                True)
+            return
+    log.error("scrub: row %d of group %d cannot be repaired: redundancy cannot reconstruct "
+              "its columns %s%s", row, group, lost,
+              "" if space is None else ", and data lives in them")
+    for c in lost:
+        if loaded[c][1] == "corrupt":
+            report.members[slots[c]].unrecoverable += 1
+            report.note(slots[c], row, "checksum mismatch, unrecoverable", False)

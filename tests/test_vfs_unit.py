@@ -9,7 +9,7 @@ import os
 import stat
 
 import pytest
-from volhelpers import build, close_members, open_vol
+from volhelpers import build, close_members, open_vol, rand_bytes
 
 from vfs.alloc import SECTOR
 from vfs.attrs import NAME_MAX, ROOT_INODE, Caller, SetAttr
@@ -1088,3 +1088,39 @@ def test_parity_only_chunks_name_the_missing_members_data(tmp_path):
     assert vol.parity_only_chunks(g.stripe_bytes, 1) == [w for w in want
                                                         if w[2] == 2 * g.stripe_bytes]
     vol.close()
+
+
+def test_free_space_names_only_what_no_file_or_copy_uses(env, fs):
+    """What scrub may rewrite: never a file's sectors, the superblocks or the metadata copy;
+    a deleted file's sectors only once the commit that frees them is durable; the same answers
+    from an unmounted filesystem's committed metadata."""
+    from vfs.freespace import RESERVED_SECTORS, FreeSpace, used_sectors
+
+    ino = mkfile(fs, ROOT_INODE, b"f", rand_bytes(7, 5 * BLOCK))
+    fs.commit()
+    space = fs.free_space()
+    assert space.lock is fs.lock
+    exts = list(fs.db.rows("SELECT addr, nsect FROM extents WHERE inode=?", (ino,)))
+    assert exts
+    used = sorted(used_sectors(fs.db))
+    assert used[0] == (0, RESERVED_SECTORS)
+    for addr, n in used:
+        assert not space.unused(addr * SECTOR, n * SECTOR)
+        assert not space.unused(addr * SECTOR + n * SECTOR - 1, 1)  # its last byte
+        assert not space.unused(max(0, addr - 1) * SECTOR, 2 * SECTOR)  # straddling its start
+    gaps = fs.alloc.extents()
+    start, count = gaps[-1]
+    assert space.unused(start * SECTOR, count * SECTOR)
+    assert not space.unused(start * SECTOR, count * SECTOR + 1)  # past the end of the volume
+    assert space.unused(start * SECTOR + 100, 5000)  # bytes within sectors
+    fs.unlink(ROOT_INODE, b"f")
+    for addr, n in exts:  # freed, but the committed metadata still points there
+        assert not space.unused(addr * SECTOR, n * SECTOR)
+    fs.commit()
+    for addr, n in exts:
+        assert space.unused(addr * SECTOR, n * SECTOR)
+    unmounted = FreeSpace.committed(fs.db, fs.volume.capacity)
+    for addr, n in used_sectors(fs.db):
+        assert not unmounted.unused(addr * SECTOR, n * SECTOR)
+    for addr, n in exts:
+        assert unmounted.unused(addr * SECTOR, n * SECTOR)

@@ -12,6 +12,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import numpy as np
@@ -948,4 +949,63 @@ def test_torn_write_while_degraded_keeps_the_data_beside_it(tmp_path):
     vol.write(stripe + chunk + half, again)
     vol.flush()
     assert bytes(vol.read(stripe + chunk + half, half)) == again
+    vol.close()
+
+
+class _Space:
+    """A stand-in for the filesystem's free space: volume bytes [lo, hi) hold nothing."""
+
+    def __init__(self, lo: int, hi: int) -> None:
+        self.lock = threading.Lock()
+        self.lo, self.hi = lo, hi
+        self.asked: list[tuple[int, int]] = []
+
+    def unused(self, offset: int, length: int) -> bool:
+        self.asked.append((offset, length))
+        return self.lo <= offset and offset + length <= self.hi
+
+
+def test_scrub_rewrites_lost_chunks_only_where_nothing_lives(tmp_path):
+    """A row a degraded crash left unrecoverable: scrub --repair reports its lost chunk while
+    the space above says data lives there, and writes it as zeros with new parity once the
+    space says nothing does; a second scrub is clean and every other byte is unchanged."""
+    chunk = 16384
+    paths, uuid, g = build(tmp_path / "a", "raidz2", 5, chunk, rows=16)
+    data = rand_bytes(1, g.stripe_bytes * 4)
+    vol = open_vol(paths, uuid)
+    vol.write(0, data)
+    vol.flush()
+    group, row = g.locate(1)
+    slots = g.column_slots(group, row)
+    vol.close()
+    # Data column 2 of stripe 1 is lost beyond tolerance: its own chunk and both parities rot.
+    rng = random.Random(5)
+    for c in (2, g.k, g.k + 1):
+        _corrupt_chunk(paths[slots[c]], g, row, rng)
+    lost = (g.stripe_bytes + 2 * chunk, g.stripe_bytes + 3 * chunk)
+    vol = open_vol(paths, uuid)
+    with pytest.raises(UnrecoverableError):
+        vol.read(lost[0], chunk)
+
+    in_use = _Space(0, lost[0])  # the lost chunk is in use: nothing may be rewritten
+    report = scrub(vol, repair=True, space=in_use)
+    assert report.unrecoverable >= 1 and report.members[slots[2]].unrecoverable == 1
+    assert (lost[0], chunk) in in_use.asked
+    with pytest.raises(UnrecoverableError):
+        vol.read(lost[0], chunk)
+
+    free = _Space(*lost)
+    report = scrub(vol, repair=True, space=free)
+    assert report.unrecoverable == 0
+    assert report.members[slots[2]].fixed == 1
+    assert any(p["row"] == row and p["fixed"] for p in report.problems)
+    assert bytes(vol.read(lost[0], chunk)) == bytes(chunk)
+    again = scrub(vol, repair=False)
+    assert again.clean, again.to_dict()
+    expect = data[: lost[0]] + bytes(chunk) + data[lost[1] :]
+    assert bytes(vol.read(0, len(data))) == expect
+    vol.close()
+    vol = open_vol(paths, uuid)  # and it stays so after reassembly
+    assert scrub(vol, repair=False).clean
+    assert bytes(vol.read(0, len(data))) == expect
     vol.close()

@@ -247,6 +247,11 @@ class Allocator:
         for start, count in taken:
             self.free(start, count)
 
+    def is_free(self, start: int, count: int) -> bool:
+        """Whether sectors [start, start + count) are all free (not taken, not held)."""
+        i = bisect.bisect_right(self._starts, start) - 1
+        return i >= 0 and self._starts[i] + self._lens[i] >= start + count
+
     def extents(self) -> list[tuple[int, int]]:
         """The free extents, in order (for checks)."""
         return list(zip(self._starts, self._lens, strict=True))

@@ -24,6 +24,7 @@ from vfs.attrs import NAME_MAX, ROOT_INODE, Attr, DirEntry, SetAttr, check_name
 from vfs.content import ContentOps
 from vfs.errors import FSError
 from vfs.filedata import BLOCK, SECTORS_PER_BLOCK, FileData, VolumeLike
+from vfs.freespace import RESERVED_SECTORS, FreeSpace, used_sectors
 from vfs.making import MakeOps
 from vfs.metacopy import copy_reserve
 from vfs.metadb import MetaDB
@@ -36,7 +37,6 @@ __all__ = ["RENAME_EXCHANGE", "RENAME_NOREPLACE", "XATTR_CREATE", "XATTR_REPLACE
 
 log = logging.getLogger(__name__)
 
-RESERVED_SECTORS = 2 * BLOCK // SECTOR  # the two metadata-copy superblocks at the start
 DIR_SIZE = 4096
 RELATIME_SECONDS = 24 * 3600
 
@@ -58,10 +58,7 @@ class Filesystem(ContentOps, MakeOps, RenameOps, XattrOps):
         self._depth = 0
         self._closed = False
         total = volume.capacity // SECTOR
-        used = [(0, RESERVED_SECTORS)]
-        used += list(db.rows("SELECT addr, nsect FROM extents"))
-        used += list(db.rows("SELECT addr, nsect FROM metacopy"))
-        self.alloc = Allocator(total, used, run=SECTORS_PER_BLOCK)
+        self.alloc = Allocator(total, used_sectors(db), run=SECTORS_PER_BLOCK)
         self.alloc.guard = self._parity_only_sectors
         self.data = FileData(db, volume, self.alloc)
         self.copy_reserve = copy_reserve(db)  # sectors file data leaves for the next copy
@@ -468,6 +465,10 @@ class Filesystem(ContentOps, MakeOps, RenameOps, XattrOps):
             "ffree": free,
             "namemax": NAME_MAX,
         }
+
+    def free_space(self) -> FreeSpace:
+        """The volume space no file uses, for the volume's scrub (which takes this lock)."""
+        return FreeSpace(self.alloc, self.lock)
 
     def _parity_only_sectors(self, start: int, count: int) -> list[tuple[int, int, int]]:
         """The allocator's guard: the volume's parity-only chunks near a run, in sectors."""
