@@ -62,6 +62,11 @@ class WriteBehind:
         """The volume's usable bytes."""
         return self.volume.capacity
 
+    @property
+    def stripe_bytes(self) -> int:
+        """The volume's bytes per stripe."""
+        return self.volume.stripe_bytes
+
     def parity_only_chunks(self, offset: int, length: int) -> list[tuple[int, int, int]]:
         """The volume's chunks in those stripes that parity alone holds (see Volume)."""
         return self.volume.parity_only_chunks(offset, length)

@@ -92,6 +92,11 @@ class Volume(MemberRecords):
         """Usable bytes."""
         return self.geometry.capacity
 
+    @property
+    def stripe_bytes(self) -> int:
+        """Volume bytes per stripe: a write of less rewrites parity in place."""
+        return self.geometry.stripe_bytes
+
     def parity_only_chunks(self, offset: int, length: int) -> list[tuple[int, int, int]]:
         """The data chunks near a range that parity alone holds (see raid.writehole)."""
         return writehole.parity_only_chunks(self, offset, length)

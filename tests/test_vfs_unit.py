@@ -16,7 +16,14 @@ from vfs.attrs import NAME_MAX, ROOT_INODE, Caller, SetAttr
 from vfs.content import KEEP_SIZE, PUNCH_HOLE
 from vfs.errors import FSError
 from vfs.filedata import BLOCK
-from vfs.fs import RENAME_EXCHANGE, RENAME_NOREPLACE, XATTR_CREATE, XATTR_REPLACE, Filesystem
+from vfs.fs import (
+    RENAME_EXCHANGE,
+    RENAME_NOREPLACE,
+    RESERVED_SECTORS,
+    XATTR_CREATE,
+    XATTR_REPLACE,
+    Filesystem,
+)
 from vfs.metadb import MetaDB
 
 ROOT = Caller(0, 0)
@@ -1124,3 +1131,35 @@ def test_free_space_names_only_what_no_file_or_copy_uses(env, fs):
         assert not unmounted.unused(addr * SECTOR, n * SECTOR)
     for addr, n in exts:
         assert unmounted.unused(addr * SECTOR, n * SECTOR)
+
+
+def test_withheld_sectors_never_come_back_and_keep_what_is_in_use():
+    from vfs.alloc import Allocator
+
+    a = Allocator(100, [(0, 4), (10, 5)], run=4)
+    a.withhold(2, 20)  # over used and free sectors alike
+    assert a.extents() == [(22, 78)]
+    assert a.free_count == 78 and a.runs == 78 // 4
+    assert not a.is_free(4, 1) and a.is_free(22, 78)
+    a.free(10, 5)  # a file there is deleted: its sectors are free again (withholding is for new)
+    assert a.is_free(10, 5)
+    b = Allocator(100, [(40, 10)], run=4)
+    b.withhold(30, 15)  # the middle of one free extent and the start of the next
+    assert b.extents() == [(0, 30), (50, 50)] and b.free_count == 80
+    b.withhold(60, 0)
+    assert b.free_count == 80
+
+
+def test_new_data_keeps_out_of_the_superblock_stripe(env, fs):
+    """Superblocks are rewritten in place: no file's sector shares their stripe."""
+    stripe = env.vol.stripe_bytes
+    assert stripe > RESERVED_SECTORS * SECTOR  # the test needs stripe room past them
+    for i in range(20):
+        mkfile(fs, ROOT_INODE, f"f{i}".encode(), rand_bytes(i, 3 * SECTOR))
+    fs.commit()
+    addrs = [a for a, in fs.db.rows("SELECT addr FROM extents")]
+    assert addrs and min(addrs) * SECTOR >= stripe
+    fs2 = env.reopen()
+    mkfile(fs2, ROOT_INODE, b"g", rand_bytes(99, SECTOR))
+    fs2.commit()
+    assert min(a for a, in fs2.db.rows("SELECT addr FROM extents")) * SECTOR >= stripe

@@ -247,6 +247,25 @@ class Allocator:
         for start, count in taken:
             self.free(start, count)
 
+    def withhold(self, start: int, count: int) -> None:
+        """Take whatever is free of sectors [start, start + count) out of use for good (space
+        that new data must never share; what is in use there stays as it is)."""
+        end = start + count
+        i = max(0, bisect.bisect_right(self._starts, start) - 1)
+        while i < len(self._starts) and self._starts[i] < end:
+            s, n = self._starts[i], self._lens[i]
+            lo, hi = max(s, start), min(s + n, end)
+            if lo >= hi:
+                i += 1
+                continue
+            self.free_count -= hi - lo
+            self.runs -= n // self.run
+            pieces = [(a, b - a) for a, b in ((s, lo), (hi, s + n)) if b > a]
+            self._starts[i : i + 1] = [a for a, _ in pieces]
+            self._lens[i : i + 1] = [m for _, m in pieces]
+            self.runs += sum(m // self.run for _, m in pieces)
+            i += len(pieces)
+
     def is_free(self, start: int, count: int) -> bool:
         """Whether sectors [start, start + count) are all free (not taken, not held)."""
         i = bisect.bisect_right(self._starts, start) - 1

@@ -33,6 +33,7 @@ class VolumeLike(Protocol):
     """What file contents need of the redundant volume."""
 
     capacity: int
+    stripe_bytes: int
 
     def read(self, offset: int, length: int) -> bytearray: ...
 
