@@ -1133,21 +1133,25 @@ def test_free_space_names_only_what_no_file_or_copy_uses(env, fs):
         assert unmounted.unused(addr * SECTOR, n * SECTOR)
 
 
-def test_withheld_sectors_never_come_back_and_keep_what_is_in_use():
+def test_sectors_below_the_floor_are_never_handed_out():
     from vfs.alloc import Allocator
 
-    a = Allocator(100, [(0, 4), (10, 5)], run=4)
-    a.withhold(2, 20)  # over used and free sectors alike
-    assert a.extents() == [(22, 78)]
-    assert a.free_count == 78 and a.runs == 78 // 4
-    assert not a.is_free(4, 1) and a.is_free(22, 78)
-    a.free(10, 5)  # a file there is deleted: its sectors are free again (withholding is for new)
-    assert a.is_free(10, 5)
+    a = Allocator(100, [(0, 4), (10, 5), (20, 4)], run=4)
+    a.keep_out_below(22)  # over used and free sectors alike, ending inside a used extent
+    assert a.extents() == [(24, 76)]
+    assert a.free_count == 76 and a.runs == 76 // 4
+    assert not a.is_free(4, 1) and a.is_free(24, 76)
+    a.free(10, 5)  # a file there is deleted: its sectors stay out of use
+    a.hold(20, 4)
+    a.release()  # one straddling the floor: only its part above comes back
+    assert a.extents() == [(22, 78)] and a.free_count == 78
+    assert a.allocate_each([78]) == [22]
     b = Allocator(100, [(40, 10)], run=4)
-    b.withhold(30, 15)  # the middle of one free extent and the start of the next
-    assert b.extents() == [(0, 30), (50, 50)] and b.free_count == 80
-    b.withhold(60, 0)
-    assert b.free_count == 80
+    b.keep_out_below(45)  # past the end of the first free extent, inside a used one
+    assert b.extents() == [(50, 50)] and b.free_count == 50 and b.runs == 12
+    c = Allocator(100, [], run=4)
+    c.keep_out_below(30)  # inside a free extent
+    assert c.extents() == [(30, 70)] and c.free_count == 70 and c.runs == 17
 
 
 def test_new_data_keeps_out_of_the_superblock_stripe(env, fs):

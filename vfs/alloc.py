@@ -52,6 +52,7 @@ class Allocator:
         if pos < total:
             self._append(pos, total - pos)
         self._cursor = 0
+        self._floor = 0  # no sector below it is ever handed out
         self.guard: Guard | None = None
         self._warned = False  # that the guard found no other room (once per mount)
         self._held: list[tuple[int, int]] = []
@@ -205,7 +206,11 @@ class Allocator:
         self._held = []
 
     def free(self, start: int, count: int) -> None:
-        """Return sectors to the free list at once, merging with neighbours."""
+        """Return sectors to the free list at once, merging with neighbours (those below the
+        `keep_out_below` floor stay out of it)."""
+        if start < self._floor:
+            count -= min(count, self._floor - start)
+            start = self._floor
         if count <= 0:
             return
         i = bisect.bisect_left(self._starts, start)
@@ -247,24 +252,21 @@ class Allocator:
         for start, count in taken:
             self.free(start, count)
 
-    def withhold(self, start: int, count: int) -> None:
-        """Take whatever is free of sectors [start, start + count) out of use for good (space
-        that new data must never share; what is in use there stays as it is)."""
-        end = start + count
-        i = max(0, bisect.bisect_right(self._starts, start) - 1)
-        while i < len(self._starts) and self._starts[i] < end:
-            s, n = self._starts[i], self._lens[i]
-            lo, hi = max(s, start), min(s + n, end)
-            if lo >= hi:
-                i += 1
-                continue
-            self.free_count -= hi - lo
+    def keep_out_below(self, end: int) -> None:
+        """Never hand out a sector below `end` (space new data must not share): the free ones
+        leave the free list now, the ones in use when they are freed."""
+        self._floor = max(self._floor, end)
+        while self._starts and self._starts[0] < end:
+            s, n = self._starts[0], self._lens[0]
             self.runs -= n // self.run
-            pieces = [(a, b - a) for a, b in ((s, lo), (hi, s + n)) if b > a]
-            self._starts[i : i + 1] = [a for a, _ in pieces]
-            self._lens[i : i + 1] = [m for _, m in pieces]
-            self.runs += sum(m // self.run for _, m in pieces)
-            i += len(pieces)
+            cut = min(n, end - s)
+            self.free_count -= cut
+            if cut == n:
+                del self._starts[0]
+                del self._lens[0]
+            else:
+                self._starts[0], self._lens[0] = end, n - cut
+                self.runs += (n - cut) // self.run
 
     def is_free(self, start: int, count: int) -> bool:
         """Whether sectors [start, start + count) are all free (not taken, not held)."""

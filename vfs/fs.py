@@ -62,8 +62,7 @@ class Filesystem(ContentOps, MakeOps, RenameOps, XattrOps):
         # The superblocks are rewritten in place; new data keeps out of their stripe, so that
         # a crash in the middle of that write while degraded can tear nothing but them.
         sb = volume.stripe_bytes
-        end = -(-RESERVED_SECTORS * SECTOR // sb) * sb // SECTOR
-        self.alloc.withhold(RESERVED_SECTORS, end - RESERVED_SECTORS)
+        self.alloc.keep_out_below(-(-RESERVED_SECTORS * SECTOR // sb) * sb // SECTOR)
         self.alloc.guard = self._parity_only_sectors
         self.data = FileData(db, volume, self.alloc)
         self.copy_reserve = copy_reserve(db)  # sectors file data leaves for the next copy
