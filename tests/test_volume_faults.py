@@ -878,6 +878,17 @@ def test_crash_between_table_copies_is_resynced(tmp_path):
         restore(paths, snap)
 
 
+def _four_stripes(tmp_path, chunk: int):
+    """A raidz2 volume of five members whose first four stripes hold random bytes, flushed:
+    (paths, uuid, geometry, the bytes, the open volume)."""
+    paths, uuid, g = build(tmp_path / "a", "raidz2", 5, chunk, rows=16)
+    data = rand_bytes(1, g.stripe_bytes * 4)
+    vol = open_vol(paths, uuid)
+    vol.write(0, data)
+    vol.flush()
+    return paths, uuid, g, data, vol
+
+
 def test_torn_write_while_degraded_keeps_the_data_beside_it(tmp_path):
     """A pulled plug while degraded: a partial-stripe write tore its chunk and a parity chunk,
     so the missing member's chunk of that row cannot be reconstructed any more. The resync
@@ -885,11 +896,7 @@ def test_torn_write_while_degraded_keeps_the_data_beside_it(tmp_path):
     the lost chunk raises, never wrong bytes; the other rows are untouched; the stripe can be
     written again and a rebuild onto a new member finishes."""
     chunk = 16384
-    paths, uuid, g = build(tmp_path / "a", "raidz2", 5, chunk, rows=16)
-    old = rand_bytes(1, g.stripe_bytes * 4)
-    vol = open_vol(paths, uuid)
-    vol.write(0, old)
-    vol.flush()
+    paths, uuid, g, old, vol = _four_stripes(tmp_path, chunk)
     group, row = g.locate(1)
     slots = g.column_slots(group, row)
     stripe = g.stripe_bytes
@@ -970,11 +977,7 @@ def test_scrub_rewrites_lost_chunks_only_where_nothing_lives(tmp_path):
     the space above says data lives there, and writes it as zeros with new parity once the
     space says nothing does; a second scrub is clean and every other byte is unchanged."""
     chunk = 16384
-    paths, uuid, g = build(tmp_path / "a", "raidz2", 5, chunk, rows=16)
-    data = rand_bytes(1, g.stripe_bytes * 4)
-    vol = open_vol(paths, uuid)
-    vol.write(0, data)
-    vol.flush()
+    paths, uuid, g, data, vol = _four_stripes(tmp_path, chunk)
     group, row = g.locate(1)
     slots = g.column_slots(group, row)
     vol.close()
