@@ -226,6 +226,18 @@ class Daemon:
                     await trio.to_thread.run_sync(self.ops.sync)
                     continue
                 log.info("signal %d: unmounting %s", sig, self.mountpoint)
+                await trio.to_thread.run_sync(self.session.unmount)
+                await trio.to_thread.run_sync(self.ops.sync)
+                # Files still open keep the detached mount, and are served until they close
+                # (the session then ends by itself), for up to OPEN_FILES_GRACE_SECONDS or
+                # until the next SIGTERM or SIGINT.
+                with trio.move_on_after(OPEN_FILES_GRACE_SECONDS):
+                    async for again in sigs:
+                        if again != signal.SIGHUP:
+                            break
+                        await trio.to_thread.run_sync(self.ops.sync)
+                log.warning("%s is still in use after signal %d: ending its connection; files "
+                            "still open on it see ENOTCONN", self.mountpoint, sig)
                 await trio.to_thread.run_sync(self.session.terminate)
                 return
 
@@ -340,6 +352,7 @@ SEAL_IDLE_SECONDS = 2.0
 METACOPY_SECONDS = 600.0
 READAHEAD_KB = 1024
 MEMBER_CHECK_SECONDS = 5.0
+OPEN_FILES_GRACE_SECONDS = 30.0
 
 
 def _invalidate(fn, *args) -> None:

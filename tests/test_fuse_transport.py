@@ -4,6 +4,7 @@ requests answered concurrently on several threads, and the end of a session."""
 from __future__ import annotations
 
 import array
+import contextlib
 import errno
 import fcntl
 import hashlib
@@ -11,6 +12,7 @@ import os
 import random
 import signal
 import stat
+import subprocess
 import threading
 import time
 
@@ -190,3 +192,62 @@ def test_sigterm_with_a_file_open_loses_nothing(tmp_path, fs_mount):
         assert f.read() == b"before\nafter\n"
     m.umount()
     dwfs("fsck", m.warehouse)  # exits non-zero on any finding
+
+
+def test_second_sigterm_ends_the_mount_with_a_file_still_open(tmp_path, fs_mount):
+    """A second SIGTERM does not wait for open files: the holder sees ENOTCONN, the daemon
+    exits, and what was written before the first signal is stored (it commits on detach)."""
+    from mountutil import make_warehouse
+
+    with _fusectl():
+        _second_sigterm(fs_mount(make_warehouse(tmp_path / "wh")))
+
+
+@contextlib.contextmanager
+def _fusectl():
+    """fusectl mounted (as systemd mounts it at boot) for the duration, if it was not."""
+    where = "/sys/fs/fuse/connections"
+    if os.path.ismount(where):
+        yield
+        return
+    done = subprocess.run(["mount", "-t", "fusectl", "none", where], capture_output=True,
+                          text=True, check=False)
+    if done.returncode != 0:
+        pytest.skip(f"fusectl is not mounted and cannot be ({done.stderr.strip()})")
+    try:
+        yield
+    finally:
+        subprocess.run(["umount", where], capture_output=True, check=False)
+
+
+def _second_sigterm(m) -> None:
+    m.mount()
+    pid = daemon_pid(m.warehouse)
+    assert pid is not None
+    held = open(m.path("held"), "wb")  # noqa: SIM115 - closed below, after the signals
+    try:
+        held.write(b"before\n")
+        held.flush()
+        os.kill(pid, signal.SIGTERM)
+        deadline = time.monotonic() + 20
+        while is_mounted(m.mountpoint) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not is_mounted(m.mountpoint)
+        assert pid_alive(pid)  # the open file keeps it serving
+        os.kill(pid, signal.SIGTERM)
+        deadline = time.monotonic() + 20
+        while pid_alive(pid) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not pid_alive(pid)
+        with pytest.raises(OSError) as exc:
+            held.write(b"after\n")
+            held.flush()
+        assert exc.value.errno == errno.ENOTCONN
+    finally:
+        with contextlib.suppress(OSError):
+            held.close()
+    m.mount()
+    with open(m.path("held"), "rb") as f:
+        assert f.read() == b"before\n"
+    m.umount()
+    dwfs("fsck", m.warehouse)
