@@ -162,36 +162,28 @@ def test_a_quiet_mount_stops_polling_for_requests(mounted_fs):
 
 def test_sigterm_with_a_file_open_loses_nothing(tmp_path, fs_mount):
     """SIGTERM detaches the mount; a process still holding a file goes on writing to it, and
-    the daemon exits once that file is closed, with everything stored."""
+    the daemon exits once that file is closed, with everything stored (with fusectl mounted,
+    as on any systemd machine, through which the daemon could end the connection at once)."""
     from mountutil import make_warehouse
 
-    m = fs_mount(make_warehouse(tmp_path / "wh"))
-    m.mount()
-    pid = daemon_pid(m.warehouse)
-    assert pid is not None
-    held = open(m.path("held"), "wb")  # noqa: SIM115 - closed below, after the signal
-    try:
-        held.write(b"before\n")
-        held.flush()
-        os.kill(pid, signal.SIGTERM)
-        deadline = time.monotonic() + 20
-        while is_mounted(m.mountpoint) and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert not is_mounted(m.mountpoint)
-        held.write(b"after\n")
-        held.flush()
-        os.fsync(held.fileno())
-    finally:
-        held.close()
-    deadline = time.monotonic() + 30
-    while pid_alive(pid) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert not pid_alive(pid)
-    m.mount()
-    with open(m.path("held"), "rb") as f:
-        assert f.read() == b"before\nafter\n"
-    m.umount()
-    dwfs("fsck", m.warehouse)  # exits non-zero on any finding
+    with _fusectl():
+        m = fs_mount(make_warehouse(tmp_path / "wh"))
+        pid, held = _sigterm_while_held(m)
+        try:
+            held.write(b"after\n")
+            held.flush()
+            os.fsync(held.fileno())
+        finally:
+            held.close()
+        deadline = time.monotonic() + 30
+        while pid_alive(pid) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not pid_alive(pid)
+        m.mount()
+        with open(m.path("held"), "rb") as f:
+            assert f.read() == b"before\nafter\n"
+        m.umount()
+        dwfs("fsck", m.warehouse)  # exits non-zero on any finding
 
 
 def test_second_sigterm_ends_the_mount_with_a_file_still_open(tmp_path, fs_mount):
@@ -200,7 +192,26 @@ def test_second_sigterm_ends_the_mount_with_a_file_still_open(tmp_path, fs_mount
     from mountutil import make_warehouse
 
     with _fusectl():
-        _second_sigterm(fs_mount(make_warehouse(tmp_path / "wh")))
+        m = fs_mount(make_warehouse(tmp_path / "wh"))
+        pid, held = _sigterm_while_held(m)
+        try:
+            os.kill(pid, signal.SIGTERM)
+            deadline = time.monotonic() + 20
+            while pid_alive(pid) and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert not pid_alive(pid)
+            with pytest.raises(OSError) as exc:
+                held.write(b"after\n")
+                held.flush()
+            assert exc.value.errno == errno.ENOTCONN
+        finally:
+            with contextlib.suppress(OSError):
+                held.close()
+        m.mount()
+        with open(m.path("held"), "rb") as f:
+            assert f.read() == b"before\n"
+        m.umount()
+        dwfs("fsck", m.warehouse)
 
 
 @contextlib.contextmanager
@@ -220,34 +231,19 @@ def _fusectl():
         subprocess.run(["umount", where], capture_output=True, check=False)
 
 
-def _second_sigterm(m) -> None:
+def _sigterm_while_held(m):
+    """Mount, open `held` and write a line to it, SIGTERM the daemon: (pid, the open file)
+    once the mount is detached, with the daemon still serving that file."""
     m.mount()
     pid = daemon_pid(m.warehouse)
     assert pid is not None
-    held = open(m.path("held"), "wb")  # noqa: SIM115 - closed below, after the signals
-    try:
-        held.write(b"before\n")
-        held.flush()
-        os.kill(pid, signal.SIGTERM)
-        deadline = time.monotonic() + 20
-        while is_mounted(m.mountpoint) and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert not is_mounted(m.mountpoint)
-        assert pid_alive(pid)  # the open file keeps it serving
-        os.kill(pid, signal.SIGTERM)
-        deadline = time.monotonic() + 20
-        while pid_alive(pid) and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert not pid_alive(pid)
-        with pytest.raises(OSError) as exc:
-            held.write(b"after\n")
-            held.flush()
-        assert exc.value.errno == errno.ENOTCONN
-    finally:
-        with contextlib.suppress(OSError):
-            held.close()
-    m.mount()
-    with open(m.path("held"), "rb") as f:
-        assert f.read() == b"before\n"
-    m.umount()
-    dwfs("fsck", m.warehouse)
+    held = open(m.path("held"), "wb")  # noqa: SIM115 - the caller closes it
+    held.write(b"before\n")
+    held.flush()
+    os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + 20
+    while is_mounted(m.mountpoint) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not is_mounted(m.mountpoint)
+    assert pid_alive(pid)  # the open file keeps it serving
+    return pid, held
