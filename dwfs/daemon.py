@@ -220,26 +220,27 @@ class Daemon:
 
     async def _signals(self, nursery: trio.Nursery) -> None:
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as sigs:
-            async for sig in sigs:
-                if sig == signal.SIGHUP:
-                    log.info("SIGHUP: flushing")
-                    await trio.to_thread.run_sync(self.ops.sync)
-                    continue
-                log.info("signal %d: unmounting %s", sig, self.mountpoint)
-                await trio.to_thread.run_sync(self.session.unmount)
-                await trio.to_thread.run_sync(self.ops.sync)
-                # Files still open keep the detached mount, and are served until they close
-                # (the session then ends by itself), for up to OPEN_FILES_GRACE_SECONDS or
-                # until the next SIGTERM or SIGINT.
-                with trio.move_on_after(OPEN_FILES_GRACE_SECONDS):
-                    async for again in sigs:
-                        if again != signal.SIGHUP:
-                            break
-                        await trio.to_thread.run_sync(self.ops.sync)
-                log.warning("%s is still in use after signal %d: ending its connection; files "
-                            "still open on it see ENOTCONN", self.mountpoint, sig)
-                await trio.to_thread.run_sync(self.session.terminate)
-                return
+            sig = await self._next_stop(sigs)
+            log.info("signal %d: unmounting %s", sig, self.mountpoint)
+            await trio.to_thread.run_sync(self.session.unmount)
+            await trio.to_thread.run_sync(self.ops.sync)
+            # Files still open keep the detached mount, and are served until they close (the
+            # session then ends by itself), for up to OPEN_FILES_GRACE_SECONDS or until the
+            # next SIGTERM or SIGINT.
+            with trio.move_on_after(OPEN_FILES_GRACE_SECONDS):
+                await self._next_stop(sigs)
+            log.warning("%s is still in use after signal %d: ending its connection; files "
+                        "still open on it see ENOTCONN", self.mountpoint, sig)
+            await trio.to_thread.run_sync(self.session.terminate)
+
+    async def _next_stop(self, sigs) -> int:
+        """Wait for SIGTERM or SIGINT (returned), flushing at every SIGHUP meanwhile."""
+        async for sig in sigs:
+            if sig != signal.SIGHUP:
+                return sig
+            log.info("SIGHUP: flushing")
+            await trio.to_thread.run_sync(self.ops.sync)
+        raise AssertionError("the signal receiver ended")
 
 
 def serve(warehouse: str, mountpoint: str, ready_fd: int | None, debug: bool = False,
