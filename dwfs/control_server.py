@@ -57,10 +57,22 @@ async def _connection(stream: trio.SocketStream, handler: Handler,
                                  "errno": errno.EINVAL})
             return
         send_channel, receive_channel = trio.open_memory_channel(64)
+        token = trio.lowlevel.current_trio_token()
+
+        def offer(msg: dict) -> None:
+            try:
+                send_channel.send_nowait(msg)
+            except trio.WouldBlock:
+                log.debug("control client is behind; progress %s not sent", msg["progress"])
+            except trio.ClosedResourceError:
+                log.debug("progress %s after the request ended", msg["progress"])
 
         def progress(done: int, total: int) -> None:
+            # Handed over without waiting for the event loop: a worker waiting on every
+            # update measured up to 5 ms each (the loop waits its turn for the interpreter).
+            # The loop runs these in order, and before it sees the request's end.
             try:
-                trio.from_thread.run(send_channel.send, {"progress": [done, total]})
+                token.run_sync_soon(offer, {"progress": [done, total]})
             except trio.RunFinishedError:
                 log.debug("progress after the daemon stopped: %d/%d", done, total)
 

@@ -20,6 +20,8 @@ import pytest
 from mountutil import daemon_pid, dwfs, make_warehouse, mounted_warehouse
 from posixutil import FALLOC_KEEP_SIZE, FALLOC_PUNCH_HOLE, fallocate
 
+from dwfs import control
+
 STATE = "user.dwfs.state"
 MiB = 1 << 20
 STDLIB = os.path.dirname(os.path.dirname(email.__file__))
@@ -120,6 +122,27 @@ def test_import_shows_everything_and_fetches_nothing_until_read(fsm, stdlib_tree
     assert all(os.stat(p).st_blocks > 0 for p in found if os.path.getsize(p))
     assert len(fetched(fsm.warehouse)) == before + len(
         [p for p in found if os.path.getsize(p)])
+
+
+def test_import_reports_progress_in_order_before_its_result(fsm, tmp_path):
+    """The daemon's progress updates for a long request reach the client whole and in order,
+    ahead of the result (they are handed to the event loop without the worker waiting)."""
+    src = tmp_path / "many"
+    for d in range(41):
+        (src / f"d{d:02d}").mkdir(parents=True)
+        for f in range(100):
+            (src / f"d{d:02d}" / f"f{f:03d}").write_bytes(b"x" * (f + 1))
+    os.mkdir(fsm.path("progress"))
+    seen: list[tuple[int, int]] = []
+    op = {"op": "ghost-import", "source": str(src), "dest": "/progress", "uid": os.getuid(),
+          "gid": os.getgid()}
+    result = control.request(control.control_socket_path(fsm.warehouse), op,
+                             lambda done, total: seen.append((done, total)))
+    assert result["ghosts"] == 4100 and result["directories"] == 41
+    done = [d for d, _t in seen]
+    assert done == sorted(done) and len(done) >= 3, seen  # one per batch of 2,000 entries
+    assert done[-1] == 4141, seen  # every file and directory accounted for
+    assert len(os.listdir(fsm.path("progress", "d40"))) == 100
 
 
 def test_partial_reads_of_a_large_ghost(fsm, tmp_path):
