@@ -1167,3 +1167,17 @@ def test_new_data_keeps_out_of_the_superblock_stripe(env, fs):
     mkfile(fs2, ROOT_INODE, b"g", rand_bytes(99, SECTOR))
     fs2.commit()
     assert min(a for a, in fs2.db.rows("SELECT addr FROM extents")) * SECTOR >= stripe
+
+
+def test_metadata_statements_are_not_replanned_for_each_run(tmp_path):
+    """The metadata connection plans a statement once, whatever values are bound: this SQLite
+    otherwise re-prepares every statement with ORDER BY and a bound range at each run (readdir,
+    the block-map lookup of every read), at several times the cost of the query itself."""
+    import apsw
+
+    path = str(tmp_path / "meta.db")
+    for db in (MetaDB(path, create=True), MetaDB(path, read_only=True)):
+        try:
+            assert db.conn.config(apsw.SQLITE_DBCONFIG_ENABLE_QPSG, -1) == 1
+        finally:
+            db.close()

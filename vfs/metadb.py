@@ -119,6 +119,10 @@ class MetaDB:
             else:
                 self.conn = apsw.Connection(path)
             self.conn.setbusytimeout(5000)
+            # Plans that do not depend on bound values. Without this, this SQLite re-plans a
+            # statement with ORDER BY and a bound range at every run: readdir's query took
+            # 13 µs instead of 3.5, a read's block-map lookup 45 instead of 25.
+            self.conn.config(apsw.SQLITE_DBCONFIG_ENABLE_QPSG, 1)
             if not read_only:
                 self.conn.execute("PRAGMA journal_mode=WAL")
                 self.conn.execute("PRAGMA synchronous=FULL")
