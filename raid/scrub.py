@@ -215,24 +215,25 @@ def _mend_lost_row(volume: Volume, group: int, row: int, report: ScrubReport,
         if not lost:
             return  # written again since the check: nothing is lost any more
         lost_data = [c for c in lost if c < g.k]
-        if space is not None and all(
-                space.unused(stripe * g.stripe_bytes + c * g.chunk, g.chunk) for c in lost_data):
+        mended = space is not None and all(
+            space.unused(stripe * g.stripe_bytes + c * g.chunk, g.chunk) for c in lost_data)
+        if mended:
             zeros = np.zeros(g.chunk, dtype=np.uint8)
             data = np.stack([zeros if c in lost else loaded[c][0] for c in range(g.k)])
             volume.store_row(group, row, data, lost_data)
-            log.warning("scrub: row %d of group %d could not be reconstructed; its lost "
-                        "chunks hold no data and were written as zeros with new parity",
-                        row, group)
-            for c in lost:
-                if loaded[c][1] == "corrupt":
-                    report.members[slots[c]].fixed += 1
-                    report.note(slots[c], row, "checksum mismatch in unused space, rewritten",
-                                True)
-            return
-    log.error("scrub: row %d of group %d cannot be repaired: redundancy cannot reconstruct "
-              "its columns %s%s", row, group, lost,
-              "" if space is None else ", and data lives in them")
+    if mended:
+        log.warning("scrub: row %d of group %d could not be reconstructed; its lost chunks "
+                    "hold no data and were written as zeros with new parity", row, group)
+    else:
+        log.error("scrub: row %d of group %d cannot be repaired: redundancy cannot reconstruct "
+                  "its columns %s%s", row, group, lost,
+                  "" if space is None else ", and data lives in them")
     for c in lost:
         if loaded[c][1] == "corrupt":
-            report.members[slots[c]].unrecoverable += 1
-            report.note(slots[c], row, "checksum mismatch, unrecoverable", False)
+            findings = report.members[slots[c]]
+            if mended:
+                findings.fixed += 1
+                report.note(slots[c], row, "checksum mismatch in unused space, rewritten", True)
+            else:
+                findings.unrecoverable += 1
+                report.note(slots[c], row, "checksum mismatch, unrecoverable", False)
