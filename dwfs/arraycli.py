@@ -22,15 +22,12 @@ from dwfs.control import control_socket_path
 from dwfs.mountopts import parse_options
 from dwfs.mounts import canonical, find_mount, fusermount_unmount, pid_alive
 from dwfs.sizes import format_size, parse_size
-from dwfs.warehouse import (
-    MkfsRequest,
-    WarehouseLock,
-    meta_path,
-    mkfs,
-    open_volume,
-    refresh_metadata_copy,
-)
+from dwfs.whlock import WarehouseLock
 from raid.errors import RaidError
+
+# dwfs.warehouse and dwfs.service (numpy, the array, SQLite) are imported by the commands that
+# open the array in this process: `status`, `scrub` and `replace` of a mounted warehouse ask
+# its daemon and start in a third of the time without them.
 
 log = logging.getLogger("dwfs")
 
@@ -52,6 +49,8 @@ def with_volume(
     cfg = load_config(warehouse)
     lock = WarehouseLock(cfg.directory)
     if lock.try_acquire():
+        from dwfs.warehouse import open_volume
+
         try:
             volume = open_volume(cfg, allow_failed=read_only, read_only=read_only)
             try:
@@ -72,10 +71,18 @@ def with_volume(
         raise
 
 
+def _service() -> Any:
+    """dwfs.service, imported only when the array is opened in this process."""
+    from dwfs import service
+
+    return service
+
+
 # --- commands -----------------------------------------------------------------------------------
 
 
 def cmd_mkfs(args: argparse.Namespace) -> int:
+    from dwfs.warehouse import MkfsRequest, mkfs
     from raid import levels
 
     members = len(args.device) if args.device else args.devices
@@ -206,6 +213,7 @@ def cmd_fsck(args: argparse.Namespace) -> int:
 
 
 def _fsck(args: argparse.Namespace) -> int:
+    from dwfs.warehouse import meta_path, open_volume, refresh_metadata_copy
     from vfs import fsck as vfsck
     from vfs.errors import FSError
     from vfs.metacopy import latest_copy, restore_copy
@@ -287,14 +295,13 @@ def _fsck(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from rich.table import Table
-
-    from dwfs import service
-
-    doc = with_volume(args.warehouse, service.status, {"op": "status"}, read_only=True)
+    doc = with_volume(args.warehouse, lambda v, c: _service().status(v, c), {"op": "status"},
+                      read_only=True)
     if args.json:
         print(json.dumps(doc, indent=2))
         return 0 if doc["state"] != "failed" else 2
+    from rich.table import Table
+
     style = {"clean": "green", "degraded": "yellow", "rebuilding": "yellow", "failed": "red"}
     out.print(f"warehouse  {doc['warehouse']}" + (
         f"  (mounted at {doc['mountpoint']})" if doc.get("mountpoint") else ""))
@@ -321,13 +328,11 @@ def _short(path: str, warehouse: str) -> str:
 
 
 def cmd_scrub(args: argparse.Namespace) -> int:
-    from dwfs import service
-
     with progress_bar("scrubbing" + (" and repairing" if args.repair else ""),
                       in_bytes=False) as update:
         report = with_volume(
             args.warehouse,
-            lambda v, c: service.scrub_unmounted(v, c, args.repair, update),
+            lambda v, c: _service().scrub_unmounted(v, c, args.repair, update),
             {"op": "scrub", "repair": args.repair},
             progress=update,
         )
@@ -362,13 +367,11 @@ def _print_scrub(report: dict) -> None:
 
 
 def cmd_replace(args: argparse.Namespace) -> int:
-    from dwfs import service
-
     rate = parse_size(args.max_rate) if args.max_rate else None
     with progress_bar(f"rebuilding slot {args.slot}") as update:
         result = with_volume(
             args.warehouse,
-            lambda v, c: service.replace(v, c, args.slot, args.device, update, None, rate),
+            lambda v, c: _service().replace(v, c, args.slot, args.device, update, None, rate),
             {"op": "replace", "slot": args.slot, "device": args.device, "max_rate": rate},
             progress=update,
         )

@@ -28,12 +28,8 @@ from dwfs.fusesession import Session
 from dwfs.mountopts import MountOptions, parse_options
 from dwfs.mounts import is_mounted, mount_device
 from dwfs.rawfs import RawOperations
-from dwfs.warehouse import (
-    WarehouseError,
-    WarehouseLock,
-    open_filesystem,
-    open_volume,
-)
+from dwfs.warehouse import WarehouseError, open_filesystem, open_volume
+from dwfs.whlock import WarehouseLock
 from dwfs.writebehind import WriteBehind
 from raid.errors import RaidError
 from raid.rebuild import RebuildStopped

@@ -16,7 +16,7 @@ import time
 
 from dwfs import control
 from dwfs.cliutil import CommandError, daemon_socket, dwfs_mount_of, err, out, progress_bar
-from vfs.attrs import STATE_XATTR
+from vfs.xattrnames import STATE_XATTR
 
 log = logging.getLogger("dwfs.ghost")
 

@@ -4,15 +4,15 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
-import subprocess
-from dataclasses import dataclass
+from typing import TYPE_CHECKING, NamedTuple
+
+if TYPE_CHECKING:
+    import subprocess
 
 log = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
-class MountEntry:
+class MountEntry(NamedTuple):
     """One line of /proc/mounts."""
 
     source: str
@@ -59,6 +59,9 @@ def is_mounted(mountpoint: str) -> bool:
 
 def fusermount_unmount(mountpoint: str, lazy: bool = False) -> subprocess.CompletedProcess:
     """Run `fusermount3 -u` (or `-uz`) on a mount point."""
+    import shutil  # here: the commands that only read /proc/mounts start without it
+    import subprocess
+
     tool = shutil.which("fusermount3") or "fusermount3"
     args = [tool, "-uz" if lazy else "-u", mountpoint]
     return subprocess.run(args, capture_output=True, text=True, check=False)

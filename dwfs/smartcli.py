@@ -9,7 +9,7 @@ import os
 
 from dwfs import control
 from dwfs.cliutil import CommandError, daemon_socket, dwfs_mount_of, out
-from vfs.attrs import QUERY_XATTR
+from vfs.xattrnames import QUERY_XATTR
 
 QUERY_ATTR = QUERY_XATTR.decode()
 

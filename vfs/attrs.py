@@ -7,11 +7,12 @@ import errno
 from dataclasses import dataclass, field
 
 from vfs.errors import FSError
+from vfs.xattrnames import QUERY_XATTR, STATE_XATTR
+
+__all__ = ["QUERY_XATTR", "STATE_XATTR"]  # and every name defined below
 
 ROOT_INODE = 1
 NAME_MAX = 255
-QUERY_XATTR = b"user.dwfs.query"  # makes an empty directory a smart folder
-STATE_XATTR = b"user.dwfs.state"  # a ghost's state: ghost, hydrated, pinned
 
 
 @dataclass(slots=True)
