@@ -954,6 +954,18 @@ def test_enospc_then_space_back(mnt, d):
     with open(f"{d}/fill", "rb") as f:
         f.seek(written - 100)
         assert f.read() == b"\x5a" * 100
+    # Full, and still truncate(2), which knows no ENOSPC, works: where the new last sector
+    # holds data it is rewritten (copy-on-write), where it is a hole it stays one.
+    os.truncate(f"{d}/fill", written - 3 * 4096 - 100)
+    with open(f"{d}/fill", "rb") as f:
+        f.seek(written - 3 * 4096 - 200)
+        assert f.read() == b"\x5a" * 100
+    write_file(f"{d}/sparse", b"")
+    os.truncate(f"{d}/sparse", 10 << 20)
+    os.truncate(f"{d}/sparse", 5_000_001)
+    assert os.stat(f"{d}/sparse").st_size == 5_000_001
+    assert read_file(f"{d}/sparse") == bytes(5_000_001)
+    os.unlink(f"{d}/sparse")
     os.unlink(f"{d}/fill")
     if os.path.exists(f"{d}/more"):
         os.unlink(f"{d}/more")

@@ -603,6 +603,33 @@ def test_punching_whole_sectors_works_on_a_full_volume(env):
     assert fs.getattr(g).size == 6 * BLOCK
 
 
+def test_truncation_works_on_a_full_volume(env):
+    """truncate(2) knows no ENOSPC. On a full volume a file shrinks even where its new last
+    sector holds data and is rewritten (from room writes leave for it), again and again; a
+    sparse file's hole tail stays a hole; the volume stays as full as before."""
+    fs = env.fs
+    big = mkfile(fs, ROOT_INODE, b"big")
+    written = _fill(fs, big, BLOCK)
+    fs.commit()
+    assert _fill(fs, mkfile(fs, ROOT_INODE, b"more"), BLOCK) == 0
+    size = written
+    for cut in (100, 4096 + 7, 3 * BLOCK + 1, 5, 2 * SECTOR - 1):
+        size -= cut
+        fs.setattr(big, SetAttr(size=size))  # ftruncate
+        assert fs.getattr(big).size == size
+    fs.commit()
+    assert read_all(fs, big) == b"\xa5" * size
+    sparse = mkfile(fs, ROOT_INODE, b"sparse")
+    fs.setattr(sparse, SetAttr(size=10 * GiB))
+    fs.setattr(sparse, SetAttr(size=5 * GiB + 1))
+    assert fs.getattr(sparse).blocks == 0
+    assert fs.read(sparse, 5 * GiB - 10, 100) == bytes(11)
+    # writes meet ENOSPC once the ~3.2 blocks the cuts freed are used: nothing was lost
+    assert _fill(fs, mkfile(fs, ROOT_INODE, b"w"), BLOCK) <= 4 * BLOCK
+    fs = env.reopen()
+    assert read_all(fs, big) == b"\xa5" * size
+
+
 def test_enospc_failed_write_keeps_old_bytes(env):
     """A write that fails with ENOSPC leaves the file as it was, even in a partial block."""
     fs = env.fs

@@ -82,8 +82,7 @@ class ContentOps:
 
     def _truncate(self, r: tuple, size: int) -> None:
         self._check_truncatable(r, size)
-        if size < r[5] and size % BLOCK:
-            self._reserve(r[0], size // BLOCK, size // BLOCK)
+        self._reserve_tail(r, size)
         self.data.truncate(r[0], r[5], size)
         self.db.change("UPDATE inodes SET size=? WHERE id=?", (size, r[0]))
 
@@ -99,7 +98,12 @@ class ContentOps:
         self._accessed(r)
         return data
 
-    def _blocks_short(self, ino: int, first: int, last: int) -> int:
+    def _reserve_tail(self, r: tuple, size: int) -> None:
+        """Make room for the sector that shrinking inode row `r` to `size` rewrites, if any."""
+        if stat.S_ISREG(r[1]) and self.data.tail_rewritten(r[0], r[5], size):
+            self._reserve(r[0], size // BLOCK, size // BLOCK, truncating=True)
+
+    def _blocks_short(self, ino: int, first: int, last: int, truncating: bool = False) -> int:
         """How many blocks' worth of free space are missing to make blocks first..last of a
         file dirty.
 
@@ -107,7 +111,9 @@ class ContentOps:
         about to dirty) may need a block of new sectors when it is written out
         (copy-on-write), so a write accepted now can always be stored by the next commit.
         Any free sector counts (a block may be stored in fragments), except the room kept
-        for the next metadata copy.
+        for the next metadata copy. A truncation may use that room too: truncate(2) knows no
+        ENOSPC, and the sector it rewrites frees the one it replaces at the same commit,
+        before any copy is written.
         """
         dirty = self.data.dirty.get(ino, {})
         if last - first < len(dirty):
@@ -115,12 +121,12 @@ class ContentOps:
         else:
             already = sum(1 for b in dirty if first <= b <= last)
         blocks = self.data.dirty_blocks + (last - first + 1) - already
-        need = blocks * SECTORS_PER_BLOCK + self.copy_reserve
+        need = blocks * SECTORS_PER_BLOCK + (0 if truncating else self.copy_reserve)
         return max(0, -(-(need - self.alloc.free_count) // SECTORS_PER_BLOCK))
 
-    def _reserve(self, ino: int, first: int, last: int) -> None:
+    def _reserve(self, ino: int, first: int, last: int, truncating: bool = False) -> None:
         """Make sure blocks first..last of a file can become dirty, else raise ENOSPC."""
-        self._make_room(lambda: self._blocks_short(ino, first, last), "blocks")
+        self._make_room(lambda: self._blocks_short(ino, first, last, truncating), "blocks")
 
     def _make_room(self, short: Callable[[], int], unit: str) -> None:
         """Raise ENOSPC unless `short()` (how many `unit` of room are missing) is nothing.

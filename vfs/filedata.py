@@ -348,6 +348,17 @@ class FileData:
 
     # --- truncating and dropping --------------------------------------------------------------
 
+    def tail_rewritten(self, ino: int, size: int, new_size: int) -> bool:
+        """True if shrinking a file of `size` bytes to `new_size` rewrites its new last
+        sector: one kept only in part that holds data (stored, or buffered)."""
+        if new_size >= size or not new_size % SECTOR:
+            return False
+        sector = new_size // SECTOR
+        blk, s = divmod(sector, SECTORS_PER_BLOCK)
+        if s in self.dirty.get(ino, {}).get(blk, ()):
+            return True
+        return bool(self.map.overlapping(ino, sector, sector))
+
     def truncate(self, ino: int, size: int, new_size: int) -> None:
         """Change a file's length from `size` to `new_size` (the caller records the size)."""
         self._seq_end.pop(ino, None)
@@ -365,7 +376,7 @@ class FileData:
                 self.dirty_bytes -= SECTOR
         self._release(ino, self.map.truncate(ino, keep))
         tail = new_size % SECTOR
-        if tail:
+        if tail and self.tail_rewritten(ino, size, new_size):  # (a hole stays a hole)
             s = (keep - 1) % SECTORS_PER_BLOCK
             if secs is None:
                 secs = dirty[last] = {}

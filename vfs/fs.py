@@ -268,10 +268,8 @@ class Filesystem(ContentOps, MakeOps, RenameOps, XattrOps):
         """Change mode, owner, size or times; ctime follows every change."""
         with self.lock:
             self._check_open()
-            if ch.size is not None and ch.size % BLOCK:
-                r = self._row(ino)
-                if stat.S_ISREG(r[1]) and 0 < ch.size < r[5]:
-                    self._reserve(ino, ch.size // BLOCK, ch.size // BLOCK)  # the new tail
+            if ch.size is not None:
+                self._reserve_tail(self._row(ino), ch.size)
             return self._setattr(ino, ch)
 
     @operation
