@@ -56,6 +56,8 @@ def files_under(paths: list[str]) -> list[str]:
 
 def cmd_import(args: argparse.Namespace) -> int:
     source = os.path.realpath(args.source)
+    if args.rescan < 0:
+        raise CommandError(f"--rescan {args.rescan:g}: give 0 or more seconds")
     if not os.path.isdir(source):
         raise CommandError(f"{args.source} is not a directory")
     if not os.path.isdir(args.dest):
@@ -84,7 +86,7 @@ def cmd_import(args: argparse.Namespace) -> int:
     if args.watch:
         from dwfs.ghostwatch import watch  # watchdog only when watching
 
-        watch(source, sock, inside)
+        watch(source, sock, inside, args.rescan)
     return 0
 
 
@@ -166,6 +168,9 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     m.add_argument("dest")
     m.add_argument("--watch", action="store_true",
                    help="keep following the source's changes until interrupted")
+    m.add_argument("--rescan", type=float, default=600.0, metavar="SECONDS",
+                   help="with --watch: compare the whole source this often, besides after "
+                        "every burst of changes (default 600; 0: only after changes)")
     m.set_defaults(func=cmd_import)
     for name, text in (("hydrate", "fetch ghosts' content now"),
                        ("dehydrate", "drop fetched content whose source is unchanged"),

@@ -1,5 +1,10 @@
 """`dwfs ghost import --watch`: follow a ghost source's changes with watchdog and send them to
-the mount's daemon in batches."""
+the mount's daemon in batches.
+
+Events are hints, not the whole truth: inotify says nothing of a write through a shared
+mapping, and a burst of changes can outrun it. So once the changes have settled, and every
+`rescan` seconds in any case, the whole source is brought in step (the daemon compares it with
+the ghosts: new, changed and gone files, links and directories)."""
 
 from __future__ import annotations
 
@@ -15,6 +20,9 @@ from dwfs import control
 from dwfs.cliutil import CommandError, err, out
 
 WATCH_BATCH_SECONDS = 0.3
+SETTLE_SECONDS = 2.0  # quiet after changes before the whole source is compared
+RESCAN_SECONDS = 600.0  # the whole source is compared at least this often
+WHOLE = [["changed", "."]]  # the change that compares the whole source
 
 
 class _Changes(FileSystemEventHandler):
@@ -28,8 +36,8 @@ class _Changes(FileSystemEventHandler):
         return os.path.relpath(os.fsdecode(path), self.root)
 
     def on_any_event(self, event: FileSystemEvent) -> None:
-        if event.event_type in ("opened", "closed_no_write", "closed"):
-            return
+        if event.event_type in ("opened", "closed_no_write"):
+            return  # ("closed" is a close after writing: a write through a mapping says no more)
         if event.is_directory and event.event_type == "modified":
             return  # a directory's own times: its entries bring their own events
         if event.event_type == "moved":
@@ -38,16 +46,28 @@ class _Changes(FileSystemEventHandler):
             self.queue.put(["changed", self._rel(event.src_path)])
 
 
-def watch(source: str, sock: str, dest: str) -> None:
-    """Keep the ghosts under `dest` in step with `source` until interrupted."""
+def watch(source: str, sock: str, dest: str, rescan: float = RESCAN_SECONDS) -> None:
+    """Keep the ghosts under `dest` in step with `source` until interrupted; the whole source
+    is compared once changes settle and every `rescan` seconds (0: never periodically)."""
     handler = _Changes(source)
     observer = Observer()
     observer.schedule(handler, source, recursive=True)
     observer.start()
     out.print(f"watching {source} (Ctrl-C stops)")
+    unsettled = False  # changes came since the whole source was last compared
+    last_whole = time.monotonic()
     try:
         while True:
-            batch = [handler.queue.get()]
+            wait = SETTLE_SECONDS if unsettled else None
+            if rescan > 0:
+                due = max(0.0, last_whole + rescan - time.monotonic())
+                wait = due if wait is None else min(wait, due)
+            try:
+                batch = [handler.queue.get(timeout=wait)]
+            except queue.Empty:
+                _send(sock, source, dest, WHOLE, "compared the whole source")
+                unsettled, last_whole = False, time.monotonic()
+                continue
             deadline = time.monotonic() + WATCH_BATCH_SECONDS
             while time.monotonic() < deadline:
                 try:
@@ -58,17 +78,23 @@ def watch(source: str, sock: str, dest: str) -> None:
             for c in batch:
                 if not changes or changes[-1] != c:
                     changes.append(c)
-            op = {"op": "ghost-sync", "source": source, "dest": dest, "changes": changes,
-                  "uid": os.getuid(), "gid": os.getgid()}
-            try:
-                r = control.request(sock, op)
-            except control.ControlError as exc:
-                err.print(f"dwfs: applying {len(changes)} source changes failed: {exc}")
-                if exc.errno == errno.ECONNREFUSED:
-                    raise CommandError("the mount's daemon is gone; stopped watching") from exc
-                continue
-            out.print(f"synced {len(changes)} changes: {r['ghosts']} new ghosts, "
-                      f"{r['refreshed']} refreshed, {r['removed']} removed")
+            _send(sock, source, dest, changes, f"synced {len(changes)} changes")
+            unsettled = True
     finally:
         observer.stop()
         observer.join(timeout=10)
+
+
+def _send(sock: str, source: str, dest: str, changes: list[list[str]], what: str) -> None:
+    """Have the daemon apply `changes` and say what it did."""
+    op = {"op": "ghost-sync", "source": source, "dest": dest, "changes": changes,
+          "uid": os.getuid(), "gid": os.getgid()}
+    try:
+        r = control.request(sock, op)
+    except control.ControlError as exc:
+        err.print(f"dwfs: applying {len(changes)} source changes failed: {exc}")
+        if exc.errno == errno.ECONNREFUSED:
+            raise CommandError("the mount's daemon is gone; stopped watching") from exc
+        return
+    out.print(f"{what}: {r['ghosts']} new ghosts, {r['refreshed']} refreshed, "
+              f"{r['removed']} removed")

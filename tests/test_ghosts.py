@@ -448,6 +448,52 @@ def test_watch_follows_create_modify_move_delete(fsm, tmp_path):
             proc.wait()
 
 
+def test_watch_compares_the_whole_source_for_what_inotify_does_not_tell(fsm, tmp_path):
+    """A write through a shared mapping raises no inotify event: the watcher's comparison of
+    the whole source (every --rescan seconds) brings the ghost in step."""
+    import mmap
+
+    src = tmp_path / "mapped"
+    src.mkdir()
+    (src / "m.bin").write_bytes(b"a" * 8192)
+    os.utime(src / "m.bin", ns=(10**18, 10**18))  # 2001: the mapped write makes it newer
+    dest = fsm.path("mapped")
+    os.mkdir(dest)
+    cmd = [sys.executable, "-m", "dwfs.cli", "ghost", "import", "--watch", "--rescan", "1",
+           str(src), dest]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        line = proc.stdout.readline()
+        while "watching" not in line:
+            assert line, proc.stderr.read()
+            line = proc.stdout.readline()
+        want = b"HELLO" + b"a" * 8187
+        # The writer keeps the file open meanwhile: not even a close-after-write is seen.
+        with open(src / "m.bin", "r+b") as writer, mmap.mmap(writer.fileno(), 8192) as m:
+            m[:5] = b"HELLO"
+            m.flush()
+            deadline = time.monotonic() + 15
+            while True:
+                try:
+                    with open(os.path.join(dest, "m.bin"), "rb") as f:
+                        if f.read() == want:
+                            break
+                except OSError as exc:  # EIO while the ghost still describes the old source
+                    assert exc.errno == errno.EIO
+                assert time.monotonic() < deadline, "the ghost did not follow the mapped write"
+                time.sleep(0.2)
+        assert os.stat(os.path.join(dest, "m.bin")).st_mtime_ns > 10**18
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    r = dwfs("ghost", "import", "--watch", "--rescan", "-1", str(src), dest, check=False)
+    assert r.returncode == 1 and "--rescan -1: give 0 or more seconds" in r.stderr
+
+
 def test_sources_with_times_before_1970_and_past_2262(fsm, tmp_path):
     """A source file from 1960 keeps its time; one dated past what dwfs stores (ext4 keeps
     times to 2446) is imported with its time clamped, and both fetch."""

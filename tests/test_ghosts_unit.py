@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import errno
 import os
+import shutil
 import threading
 
 import pytest
@@ -244,4 +245,51 @@ def test_a_source_changed_during_its_fetch_is_refreshed_after_it(env, tmp_path):
     view.ghosts.fetch_rate = None
     assert env.fs.getattr(big).size == 3 * MiB
     assert bytes(view.read(big, 0, 4 * MiB)) == new
+    view.ghosts.close()
+
+
+def test_sync_follows_exchanges_links_and_kind_changes(env, tmp_path):
+    """What a watcher reports of renameat2(RENAME_EXCHANGE) (a move each way), of a link
+    re-pointed and of a name that changed kind brings the destination in step: exchanged
+    directories keep only their own entries, links made by the import follow their source
+    (and go with it), a link made in the mount is left alone."""
+    from posixutil import RENAME_EXCHANGE, renameat2
+
+    src = tmp_path / "src"
+    (src / "d").mkdir(parents=True)
+    (src / "e").mkdir()
+    (src / "d" / "only-in-d").write_bytes(b"d")
+    (src / "e" / "only-in-e").write_bytes(b"e")
+    (src / "x").write_bytes(b"x")
+    (src / "y").write_bytes(b"yy")
+    os.symlink("x", src / "link")
+    view = View(env.fs)
+    import_tree(env.fs, view.ghosts, ROOT_INODE, str(src), ROOT)
+    mine = env.fs.symlink(ROOT_INODE, b"mine", b"target", ROOT)
+
+    def sync(*changes):
+        sync_changes(env.fs, view.ghosts, ROOT_INODE, str(src), ROOT, [list(c) for c in changes])
+
+    def names(*path):
+        return sorted(env.fs.listdir(ino_of(view, *path) if path else ROOT_INODE))
+
+    renameat2(str(src / "d"), str(src / "e"), RENAME_EXCHANGE)
+    renameat2(str(src / "x"), str(src / "y"), RENAME_EXCHANGE)
+    sync(("moved", "d", "e"), ("moved", "e", "d"), ("moved", "x", "y"), ("moved", "y", "x"))
+    assert names("d") == [b"only-in-e"] and names("e") == [b"only-in-d"]
+    assert bytes(view.read(ino_of(view, "x"), 0, 10)) == b"yy"
+    assert bytes(view.read(ino_of(view, "y"), 0, 10)) == b"x"
+    os.unlink(src / "link")
+    os.symlink("y", src / "link")
+    sync(("changed", "link"), ("changed", "link"))
+    assert env.fs.readlink(ino_of(view, "link")) == b"y"
+    os.unlink(src / "link")
+    (src / "link").mkdir()
+    (src / "link" / "inside").write_bytes(b"i")
+    sync(("changed", "link"))
+    assert names("link") == [b"inside"]
+    shutil.rmtree(src / "link")
+    sync(("changed", "link/inside"), ("changed", "link"))
+    assert b"link" not in names()
+    assert env.fs.readlink(mine.ino) == b"target"  # not the import's: never touched
     view.ghosts.close()

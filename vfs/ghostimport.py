@@ -26,6 +26,7 @@ from vfs.ghosts import GHOST, HYDRATED, PINNED, Ghosts, recorded_mtime
 log = logging.getLogger(__name__)
 
 BATCH = 2000
+REPLACED = object()  # _merge's answer: the old entry is gone, make the new one
 
 
 @dataclass(slots=True)
@@ -146,6 +147,7 @@ class Importer:
         dentries: list[tuple] = []
         ghosts: list[tuple] = []
         links: dict[int, int] = {}
+        owned_links: list[tuple[int]] = []
         for k, e in enumerate(batch):
             index = start + k
             parent = dest_of.get(e.parent)
@@ -165,8 +167,10 @@ class Importer:
             if parent not in fresh:
                 existing = self.fs.find(parent, e.name)
                 if existing is not None:
-                    dest_of[index] = self._merge(parent, e, existing.ino, existing.mode, report)
-                    continue
+                    merged = self._merge(parent, e, existing.ino, existing.mode, report)
+                    if merged is not REPLACED:
+                        dest_of[index] = merged
+                        continue
                 report.touched_names.append((parent, e.name))
             ino = next_ino
             next_ino += 1
@@ -183,6 +187,7 @@ class Importer:
                 fresh.add(ino)
                 report.directories += 1
             elif kind == stat.S_IFLNK:
+                owned_links.append((ino,))
                 report.links += 1
             else:  # an empty file has nothing to fetch: it is hydrated from the start
                 ghosts.append((ino, e.path, e.st.st_size, recorded_mtime(e.st),
@@ -196,6 +201,7 @@ class Importer:
                            dentries)
         self.db.changemany("INSERT INTO ghosts (inode, source, size, mtime_ns, state, hashes) "
                            "VALUES (?, ?, ?, ?, ?, ?)", ghosts)
+        self.db.changemany("INSERT INTO ghost_links (inode) VALUES (?)", owned_links)
         for parent, n in links.items():
             self.db.change("UPDATE inodes SET nlink=nlink+? WHERE id=?", (n, parent))
         touched_parents = {p for p, _n, _i in dentries if p not in fresh}
@@ -207,12 +213,23 @@ class Importer:
             self.ghosts.added(g[0], g[4])
 
     def _merge(self, parent: int, e: SourceEntry, ino: int, mode: int,
-               report: ImportReport) -> int | None:
-        """An entry whose name exists at the destination; returns the directory to fill."""
+               report: ImportReport) -> int | None | object:
+        """An entry whose name exists at the destination; returns the directory to fill, or
+        REPLACED when what the import made there was removed for the entry to be made anew
+        (the source's kind or link target changed)."""
         kind = stat.S_IFMT(e.st.st_mode)
         if kind == stat.S_IFDIR and stat.S_ISDIR(mode):
             return ino
         state = self.ghosts.state(ino)
+        if kind == stat.S_IFLNK and stat.S_ISLNK(mode) and self.fs.readlink(ino) == e.target:
+            report.unchanged += 1
+            return None
+        if kind != stat.S_IFMT(mode) or (stat.S_ISLNK(mode) and kind == stat.S_IFLNK):
+            if (state not in (None, PINNED) or stat.S_ISDIR(mode)
+                    or owns_link(self.db, ino, mode)):
+                remove_ghost_path(self.fs, self.ghosts, parent, e.name, report)
+                if self.fs.find(parent, e.name) is None:
+                    return REPLACED
         if kind == stat.S_IFREG and state is not None:
             rec = self.ghosts.record(ino)
             if (rec.source.encode(errors="surrogateescape") == e.path
@@ -287,10 +304,17 @@ def import_tree(fs: Filesystem, ghosts: Ghosts, dest: int, source: str, caller: 
     return report
 
 
+def owns_link(db, ino: int, mode: int) -> bool:
+    """True for a symbolic link an import made (it follows its source)."""
+    return stat.S_ISLNK(mode) and db.value(
+        "SELECT 1 FROM ghost_links WHERE inode=?", (ino,), None) is not None
+
+
 def remove_ghost_path(fs: Filesystem, ghosts: Ghosts, parent: int, name: bytes,
                       report: ImportReport) -> None:
-    """The source of `name` in `parent` is gone: remove its ghost (a pinned file stays, as an
-    ordinary file), or, for a directory, its ghosts and then it if it is left empty."""
+    """The source of `name` in `parent` is gone: remove its ghost or the link an import made
+    (a pinned file stays, as an ordinary file), or, for a directory, those under it and then
+    it if it is left empty."""
     attr = fs.find(parent, name)
     if attr is None:
         return
@@ -303,8 +327,8 @@ def remove_ghost_path(fs: Filesystem, ghosts: Ghosts, parent: int, name: bytes,
             report.touched_names.append((parent, name))
         return
     state = ghosts.state(attr.ino)
-    if state is None:
-        return  # an ordinary file: not ours to remove
+    if state is None and not owns_link(fs.db, attr.ino, attr.mode):
+        return  # an ordinary file, or a link made in the mount: not ours to remove
     if state == PINNED:
         fs.db.change("DELETE FROM ghosts WHERE inode=?", (attr.ino,))
         ghosts.forget(attr.ino)
@@ -314,6 +338,21 @@ def remove_ghost_path(fs: Filesystem, ghosts: Ghosts, parent: int, name: bytes,
     ghosts.forget(attr.ino)
     report.removed += 1
     report.touched_names.append((parent, name))
+
+
+def _prune(fs: Filesystem, ghosts: Ghosts, ino: int, src_dir: bytes,
+           report: ImportReport) -> None:
+    """Remove what imports made under directory `ino` whose source under `src_dir` is gone
+    (a directory exchanged with another keeps only its own entries)."""
+    for name in fs.listdir(ino):
+        path = os.path.join(src_dir, name)
+        attr = fs.find(ino, name)
+        if attr is None:
+            continue
+        if not os.path.lexists(path):
+            remove_ghost_path(fs, ghosts, ino, name, report)
+        elif stat.S_ISDIR(attr.mode) and os.path.isdir(path) and not os.path.islink(path):
+            _prune(fs, ghosts, attr.ino, path, report)
 
 
 def _entries_for(root: bytes, rel: bytes, report: ImportReport) -> list[SourceEntry]:
@@ -363,8 +402,11 @@ def sync_changes(fs: Filesystem, ghosts: Ghosts, dest: int, source: str, caller:
         kind, rel = change[0], os.fsencode(change[1])
         if kind == "moved":
             new = os.fsencode(change[2])
+            # Moved as a whole only when the old name is gone from the source: after an
+            # exchange (or a re-creation) both names are brought in step instead.
             with fs.lock:
-                moved = _move(fs, ghosts, dest, root, rel, new, report)
+                moved = (rel != new and not os.path.lexists(os.path.join(root, rel))
+                         and _move(fs, ghosts, dest, root, rel, new, report))
             rel = new if moved else rel
             if not moved:
                 _sync_one(fs, ghosts, importer, dest, root, rel, report)
@@ -377,10 +419,20 @@ def sync_changes(fs: Filesystem, ghosts: Ghosts, dest: int, source: str, caller:
 
 def _sync_one(fs: Filesystem, ghosts: Ghosts, importer: Importer, dest: int, root: bytes,
               rel: bytes, report: ImportReport) -> None:
-    if os.path.lexists(os.path.join(root, rel)):
+    """Bring the destination of one source path in step with the source as it is now."""
+    path = os.path.join(root, rel)
+    if os.path.lexists(path):
         entries = _entries_for(root, rel, report)
         if entries:
             importer.run(dest, batches(entries), report)
+        if os.path.isdir(path) and not os.path.islink(path):
+            with fs.lock:
+                parent, name = _dest_parent(fs, dest, rel)
+                attr = fs.find(parent, name) if parent is not None and name else None
+                if attr is None and not name:
+                    attr = fs.find(dest, b".")
+                if attr is not None and stat.S_ISDIR(attr.mode):
+                    fs.atomically(_prune, fs, ghosts, attr.ino, path, report)
         return
     with fs.lock:
         parent, name = _dest_parent(fs, dest, rel)

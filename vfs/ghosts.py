@@ -376,6 +376,9 @@ class Ghosts:
             elif self.stop.is_set():
                 log.info("ghost inode %d: fetch of %s stopped by the unmount; it stays a ghost",
                          rec.ino, rec.source)
+            elif not self.fs.exists(rec.ino):
+                log.info("ghost inode %d: removed while %s was being fetched; fetch dropped",
+                         rec.ino, rec.source)
             else:
                 log.error("ghost inode %d: fetching %s failed: %s", rec.ino, rec.source, exc)
             with self.fs.lock:

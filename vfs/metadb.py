@@ -60,7 +60,9 @@ CREATE INDEX blocks_addr ON blocks (addr);
 CREATE TABLE metacopy (generation INTEGER NOT NULL, addr INTEGER NOT NULL, nsect INTEGER NOT NULL);
 """
 
-# Format 2: what smart-folder queries search by, readdir's order, and ghost files.
+# Format 2: what smart-folder queries search by, readdir's order, and ghost files (with
+# ghost_links, the symbolic links an import made, which follow their source as ghosts do;
+# added within format 2: older databases get the table and the trigger at a read-write open).
 SCHEMA_2 = """
 CREATE INDEX IF NOT EXISTS dentries_name ON dentries (name);
 CREATE INDEX IF NOT EXISTS dentries_parent_id ON dentries (parent, id);
@@ -77,9 +79,12 @@ CREATE TABLE IF NOT EXISTS ghosts (
     used_ns INTEGER NOT NULL DEFAULT 0
 );
 CREATE INDEX IF NOT EXISTS ghosts_state ON ghosts (state, used_ns);
-CREATE TRIGGER IF NOT EXISTS inodes_gone AFTER DELETE ON inodes BEGIN
+CREATE TABLE IF NOT EXISTS ghost_links (inode INTEGER PRIMARY KEY);
+DROP TRIGGER IF EXISTS inodes_gone;
+CREATE TRIGGER inodes_gone AFTER DELETE ON inodes BEGIN
     DELETE FROM xattrs WHERE inode = old.id;
     DELETE FROM ghosts WHERE inode = old.id;
+    DELETE FROM ghost_links WHERE inode = old.id;
 END;
 """
 
