@@ -5,6 +5,7 @@ folders over states, and persistence across a remount."""
 
 from __future__ import annotations
 
+import contextlib
 import email
 import errno
 import hashlib
@@ -393,19 +394,33 @@ def test_ghosts_survive_a_remount_and_fsck(tmp_path, fs_mount):
         assert f.read() == b"later content"
 
 
-def test_watch_follows_create_modify_move_delete(fsm, tmp_path):
-    src = tmp_path / "watched"
-    (src / "d").mkdir(parents=True)
-    (src / "d" / "first.txt").write_bytes(b"first")
-    dest = fsm.path("watched")
-    os.mkdir(dest)
-    cmd = [sys.executable, "-m", "dwfs.cli", "ghost", "import", "--watch", str(src), dest]
+@contextlib.contextmanager
+def watching(src: str, dest: str, *options: str):
+    """`dwfs ghost import --watch` running (once it says it is watching); stopped after."""
+    cmd = [sys.executable, "-m", "dwfs.cli", "ghost", "import", "--watch", *options, src, dest]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         line = proc.stdout.readline()
         while "watching" not in line:
             assert line, proc.stderr.read()
             line = proc.stdout.readline()
+        yield proc
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def test_watch_follows_create_modify_move_delete(fsm, tmp_path):
+    src = tmp_path / "watched"
+    (src / "d").mkdir(parents=True)
+    (src / "d" / "first.txt").write_bytes(b"first")
+    dest = fsm.path("watched")
+    os.mkdir(dest)
+    with watching(str(src), dest):
 
         def soon(check) -> None:
             deadline = time.monotonic() + 10
@@ -439,13 +454,6 @@ def test_watch_follows_create_modify_move_delete(fsm, tmp_path):
         soon(lambda: read("renamed.txt") is None)
         shutil.rmtree(src / "e")
         soon(lambda: not os.path.exists(os.path.join(dest, "e")))
-    finally:
-        proc.send_signal(signal.SIGINT)
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 def test_watch_compares_the_whole_source_for_what_inotify_does_not_tell(fsm, tmp_path):
@@ -459,14 +467,7 @@ def test_watch_compares_the_whole_source_for_what_inotify_does_not_tell(fsm, tmp
     os.utime(src / "m.bin", ns=(10**18, 10**18))  # 2001: the mapped write makes it newer
     dest = fsm.path("mapped")
     os.mkdir(dest)
-    cmd = [sys.executable, "-m", "dwfs.cli", "ghost", "import", "--watch", "--rescan", "1",
-           str(src), dest]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        line = proc.stdout.readline()
-        while "watching" not in line:
-            assert line, proc.stderr.read()
-            line = proc.stdout.readline()
+    with watching(str(src), dest, "--rescan", "1"):
         want = b"HELLO" + b"a" * 8187
         # The writer keeps the file open meanwhile: not even a close-after-write is seen.
         with open(src / "m.bin", "r+b") as writer, mmap.mmap(writer.fileno(), 8192) as m:
@@ -483,13 +484,6 @@ def test_watch_compares_the_whole_source_for_what_inotify_does_not_tell(fsm, tmp
                 assert time.monotonic() < deadline, "the ghost did not follow the mapped write"
                 time.sleep(0.2)
         assert os.stat(os.path.join(dest, "m.bin")).st_mtime_ns > 10**18
-    finally:
-        proc.send_signal(signal.SIGINT)
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
     r = dwfs("ghost", "import", "--watch", "--rescan", "-1", str(src), dest, check=False)
     assert r.returncode == 1 and "--rescan -1: give 0 or more seconds" in r.stderr
 

@@ -25,8 +25,9 @@ SIZES = [0, 1, 4096, 70_000, 1_100_000]
 _run = itertools.count()
 
 
-class GhostModel(RuleBasedStateMachine):
-    """Three files imported as ghosts; the model says what each must read back."""
+class GhostMachine(RuleBasedStateMachine):
+    """A state machine over a filesystem (`env`, `view`: set by run_ghost_machine) with a
+    new source directory `src` for each run, numbered `n`."""
 
     env: Env
     view: View
@@ -34,9 +35,17 @@ class GhostModel(RuleBasedStateMachine):
 
     def __init__(self) -> None:
         super().__init__()
-        n = next(_run)
-        self.src = os.path.join(self.base, f"src{n}")
+        self.n = next(_run)
+        self.src = os.path.join(self.base, f"src{self.n}")
         os.makedirs(self.src)
+
+
+class GhostModel(GhostMachine):
+    """Three files imported as ghosts; the model says what each must read back."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        n = self.n
         self.source: dict[str, bytes] = {}
         self.mtime: dict[str, int] = {}  # each source's modification time
         self.tick = 10**18 + n * 10**12  # source mtimes: each change a new one
@@ -151,20 +160,26 @@ class GhostModel(RuleBasedStateMachine):
         self.env.fs.commit()
 
 
-@pytest.mark.timeout(600)
-def test_ghosts_follow_a_model(tmp_path):
-    """DWFS_MODEL_EXAMPLES=300 in the environment searches longer."""
+def run_ghost_machine(machine, tmp_path, examples: int, steps: int) -> None:
+    """Run a state machine of ghosts on a new filesystem (machine.env, .view and .base set);
+    DWFS_MODEL_EXAMPLES in the environment overrides `examples`."""
     env = Env(tmp_path / "fs", rows=2048)
-    GhostModel.env = env
-    GhostModel.view = View(env.fs)
-    GhostModel.base = str(tmp_path / "sources")
+    machine.env = env
+    machine.view = View(env.fs)
+    machine.base = str(tmp_path / "sources")
     try:
         run_state_machine_as_test(
-            GhostModel,
-            settings=settings(max_examples=int(os.environ.get("DWFS_MODEL_EXAMPLES", "30")),
-                              stateful_step_count=20, deadline=None, database=None,
+            machine,
+            settings=settings(max_examples=int(os.environ.get("DWFS_MODEL_EXAMPLES", examples)),
+                              stateful_step_count=steps, deadline=None, database=None,
                               suppress_health_check=list(HealthCheck)),
         )
     finally:
-        GhostModel.view.ghosts.close()
+        machine.view.ghosts.close()
         env.close()
+
+
+@pytest.mark.timeout(600)
+def test_ghosts_follow_a_model(tmp_path):
+    """DWFS_MODEL_EXAMPLES=300 in the environment searches longer."""
+    run_ghost_machine(GhostModel, tmp_path, 30, 20)

@@ -13,11 +13,10 @@ import shutil
 import stat
 
 import pytest
-from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
-from hypothesis.stateful import RuleBasedStateMachine, rule, run_state_machine_as_test
+from hypothesis.stateful import rule
 from posixutil import RENAME_EXCHANGE, renameat2
-from test_vfs_unit import Env
+from test_ghosts_model import GhostMachine, run_ghost_machine
 
 from vfs.attrs import ROOT_INODE, Caller
 from vfs.ghostimport import import_tree, sync_changes
@@ -28,7 +27,6 @@ ROOT = Caller(0, 0)
 PATHS = ["a", "b", "d", "e", "d/a", "d/b", "d/f", "e/a", "e/f", "d/f/a"]
 TARGETS = ["a", "../b", "nowhere", "d/a"]
 SIZES = [0, 5, 4096, 70_000]
-_run = itertools.count()
 
 
 def mirror_of_source(root: str) -> dict[str, tuple]:
@@ -64,18 +62,12 @@ def mirror_of_dest(view: View, ino: int, prefix: str = "") -> dict[str, tuple]:
     return out
 
 
-class SyncModel(RuleBasedStateMachine):
+class SyncModel(GhostMachine):
     """A source tree, its ghosts in a destination directory, and the watcher's reports."""
-
-    env: Env
-    view: View
-    base = ""
 
     def __init__(self) -> None:
         super().__init__()
-        n = next(_run)
-        self.src = os.path.join(self.base, f"src{n}")
-        os.makedirs(self.src)
+        n = self.n
         for d in ("d", "d/f", "e"):  # a start with directories of different entries
             os.mkdir(self._p(d))
         for f in ("a", "d/a", "d/b", "d/f/a", "e/f"):
@@ -171,17 +163,4 @@ class SyncModel(RuleBasedStateMachine):
 @pytest.mark.timeout(600)
 def test_ghosts_follow_a_changing_source(tmp_path):
     """DWFS_MODEL_EXAMPLES=300 in the environment searches longer."""
-    env = Env(tmp_path / "fs", rows=2048)
-    SyncModel.env = env
-    SyncModel.view = View(env.fs)
-    SyncModel.base = str(tmp_path / "sources")
-    try:
-        run_state_machine_as_test(
-            SyncModel,
-            settings=settings(max_examples=int(os.environ.get("DWFS_MODEL_EXAMPLES", "40")),
-                              stateful_step_count=25, deadline=None, database=None,
-                              suppress_health_check=list(HealthCheck)),
-        )
-    finally:
-        SyncModel.view.ghosts.close()
-        env.close()
+    run_ghost_machine(SyncModel, tmp_path, 40, 25)
