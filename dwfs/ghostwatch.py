@@ -2,9 +2,10 @@
 the mount's daemon in batches.
 
 Events are hints, not the whole truth: inotify says nothing of a write through a shared
-mapping, and a burst of changes can outrun it. So once the changes have settled, and every
-`rescan` seconds in any case, the whole source is brought in step (the daemon compares it with
-the ghosts: new, changed and gone files, links and directories)."""
+mapping, and a burst of changes can outrun it. So once the changes have settled (but not
+sooner than WHOLE_GAP_SECONDS after the last time), and every `rescan` seconds in any case,
+the whole source is brought in step (the daemon compares it with the ghosts: new, changed and
+gone files, links and directories)."""
 
 from __future__ import annotations
 
@@ -22,6 +23,11 @@ from dwfs.cliutil import CommandError, err, out
 WATCH_BATCH_SECONDS = 0.3
 SETTLE_SECONDS = 2.0  # quiet after changes before the whole source is compared
 RESCAN_SECONDS = 600.0  # the whole source is compared at least this often
+# After changes, the whole source is compared again only this long after the last comparison
+# began, and at least COMPARE_SHARE times as long as that one took: a source of 100,000 files
+# with one file appended to every few seconds is not compared over and over.
+WHOLE_GAP_SECONDS = 30.0
+COMPARE_SHARE = 20
 WHOLE = [["changed", "."]]  # the change that compares the whole source
 
 
@@ -55,18 +61,21 @@ def watch(source: str, sock: str, dest: str, rescan: float = RESCAN_SECONDS) -> 
     observer.start()
     out.print(f"watching {source} (Ctrl-C stops)")
     unsettled = False  # changes came since the whole source was last compared
-    last_whole = time.monotonic()
+    last_whole, gap = time.monotonic(), WHOLE_GAP_SECONDS  # the import was the first
     try:
         while True:
-            wait = SETTLE_SECONDS if unsettled else None
+            now = time.monotonic()
+            wait = max(SETTLE_SECONDS, last_whole + gap - now) if unsettled else None
             if rescan > 0:
-                due = max(0.0, last_whole + rescan - time.monotonic())
+                due = max(0.0, last_whole + rescan - now)
                 wait = due if wait is None else min(wait, due)
             try:
                 batch = [handler.queue.get(timeout=wait)]
             except queue.Empty:
+                last_whole = time.monotonic()
                 _send(sock, source, dest, WHOLE, "compared the whole source")
-                unsettled, last_whole = False, time.monotonic()
+                took = time.monotonic() - last_whole
+                unsettled, gap = False, max(WHOLE_GAP_SECONDS, COMPARE_SHARE * took)
                 continue
             deadline = time.monotonic() + WATCH_BATCH_SECONDS
             while time.monotonic() < deadline:
