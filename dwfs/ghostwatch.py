@@ -60,8 +60,10 @@ def watch(source: str, sock: str, dest: str, rescan: float = RESCAN_SECONDS) -> 
     observer.schedule(handler, source, recursive=True)
     observer.start()
     out.print(f"watching {source} (Ctrl-C stops)")
-    unsettled = False  # changes came since the whole source was last compared
-    last_whole, gap = time.monotonic(), WHOLE_GAP_SECONDS  # the import was the first
+    # Changes came since the whole source was last compared: at the start, those made while
+    # nothing watched (the import before only adds and refreshes; the comparison also removes).
+    unsettled = True
+    last_whole, gap = time.monotonic() - WHOLE_GAP_SECONDS, WHOLE_GAP_SECONDS
     try:
         while True:
             now = time.monotonic()

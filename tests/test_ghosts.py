@@ -488,6 +488,24 @@ def test_watch_compares_the_whole_source_for_what_inotify_does_not_tell(fsm, tmp
     assert r.returncode == 1 and "--rescan -1: give 0 or more seconds" in r.stderr
 
 
+def test_a_watcher_started_later_removes_what_went_while_nothing_watched(fsm, tmp_path):
+    """An import adds and refreshes; a watcher (re)started later also compares the whole
+    source at once, so a file deleted meanwhile loses its ghost without any event."""
+    src = tmp_path / "later"
+    src.mkdir()
+    (src / "kept.txt").write_bytes(b"kept")
+    (src / "gone.txt").write_bytes(b"gone")
+    dest = import_into(fsm, str(src), "later")
+    os.unlink(src / "gone.txt")
+    with watching(str(src), dest):
+        deadline = time.monotonic() + 15
+        while os.path.exists(os.path.join(dest, "gone.txt")):
+            assert time.monotonic() < deadline, "the stale ghost stayed"
+            time.sleep(0.2)
+    with open(os.path.join(dest, "kept.txt"), "rb") as f:
+        assert f.read() == b"kept"
+
+
 def test_sources_with_times_before_1970_and_past_2262(fsm, tmp_path):
     """A source file from 1960 keeps its time; one dated past what dwfs stores (ext4 keeps
     times to 2446) is imported with its time clamped, and both fetch."""
