@@ -83,9 +83,14 @@ class SyncModel(GhostMachine):
         return os.path.join(self.src, rel)
 
     def _parent_is_dir(self, rel: str) -> bool:
+        """Whether `rel`'s parent is a directory reached through no link (a watcher reports
+        a change at the directory it happened in, never at a path through a link)."""
         parent = os.path.dirname(rel)
-        return not parent or (os.path.isdir(self._p(parent))
-                              and not os.path.islink(self._p(parent)))
+        while parent:
+            if os.path.islink(self._p(parent)) or not os.path.isdir(self._p(parent)):
+                return False
+            parent = os.path.dirname(parent)
+        return True
 
     @rule(rel=st.sampled_from(PATHS), size=st.sampled_from(SIZES))
     def write_file(self, rel, size):
@@ -116,7 +121,7 @@ class SyncModel(GhostMachine):
     @rule(rel=st.sampled_from(PATHS))
     def remove(self, rel):
         p = self._p(rel)
-        if not os.path.lexists(p):
+        if not self._parent_is_dir(rel) or not os.path.lexists(p):
             return
         if os.path.isdir(p) and not os.path.islink(p):
             gone = [os.path.relpath(os.path.join(top, n), self.src)
@@ -130,6 +135,8 @@ class SyncModel(GhostMachine):
     @rule(old=st.sampled_from(PATHS), new=st.sampled_from(PATHS),
           exchange=st.booleans())
     def rename(self, old, new, exchange):
+        if not (self._parent_is_dir(old) and self._parent_is_dir(new)):
+            return
         try:
             if exchange:
                 renameat2(self._p(old), self._p(new), RENAME_EXCHANGE)

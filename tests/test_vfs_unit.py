@@ -1208,3 +1208,36 @@ def test_metadata_statements_are_not_replanned_for_each_run(tmp_path):
             assert db.conn.config(apsw.SQLITE_DBCONFIG_ENABLE_QPSG, -1) == 1
         finally:
             db.close()
+
+
+def test_a_database_from_before_ghost_links_gets_them_once(tmp_path):
+    """A format-3 database made before ghost_links (no table, a trigger that does not clear
+    it) gets both at its first read-write open; later opens change nothing (fsck without
+    --repair must not write)."""
+    import hashlib
+
+    import apsw
+
+    path = str(tmp_path / "meta.db")
+    db = MetaDB(path, create=True)
+    db.commit()
+    db.close()
+    old = apsw.Connection(path)
+    old.execute("DROP TRIGGER inodes_gone; DROP TABLE ghost_links; "
+                "CREATE TRIGGER inodes_gone AFTER DELETE ON inodes BEGIN "
+                "DELETE FROM xattrs WHERE inode = old.id; "
+                "DELETE FROM ghosts WHERE inode = old.id; END;")
+    old.close()
+    db = MetaDB(path)
+    sql = db.value("SELECT sql FROM sqlite_master WHERE name='inodes_gone'", (), "")
+    assert "ghost_links" in sql
+    db.change("INSERT INTO inodes (id, mode, nlink, uid, gid, atime_ns, mtime_ns, ctime_ns) "
+              "VALUES (7, ?, 1, 0, 0, 0, 0, 0)", (stat.S_IFLNK | 0o777,))
+    db.change("INSERT INTO ghost_links (inode) VALUES (7)")
+    db.change("DELETE FROM inodes WHERE id=7")
+    assert db.value("SELECT count(*) FROM ghost_links", (), -1) == 0
+    db.commit()
+    db.close()
+    digest = hashlib.sha256(open(path, "rb").read()).hexdigest()
+    MetaDB(path).close()
+    assert hashlib.sha256(open(path, "rb").read()).hexdigest() == digest

@@ -80,13 +80,14 @@ CREATE TABLE IF NOT EXISTS ghosts (
 );
 CREATE INDEX IF NOT EXISTS ghosts_state ON ghosts (state, used_ns);
 CREATE TABLE IF NOT EXISTS ghost_links (inode INTEGER PRIMARY KEY);
-DROP TRIGGER IF EXISTS inodes_gone;
-CREATE TRIGGER inodes_gone AFTER DELETE ON inodes BEGIN
+CREATE TRIGGER IF NOT EXISTS inodes_gone AFTER DELETE ON inodes BEGIN
     DELETE FROM xattrs WHERE inode = old.id;
     DELETE FROM ghosts WHERE inode = old.id;
     DELETE FROM ghost_links WHERE inode = old.id;
 END;
 """
+# The trigger as databases made before ghost_links have it: replaced at a read-write open.
+OLD_TRIGGER_LACKS = "ghost_links"
 
 # Format 3: the block map holds extents of 4 KiB sectors with a checksum per sector (see
 # vfs/extents.py); format-2 blocks become extents that keep their one checksum per block.
@@ -157,6 +158,16 @@ class MetaDB:
             cursor = self._cursors.cursor = self.conn.cursor()
             return cursor
 
+    def _renew_trigger(self) -> None:
+        """Give a database made before ghost_links the trigger that also clears it."""
+        sql = self.conn.execute("SELECT sql FROM sqlite_master WHERE type='trigger' AND "
+                                "name='inodes_gone'").fetchone()
+        if sql is not None and OLD_TRIGGER_LACKS not in sql[0]:
+            log.info("%s: renewing the trigger inodes_gone (it now clears ghost_links too)",
+                     self.path)
+            self.conn.execute("DROP TRIGGER inodes_gone")
+            self.conn.execute(SCHEMA_2)
+
     def _check_format(self) -> None:
         try:
             row = self.conn.execute("SELECT value FROM settings WHERE key='format'").fetchone()
@@ -172,14 +183,16 @@ class MetaDB:
                      FORMAT_VERSION)
             with self.conn:
                 self.conn.execute(SCHEMA_2)  # format 2: indexes, ghosts
+                self._renew_trigger()
                 self.conn.execute(SCHEMA_3)  # format 3: extents
                 self.conn.execute("UPDATE settings SET value=? WHERE key='format'",
                                   (FORMAT_VERSION,))
             return
         if row is not None and row[0] == FORMAT_VERSION:
             if not self.read_only:
-                with self.conn:  # indexes added within format 2 (a no-op when present)
+                with self.conn:  # what was added within format 2 (a no-op when present)
                     self.conn.execute(SCHEMA_2)
+                    self._renew_trigger()
             return
         if row is None or row[0] != FORMAT_VERSION:
             found = row[0] if row else "none"
