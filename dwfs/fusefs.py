@@ -14,8 +14,9 @@ from dwfs import fuseabi as abi
 from dwfs.fusehandlers import Handlers
 from dwfs.fusesession import Request
 from vfs.acl import NAMES as ACL_NAMES
-from vfs.attrs import STATE_XATTR, Attr, Caller, SetAttr
+from vfs.attrs import Attr, Caller, SetAttr
 from vfs.view import View
+from vfs.xattrnames import STATE_XATTR
 
 log = logging.getLogger(__name__)
 

@@ -42,8 +42,9 @@ class _Changes(FileSystemEventHandler):
         return os.path.relpath(os.fsdecode(path), self.root)
 
     def on_any_event(self, event: FileSystemEvent) -> None:
+        # "closed" (a close after writing) counts: it is all a write through a mapping says.
         if event.event_type in ("opened", "closed_no_write"):
-            return  # ("closed" is a close after writing: a write through a mapping says no more)
+            return
         if event.is_directory and event.event_type == "modified":
             return  # a directory's own times: its entries bring their own events
         if event.event_type == "moved":

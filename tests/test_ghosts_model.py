@@ -14,10 +14,11 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule, run_state_machine_as_test
 from test_vfs_unit import Env
 
-from vfs.attrs import ROOT_INODE, STATE_XATTR, Caller
+from vfs.attrs import ROOT_INODE, Caller
 from vfs.errors import FSError
 from vfs.ghostimport import import_tree
 from vfs.view import View
+from vfs.xattrnames import STATE_XATTR
 
 ROOT = Caller(0, 0)
 FILES = ["f0", "f1", "f2"]

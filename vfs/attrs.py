@@ -7,9 +7,6 @@ import errno
 from dataclasses import dataclass, field
 
 from vfs.errors import FSError
-from vfs.xattrnames import QUERY_XATTR, STATE_XATTR
-
-__all__ = ["QUERY_XATTR", "STATE_XATTR"]  # and every name defined below
 
 ROOT_INODE = 1
 NAME_MAX = 255

@@ -81,8 +81,9 @@ class ContentOps:
             raise FSError(errno.EFBIG, f"size {size} is past the largest file ({MAX_FILE_SIZE})")
 
     def _truncate(self, r: tuple, size: int) -> None:
+        """Shrink or grow inode row `r` to `size`; a shrink's caller has made room for the
+        tail it rewrites (`_reserve_tail`, before the operation, where it may commit)."""
         self._check_truncatable(r, size)
-        self._reserve_tail(r, size)
         self.data.truncate(r[0], r[5], size)
         self.db.change("UPDATE inodes SET size=? WHERE id=?", (size, r[0]))
 

@@ -18,11 +18,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from vfs.alloc import SECTOR
-from vfs.attrs import QUERY_XATTR, ROOT_INODE
+from vfs.attrs import ROOT_INODE
 from vfs.errors import FSError
 from vfs.extents import FORMAT2_BLOCK_SECTORS, GROUP_SECTORS, Extent, ExtentMap
 from vfs.fs import RESERVED_SECTORS
 from vfs.metadb import MetaDB
+from vfs.xattrnames import QUERY_XATTR
 
 log = logging.getLogger(__name__)
 

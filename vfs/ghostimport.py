@@ -22,6 +22,7 @@ from vfs.attrs import NAME_MAX, Caller, clamp_time
 from vfs.errors import FSError
 from vfs.fs import Filesystem
 from vfs.ghosts import GHOST, HYDRATED, PINNED, Ghosts, recorded_mtime
+from vfs.metadb import MetaDB
 
 log = logging.getLogger(__name__)
 
@@ -224,7 +225,7 @@ class Importer:
         if kind == stat.S_IFLNK and stat.S_ISLNK(mode) and self.fs.readlink(ino) == e.target:
             report.unchanged += 1
             return None
-        if kind != stat.S_IFMT(mode) or (stat.S_ISLNK(mode) and kind == stat.S_IFLNK):
+        if kind != stat.S_IFMT(mode) or kind == stat.S_IFLNK:  # (a link: its target changed)
             if (state not in (None, PINNED) or stat.S_ISDIR(mode)
                     or owns_link(self.db, ino, mode)):
                 remove_ghost_path(self.fs, self.ghosts, parent, e.name, report)
@@ -304,7 +305,7 @@ def import_tree(fs: Filesystem, ghosts: Ghosts, dest: int, source: str, caller: 
     return report
 
 
-def owns_link(db, ino: int, mode: int) -> bool:
+def owns_link(db: MetaDB, ino: int, mode: int) -> bool:
     """True for a symbolic link an import made (it follows its source)."""
     return stat.S_ISLNK(mode) and db.value(
         "SELECT 1 FROM ghost_links WHERE inode=?", (ino,), None) is not None
@@ -427,10 +428,8 @@ def _sync_one(fs: Filesystem, ghosts: Ghosts, importer: Importer, dest: int, roo
             importer.run(dest, batches(entries), report)
         if os.path.isdir(path) and not os.path.islink(path):
             with fs.lock:
-                parent, name = _dest_parent(fs, dest, rel)
+                parent, name = _dest_parent(fs, dest, rel)  # (rel "." names `dest` itself)
                 attr = fs.find(parent, name) if parent is not None and name else None
-                if attr is None and not name:
-                    attr = fs.find(dest, b".")
                 if attr is not None and stat.S_ISDIR(attr.mode):
                     fs.atomically(_prune, fs, ghosts, attr.ino, path, report)
         return

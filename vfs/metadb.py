@@ -86,8 +86,6 @@ CREATE TRIGGER IF NOT EXISTS inodes_gone AFTER DELETE ON inodes BEGIN
     DELETE FROM ghost_links WHERE inode = old.id;
 END;
 """
-# The trigger as databases made before ghost_links have it: replaced at a read-write open.
-OLD_TRIGGER_LACKS = "ghost_links"
 
 # Format 3: the block map holds extents of 4 KiB sectors with a checksum per sector (see
 # vfs/extents.py); format-2 blocks become extents that keep their one checksum per block.
@@ -162,7 +160,7 @@ class MetaDB:
         """Give a database made before ghost_links the trigger that also clears it."""
         sql = self.conn.execute("SELECT sql FROM sqlite_master WHERE type='trigger' AND "
                                 "name='inodes_gone'").fetchone()
-        if sql is not None and OLD_TRIGGER_LACKS not in sql[0]:
+        if sql is not None and "ghost_links" not in sql[0]:
             log.info("%s: renewing the trigger inodes_gone (it now clears ghost_links too)",
                      self.path)
             self.conn.execute("DROP TRIGGER inodes_gone")

@@ -17,10 +17,11 @@ import stat
 import time
 from dataclasses import dataclass
 
-from vfs.attrs import QUERY_XATTR, ROOT_INODE
+from vfs.attrs import ROOT_INODE
 from vfs.errors import FSError
 from vfs.metadb import MetaDB
 from vfs.query import Query, QueryError, compile_where, parse
+from vfs.xattrnames import QUERY_XATTR
 
 log = logging.getLogger(__name__)
 

@@ -19,13 +19,14 @@ import errno
 import os
 import stat
 
-from vfs.attrs import QUERY_XATTR, ROOT_INODE, STATE_XATTR, Attr, Caller, DirEntry, SetAttr
+from vfs.attrs import ROOT_INODE, Attr, Caller, DirEntry, SetAttr
 from vfs.copyrange import copy_range
 from vfs.errors import FSError
 from vfs.fs import JOINED_COLUMNS, Filesystem
 from vfs.ghostimport import ImportReport, import_tree, sync_changes
 from vfs.ghosts import Ghosts
 from vfs.smart import SmartFolders
+from vfs.xattrnames import QUERY_XATTR, STATE_XATTR
 
 MIRROR_BIT = 1 << 48
 
