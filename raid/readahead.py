@@ -25,10 +25,9 @@ the same bytes again above.
 from __future__ import annotations
 
 import logging
-import os
 import threading
 from collections.abc import Iterator, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -36,6 +35,7 @@ import numpy as np
 from backends.member import Member, MemberIOError
 from backends.vectored import aligned_empty
 from raid.checksums import UNWRITTEN, chunk_checksum
+from raid.pools import SharedPool
 
 if TYPE_CHECKING:
     from raid.volume import Volume
@@ -52,26 +52,8 @@ THREADS = 16  # member reads at once
 STREAK_BYTES = 2 * 1024 * 1024
 STREAK_SLACK = 256 * 1024
 
-# One pool for every volume in the process; a forked child makes its own on first use.
-_pool: ThreadPoolExecutor | None = None
-_pool_lock = threading.Lock()
-
-
-def _executor() -> ThreadPoolExecutor:
-    global _pool
-    if _pool is None:
-        with _pool_lock:
-            if _pool is None:
-                _pool = ThreadPoolExecutor(THREADS, thread_name_prefix="read-ahead")
-    return _pool
-
-
-def _forget_pool() -> None:
-    global _pool, _pool_lock
-    _pool, _pool_lock = None, threading.Lock()
-
-
-os.register_at_fork(after_in_child=_forget_pool)
+# One pool for every volume in the process.
+_pool = SharedPool(THREADS, "read-ahead")
 
 
 def row_runs(pieces: Sequence[tuple]) -> Iterator[tuple[int, int]]:
@@ -260,7 +242,7 @@ class ReadAhead:
                 pieces.setdefault(slot, []).append((row, buf, entry))
         data.flags.writeable = False  # readers get views of it; only the reads below fill it
         span = _Span(start, end, data)
-        pool = _executor()
+        pool = _pool.get()
         span.done = [pool.submit(self._read, span, slot, v.slots[slot].member, mine)
                      for slot, mine in pieces.items()]
         with self._lock:

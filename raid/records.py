@@ -4,6 +4,9 @@ the checksum-table pages."""
 from __future__ import annotations
 
 import logging
+import time
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 
@@ -11,11 +14,19 @@ from backends.member import MemberIOError
 from raid.errors import UnrecoverableError
 from raid.geometry import BITMAP_OFFSET, BITMAP_SIZE, LABEL_OFFSET, TABLE_PAGE
 from raid.label import Label, SlotRecord
+from raid.pools import SharedPool
 from raid.table import page_offset
 
 log = logging.getLogger(__name__)
 
 USABLE_STATES = ("active", "rebuilding")
+# A write-intent region stays marked this long after its last write (md's bitmap delay), so
+# that a program that writes and fsyncs the same place over and over (a database) pays for one
+# durable bitmap write, not one per fsync. A region left marked costs only its resync after a
+# crash; a clean close clears every bit.
+INTENT_LINGER = 5.0
+# Flushes and durable records go to every member at once: each member may be its own disk.
+_member_pool = SharedPool(16, "member-sync")
 
 
 class MemberRecords:
@@ -36,53 +47,78 @@ class MemberRecords:
             )
             for s in self.slots
         ]
-        failed: list[tuple[int, MemberIOError]] = []
-        for s in self.slots:
-            if not s.writable:
-                continue
+
+        def write(s: Any) -> None:
             label = Label(self.array_uuid, s.index, self.events, self.geometry, clean, records)
-            try:
-                s.member.write(LABEL_OFFSET, label.to_bytes())
-                s.member.flush()
-            except MemberIOError as exc:
-                failed.append((s.index, exc))
-                continue
+            s.member.write(LABEL_OFFSET, label.to_bytes())
+            s.member.flush()
             s.events = self.events
-        for slot, exc in failed:
-            self.slots[slot].write_errors += 1
-            self.member_failed(slot, exc)
+
+        self.on_members(write)
+
+    def on_members(self, work: Callable[[Any], None]) -> None:
+        """Run `work(slot)` for every writable slot, on all members at once, and return when
+        all are done; a member whose work fails (MemberIOError) is taken out of service."""
+        slots = [s for s in self.slots if s.writable]
+        failed: list[tuple[Any, MemberIOError]] = []
+        if len(slots) == 1:
+            try:
+                work(slots[0])
+            except MemberIOError as exc:
+                failed.append((slots[0], exc))
+        elif slots:
+            pool = _member_pool.get()
+            for s, future in [(s, pool.submit(work, s)) for s in slots]:
+                try:
+                    future.result()
+                except MemberIOError as exc:
+                    failed.append((s, exc))
+        for s, exc in failed:
+            s.write_errors += 1
+            self.member_failed(s.index, exc)
 
     # --- write-intent bitmap ------------------------------------------------------------------
 
     def _mark_intent(self, row: int) -> None:
+        """Mark the write-intent region of `row` (durably, before the row is written)."""
         bit = row // self.geometry.rows_per_intent_bit
-        if bit in self._intent:
-            return
-        self._intent.add(bit)
-        self._write_bitmap(durable=True)
+        known = bit in self._intent
+        self._intent[bit] = time.monotonic()
+        if not known:
+            self._write_bitmap(durable=True)
+
+    def _release_intent(self, everything: bool) -> None:
+        """After a flush (every write so far durable): unmark the regions not written for
+        INTENT_LINGER seconds, or all of them."""
+        if everything:
+            gone = bool(self._intent)
+            self._intent.clear()
+        else:
+            since = time.monotonic() - INTENT_LINGER
+            old = [b for b, t in self._intent.items() if t < since]
+            for b in old:
+                del self._intent[b]
+            gone = bool(old)
+        if gone or (self._intent_on_disk and not self._intent):
+            self._write_bitmap(durable=False)
 
     def _write_bitmap(self, durable: bool) -> None:
         bits = np.zeros(BITMAP_SIZE, dtype=np.uint8)
         for b in self._intent:
             bits[b >> 3] |= 1 << (b & 7)
         raw = bits.tobytes()
-        for s in self.slots:
-            if not s.writable:
-                continue
-            try:
-                if durable:
-                    s.member.write_durable(BITMAP_OFFSET, raw)
-                else:
-                    s.member.write(BITMAP_OFFSET, raw)
-            except MemberIOError as exc:
-                s.write_errors += 1
-                self.member_failed(s.index, exc)
+        if durable:
+            self.on_members(lambda s: s.member.write_durable(BITMAP_OFFSET, raw))
+        else:
+            self.on_members(lambda s: s.member.write(BITMAP_OFFSET, raw))
         self._intent_on_disk = bool(self._intent)
 
     def keep_intent(self, bitmap: bytes) -> None:
-        """Keep the regions marked in a stored bitmap marked until the next flush."""
+        """Keep the regions marked in a stored bitmap marked until flushes release them."""
         bits = np.unpackbits(np.frombuffer(bitmap, dtype=np.uint8), bitorder="little")
-        self._intent.update(int(b) for b in np.nonzero(bits)[0])
+        now = time.monotonic()
+        for b in np.nonzero(bits)[0]:
+            self._intent[int(b)] = now
 
     def intent_rows(self, bitmap: bytes) -> list[range]:
         """Row ranges marked in a stored bitmap."""

@@ -79,7 +79,7 @@ class Volume(MemberRecords):
         self._zero_chunk = np.zeros(geometry.chunk, dtype=np.uint8)
         self._zero_chunk.flags.writeable = False
         self._cache = StripeCache(geometry.stripe_bytes, STRIPE_CACHE_BYTES)
-        self._intent: set[int] = set()
+        self._intent: dict[int, float] = {}  # write-intent bit: when last marked
         self._intent_on_disk = False
         self._ahead = ReadAhead(self)
         self._closed = False
@@ -283,7 +283,7 @@ class Volume(MemberRecords):
             self._ahead.close()
             if write and not self.read_only:
                 self._commit_all()
-                self._flush_locked()
+                self._flush_locked(final=True)
                 self.write_labels(clean=True)
             self._closed = True
             for s in self.slots:
@@ -550,27 +550,18 @@ class Volume(MemberRecords):
 
     # --- flushing and failures ----------------------------------------------------------------
 
-    def _flush_locked(self) -> None:
-        for p in sorted(self.table.dirty):
-            raw = self.table.sealed(p)
-            for s in self.slots:
-                if s.writable:
-                    try:
-                        s.member.write(page_offset(p), raw)
-                    except MemberIOError as exc:
-                        s.write_errors += 1
-                        self.member_failed(s.index, exc)
+    def _flush_locked(self, final: bool = False) -> None:
+        pages = [(page_offset(p), self.table.sealed(p)) for p in sorted(self.table.dirty)]
         self.table.dirty.clear()
-        for s in self.slots:
-            if s.writable:
-                try:
-                    s.member.flush()
-                except MemberIOError as exc:
-                    s.write_errors += 1
-                    self.member_failed(s.index, exc)
+
+        def flush(s: Slot) -> None:
+            for offset, raw in pages:
+                s.member.write(offset, raw)
+            s.member.flush()
+
+        self.on_members(flush)
         if self._intent or self._intent_on_disk:
-            self._intent.clear()
-            self._write_bitmap(durable=False)
+            self._release_intent(everything=final)
 
     def member_failed(self, slot: int, exc: Exception) -> None:
         """Take a member out of service after an I/O failure and record it in the labels."""
