@@ -216,6 +216,7 @@ def _fsck(args: argparse.Namespace) -> int:
     from dwfs.warehouse import meta_path, open_volume, refresh_metadata_copy
     from vfs import fsck as vfsck
     from vfs.errors import FSError
+    from vfs.intentlog import IntentLog
     from vfs.metacopy import latest_copy, restore_copy
     from vfs.metadb import MetaDB
 
@@ -260,8 +261,15 @@ def _fsck(args: argparse.Namespace) -> int:
                           "lost")
                 db = MetaDB(path)
             try:
+                # Writes an fsync committed to the intent log but the volume never got: a
+                # repair writes them, a check reads through them.
+                logged = IntentLog(volume, db)
+                if args.repair:
+                    logged.replay()
+                else:
+                    logged.read_through()
                 with progress_bar("verifying file data") as update:
-                    report = vfsck.check(db, volume, repair=args.repair,
+                    report = vfsck.check(db, logged, repair=args.repair,
                                          verify_data=args.verify_data or restored is not None,
                                          progress=update)
                 doc = report.to_dict()

@@ -251,6 +251,7 @@ def serve(warehouse: str, mountpoint: str, ready_fd: int | None, debug: bool = F
 
     lock = None
     volume = None
+    queued: WriteBehind | None = None
     fs = None
     ops: RawOperations | FuseOperations | None = None
     session: Session | None = None
@@ -314,20 +315,25 @@ def serve(warehouse: str, mountpoint: str, ready_fd: int | None, debug: bool = F
                 log.error("queued writes to %s failed: %s", warehouse, exc)
         if isinstance(ops, FuseOperations):
             ops.fs.ghosts.close()  # fetches in progress stop; their files stay ghosts
-        if fs is not None:
-            _close_filesystem(fs, warehouse)
+        clean = True
+        if fs is not None and queued is not None:
+            clean = _close_filesystem(fs, queued, warehouse)
         if volume is not None:
             try:
                 volume.close()
             except RaidError as exc:
                 log.error("closing the volume of %s failed: %s", warehouse, exc)
+                clean = False
+            if clean:
+                log.info("closed %s cleanly", warehouse)
         if lock is not None:
             lock.release()
 
 
-def _close_filesystem(fs: Filesystem, warehouse: str) -> None:
+def _close_filesystem(fs: Filesystem, queued: WriteBehind, warehouse: str) -> bool:
     """Commit, refresh the metadata copy on the volume and close the database (read-only:
-    only close)."""
+    only close); False if something failed (and was logged)."""
+    clean = True
     try:
         if not fs.db.read_only:
             fs.commit()
@@ -335,12 +341,15 @@ def _close_filesystem(fs: Filesystem, warehouse: str) -> None:
         fs.close()
     except OSError as exc:
         log.error("closing the filesystem of %s failed: %s", warehouse, exc)
+        clean = False
     finally:
         fs.db.close()
         try:
-            fs.volume.close()  # the write-behind queue: drain and stop its worker
+            queued.close()  # drain and stop its worker
         except OSError as exc:
             log.error("queued writes to %s failed: %s", warehouse, exc)
+            clean = False
+    return clean
 
 
 WRITING_REQUESTS = ("replace", "ghost-import", "ghost-sync")

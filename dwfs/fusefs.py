@@ -106,6 +106,16 @@ class FuseOperations(Handlers):
         # A negative entry the kernel may cache, where names cannot appear behind its back.
         return abi.pack_negative_entry(timeout if self.fs.keeps_names(parent) else 0.0)
 
+    def _entry(self, attr: Attr) -> bytes:
+        """The reply that gives the kernel an entry (a reference it will forget)."""
+        self.fs.remember(attr)
+        return entry(attr)
+
+    def _created(self, attr: Attr) -> bytes:
+        """The reply to create and tmpfile (an entry, and an open handle)."""
+        self.fs.remember(attr)
+        return created(attr)
+
     def getattr(self, r: Request, node: int) -> None:
         self.meta(r, attr_out, self.fs.getattr, node)
 
@@ -121,21 +131,19 @@ class FuseOperations(Handlers):
         self.meta(r, None, self.fs.readlink, node)
 
     def mknod(self, r: Request, parent: int, name: bytes, mode: int, rdev: int) -> None:
-        self.meta(r, entry, self.fs.mknod, parent, name, mode, rdev, caller(r, mode))
+        self.meta(r, self._entry, self.fs.mknod, parent, name, mode, rdev, caller(r, mode))
 
     def mkdir(self, r: Request, parent: int, name: bytes, mode: int) -> None:
         self.meta(r, None, self._mkdir, parent, name, mode, caller(r))
 
     def _mkdir(self, parent: int, name: bytes, mode: int, who: Caller) -> bytes:
-        attr = self.fs.mkdir(parent, name, mode, who)
-        self.fs.remember(attr)
-        return entry(attr)
+        return self._entry(self.fs.mkdir(parent, name, mode, who))
 
     def symlink(self, r: Request, parent: int, name: bytes, target: bytes) -> None:
-        self.meta(r, entry, self.fs.symlink, parent, name, target, caller(r))
+        self.meta(r, self._entry, self.fs.symlink, parent, name, target, caller(r))
 
     def link(self, r: Request, node: int, parent: int, name: bytes) -> None:
-        self.meta(r, entry, self.fs.link, node, parent, name)
+        self.meta(r, self._entry, self.fs.link, node, parent, name)
 
     def unlink(self, r: Request, parent: int, name: bytes) -> None:
         self.meta(r, None, self.fs.unlink, parent, name)
@@ -150,10 +158,10 @@ class FuseOperations(Handlers):
     # --- files --------------------------------------------------------------------------------
 
     def create(self, r: Request, parent: int, name: bytes, mode: int, flags: int) -> None:
-        self.meta(r, created, self.fs.create, parent, name, mode, flags, caller(r, mode))
+        self.meta(r, self._created, self.fs.create, parent, name, mode, flags, caller(r, mode))
 
     def tmpfile(self, r: Request, parent: int, mode: int, flags: int) -> None:
-        self.meta(r, created, self.fs.tmpfile, parent, mode, flags, caller(r, mode))
+        self.meta(r, self._created, self.fs.tmpfile, parent, mode, flags, caller(r, mode))
 
     def open(self, r: Request, node: int, flags: int) -> None:
         # The kernel reads cached pages without telling the filesystem, so a file whose
@@ -206,7 +214,7 @@ class FuseOperations(Handlers):
         r.fail(errno.ENOSYS)
 
     def fsync(self, r: Request, fh: int, datasync: bool) -> None:
-        self.data(r, None, self.fs.commit)
+        self.data(r, None, self.fs.commit, False, True)  # little data: into the intent log
 
     def release(self, r: Request, fh: int) -> None:
         self.meta(r, None, self.fs.release, fh)
@@ -246,7 +254,7 @@ class FuseOperations(Handlers):
         self.meta(r, None, self.fs.releasedir, fh)
 
     def fsyncdir(self, r: Request, fh: int, datasync: bool) -> None:
-        self.data(r, None, self.fs.commit)
+        self.data(r, None, self.fs.commit, False, True)
 
     # --- extended attributes ------------------------------------------------------------------
 

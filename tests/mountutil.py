@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -86,6 +87,13 @@ def wait_for_log(warehouse, text: str, timeout: float = 20) -> str:
         time.sleep(0.2)
 
 
+def _log_size(warehouse) -> int:
+    try:
+        return os.path.getsize(os.path.join(str(warehouse), "dwfs.log"))
+    except FileNotFoundError:
+        return 0
+
+
 class FsMount:
     """A warehouse's filesystem mounted through the dwfs command line."""
 
@@ -104,12 +112,18 @@ class FsMount:
         args = ["mount", *(["--raw"] if self.raw else []), self.warehouse, self.mountpoint]
         if options:
             args += ["-o", ",".join(options)]
+        self._log_from = _log_size(self.warehouse)
         dwfs(*args)
         assert is_mounted(self.mountpoint)
 
     def umount(self) -> None:
+        """Unmount; the daemon must have closed everything cleanly (it says so last)."""
         dwfs("umount", self.mountpoint)
         assert not is_mounted(self.mountpoint)
+        with open(os.path.join(self.warehouse, "dwfs.log"), errors="replace") as f:
+            f.seek(getattr(self, "_log_from", 0))
+            since = f.read()
+        assert re.search(r"closed .+ cleanly", since), since[-3000:]
 
     def cleanup(self) -> None:
         force_unmount(self.mountpoint, self.warehouse)

@@ -1034,3 +1034,42 @@ def test_fsync_survives_kill9(mounted_fs):
     assert read_file(m.path("synced")) == synced + b"tail-synced"
     assert read_file(m.path("dir/f")) == b"in a new directory"
     assert stat.S_IMODE(os.stat(m.path("dir/f")).st_mode) == 0o600
+
+
+REPLACER = r"""
+import os, sys
+d, n = sys.argv[1], int(sys.argv[2])
+for i in range(n):
+    tmp = os.path.join(d, f"tmp{i % 2}")
+    with open(tmp, "wb") as f:
+        f.write(b"v%d" % i)
+    os.rename(tmp, os.path.join(d, "target"))
+"""
+
+
+def test_a_name_replaced_by_rename_never_goes_missing(d):
+    """While another process replaces a file by rename (how editors and package managers
+    save), the name exists throughout: opening and stat'ing it never fail with ENOENT, and
+    what is read is one whole version or another."""
+    import sys
+    target = os.path.join(d, "target")
+    with open(target, "wb") as f:
+        f.write(b"init")
+    writer = subprocess.Popen([sys.executable, "-c", REPLACER, d, "3000"])
+    missing, reads = 0, 0
+    try:
+        while writer.poll() is None:
+            try:
+                os.stat(target)
+                with open(target, "rb") as f:
+                    data = f.read()
+            except FileNotFoundError:
+                missing += 1
+                continue
+            reads += 1
+            assert data == b"init" or (data[:1] == b"v" and data[1:].isdigit()), data
+    finally:
+        writer.wait(timeout=120)
+    assert writer.returncode == 0
+    assert reads > 0
+    assert missing == 0, f"{missing} of {missing + reads} reads found no {target}"

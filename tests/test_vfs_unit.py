@@ -324,6 +324,45 @@ def test_removed_directory_lives_while_open(fs):
     assert errno_of(fs.getattr, t) == errno.ENOENT
 
 
+def test_a_replaced_file_lives_while_the_kernel_holds_it(env, fs):
+    """A rename over a file the kernel has an entry for (a reader looked it up a moment
+    before) keeps the old inode until the kernel forgets it: the reader's open finds it."""
+    free0 = free_sectors(fs)
+    old = fs.create(ROOT_INODE, b"target", 0o644, os.O_RDWR, ROOT)
+    fs.remember(old.ino)  # the entry create's reply gave
+    fs.write(old.ino, 0, b"old" * BLOCK)
+    fs.release(old.ino)
+    fs.remember(old.ino)  # a reader's lookup
+    new = fs.create(ROOT_INODE, b"tmp", 0o644, os.O_RDWR, ROOT)
+    fs.write(new.ino, 0, b"new")
+    fs.release(new.ino)
+    fs.rename(ROOT_INODE, b"tmp", ROOT_INODE, b"target")
+    assert fs.lookup(ROOT_INODE, b"target").ino == new.ino
+    assert fs.getattr(old.ino).nlink == 0
+    fs.open(old.ino, os.O_RDONLY)  # the reader's open of what it looked up
+    assert fs.read(old.ino, 0, 3) == b"old"
+    fs.release(old.ino)
+    fs.forget([(old.ino, 1)])
+    assert fs.getattr(old.ino).nlink == 0  # one reference left
+    fs.forget([(old.ino, 1)])
+    assert errno_of(fs.getattr, old.ino) == errno.ENOENT
+    fs.unlink(ROOT_INODE, b"target")
+    fs.commit()
+    assert free_sectors(fs) == free0
+    # Empty files the kernel lets go of are freed together: at the next commit at the latest.
+    empties = [fs.create(ROOT_INODE, b"e%d" % i, 0o644, os.O_RDWR, ROOT).ino for i in range(3)]
+    for ino in empties:
+        fs.remember(ino)
+        fs.release(ino)
+        fs.unlink(ROOT_INODE, b"e%d" % (empties.index(ino)))
+    fs.forget([(ino, 1) for ino in empties])
+    assert fs.needs_commit()
+    fs.commit()
+    for ino in empties:
+        assert errno_of(fs.getattr, ino) == errno.ENOENT
+    assert fs.db.value("SELECT count(*) FROM inodes WHERE nlink=0") == 0
+
+
 def test_orphans_freed_at_reopen(env):
     fs = env.fs
     free0 = free_sectors(fs)

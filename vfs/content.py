@@ -16,6 +16,7 @@ from vfs.filedata import BLOCK, SECTORS_PER_BLOCK
 from vfs.ops import now_ns, operation, query
 
 MAX_FILE_SIZE = (1 << 44) - 4096  # 16 TiB less a block: ext4's largest file (4 KiB blocks)
+FREE_BATCH = 256  # forgotten unlinked inodes without data freed together
 # fallocate(2) modes (linux/falloc.h)
 KEEP_SIZE, PUNCH_HOLE, COLLAPSE_RANGE, ZERO_RANGE = 0x01, 0x02, 0x08, 0x10
 
@@ -47,28 +48,45 @@ class ContentOps:
         self._maybe_free(ino)
 
     def remember(self, ino: int) -> None:
-        """The kernel now holds one more reference to directory `ino` (an entry it was
-        given): a removed directory lives on while the kernel holds it, for a process whose
-        working directory it is."""
+        """The kernel now holds one more reference to inode `ino` (an entry it was given). An
+        inode whose last name goes lives on while the kernel holds it, as while it is open:
+        the kernel may still send requests for it (a file opened by a path that a rename
+        replaced a moment before, a directory that is a process's working directory)."""
         with self._refs_lock:  # not the filesystem lock: called from the FUSE session's threads
-            self.dir_refs[ino] = self.dir_refs.get(ino, 0) + 1
+            self.kernel_refs[ino] = self.kernel_refs.get(ino, 0) + 1
 
-    def forget(self, ino: int, count: int) -> None:
-        """The kernel dropped `count` references to inode `ino` (only a directory's count
-        matters: a file lives while it has names or is open)."""
-        with self._refs_lock:
-            held = self.dir_refs.get(ino)
-            if held is None:
-                return
-            if held > count:
-                self.dir_refs[ino] = held - count
-                return
-            del self.dir_refs[ino]
-        self._free_if_unlinked(ino)
+    def forget(self, items: list[tuple[int, int]]) -> None:
+        """The kernel dropped references: (inode, count) pairs. An unlinked inode goes with
+        its last reference, unless open: at once if it holds data (its space comes back),
+        else with others (an `rm` of many empty files is not slowed by one more operation
+        per file)."""
+        now = []
+        with self.lock, self._refs_lock:
+            for ino, count in items:
+                held = self.kernel_refs.get(ino)
+                if held is None:
+                    continue
+                if held > count:
+                    self.kernel_refs[ino] = held - count
+                    continue
+                del self.kernel_refs[ino]
+                sectors = self.unlinked_held.get(ino)
+                if sectors is None or self.opens.get(ino):
+                    continue
+                if sectors:
+                    now.append(ino)
+                else:
+                    self.free_later.append(ino)
+            if len(self.free_later) >= FREE_BATCH:
+                now += self.free_later
+                self.free_later = []
+        if now:
+            self._free_unlinked(now)
 
     @operation
-    def _free_if_unlinked(self, ino: int) -> None:
-        self._maybe_free(ino)
+    def _free_unlinked(self, inos: list[int]) -> None:
+        for ino in inos:
+            self._maybe_free(ino)
 
     def _check_truncatable(self, r: tuple, size: int) -> None:
         if stat.S_ISDIR(r[1]):

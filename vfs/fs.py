@@ -25,6 +25,7 @@ from vfs.content import ContentOps
 from vfs.errors import FSError
 from vfs.filedata import BLOCK, SECTORS_PER_BLOCK, FileData, VolumeLike
 from vfs.freespace import RESERVED_SECTORS, FreeSpace, used_sectors
+from vfs.intentlog import IntentLog
 from vfs.making import MakeOps
 from vfs.metacopy import copy_reserve
 from vfs.metadb import MetaDB
@@ -53,7 +54,12 @@ class Filesystem(ContentOps, MakeOps, RenameOps, XattrOps):
 
     def __init__(self, db: MetaDB, volume: VolumeLike) -> None:
         self.db = db
-        self.volume = volume
+        self.volume = IntentLog(volume, db)
+        if db.read_only:
+            self.volume.read_through()
+        else:
+            self.volume.replay()
+        volume = self.volume
         self.lock = threading.RLock()
         self._depth = 0
         self._closed = False
@@ -67,7 +73,11 @@ class Filesystem(ContentOps, MakeOps, RenameOps, XattrOps):
         self.data = FileData(db, volume, self.alloc)
         self.copy_reserve = copy_reserve(db)  # sectors file data leaves for the next copy
         self.opens: dict[int, int] = {}
-        self.dir_refs: dict[int, int] = {}  # directory -> references the kernel holds
+        self.kernel_refs: dict[int, int] = {}  # inode -> references the kernel holds
+        # Inodes without names that are open or that the kernel holds (-> stored sectors),
+        # and those the kernel let go of without any stored data, freed in batches.
+        self.unlinked_held: dict[int, int] = {}
+        self.free_later: list[int] = []
         self._refs_lock = threading.Lock()
         self.freed_hooks: list[Callable[[int], None]] = []  # told of every inode freed
         self.noatime = False  # the mount's noatime: reads never update atime
@@ -224,13 +234,17 @@ class Filesystem(ContentOps, MakeOps, RenameOps, XattrOps):
     def _free_inode(self, ino: int, sectors: int | None = None) -> None:
         self.data.drop(ino, stored=sectors != 0)
         self.db.change("DELETE FROM inodes WHERE id=?", (ino,))  # trigger inodes_gone: the rest
+        self.unlinked_held.pop(ino, None)
         for hook in self.freed_hooks:
             hook(ino)
 
     def _maybe_free(self, ino: int) -> None:
         r = self.db.row("SELECT nlink, sectors FROM inodes WHERE id=?", (ino,))
-        if (r is not None and r[0] == 0 and not self.opens.get(ino)
-                and not self.dir_refs.get(ino)):
+        if r is None or r[0] != 0:
+            return
+        if self.opens.get(ino) or self.kernel_refs.get(ino):
+            self.unlinked_held[ino] = r[1]  # freed by the last release or forget
+        else:
             self._free_inode(ino, r[1])
 
     # --- lookups and attributes ---------------------------------------------------------------
@@ -377,10 +391,12 @@ class Filesystem(ContentOps, MakeOps, RenameOps, XattrOps):
         now = now_ns()
         is_dir = stat.S_ISDIR(mode)
         left = 0 if is_dir else nlink - 1
-        if left <= 0 and not self.opens.get(ino) and not self.dir_refs.get(ino):
+        if left <= 0 and not self.opens.get(ino) and not self.kernel_refs.get(ino):
             self._free_inode(ino, sectors)
         else:
             self.db.change("UPDATE inodes SET nlink=?, ctime_ns=? WHERE id=?", (left, now, ino))
+            if left <= 0:
+                self.unlinked_held[ino] = sectors  # freed by the last release or forget
         if is_dir:
             self._add_links(parent, -1)
         self._touch(parent, now=now)
@@ -477,17 +493,21 @@ class Filesystem(ContentOps, MakeOps, RenameOps, XattrOps):
         return [(o // SECTOR, -(-n // SECTOR), -(-e // SECTOR)) for o, n, e in
                 self.volume.parity_only_chunks(start * SECTOR, count * SECTOR)]
 
-    def commit(self, head_start: bool = False) -> None:
+    def commit(self, head_start: bool = False, log: bool = False) -> None:
         """Make every change so far durable: file data first, then the metadata.
 
         `head_start` first flushes the volume without the lock, so the data already written
         reaches the disk while writers go on, and the locked part has less to wait for (the
-        background commit).
+        background commit). `log` (fsync) lets little unflushed data go into the intent log,
+        committed with the metadata, instead of flushing the volume (see vfs.intentlog).
         """
         if head_start and not self._closed:
             self.volume.flush()
         with self.lock:
             self._check_open()
+            if self.free_later:
+                self._free_unlinked(self.free_later)
+                self.free_later = []
             self.alloc.mark()
             try:
                 self.data.write_out_all()
@@ -500,18 +520,23 @@ class Filesystem(ContentOps, MakeOps, RenameOps, XattrOps):
                 # fit stays dirty and the caller (fsync) gets ENOSPC.
                 log.warning("commit: %s; committing the rest, then retrying", exc)
                 self.volume.flush()
+                self.volume.forget()
                 self.db.commit()
                 self.alloc.release()
                 self.alloc.mark()
                 self.data.write_out_all()
-            self.volume.flush()
+            if log and self.volume.can_log():
+                self.volume.log_pending()
+            else:
+                self.volume.flush()
+                self.volume.forget()
             self.db.commit()
             self.alloc.release()
             self.copy_reserve = copy_reserve(self.db)
 
     def needs_commit(self) -> bool:
         """True if there are changes not yet durable."""
-        return self.db.dirty or bool(self.data.dirty)
+        return self.db.dirty or bool(self.data.dirty) or bool(self.free_later)
 
     def close(self) -> None:
         """Commit and stop; the volume stays open (its owner closes it)."""

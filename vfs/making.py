@@ -112,6 +112,7 @@ class MakeOps:
             raise FSError(errno.EEXIST, f"{name!r} exists in directory {parent}")
         self.db.change("INSERT INTO dentries (parent, name, inode) VALUES (?, ?, ?)",
                        (parent, name, ino))
+        self.unlinked_held.pop(ino, None)  # named again (an O_TMPFILE file)
         now = now_ns()
         self._add_links(ino, 1)
         self._touch(ino, mtime=False, now=now)

@@ -122,14 +122,13 @@ class View:
         return self._shown(self.fs.setattr(real_inode(ino), ch), ino & MIRROR_BIT != 0)
 
     def remember(self, attr: Attr) -> None:
-        """The kernel was given an entry for `attr` (it keeps directories alive)."""
-        if stat.S_ISDIR(attr.mode):
-            self.fs.remember(real_inode(attr.ino))
+        """The kernel was given an entry for `attr` (it keeps the inode alive until it
+        forgets it)."""
+        self.fs.remember(real_inode(attr.ino))
 
     def forget(self, items: list[tuple[int, int]]) -> None:
         """The kernel dropped references: (inode, count) pairs."""
-        for ino, count in items:
-            self.fs.forget(real_inode(ino), count)
+        self.fs.forget([(real_inode(ino), count) for ino, count in items])
 
     def readlink(self, ino: int) -> bytes:
         """The target of a symbolic link."""
@@ -387,9 +386,9 @@ class View:
         """Sizes for statfs(2)."""
         return self.fs.statfs()
 
-    def commit(self, head_start: bool = False) -> None:
+    def commit(self, head_start: bool = False, log: bool = False) -> None:
         """Make every change durable (see Filesystem.commit)."""
-        self.fs.commit(head_start)
+        self.fs.commit(head_start, log)
 
     def needs_commit(self) -> bool:
         """True if there are changes not yet durable."""

@@ -1,0 +1,144 @@
+"""The intent log: an fsync's small writes committed to the metadata database instead of a
+flush of the volume, replayed after a crash that lost them on the volume, read through by a
+read-only open and by fsck, and emptied by the next ordinary commit."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+from test_vfs_unit import ROOT, Env
+from volhelpers import rand_bytes, restore, snapshot
+
+import vfs.intentlog
+from vfs import fsck
+from vfs.attrs import ROOT_INODE
+from vfs.fs import Filesystem
+from vfs.intentlog import IntentLog
+from vfs.metadb import MetaDB
+
+
+def _rows(db: MetaDB) -> int:
+    if db.value("SELECT 1 FROM sqlite_master WHERE name='intent_log'") is None:
+        return 0
+    return db.value("SELECT count(*) FROM intent_log")
+
+
+def _read_all(fs: Filesystem, ino: int) -> bytes:
+    size = fs.getattr(ino).size
+    return bytes(fs.read(ino, 0, size))
+
+
+@pytest.fixture
+def crashed(tmp_path):
+    """A file whose last writes an fsync put only in the intent log, after a crash that lost
+    every volume write since the last flush: (env, inode, the bytes the file must hold)."""
+    env = Env(tmp_path)
+    fs = env.fs
+    ino = fs.create(ROOT_INODE, b"db", 0o644, os.O_RDWR, ROOT).ino
+    old = rand_bytes(1, 300_000)
+    fs.write(ino, 0, old)
+    fs.commit()  # an ordinary commit: the volume is flushed
+    assert _rows(env.db) == 0
+    snapshot(env.paths, tmp_path / "durable")  # what the members hold for sure
+    want = bytearray(old)
+    for off, data in [(4096, rand_bytes(2, 3000)), (200_000, rand_bytes(3, 9000)),
+                      (299_000, rand_bytes(4, 5000))]:  # the last one grows the file
+        fs.write(ino, off, data)
+        want[off:off + len(data)] = data if off + len(data) <= len(want) else data
+        if off + len(data) > len(want):
+            want[off:] = data
+    fs.commit(log=True)  # what an fsync does
+    assert _rows(env.db) > 0  # the new bytes are in the database...
+    env.close(clean=False)  # ...and the process dies,
+    restore(env.paths, tmp_path / "durable")  # with the power: the volume loses them
+    yield env, ino, bytes(want)
+    if env.fs is not None:
+        env.close()
+
+
+def test_a_crash_after_an_fsync_loses_nothing(crashed):
+    env, ino, want = crashed
+    fs = env.open()  # a read-write open writes the logged bytes to the volume again
+    assert _rows(env.db) == 0
+    assert _read_all(fs, ino) == want
+    report = fsck.check(env.db, fs.volume, verify_data=True)
+    assert report.clean, report.problems
+    env.close()
+    fs = env.open()
+    assert _read_all(fs, ino) == want
+
+
+def test_a_read_only_open_reads_through_the_log(crashed):
+    env, ino, want = crashed
+    env.vol = None
+    from volhelpers import open_vol
+    vol = open_vol(env.paths, env.uuid)
+    db = MetaDB(env.meta, read_only=True)
+    fs = Filesystem(db, vol)
+    assert _read_all(fs, ino) == want  # served through the rows, nothing written
+    assert _rows(db) > 0
+    report = fsck.check(db, fs.volume, verify_data=True)
+    assert report.clean, report.problems
+    db.close()
+    vol.close(write=False)
+    fs = env.open()  # the next read-write open writes them
+    assert _rows(env.db) == 0
+    assert _read_all(fs, ino) == want
+
+
+def test_fsck_reads_through_or_replays_the_log(crashed):
+    env, ino, want = crashed
+    from volhelpers import open_vol
+    vol = open_vol(env.paths, env.uuid, read_only=True)
+    db = MetaDB(env.meta)
+    logged = IntentLog(vol, db)
+    assert logged.read_through() > 0
+    assert fsck.check(db, logged, verify_data=True).clean
+    # Without the log, the lost bytes show as damage: what fsck must not report.
+    assert not fsck.check(db, vol, verify_data=True).clean
+    db.close()
+    vol.close(write=False)
+    vol = open_vol(env.paths, env.uuid)
+    db = MetaDB(env.meta)
+    assert IntentLog(vol, db).replay() > 0
+    assert _rows(db) == 0
+    assert fsck.check(db, vol, verify_data=True).clean
+    db.close()
+    vol.close()
+    fs = env.open()
+    assert _read_all(fs, ino) == want
+
+
+def test_an_ordinary_commit_empties_the_log(tmp_path):
+    env = Env(tmp_path)
+    fs = env.fs
+    ino = fs.create(ROOT_INODE, b"f", 0o644, os.O_RDWR, ROOT).ino
+    fs.write(ino, 0, b"a" * 5000)
+    fs.commit(log=True)
+    assert _rows(env.db) > 0
+    fs.write(ino, 5000, b"b" * 5000)
+    fs.commit(log=True)  # adds only what is new
+    rows = _rows(env.db)
+    fs.commit()  # flushes the volume: the log is no longer needed
+    assert _rows(env.db) == 0
+    assert rows > 0
+    assert _read_all(fs, ino) == b"a" * 5000 + b"b" * 5000
+    env.close()
+
+
+def test_much_unflushed_data_is_flushed_not_logged(tmp_path, monkeypatch):
+    monkeypatch.setattr(vfs.intentlog, "LOG_BYTES", 64 * 1024)
+    env = Env(tmp_path)
+    fs = env.fs
+    ino = fs.create(ROOT_INODE, b"big", 0o644, os.O_RDWR, ROOT).ino
+    data = rand_bytes(5, 200_000)
+    fs.write(ino, 0, data)
+    fs.commit(log=True)
+    assert _rows(env.db) == 0  # more than the log takes: an ordinary commit
+    fs.write(ino, 0, b"small")
+    fs.commit(log=True)
+    assert _rows(env.db) > 0  # the flush reset what the log counts
+    env.close()
+    fs = env.open()
+    assert _read_all(fs, ino) == b"small" + data[5:]
