@@ -286,13 +286,7 @@ class FuseOperations(Handlers):
         self.meta(r, _kstatfs, self.fs.statfs)
 
     def forget(self, items: list[tuple[int, int]]) -> None:
-        if self.lock.acquire(blocking=False):
-            try:
-                self._forget(items)
-            finally:
-                self.lock.release()
-        else:
-            self.worker.submit(self._forget, items)
+        self.unanswered(self._forget, items)
 
     def _forget(self, items: list[tuple[int, int]]) -> None:
         try:

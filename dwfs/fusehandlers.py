@@ -86,19 +86,44 @@ class Handlers:
     def __init__(self, lock: threading.RLock | threading.Lock, worker_name: str) -> None:
         self.lock = lock
         self.worker = Worker(worker_name)
+        self._behind = 0  # requests without a reply queued on the worker and not yet run
+        self._behind_lock = threading.Lock()
         self._slow_pool = ThreadPoolExecutor(SLOW_THREADS, thread_name_prefix="fs-slow")
 
     # --- lanes --------------------------------------------------------------------------------
 
     def meta(self, r: Request, pack: Pack, fn: Callable[..., Any], *args: Any) -> None:
-        """Answer inline if the lock is free, else on the worker."""
-        if self.lock.acquire(blocking=False):
+        """Answer inline if the lock is free (and no request without a reply waits on the
+        worker), else on the worker."""
+        if not self._behind and self.lock.acquire(blocking=False):
             try:
                 answer(r, pack, fn, args)
             finally:
                 self.lock.release()
         else:
             self.worker.submit(answer, r, pack, fn, args)
+
+    def unanswered(self, fn: Callable[..., None], *args: Any) -> None:
+        """Run a request that has no reply (FORGET) inline if the lock is free, else on the
+        worker; until it has run there, metadata requests queue behind it: the kernel does not
+        wait for it before sending the next request (a statfs right after an unlink must find
+        the forgotten file's space free)."""
+        if self.lock.acquire(blocking=False):
+            try:
+                fn(*args)
+            finally:
+                self.lock.release()
+            return
+        with self._behind_lock:
+            self._behind += 1
+        self.worker.submit(self._run_behind, fn, args)
+
+    def _run_behind(self, fn: Callable[..., None], args: tuple) -> None:
+        try:
+            fn(*args)
+        finally:
+            with self._behind_lock:
+                self._behind -= 1
 
     def data(self, r: Request, pack: Pack, fn: Callable[..., Any], *args: Any) -> None:
         """Answer on the worker thread (calls that may touch the volume)."""

@@ -73,7 +73,7 @@ class ContentOps:
                 sectors = self.unlinked_held.get(ino)
                 if sectors is None or self.opens.get(ino):
                     continue
-                if sectors:
+                if sectors or ino in self.data.dirty:
                     now.append(ino)
                 else:
                     self.free_later.append(ino)
