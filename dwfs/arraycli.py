@@ -263,11 +263,7 @@ def _fsck(args: argparse.Namespace) -> int:
             try:
                 # Writes an fsync committed to the intent log but the volume never got: a
                 # repair writes them, a check reads through them.
-                logged = IntentLog(volume, db)
-                if args.repair:
-                    logged.replay()
-                else:
-                    logged.read_through()
+                logged = IntentLog.opened(volume, db, write=args.repair)
                 with progress_bar("verifying file data") as update:
                     report = vfsck.check(db, logged, repair=args.repair,
                                          verify_data=args.verify_data or restored is not None,

@@ -90,16 +90,10 @@ class MemberRecords:
     def _release_intent(self, everything: bool) -> None:
         """After a flush (every write so far durable): unmark the regions not written for
         INTENT_LINGER seconds, or all of them."""
-        if everything:
-            gone = bool(self._intent)
-            self._intent.clear()
-        else:
-            since = time.monotonic() - INTENT_LINGER
-            old = [b for b, t in self._intent.items() if t < since]
-            for b in old:
-                del self._intent[b]
-            gone = bool(old)
-        if gone or (self._intent_on_disk and not self._intent):
+        since = float("inf") if everything else time.monotonic() - INTENT_LINGER
+        kept = {b: t for b, t in self._intent.items() if t >= since}
+        if len(kept) < len(self._intent) or (self._intent_on_disk and not kept):
+            self._intent = kept
             self._write_bitmap(durable=False)
 
     def _write_bitmap(self, durable: bool) -> None:

@@ -560,8 +560,7 @@ class Volume(MemberRecords):
             s.member.flush()
 
         self.on_members(flush)
-        if self._intent or self._intent_on_disk:
-            self._release_intent(everything=final)
+        self._release_intent(everything=final)
 
     def member_failed(self, slot: int, exc: Exception) -> None:
         """Take a member out of service after an I/O failure and record it in the labels."""

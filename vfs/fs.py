@@ -54,12 +54,7 @@ class Filesystem(ContentOps, MakeOps, RenameOps, XattrOps):
 
     def __init__(self, db: MetaDB, volume: VolumeLike) -> None:
         self.db = db
-        self.volume = IntentLog(volume, db)
-        if db.read_only:
-            self.volume.read_through()
-        else:
-            self.volume.replay()
-        volume = self.volume
+        self.volume = volume = IntentLog.opened(volume, db, write=not db.read_only)
         self.lock = threading.RLock()
         self._depth = 0
         self._closed = False

@@ -12,7 +12,7 @@ the volume first and empties the log in its transaction, as before.
 After a crash, the rows of a committed log are written to the volume again, in order, before
 the filesystem is used (`replay`): they hold the last bytes written at those places by the
 time of that commit, and whatever reached the members after it was never committed. A
-read-only open cannot write: it reads through the rows instead (`overlay`).
+read-only open cannot write: it reads through the rows instead (`read_through`).
 """
 
 from __future__ import annotations
@@ -49,6 +49,17 @@ class IntentLog:
         self._overlay: list[tuple[int, bytes]] = []  # a read-only open's rows
         if self._has_table():
             self._rows = db.value("SELECT count(*) FROM intent_log", default=0)
+
+    @classmethod
+    def opened(cls, volume: VolumeLike, db: MetaDB, write: bool) -> IntentLog:
+        """`volume` seen through the log in `db`, with a committed log's rows written to it
+        again (`write`) or read through (a read-only open, a check)."""
+        logged = cls(volume, db)
+        if write:
+            logged.replay()
+        else:
+            logged.read_through()
+        return logged
 
     def _has_table(self) -> bool:
         return self.db.value("SELECT 1 FROM sqlite_master WHERE type='table' AND "
