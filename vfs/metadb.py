@@ -219,13 +219,21 @@ class MetaDB:
         self.dirty = True
 
     def row(self, sql: str, args: Iterable[Any] = ()) -> tuple | None:
-        """The first row of a query, or None."""
-        return self._cursor().execute(sql, tuple(args)).fetchone()
+        """The first row of a query, or None.
+
+        The statement is run to its end (these queries give one row, or a few): a statement
+        left in the middle keeps the connection's read snapshot open across commits, and no
+        checkpoint can then reuse the write-ahead log, which grew by every commit (half a GB
+        within minutes of fsyncs) for as long as the filesystem stayed mounted.
+        """
+        rows = self._cursor().execute(sql, tuple(args)).fetchall()
+        return rows[0] if rows else None
 
     def value(self, sql: str, args: Iterable[Any] = (), default: Any = None) -> Any:
-        """The first column of the first row of a query, or `default`."""
-        r = self._cursor().execute(sql, tuple(args)).fetchone()
-        return default if r is None else r[0]
+        """The first column of the first row of a query, or `default` (run to its end, as
+        `row`)."""
+        rows = self._cursor().execute(sql, tuple(args)).fetchall()
+        return rows[0][0] if rows else default
 
     def rows(self, sql: str, args: Iterable[Any] = ()) -> Iterator[tuple]:
         """All rows of a query."""
