@@ -27,6 +27,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 LOG_BYTES = 1024 * 1024  # unflushed writes a commit may put in the log instead of flushing
+HELD_SCAN = 64  # newest remembered writes a read looks through before asking the volume
 
 _ROWS = "SELECT offset, data FROM intent_log ORDER BY seq"
 _TABLE = ("CREATE TABLE IF NOT EXISTS intent_log (seq INTEGER PRIMARY KEY, "
@@ -82,11 +83,29 @@ class IntentLog:
         self._pending_bytes += n
 
     def read(self, offset: int, length: int) -> Any:
-        """Read from the volume (through a read-only open's logged writes)."""
+        """Read from the volume (through a read-only open's logged writes); bytes that one
+        write since the volume's flush holds whole come from it, without a volume read."""
+        held = self._held(offset, length)
+        if held is not None:
+            return held
         out = self.volume.read(offset, length)
         if self._overlay:
             out = _patched(out, offset, self._overlay)
         return out
+
+    def _held(self, offset: int, length: int) -> memoryview | None:
+        """[offset, offset + length) from the newest remembered write that touches it, if
+        that write holds all of it (a small write's partial sector, read back to be completed:
+        SQLite's WAL frames, for one, do not start on sector boundaries)."""
+        end = offset + length
+        for i in range(len(self._pending) - 1, max(-1, len(self._pending) - HELD_SCAN - 1), -1):
+            o, d = self._pending[i]
+            view = memoryview(d).cast("B")
+            if o < end and offset < o + view.nbytes:
+                if o <= offset and end <= o + view.nbytes:
+                    return view[offset - o : end - o]
+                return None  # newer bytes for part of the range only: ask the volume
+        return None
 
     def flush(self) -> None:
         """Flush the volume (what was written stays remembered until `forget`)."""
