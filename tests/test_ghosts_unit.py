@@ -168,6 +168,81 @@ def test_hash_mismatch_is_caught_piece_by_piece(env, tmp_path):
     view.ghosts.close()
 
 
+def held_store(env: Env, big: int) -> threading.Event:
+    """Make the stores of inode `big`'s fetch wait until the returned event is set."""
+    original = env.fs.write
+    gate = threading.Event()
+
+    def held_write(ino, offset, data, keep_times=False):
+        if ino == big and keep_times:
+            assert gate.wait(30), "the store was never let go"
+        return original(ino, offset, data, keep_times)
+
+    env.fs.write = held_write
+    return gate
+
+
+def held_back_fetch(view: View, big: int):
+    """Start inode `big`'s fetch with room for two pieces and wait until it is held back."""
+    view.ghosts.buffer_bytes = 2 * MiB
+    view.read(big, 0, 4096)
+    fetch = view.ghosts.fetches[big]
+    with fetch.cond:
+        assert fetch.cond.wait_for(lambda: fetch.held_back, 10)
+    return fetch
+
+
+@pytest.mark.timeout(60)
+def test_readers_beyond_a_fetch_held_back_by_its_store_read_the_source(env, tmp_path):
+    """When storing falls behind, a read beyond what the fetch has brought is served from the
+    source (checked piece by piece) instead of waiting for the volume."""
+    src, view, big = imported(env, tmp_path, 24 * MiB)
+    with open(os.path.join(src, "big.bin"), "rb") as f:
+        expected = f.read()
+    gate = held_store(env, big)
+    fetch = held_back_fetch(view, big)
+    arrived = fetch.arrived
+    assert arrived <= 4 * MiB
+    got = view.read(big, 20 * MiB + 5, 2 * MiB)  # pieces 20-22, far beyond the fetch
+    assert bytes(got) == expected[20 * MiB + 5:22 * MiB + 5]
+    assert bytes(view.read(big, 23 * MiB, 4 * MiB)) == expected[23 * MiB:]  # clipped at the end
+    assert fetch.arrived == arrived  # served while the fetch stood still
+    assert view.ghosts.state(big) == GHOST
+    gate.set()
+    view.ghosts.hydrate(big)
+    assert view.ghosts.state(big) == HYDRATED
+    assert bytes(view.read(big, 0, 24 * MiB)) == expected
+    view.ghosts.close()
+
+
+@pytest.mark.timeout(60)
+def test_a_read_ahead_of_a_held_back_fetch_checks_the_source(env, tmp_path):
+    """A piece read from the source ahead of the fetch is checked like the fetch's own: changed
+    content gives EIO, never the changed bytes, and the fetch then fails too."""
+    src, view, big = imported(env, tmp_path, 24 * MiB)
+    view.ghosts.hydrate(big)  # takes the hashes
+    view.ghosts.dehydrate(big)
+    path = os.path.join(src, "big.bin")
+    st = os.stat(path)
+    with open(path, "r+b") as f:
+        f.seek(20 * MiB + 5)
+        f.write(b"changed")
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))  # only the hash can tell
+    gate = held_store(env, big)
+    held_back_fetch(view, big)
+    with pytest.raises(FSError) as info:
+        view.read(big, 20 * MiB, 4096)
+    assert info.value.errno == errno.EIO
+    assert bytes(view.read(big, 19 * MiB, 4096))  # the pieces before it are still served
+    gate.set()
+    with pytest.raises(FSError) as info:
+        view.ghosts.hydrate(big)
+    assert info.value.errno == errno.EIO
+    assert view.ghosts.state(big) == GHOST
+    assert env.fs.getattr(big).blocks == 0
+    view.ghosts.close()
+
+
 def test_an_interrupted_fetch_is_dropped_after_a_crash(env, tmp_path):
     src, view, big = imported(env, tmp_path, 4 * MiB)
     with open(os.path.join(src, "big.bin"), "rb") as f:

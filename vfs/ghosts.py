@@ -8,7 +8,9 @@ path, the source's size and mtime at import and, once taken, a content hash (xxh
   reader waits only until the range it asks for has arrived. Every piece is checked against
   the source's size and mtime and, when known, its hash before it is stored or served; if the
   source is gone or changed the fetch fails, what was stored is dropped, the file stays a
-  ghost and readers get EIO.
+  ghost and readers get EIO. When storing falls behind (the volume writes slower than the
+  source reads), a reader beyond the fetch reads and checks its pieces from the source itself,
+  so a first read runs at the source's speed rather than the volume's.
 - `hydrated`: the content is stored like any file's; it may be dropped again (dehydrated) when
   the source still holds identical content, by request or by the cache limit (least recently
   used first, never an open file).
@@ -19,6 +21,7 @@ Writing to a ghost (or truncating it) fetches it first, then it becomes an ordin
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import os
@@ -26,7 +29,7 @@ import queue
 import stat
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -40,6 +43,7 @@ log = logging.getLogger(__name__)
 
 PIECE = 1 << 20
 RECENT_PIECES = 32  # stored pieces of a fetch still kept in memory for readers (32 MiB)
+AHEAD_PIECES = 8  # pieces readers ahead of a held-back fetch read from the source, kept
 BUFFER_BYTES = 128 << 20  # checked pieces of all fetches waiting to be stored, at most
 GHOST, HYDRATED, PINNED = "ghost", "hydrated", "pinned"
 STATES = (GHOST, HYDRATED, PINNED)
@@ -104,35 +108,54 @@ def check_source(rec: Record, st: os.stat_result) -> None:
         raise SourceChanged(rec, "changed (its modification time differs)")
 
 
-def read_pieces(rec: Record, stop: threading.Event | None = None):
-    """Yield (offset, piece, hash) of a source, each checked against the record."""
+def _checked_piece(rec: Record, fd: int, offset: int) -> tuple[bytes, int]:
+    """The piece of an open source at `offset` (a multiple of PIECE) and its hash, checked
+    against the record's size, mtime and, when known, hash."""
+    n = min(PIECE, rec.size - offset)
+    piece = os.pread(fd, n, offset)
+    if len(piece) != n:
+        raise SourceChanged(rec, f"is shorter than {rec.size} bytes now")
+    h = piece_hash(piece)
+    k = offset // PIECE
+    if rec.hashes is not None and (k >= len(rec.hashes) or rec.hashes[k] != h):
+        raise SourceChanged(rec, f"has different content at byte {offset}")
+    check_source(rec, os.fstat(fd))
+    return piece, h
+
+
+@contextlib.contextmanager
+def _opened_source(rec: Record) -> Iterator[int]:
+    """A source opened for reading and checked against its record; OSErrors while it is open
+    become SourceChanged."""
     try:
         fd = os.open(rec.source, os.O_RDONLY | os.O_CLOEXEC)
     except OSError as exc:
         raise SourceChanged(rec, f"cannot be opened: {exc.strerror}") from exc
     try:
         check_source(rec, os.fstat(fd))
-        offset = 0
-        k = 0
-        while offset < rec.size:
-            if stop is not None and stop.is_set():
-                raise FSError(errno.EIO, f"ghost inode {rec.ino}: fetch stopped (unmounting)")
-            piece = os.pread(fd, min(PIECE, rec.size - offset), offset)
-            if len(piece) != min(PIECE, rec.size - offset):
-                raise SourceChanged(rec, f"is shorter than {rec.size} bytes now")
-            h = piece_hash(piece)
-            if rec.hashes is not None and (k >= len(rec.hashes) or rec.hashes[k] != h):
-                raise SourceChanged(rec, f"has different content at byte {offset}")
-            check_source(rec, os.fstat(fd))
-            yield offset, piece, h
-            offset += len(piece)
-            k += 1
+        yield fd
     except FSError:
         raise
     except OSError as exc:
         raise SourceChanged(rec, f"cannot be read: {exc.strerror}") from exc
     finally:
         os.close(fd)
+
+
+def read_pieces(rec: Record, stop: threading.Event | None = None):
+    """Yield (offset, piece, hash) of a source, each checked against the record."""
+    with _opened_source(rec) as fd:
+        for offset in range(0, rec.size, PIECE):
+            if stop is not None and stop.is_set():
+                raise FSError(errno.EIO, f"ghost inode {rec.ino}: fetch stopped (unmounting)")
+            piece, h = _checked_piece(rec, fd, offset)
+            yield offset, piece, h
+
+
+def read_piece(rec: Record, offset: int) -> bytes:
+    """One checked piece of a source, the one starting at `offset` (a multiple of PIECE)."""
+    with _opened_source(rec) as fd:
+        return _checked_piece(rec, fd, offset)[0]
 
 
 def source_hashes(rec: Record, stop: threading.Event | None = None) -> list[int]:
@@ -154,6 +177,10 @@ class Fetch:
     recent: dict[int, bytes] = field(default_factory=dict)
     stored_to: int = 0
     store_error: FSError | None = None
+    # True while the fetch waits for room to store: a reader beyond what has arrived then
+    # reads its pieces from the source itself (kept in `ahead`) instead of waiting for the volume
+    held_back: bool = False
+    ahead: dict[int, bytes] = field(default_factory=dict)
 
     def covers(self, offset: int, length: int) -> bool:
         """True if bytes offset..offset+length (clipped to the file) have arrived."""
@@ -191,6 +218,29 @@ class Fetch:
                 parts.append(memoryview(piece)[max(offset - start, 0):end - start])
         return b"".join(parts)
 
+    def hold_back(self, held: bool) -> None:
+        """The fetch waits (or no longer waits) for room to store: wake the waiting readers."""
+        with self.cond:
+            self.held_back = held
+            self.cond.notify_all()
+
+    def read_ahead(self, offset: int, length: int) -> bytes:
+        """Bytes offset..offset+length (clipped) from the pieces held, reading the others from
+        the source, each checked as the fetch checks them."""
+        end = min(offset + length, self.rec.size)
+        parts = []
+        for start in range(offset - offset % PIECE, end, PIECE):
+            with self.cond:
+                piece = self.recent.get(start) or self.ahead.get(start)
+            if piece is None:
+                piece = read_piece(self.rec, start)
+                with self.cond:
+                    self.ahead[start] = piece
+                    while len(self.ahead) > AHEAD_PIECES:
+                        del self.ahead[next(iter(self.ahead))]
+            parts.append(memoryview(piece)[max(offset - start, 0):end - start])
+        return b"".join(parts)
+
     def wait_done(self) -> None:
         """Block until the fetch has ended (every piece stored, or failed)."""
         with self.cond:
@@ -198,9 +248,10 @@ class Fetch:
                 self.cond.wait()
 
     def wait(self, offset: int, length: int) -> None:
-        """Block until the range has arrived or the fetch has ended."""
+        """Block until the range has arrived, the fetch is held back or it has ended."""
         with self.cond:
-            while not (self.done or self.error or self.covers(offset, length)):
+            while not (self.done or self.error or self.covers(offset, length)
+                       or self.held_back):
                 self.cond.wait()
 
 
@@ -212,6 +263,7 @@ class Ghosts:
         self.db = fs.db
         self.cache_limit = cache_limit
         self.fetch_rate: int | None = None  # bytes per second a fetch may read; None: no limit
+        self.buffer_bytes = BUFFER_BYTES  # checked pieces that may wait to be stored
         self.fetches: dict[int, Fetch] = {}
         self.stop = threading.Event()
         self._used: dict[int, int] = {}
@@ -286,7 +338,13 @@ class Ghosts:
                 held = fetch.from_memory(offset, length)
                 if held is not None:
                     return held
+                if not fetch.done and fetch.error is None:
+                    # stored and no longer held: the source is at hand while the volume
+                    # is busy storing the rest
+                    return self._read_ahead(fetch, offset, length)
             elif fetch is not None and not fetch.done and fetch.error is None:
+                if fetch.held_back:
+                    return self._read_ahead(fetch, offset, length)
                 fetch.wait(offset, length)
                 if fetch.error is not None:
                     raise FSError(fetch.error.errno, str(fetch.error))
@@ -305,13 +363,21 @@ class Ghosts:
                                   "read-only, so its content cannot be fetched and stored")
                 fetch = self.fetches.get(ino) or self._start(ino)
                 if fetch.covers(offset, length):
-                    held = fetch.from_memory(offset, length)
-                    return held if held is not None else self.fs.read(ino, offset, length)
+                    continue  # served above, without the lock
                 if fetch.error is not None:
                     raise fetch.error
             fetch.wait(offset, length)
             if fetch.error is not None:
                 raise FSError(fetch.error.errno, str(fetch.error))
+
+    def _read_ahead(self, fetch: Fetch, offset: int, length: int) -> bytes:
+        """A range beyond a held-back fetch, read from its source (see Fetch.read_ahead)."""
+        try:
+            return fetch.read_ahead(offset, length)
+        except FSError as exc:
+            log.error("ghost inode %d: reading %d bytes at %d from %s ahead of its fetch: %s",
+                      fetch.rec.ino, length, offset, fetch.rec.source, exc)
+            raise
 
     def _touch(self, ino: int) -> None:
         if self.db.read_only:
@@ -335,8 +401,10 @@ class Ghosts:
         """Read, check and hand out a ghost's pieces; a second thread stores them.
 
         A checked piece is served to readers at once: the content is already safe in its
-        source, so readers need not wait for the volume. At most BUFFER_BYTES of pieces (of all
-        fetches) wait to be stored; the file becomes `hydrated` once every piece is stored.
+        source, so readers need not wait for the volume. At most `buffer_bytes` of pieces (of
+        all fetches) wait to be stored; while a fetch waits for room, readers beyond it read
+        their pieces from the source themselves. The file becomes `hydrated` once every piece
+        is stored.
         """
         rec = fetch.rec
         t0 = time.monotonic()
@@ -393,6 +461,7 @@ class Ghosts:
             with fetch.cond:
                 fetch.done = True
                 fetch.recent.clear()
+                fetch.ahead.clear()
                 fetch.cond.notify_all()
             self._threads.discard(threading.current_thread())
         if fetch.error is None:
@@ -417,11 +486,15 @@ class Ghosts:
     def _take_buffer(self, n: int, fetch: Fetch) -> None:
         """Wait until `n` more bytes may wait to be stored."""
         with self._buffer_cond:
-            while self._buffered + n > BUFFER_BYTES and self._buffered:
+            while self._buffered + n > self.buffer_bytes and self._buffered:
                 if fetch.store_error is not None or self.stop.is_set():
                     break
+                if not fetch.held_back:
+                    fetch.hold_back(True)
                 self._buffer_cond.wait(0.5)
             self._buffered += n
+        if fetch.held_back:
+            fetch.hold_back(False)
 
     def _give_buffer(self, n: int) -> None:
         with self._buffer_cond:
