@@ -6,6 +6,7 @@ does not import numba.
 
 from __future__ import annotations
 
+import os
 import threading
 from typing import Any, NamedTuple
 
@@ -34,6 +35,8 @@ _double: Any = None
 _row_tops: Any = None
 _matmul_block: Any = None
 _solve_plan: Any = None
+_affine_set: Any = None
+_affine_xor: Any = None
 
 
 class Kernels(NamedTuple):
@@ -43,6 +46,24 @@ class Kernels(NamedTuple):
     horner: Any
     address: Any
     row_addresses: Any
+    # dsts[o] = sum_i mats[o, i] applied to srcs[i], 64 bytes at a time with the x86 GFNI
+    # instruction (vgf2p8affineqb, AVX-512); None where the processor lacks it
+    matmul_affine: Any = None
+
+
+AFFINE_ENV = "DWFS_GF_PORTABLE"
+"""Set (to anything but 0 or empty) to leave the GFNI kernel out and use the portable one."""
+
+
+def gfni_usable() -> bool:
+    """True if this processor has GFNI with AVX-512 (BW) and the environment does not ask for
+    the portable kernel."""
+    if os.environ.get(AFFINE_ENV, "0") not in ("", "0"):
+        return False
+    from llvmlite import binding
+
+    features = binding.get_host_cpu_features()
+    return all(features.get(f, False) for f in ("gfni", "avx512f", "avx512bw"))
 
 
 _kernels: Kernels | None = None
@@ -356,7 +377,82 @@ def _compile_kernels() -> Kernels:  # pragma: no cover - exercised through gf_ma
             out[i] = start + i * step
         return True
 
-    return Kernels(matmul_words, horner_words, address, row_addresses)
+    affine = _compile_affine() if gfni_usable() else None
+    return Kernels(matmul_words, horner_words, address, row_addresses, affine)
+
+
+_AFFINE_BLOCK = 4096
+"""Bytes of each row the GFNI kernel works on at a time (the sources' pieces stay in L1)."""
+
+
+def _compile_affine() -> Any:  # pragma: no cover - exercised through gf_matmul on GFNI machines
+    from llvmlite import ir
+    from numba import njit, types
+    from numba.core import cgutils
+    from numba.extending import intrinsic
+
+    bytes64 = ir.VectorType(ir.IntType(8), 64)
+    qwords8 = ir.VectorType(ir.IntType(64), 8)
+
+    def affine(builder, src, mat):
+        """vgf2p8affineqb of the 64 bytes at address `src` with the 8x8 bit matrix `mat`."""
+        x = builder.load(builder.inttoptr(src, bytes64.as_pointer()), align=1)
+        m = builder.insert_element(ir.Constant(qwords8, None), mat, ir.Constant(ir.IntType(32), 0))
+        m = builder.shuffle_vector(m, ir.Constant(qwords8, None),
+                                   ir.Constant(ir.VectorType(ir.IntType(32), 8), [0] * 8))
+        fnty = ir.FunctionType(bytes64, [bytes64, bytes64, ir.IntType(8)])
+        fn = cgutils.get_or_insert_function(builder.module, fnty, "llvm.x86.vgf2p8affineqb.512")
+        return builder.call(fn, [x, builder.bitcast(m, bytes64), ir.Constant(ir.IntType(8), 0)])
+
+    @intrinsic
+    def affine_set(typingctx, dst, src, mat):
+        """The 64 bytes at `dst` = `mat` applied to the 64 bytes at `src`."""
+        sig = types.void(types.intp, types.intp, types.uint64)
+
+        def codegen(context, builder, signature, args):
+            d, s, m = args
+            builder.store(affine(builder, s, m), builder.inttoptr(d, bytes64.as_pointer()),
+                          align=1)
+            return context.get_dummy_value()
+
+        return sig, codegen
+
+    @intrinsic
+    def affine_xor(typingctx, dst, src, mat):
+        """The 64 bytes at `dst` ^= `mat` applied to the 64 bytes at `src`."""
+        sig = types.void(types.intp, types.intp, types.uint64)
+
+        def codegen(context, builder, signature, args):
+            d, s, m = args
+            dp = builder.inttoptr(d, bytes64.as_pointer())
+            y = affine(builder, s, m)
+            builder.store(builder.xor(builder.load(dp, align=1), y), dp, align=1)
+            return context.get_dummy_value()
+
+        return sig, codegen
+
+    global _affine_set, _affine_xor
+    _affine_set, _affine_xor = affine_set, affine_xor
+
+    @njit(cache=True, nogil=True)
+    def matmul_affine(mats, srcs, dsts, nbytes):
+        """dsts[o] = sum_i mats[o, i] applied to srcs[i], for nbytes (a multiple of 64)."""
+        rows, n = mats.shape
+        for start in range(0, nbytes, _AFFINE_BLOCK):
+            end = min(start + _AFFINE_BLOCK, nbytes)
+            for o in range(rows):
+                d = dsts[o]
+                s = srcs[0]
+                m = mats[o, 0]
+                for p in range(start, end, 64):
+                    _affine_set(d + p, s + p, m)
+                for i in range(1, n):
+                    s = srcs[i]
+                    m = mats[o, i]
+                    for p in range(start, end, 64):
+                        _affine_xor(d + p, s + p, m)
+
+    return matmul_affine
 
 
 def get_kernels() -> Kernels:

@@ -9,11 +9,11 @@ from pathlib import Path
 import galois
 import numpy as np
 import pytest
-from hypothesis import given, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from raid import gf256
+from raid import gf256, gf256_kernels
 
 GF = galois.GF(2**8, irreducible_poly=0x11D)
 ALL = np.arange(256, dtype=np.uint8)
@@ -206,11 +206,35 @@ def test_mat_inv_non_square_raises(shape):
 WORDS = [1, 2, 3, 255, 256, 257, 300, 511, 512, 513, 3 * 256 + 5]
 
 
+@pytest.fixture(params=["portable", "gfni"])
+def matmul_kernel(request, monkeypatch):
+    """gf_matmul with the portable kernel, then with the GFNI one where the processor has it."""
+    kernels = gf256_kernels.get_kernels()
+    if request.param == "gfni":
+        if kernels.matmul_affine is None:
+            pytest.skip("this processor has no GFNI with AVX-512 (or DWFS_GF_PORTABLE is set)")
+    else:
+        monkeypatch.setattr(gf256_kernels, "_kernels", kernels._replace(matmul_affine=None))
+    return request.param
+
+
+def test_affine_matrices_multiply_as_the_gfni_instruction_reads_them():
+    """Emulating vgf2p8affineqb (bit i of the result = parity of byte 7 - i of the matrix AND
+    the input byte) with gf256.AFFINE[c] gives c * x for every c and x, as galois says."""
+    rows = np.stack([(gf256.AFFINE >> np.uint64(8 * (7 - i))) & np.uint64(0xFF)
+                     for i in range(8)], axis=1).astype(np.uint8)  # (256 constants, 8 rows)
+    anded = rows[:, :, None] & ALL[None, None, :]  # (c, i, x)
+    parity = np.unpackbits(anded[..., None], axis=-1).sum(axis=-1) & 1
+    product = (parity.astype(np.uint8) << np.arange(8, dtype=np.uint8)[None, :, None]).sum(
+        axis=1).astype(np.uint8)
+    assert np.array_equal(product, plain(GF(ALL)[:, None] * GF(ALL)[None, :]))
+
+
 def reference_matmul(coef: np.ndarray, src: np.ndarray) -> np.ndarray:
     return plain(GF(coef) @ GF(src))
 
 
-def test_gf_matmul_every_constant_times_every_byte():
+def test_gf_matmul_every_constant_times_every_byte(matmul_kernel):
     # Row c of the result is c * (0, 1, ..., 255): all 65536 products through the word kernel,
     # with every byte value next to every kind of neighbour inside a 64-bit word.
     coef = ALL.reshape(256, 1)
@@ -224,7 +248,7 @@ def test_gf_matmul_every_constant_times_every_byte():
 
 
 @pytest.mark.parametrize("words", WORDS)
-def test_gf_matmul_lengths(words):
+def test_gf_matmul_lengths(words, matmul_kernel):
     rng = np.random.default_rng(words)
     coef = rng.integers(0, 256, (6, 20), dtype=np.uint8)
     src = rng.integers(0, 256, (20, 8 * words), dtype=np.uint8)
@@ -234,7 +258,8 @@ def test_gf_matmul_lengths(words):
     assert np.array_equal(got, reference_matmul(coef, src))
 
 
-@settings(deadline=None, max_examples=40)
+@settings(deadline=None, max_examples=40,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(
     data=st.data(),
     r=st.integers(1, 6),
@@ -242,7 +267,7 @@ def test_gf_matmul_lengths(words):
     words=st.sampled_from(WORDS),
     seed=st.integers(0, 2**32 - 1),
 )
-def test_gf_matmul_random_shapes(data, r, n, words, seed):
+def test_gf_matmul_random_shapes(data, r, n, words, seed, matmul_kernel):
     # Coefficients from hypothesis (it likes 0, 1, 0x80 and 0xff, all interesting for the
     # kernel's zero-column skip and highest-bit logic); bulk data from a seeded generator.
     coef = data.draw(hnp.arrays(np.uint8, (r, n)))
@@ -250,7 +275,7 @@ def test_gf_matmul_random_shapes(data, r, n, words, seed):
     assert np.array_equal(gf256.gf_matmul(coef, src), reference_matmul(coef, src))
 
 
-def test_gf_matmul_zero_columns_and_single_bits():
+def test_gf_matmul_zero_columns_and_single_bits(matmul_kernel):
     rng = np.random.default_rng(4)
     src = rng.integers(0, 256, (8, 8 * 300), dtype=np.uint8)
     coef = np.zeros((3, 8), dtype=np.uint8)
@@ -270,7 +295,7 @@ def test_gf_matmul_zero_columns_and_single_bits():
     assert np.array_equal(gf256.gf_matmul(np.ones((1, 8), dtype=np.uint8), src)[0], xor)
 
 
-def test_gf_matmul_into_dst():
+def test_gf_matmul_into_dst(matmul_kernel):
     rng = np.random.default_rng(5)
     coef = rng.integers(0, 256, (4, 9), dtype=np.uint8)
     src = rng.integers(0, 256, (9, 8 * 600), dtype=np.uint8)
@@ -288,7 +313,7 @@ def test_gf_matmul_into_dst():
     assert np.all(big[:, 8 * 650 :] == 0x5A)
 
 
-def test_gf_matmul_non_contiguous_and_readonly_src():
+def test_gf_matmul_non_contiguous_and_readonly_src(matmul_kernel):
     rng = np.random.default_rng(6)
     coef = rng.integers(0, 256, (3, 5), dtype=np.uint8)
     big = rng.integers(0, 256, (10, 8 * 400), dtype=np.uint8)
@@ -303,7 +328,7 @@ def test_gf_matmul_non_contiguous_and_readonly_src():
     assert np.array_equal(gf256.gf_matmul(coef_t, src), reference_matmul(coef, src))
 
 
-def test_gf_matmul_does_not_modify_inputs():
+def test_gf_matmul_does_not_modify_inputs(matmul_kernel):
     rng = np.random.default_rng(7)
     coef = rng.integers(0, 256, (2, 3), dtype=np.uint8)
     src = rng.integers(0, 256, (3, 8 * 260), dtype=np.uint8)
@@ -313,7 +338,7 @@ def test_gf_matmul_does_not_modify_inputs():
     assert np.array_equal(src, s0)
 
 
-def test_gf_matmul_empty_length():
+def test_gf_matmul_empty_length(matmul_kernel):
     out = gf256.gf_matmul(np.ones((2, 3), dtype=np.uint8), np.zeros((3, 0), dtype=np.uint8))
     assert out.shape == (2, 0)
 
@@ -334,7 +359,7 @@ def test_gf_matmul_length_not_multiple_of_8(length):
         ((3,), (3, 8)),  # one-dimensional coefficients
     ],
 )
-def test_gf_matmul_bad_shapes(coef_shape, src_shape):
+def test_gf_matmul_bad_shapes(coef_shape, src_shape, matmul_kernel):
     with pytest.raises(ValueError):
         gf256.gf_matmul(np.ones(coef_shape, dtype=np.uint8), np.zeros(src_shape, dtype=np.uint8))
 
@@ -348,14 +373,14 @@ def test_gf_matmul_bad_shapes(coef_shape, src_shape):
         np.zeros((3, 8), dtype=np.uint64),  # right byte size, wrong dtype
     ],
 )
-def test_gf_matmul_bad_dst(dst):
+def test_gf_matmul_bad_dst(dst, matmul_kernel):
     # The compiled kernel has no bounds checks: a wrong destination must be refused up front
     # rather than written out of bounds.
     with pytest.raises(ValueError):
         gf256.gf_matmul(np.ones((3, 3), dtype=np.uint8), np.zeros((3, 64), dtype=np.uint8), dst)
 
 
-def test_gf_matmul_bad_src_dtype():
+def test_gf_matmul_bad_src_dtype(matmul_kernel):
     with pytest.raises(ValueError):
         gf256.gf_matmul(np.ones((3, 3), dtype=np.uint8), np.zeros((3, 64), dtype=np.int64))
 
@@ -375,7 +400,7 @@ def unaligned_copy(block: np.ndarray) -> np.ndarray:
     return view
 
 
-def test_gf_matmul_sequences_of_blocks():
+def test_gf_matmul_sequences_of_blocks(matmul_kernel):
     # Sources as separate arrays (read-only, unaligned, strided), results into separate rows.
     rng = np.random.default_rng(8)
     coef = rng.integers(0, 256, (3, 5), dtype=np.uint8)
@@ -404,7 +429,7 @@ def test_gf_matmul_sequences_of_blocks():
     assert np.array_equal(gf256.gf_matmul(coef, unaligned), expected)
 
 
-def test_gf_matmul_bad_blocks():
+def test_gf_matmul_bad_blocks(matmul_kernel):
     coef = np.ones((2, 2), dtype=np.uint8)
     good = np.zeros(64, dtype=np.uint8)
     for src in ([good, None], [good, np.zeros(72, np.uint8)], [good, good.view(np.int8)], [good]):
