@@ -149,16 +149,22 @@ def test_an_unexpected_failure_while_storing_fails_the_read(env, tmp_path, failu
     view.ghosts.close()
 
 
-def test_hash_mismatch_is_caught_piece_by_piece(env, tmp_path):
-    src, view, big = imported(env, tmp_path, 3 * MiB)
-    view.ghosts.hydrate(big)  # takes the hashes
+def change_behind_its_mtime(view: View, src: str, big: int, offset: int) -> None:
+    """Take big.bin's hashes (hydrate, dehydrate), then change its source's content at
+    `offset` and put its mtime back, so that only the hashes can tell."""
+    view.ghosts.hydrate(big)
     view.ghosts.dehydrate(big)
     path = os.path.join(src, "big.bin")
     st = os.stat(path)
     with open(path, "r+b") as f:
-        f.seek(2 * MiB + 5)
+        f.seek(offset)
         f.write(b"changed")
-    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))  # only the hash can tell
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+
+
+def test_hash_mismatch_is_caught_piece_by_piece(env, tmp_path):
+    src, view, big = imported(env, tmp_path, 3 * MiB)
+    change_behind_its_mtime(view, src, big, 2 * MiB + 5)
     assert bytes(view.read(big, 0, 4096))  # the first piece is still the same
     with pytest.raises(FSError) as info:
         view.read(big, 2 * MiB, 4096)
@@ -220,14 +226,7 @@ def test_a_read_ahead_of_a_held_back_fetch_checks_the_source(env, tmp_path):
     """A piece read from the source ahead of the fetch is checked like the fetch's own: changed
     content gives EIO, never the changed bytes, and the fetch then fails too."""
     src, view, big = imported(env, tmp_path, 24 * MiB)
-    view.ghosts.hydrate(big)  # takes the hashes
-    view.ghosts.dehydrate(big)
-    path = os.path.join(src, "big.bin")
-    st = os.stat(path)
-    with open(path, "r+b") as f:
-        f.seek(20 * MiB + 5)
-        f.write(b"changed")
-    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))  # only the hash can tell
+    change_behind_its_mtime(view, src, big, 20 * MiB + 5)
     gate = held_store(env, big)
     held_back_fetch(view, big)
     with pytest.raises(FSError) as info:
