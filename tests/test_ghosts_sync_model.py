@@ -20,7 +20,7 @@ from test_ghosts_model import GhostMachine, run_ghost_machine
 
 from vfs.attrs import ROOT_INODE, Caller
 from vfs.ghostimport import import_tree, sync_changes
-from vfs.ghosts import recorded_mtime
+from vfs.ghostsource import recorded_mtime
 from vfs.view import View
 
 ROOT = Caller(0, 0)

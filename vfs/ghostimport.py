@@ -21,7 +21,8 @@ from dataclasses import dataclass, field
 from vfs.attrs import NAME_MAX, Caller, clamp_time
 from vfs.errors import FSError
 from vfs.fs import Filesystem
-from vfs.ghosts import GHOST, HYDRATED, PINNED, Ghosts, recorded_mtime
+from vfs.ghosts import GHOST, HYDRATED, PINNED, Ghosts
+from vfs.ghostsource import recorded_mtime
 from vfs.metadb import MetaDB
 
 log = logging.getLogger(__name__)

@@ -21,69 +21,31 @@ Writing to a ghost (or truncating it) fetches it first, then it becomes an ordin
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import logging
-import os
 import queue
-import stat
 import threading
 import time
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from collections.abc import Callable
 
-import numpy as np
-import xxhash
-
-from vfs.attrs import clamp_time
 from vfs.errors import FSError
 from vfs.fs import Filesystem
+from vfs.ghostsource import (
+    Fetch,
+    Record,
+    SourceChanged,
+    pack_hashes,
+    read_pieces,
+    source_hashes,
+    unpack_hashes,
+)
 
 log = logging.getLogger(__name__)
 
-PIECE = 1 << 20
-RECENT_PIECES = 32  # stored pieces of a fetch still kept in memory for readers (32 MiB)
-AHEAD_PIECES = 8  # pieces readers ahead of a held-back fetch read from the source, kept
 BUFFER_BYTES = 128 << 20  # checked pieces of all fetches waiting to be stored, at most
 GHOST, HYDRATED, PINNED = "ghost", "hydrated", "pinned"
 STATES = (GHOST, HYDRATED, PINNED)
 USED_REFRESH_NS = 60 * 10**9
-
-
-def piece_hash(data: bytes | bytearray | memoryview) -> int:
-    """The content hash of one piece of a source file."""
-    return xxhash.xxh3_64_intdigest(data)
-
-
-def pack_hashes(hashes: list[int]) -> bytes:
-    """Hashes as stored in the `ghosts` table."""
-    return np.array(hashes, dtype="<u8").tobytes()
-
-
-def unpack_hashes(blob: bytes | None) -> list[int] | None:
-    """Hashes from the `ghosts` table (None: not taken yet)."""
-    if blob is None:
-        return None
-    return [int(h) for h in np.frombuffer(bytes(blob), dtype="<u8")]
-
-
-@dataclass(slots=True)
-class Record:
-    """What a ghost knows of its source."""
-
-    ino: int
-    source: str
-    size: int
-    mtime_ns: int
-    hashes: list[int] | None
-    state: str
-
-
-class SourceChanged(FSError):
-    """A ghost's source is gone, unreadable, or no longer what was imported."""
-
-    def __init__(self, rec: Record, why: str) -> None:
-        super().__init__(errno.EIO, f"ghost inode {rec.ino}: source {rec.source} {why}")
 
 
 def _unexpected(exc: Exception, doing: str) -> FSError:
@@ -91,168 +53,6 @@ def _unexpected(exc: Exception, doing: str) -> FSError:
     traceback and turned into the FSError (its errno, else EIO) the fetch's readers get."""
     log.exception("%s failed unexpectedly", doing)
     return FSError(getattr(exc, "errno", None) or errno.EIO, f"{doing} failed: {exc}")
-
-
-def recorded_mtime(st: os.stat_result) -> int:
-    """A source's modification time as a ghost records it (clamped to the range stored)."""
-    return clamp_time(st.st_mtime_ns)
-
-
-def check_source(rec: Record, st: os.stat_result) -> None:
-    """Refuse a source whose size or mtime differ from the record."""
-    if not stat.S_ISREG(st.st_mode):
-        raise SourceChanged(rec, "is no longer a regular file")
-    if st.st_size != rec.size:
-        raise SourceChanged(rec, f"changed size ({rec.size} -> {st.st_size} bytes)")
-    if recorded_mtime(st) != rec.mtime_ns:
-        raise SourceChanged(rec, "changed (its modification time differs)")
-
-
-def _checked_piece(rec: Record, fd: int, offset: int) -> tuple[bytes, int]:
-    """The piece of an open source at `offset` (a multiple of PIECE) and its hash, checked
-    against the record's size, mtime and, when known, hash."""
-    n = min(PIECE, rec.size - offset)
-    piece = os.pread(fd, n, offset)
-    if len(piece) != n:
-        raise SourceChanged(rec, f"is shorter than {rec.size} bytes now")
-    h = piece_hash(piece)
-    k = offset // PIECE
-    if rec.hashes is not None and (k >= len(rec.hashes) or rec.hashes[k] != h):
-        raise SourceChanged(rec, f"has different content at byte {offset}")
-    check_source(rec, os.fstat(fd))
-    return piece, h
-
-
-@contextlib.contextmanager
-def _opened_source(rec: Record) -> Iterator[int]:
-    """A source opened for reading and checked against its record; OSErrors while it is open
-    become SourceChanged."""
-    try:
-        fd = os.open(rec.source, os.O_RDONLY | os.O_CLOEXEC)
-    except OSError as exc:
-        raise SourceChanged(rec, f"cannot be opened: {exc.strerror}") from exc
-    try:
-        check_source(rec, os.fstat(fd))
-        yield fd
-    except FSError:
-        raise
-    except OSError as exc:
-        raise SourceChanged(rec, f"cannot be read: {exc.strerror}") from exc
-    finally:
-        os.close(fd)
-
-
-def read_pieces(rec: Record, stop: threading.Event | None = None):
-    """Yield (offset, piece, hash) of a source, each checked against the record."""
-    with _opened_source(rec) as fd:
-        for offset in range(0, rec.size, PIECE):
-            if stop is not None and stop.is_set():
-                raise FSError(errno.EIO, f"ghost inode {rec.ino}: fetch stopped (unmounting)")
-            piece, h = _checked_piece(rec, fd, offset)
-            yield offset, piece, h
-
-
-def read_piece(rec: Record, offset: int) -> bytes:
-    """One checked piece of a source, the one starting at `offset` (a multiple of PIECE)."""
-    with _opened_source(rec) as fd:
-        return _checked_piece(rec, fd, offset)[0]
-
-
-def source_hashes(rec: Record, stop: threading.Event | None = None) -> list[int]:
-    """The piece hashes of a source that still matches its record's size and mtime."""
-    return [h for _o, _p, h in read_pieces(rec, stop)]
-
-
-@dataclass
-class Fetch:
-    """One hydration in progress; readers wait on it for the bytes they need."""
-
-    rec: Record
-    arrived: int = 0
-    error: FSError | None = None
-    done: bool = False
-    cond: threading.Condition = field(default_factory=threading.Condition)
-    # the latest verified pieces by offset: readers close behind the fetch are served from
-    # memory instead of reading back what is still on its way to the volume
-    recent: dict[int, bytes] = field(default_factory=dict)
-    stored_to: int = 0
-    store_error: FSError | None = None
-    # True while the fetch waits for room to store: a reader beyond what has arrived then
-    # reads its pieces from the source itself (kept in `ahead`) instead of waiting for the volume
-    held_back: bool = False
-    ahead: dict[int, bytes] = field(default_factory=dict)
-
-    def covers(self, offset: int, length: int) -> bool:
-        """True if bytes offset..offset+length (clipped to the file) have arrived."""
-        return self.arrived >= min(offset + length, self.rec.size)
-
-    def arrive(self, offset: int, piece: bytes) -> None:
-        """A checked piece is here (held until stored): wake the readers waiting for it."""
-        with self.cond:
-            self.recent[offset] = piece
-            self.arrived = offset + len(piece)
-            self.cond.notify_all()
-
-    def stored(self, offset: int) -> None:
-        """The piece at `offset` is on the volume; stored pieces beyond the latest
-        RECENT_PIECES need not be held any longer."""
-        with self.cond:
-            self.stored_to = offset + PIECE
-            while len(self.recent) > RECENT_PIECES:
-                first = next(iter(self.recent))
-                if first >= self.stored_to:
-                    break
-                del self.recent[first]
-
-    def from_memory(self, offset: int, length: int) -> bytes | None:
-        """Bytes offset..offset+length (clipped) if every piece they need is still held."""
-        end = min(offset + length, self.rec.size)
-        if offset >= end:
-            return b""
-        parts = []
-        with self.cond:
-            for start in range(offset - offset % PIECE, end, PIECE):
-                piece = self.recent.get(start)
-                if piece is None:
-                    return None
-                parts.append(memoryview(piece)[max(offset - start, 0):end - start])
-        return b"".join(parts)
-
-    def hold_back(self, held: bool) -> None:
-        """The fetch waits (or no longer waits) for room to store: wake the waiting readers."""
-        with self.cond:
-            self.held_back = held
-            self.cond.notify_all()
-
-    def read_ahead(self, offset: int, length: int) -> bytes:
-        """Bytes offset..offset+length (clipped) from the pieces held, reading the others from
-        the source, each checked as the fetch checks them."""
-        end = min(offset + length, self.rec.size)
-        parts = []
-        for start in range(offset - offset % PIECE, end, PIECE):
-            with self.cond:
-                piece = self.recent.get(start) or self.ahead.get(start)
-            if piece is None:
-                piece = read_piece(self.rec, start)
-                with self.cond:
-                    self.ahead[start] = piece
-                    while len(self.ahead) > AHEAD_PIECES:
-                        del self.ahead[next(iter(self.ahead))]
-            parts.append(memoryview(piece)[max(offset - start, 0):end - start])
-        return b"".join(parts)
-
-    def wait_done(self) -> None:
-        """Block until the fetch has ended (every piece stored, or failed)."""
-        with self.cond:
-            while not self.done:
-                self.cond.wait()
-
-    def wait(self, offset: int, length: int) -> None:
-        """Block until the range has arrived, the fetch is held back or it has ended."""
-        with self.cond:
-            while not (self.done or self.error or self.covers(offset, length)
-                       or self.held_back):
-                self.cond.wait()
 
 
 class Ghosts:
