@@ -5,10 +5,11 @@ Every read first hints (`Member.prefetch`) each chunk it needs that no span cove
 reads are sequential, the next HINT_BYTES, so that members read in parallel.
 
 While a volume is read sequentially (STREAK_BYTES back to back), the spans that follow the
-reader (SPAN_BYTES of the volume each, DEPTH of them) are also read from the members in
-background threads, straight into one aligned buffer per span (`Member.readinto_uncached`:
-O_DIRECT on block files), and checked against the chunk checksums. A read that finished spans
-cover is answered with a view of their buffers, without touching a member.
+reader (SPAN_BYTES of the volume each, DEPTH of them, LONG_DEPTH once the stream is long) are
+also read from the members in background threads, straight into one aligned buffer per span
+(`Member.readinto_uncached`: O_DIRECT on block files), and checked against the chunk
+checksums. A read that finished spans cover is answered with a view of their buffers, without
+touching a member.
 
 Planning a span (which chunks, on which members, with which checksums) happens under the
 volume lock, like any read; the reading itself does not take the lock. A write to the volume
@@ -45,6 +46,12 @@ log = logging.getLogger(__name__)
 HINT_BYTES = 8 * 1024 * 1024  # how far ahead of a sequential reader members get hints
 SPAN_BYTES = 8 * 1024 * 1024  # volume bytes read ahead as one piece (rounded to stripes)
 DEPTH = 4  # spans kept ahead of a sequential reader
+# Spans kept ahead of a reader that has read LONG_STREAK back to back: a long stream gains from
+# more member reads in flight (cold 1 GiB reads of raidz2 x 5 block files, A/B in turns: median
+# 1,201 -> 1,306 MB/s), while a file of a few MiB read whole does not start reading that far
+# past its end.
+LONG_DEPTH = 10
+LONG_STREAK = 64 * 1024 * 1024
 THREADS = 16  # member reads at once
 # Spans are read only for a reader that has read this much back to back, each read starting
 # within STREAK_SLACK of where the one before ended: random reads that happen to land near
@@ -190,17 +197,18 @@ class ReadAhead:
                 member.prefetch(g.chunk_offset(run[i]), (run[i + 1] - run[i] + 1) * chunk)
 
     def advance(self, position: int) -> None:
-        """A sequential reader got to `position`: plan the DEPTH spans from the next span
-        boundary on."""
+        """A sequential reader got to `position`: plan the DEPTH (LONG_DEPTH, for a long
+        stream) spans from the next span boundary on."""
         sb = self.span_bytes
         capacity = self.volume.capacity
         first = -(-position // sb)
         if self._closed or first * sb >= capacity:
             return
+        depth = LONG_DEPTH if self._streak >= LONG_STREAK else DEPTH
         with self._lock:
-            for i in [i for i in self._spans if i < first - 1 or i > first + DEPTH]:
+            for i in [i for i in self._spans if i < first - 1 or i > first + LONG_DEPTH]:
                 del self._spans[i]  # left behind by a reader that moved on
-        for i in range(first, first + DEPTH):
+        for i in range(first, first + depth):
             if i * sb >= capacity:
                 break
             if i not in self._spans:

@@ -129,6 +129,7 @@ class Volume(MemberRecords):
             with self.lock:
                 self._check_open()
                 self._ahead.follow(offset, length)
+                self.table.trim()  # the spans `follow` plans load pages too
         return ahead
 
     def _clamp(self, offset: int, length: int) -> int:
@@ -149,6 +150,7 @@ class Volume(MemberRecords):
             self._ahead.follow(offset, length)
             for stripe in self._read_batched(offset, outv):
                 self._read_stripe(offset, outv, stripe)
+            self.table.trim()
 
     def _read_batched(self, offset: int, outv: np.ndarray) -> list[int]:
         """Fill `outv` with the bytes at `offset`, reading each member's run of consecutive
@@ -560,6 +562,7 @@ class Volume(MemberRecords):
             s.member.flush()
 
         self.on_members(flush)
+        self.table.trim()
         self._release_intent(everything=final)
 
     def member_failed(self, slot: int, exc: Exception) -> None:

@@ -207,6 +207,27 @@ def test_reads_that_are_not_back_to_back_read_nothing_ahead(tmp_path):
         vol.close()
 
 
+def test_a_long_stream_keeps_more_spans_ahead_than_a_short_one(tmp_path, monkeypatch):
+    monkeypatch.setattr(raid.readahead, "LONG_STREAK", 24 * CHUNK)
+    monkeypatch.setattr(raid.readahead, "LONG_DEPTH", 8)
+    paths, uuid, vol, model = _filled(tmp_path)
+    try:
+        span = vol._ahead.span_bytes
+        assert vol.capacity >= (raid.readahead.LONG_DEPTH + 2) * span
+        _start_streak(vol)
+        assert 0 < len(vol._ahead._spans) <= raid.readahead.DEPTH
+        pos = 2 * CHUNK
+        while pos < 23 * CHUNK:  # a streak of 23 chunks
+            assert vol.read(pos, CHUNK) == model.get(pos, CHUNK)
+            pos += CHUNK
+        assert len(vol._ahead._spans) <= raid.readahead.DEPTH + 1  # still a short stream
+        assert vol.read(pos, CHUNK) == model.get(pos, CHUNK)
+        assert len(vol._ahead._spans) > raid.readahead.DEPTH + 1
+        assert _read_sequentially(vol, 5000) == model.get(0, vol.capacity)
+    finally:
+        vol.close()
+
+
 def test_closing_with_spans_in_flight_waits_for_them(tmp_path):
     paths, uuid, vol, model = _filled(tmp_path)
     _start_streak(vol)
