@@ -26,7 +26,7 @@ SLOW_THREADS = 16  # requests waiting for ghosts' sources at once
 QUIET_ERRNOS = {errno.ENOENT, errno.EEXIST, errno.ENOTEMPTY, errno.ENODATA, errno.ENOTDIR,
                 errno.EISDIR, errno.EINVAL, errno.ENAMETOOLONG, errno.EPERM, errno.EXDEV,
                 errno.EOPNOTSUPP, errno.ERANGE, errno.ENOSPC, errno.EFBIG, errno.E2BIG,
-                errno.EMLINK, errno.ELOOP}
+                errno.EMLINK, errno.ELOOP, errno.ENXIO}
 
 Pack = Callable[[Any], Any] | None  # turns a call's result into the reply's payload
 
