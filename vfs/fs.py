@@ -525,6 +525,7 @@ class Filesystem(ContentOps, MakeOps, RenameOps, XattrOps):
             else:
                 self.volume.flush()
                 self.volume.forget()
+            self.db.compact()
             self.db.commit()
             self.alloc.release()
             self.copy_reserve = copy_reserve(self.db)

@@ -17,6 +17,9 @@ log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 3
 META_NAME = "meta.db"
+INCREMENTAL_VACUUM = 2  # PRAGMA auto_vacuum: free pages can be given back without a VACUUM
+COMPACT_MIN_FREE = 256  # pages (1 MiB): fewer free pages than this are left for reuse
+COMPACT_FRACTION = 8  # ... and so are free pages that are under 1/8 of the file
 
 SCHEMA = """
 CREATE TABLE settings (key TEXT PRIMARY KEY, value) WITHOUT ROWID;
@@ -127,6 +130,8 @@ class MetaDB:
             # statement with ORDER BY and a bound range at every run: readdir's query took
             # 13 µs instead of 3.5, a read's block-map lookup 45 instead of 25.
             self.conn.config(apsw.SQLITE_DBCONFIG_ENABLE_QPSG, 1)
+            if create:  # before anything is written: the WAL switch already writes page 1
+                self.conn.execute(f"PRAGMA auto_vacuum={INCREMENTAL_VACUUM}")
             if not read_only:
                 self.conn.execute("PRAGMA journal_mode=WAL")
                 self.conn.execute("PRAGMA synchronous=FULL")
@@ -141,6 +146,8 @@ class MetaDB:
                                       (FORMAT_VERSION,))
             else:
                 self._check_format()
+                if not read_only:
+                    self._make_compactable()
         except apsw.Error as exc:
             raise MetadataError(f"metadata database {path}: {exc}") from exc
         self.conn.execute("BEGIN")
@@ -165,6 +172,17 @@ class MetaDB:
                      self.path)
             self.conn.execute("DROP TRIGGER inodes_gone")
             self.conn.execute(SCHEMA_2)
+
+    def _make_compactable(self) -> None:
+        """Switch a database made without incremental auto-vacuum to it (one VACUUM, once), so
+        that `compact` can give free pages back."""
+        if self.conn.execute("PRAGMA auto_vacuum").fetchall()[0][0] == INCREMENTAL_VACUUM:
+            return
+        pages = self.conn.execute("PRAGMA page_count").fetchall()[0][0]
+        log.info("%s: rebuilding the metadata database (%d pages) once so that its free pages "
+                 "can be given back", self.path, pages)
+        self.conn.execute(f"PRAGMA auto_vacuum={INCREMENTAL_VACUUM}")
+        self.conn.execute("VACUUM")
 
     def _check_format(self) -> None:
         try:
@@ -263,6 +281,20 @@ class MetaDB:
         self.conn.execute("BEGIN")
         self.dirty = False
 
+    def compact(self) -> int:
+        """Give free pages back (the file shrinks at the next checkpoint) when they are many:
+        deleting a large tree must not leave the database, and with it every metadata copy and
+        the space held for the next one, at its largest size. Returns the pages given back."""
+        free = self.value("PRAGMA freelist_count")
+        if free < COMPACT_MIN_FREE or free * COMPACT_FRACTION < self.value("PRAGMA page_count"):
+            return 0
+        # One result row per page moved: the statement must run to its end.
+        self._cursor().execute("PRAGMA incremental_vacuum").fetchall()
+        self.dirty = True
+        left = self.value("PRAGMA freelist_count")
+        log.info("%s: gave %d free pages back (%d left)", self.path, free - left, left)
+        return free - left
+
     def image(self) -> bytes:
         """The committed database as one byte string (for the copy kept on the volume)."""
         return self.conn.serialize("main")
@@ -276,6 +308,6 @@ class MetaDB:
         """Commit what is pending and close the connection."""
         try:
             self.conn.execute("COMMIT")
-        except apsw.SQLError as exc:
-            log.warning("%s: final commit: %s", self.path, exc)
+        except apsw.Error as exc:  # a damaged database found at open lands here too
+            (log.error if self.dirty else log.warning)("%s: final commit: %s", self.path, exc)
         self.conn.close()
