@@ -75,8 +75,9 @@ class WriteBehind:
         """Queue a write (the data must not change afterwards), waiting for room."""
         self.submit(offset, data)
 
-    def read(self, offset: int, length: int) -> bytearray:
-        """Read from the volume, after any queued write that overlaps the range."""
+    def read(self, offset: int, length: int, caller_checks: bool = False) -> bytearray:
+        """Read from the volume, after any queued write that overlaps the range (see
+        `Volume.read` for `caller_checks`)."""
         with self._cond:
             cur = self._current
             if (cur is not None and cur[0] < offset + length and offset < cur[0] + cur[1]) or any(
@@ -84,7 +85,7 @@ class WriteBehind:
                 while self._queue or self._current is not None:
                     self._cond.wait()
             self._raise_error()
-        return self.volume.read(offset, length)
+        return self.volume.read(offset, length, caller_checks)
 
     def flush(self) -> None:
         """Apply every write queued so far and make the volume durable (writes queued

@@ -143,9 +143,11 @@ class ReadAhead:
 
     # --- the volume's side (under its lock) ---------------------------------------------------
 
-    def follow(self, offset: int, length: int) -> None:
+    def follow(self, offset: int, length: int, hint_own: bool = True) -> None:
         """A read of [offset, offset + length) is under way: hint what it and, if reads are
-        sequential, the next HINT_BYTES need, and plan spans."""
+        sequential, the next HINT_BYTES need, and plan spans. `hint_own=False`: the read
+        fetches its own few bytes at once, so they are hinted only as part of a sequential
+        stream (a hint would have the host read their whole chunks)."""
         end = offset + length
         start = offset
         # Sequential, give or take reordering (the kernel sends several readahead requests at
@@ -165,6 +167,8 @@ class ReadAhead:
         else:
             self._last_read_end = offset + length
             self._hinted_until = 0
+            if not hint_own:
+                return
         if start >= end or (near and end <= self._hinted_until):
             return
         self._hinted_until = max(self._hinted_until, end)

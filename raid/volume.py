@@ -18,9 +18,10 @@ import numpy as np
 from backends.member import Member, MemberIOError
 from raid import writehole
 from raid.checksums import UNWRITTEN, array_seed, chunk_checksum
+from raid.chunkreads import in_one_chunk, read_batched, read_in_chunk
 from raid.errors import RaidError, UnrecoverableError
 from raid.geometry import Geometry
-from raid.readahead import ReadAhead, row_runs
+from raid.readahead import ReadAhead
 from raid.records import USABLE_STATES, MemberRecords
 from raid.stripecache import PendingStripe, StripeCache
 from raid.table import ChecksumTable, page_offset
@@ -101,14 +102,19 @@ class Volume(MemberRecords):
         """The data chunks near a range that parity alone holds (see raid.writehole)."""
         return writehole.parity_only_chunks(self, offset, length)
 
-    def read(self, offset: int, length: int) -> bytearray | memoryview:
-        """Bytes at [offset, offset + length), short at the end of the volume."""
+    def read(self, offset: int, length: int, caller_checks: bool = False
+             ) -> bytearray | memoryview:
+        """Bytes at [offset, offset + length), short at the end of the volume.
+
+        `caller_checks`: the caller checks the bytes against checksums of its own and, if they
+        fail, reads them again without it. A small read inside one chunk then reads just its
+        bytes, not the whole chunk its checksum covers (a 4 KiB read of a 256 KiB chunk)."""
         n = self._clamp(offset, length)
         ahead = self._from_read_ahead(offset, n)
         if ahead is not None:
             return memoryview(ahead)
         out = bytearray(n)
-        self._read_into(offset, np.frombuffer(out, dtype=np.uint8))
+        self._read_into(offset, np.frombuffer(out, dtype=np.uint8), caller_checks)
         return out
 
     def read_array(self, offset: int, length: int) -> np.ndarray:
@@ -137,76 +143,23 @@ class Volume(MemberRecords):
             raise RaidError(f"invalid read range {offset}+{length}", errno.EINVAL)
         return max(0, min(length, self.capacity - offset))
 
-    def _read_into(self, offset: int, outv: np.ndarray) -> None:
-        """Fill `outv` (every byte of it) with the verified bytes at `offset`."""
+    def _read_into(self, offset: int, outv: np.ndarray, caller_checks: bool = False) -> None:
+        """Fill `outv` (every byte of it) with the verified bytes at `offset` (see `read` for
+        `caller_checks`)."""
         length = len(outv)
         if not length:
             return
         sb = self.geometry.stripe_bytes
+        small = caller_checks and in_one_chunk(self, offset, length)
         with self.lock:
             self._check_open()
             if self._cache.pending:
                 self._commit_range(offset // sb, (offset + length - 1) // sb)
-            self._ahead.follow(offset, length)
-            for stripe in self._read_batched(offset, outv):
-                self._read_stripe(offset, outv, stripe)
+            self._ahead.follow(offset, length, hint_own=not small)
+            if not (small and read_in_chunk(self, offset, outv)):
+                for stripe in read_batched(self, offset, outv):
+                    self._read_stripe(offset, outv, stripe)
             self.table.trim()
-
-    def _read_batched(self, offset: int, outv: np.ndarray) -> list[int]:
-        """Fill `outv` with the bytes at `offset`, reading each member's run of consecutive
-        chunks with one call; returns the stripes that need the careful path (a member that
-        does not hold its chunk, fails to read, or returns a chunk that fails its checksum).
-        """
-        g = self.geometry
-        sb, chunk = g.stripe_bytes, g.chunk
-        end = offset + len(outv)
-        runs: dict[int, list[tuple[int, np.ndarray, int]]] = {}  # slot -> (row, buf, stripe)
-        # (slot, row, buf, checksum, stripe, part of the chunk wanted, where it goes in outv)
-        checks: list[tuple[int, int, np.ndarray, int, int, int, int, int]] = []
-        redo: set[int] = set()
-        for stripe in range(offset // sb, (end - 1) // sb + 1):
-            group, row = g.locate(stripe)
-            slots = g.column_slots(group, row)
-            base = stripe * sb
-            lo_c = (max(offset, base) - base) // chunk
-            hi_c = (min(end, base + sb) - 1 - base) // chunk
-            for c in range(lo_c, hi_c + 1):
-                slot = slots[c]
-                a = base + c * chunk
-                lo, hi = max(offset, a), min(end, a + chunk)
-                entry = self.table.get(slot, row)
-                if entry == UNWRITTEN:
-                    outv[lo - offset : hi - offset] = 0
-                    continue
-                if not self.slots[slot].holds(row):
-                    redo.add(stripe)
-                    continue
-                if lo == a and hi == a + chunk:
-                    buf = outv[lo - offset : hi - offset]
-                else:  # a chunk cut by the request's ends: read whole, verify, copy the part
-                    buf = np.empty(chunk, dtype=np.uint8)
-                runs.setdefault(slot, []).append((row, buf, stripe))
-                checks.append((slot, row, buf, entry, stripe, lo - a, hi - a, lo - offset))
-        for slot, pieces in runs.items():
-            member = self.slots[slot].member
-            for i, j in row_runs(pieces):
-                try:
-                    member.readinto_many(
-                        g.chunk_offset(pieces[i][0]), [memoryview(p[1]) for p in pieces[i:j]]
-                    )
-                except MemberIOError as exc:
-                    # The careful path reads these chunks again and takes the member out.
-                    log.debug("slot %d: batched read failed (%s); rereading chunk by chunk",
-                              slot, exc)
-                    redo.update(p[2] for p in pieces[i:j])
-        for slot, row, buf, entry, stripe, lo, hi, dst in checks:
-            if stripe in redo:
-                continue
-            if chunk_checksum(buf, slot, row) != entry:
-                redo.add(stripe)  # the careful path counts, reconstructs and repairs it
-            elif hi - lo < chunk:
-                outv[dst : dst + hi - lo] = buf[lo:hi]
-        return sorted(redo)
 
     def _read_stripe(self, offset: int, outv: np.ndarray, stripe: int) -> None:
         """Fill the part of `outv` that falls in `stripe`, chunk by chunk, reconstructing from

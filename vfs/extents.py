@@ -121,14 +121,30 @@ class ExtentMap:
             lo = first.sector
         if last.csums is None:
             hi = last.end
-        raw = memoryview(self.volume.read((first.addr + lo - first.sector) * SECTOR,
-                                          (hi - lo) * SECTOR))
+        at, n = (first.addr + lo - first.sector) * SECTOR, (hi - lo) * SECTOR
+        # The volume may read a small range alone, without the checksum of the chunk it lies
+        # in: these checks stand in for it. Bytes that fail them are read again through the
+        # volume's checked path, which reconstructs and repairs a damaged chunk.
+        raw = memoryview(self.volume.read(at, n, caller_checks=True))
+        bad = self._first_bad(ino, run, lo, hi, raw)
+        if bad is not None:
+            log.debug("inode %d sectors %d-%d: checksum mismatch; reading them again through "
+                      "the volume's checks", ino, lo, hi - 1)
+            raw = memoryview(self.volume.read(at, n))
+            bad = self._first_bad(ino, run, lo, hi, raw)
+            if bad is not None:
+                self._mismatch(ino, *bad)
+        return raw, lo
+
+    @staticmethod
+    def _first_bad(ino: int, run: list[Extent], lo: int, hi: int, raw: memoryview
+                   ) -> tuple[list[Extent], int, memoryview] | None:
+        """None if `raw` (file sectors [lo, hi) of `run`) matches its checksums; otherwise the
+        failing extents, their first file sector and their bytes (for `_mismatch`)."""
         if all(e.csums is not None for e in run):
             want = b"".join(e.csums[(max(lo, e.sector) - e.sector) * _CSUM:  # type: ignore[index]
                                     (min(hi, e.end) - e.sector) * _CSUM] for e in run)
-            if sector_checksums(raw, ino, lo) != want:
-                self._mismatch(ino, run, lo, raw)
-            return raw, lo
+            return None if sector_checksums(raw, ino, lo) == want else (run, lo, raw)
         for e in run:
             a, b = max(lo, e.sector), min(hi, e.end)
             piece = raw[(a - lo) * SECTOR : (b - lo) * SECTOR]
@@ -138,8 +154,8 @@ class ExtentMap:
                 ok = sector_checksums(piece, ino, a) == e.csums[(a - e.sector) * _CSUM:
                                                                 (b - e.sector) * _CSUM]
             if not ok:
-                self._mismatch(ino, [e], a, piece)
-        return raw, lo
+                return [e], a, piece
+        return None
 
     @staticmethod
     def _mismatch(ino: int, run: list[Extent], lo: int, raw: memoryview) -> None:

@@ -82,13 +82,14 @@ class IntentLog:
         self._pending.append((offset, data))  # the volume's writers never change it later
         self._pending_bytes += n
 
-    def read(self, offset: int, length: int) -> Any:
+    def read(self, offset: int, length: int, caller_checks: bool = False) -> Any:
         """Read from the volume (through a read-only open's logged writes); bytes that one
-        write since the volume's flush holds whole come from it, without a volume read."""
+        write since the volume's flush holds whole come from it, without a volume read. (See
+        `Volume.read` for `caller_checks`.)"""
         held = self._held(offset, length)
         if held is not None:
             return held
-        out = self.volume.read(offset, length)
+        out = self.volume.read(offset, length, caller_checks)
         if self._overlay:
             out = _patched(out, offset, self._overlay)
         return out
