@@ -182,7 +182,11 @@ class MetaDB:
         log.info("%s: rebuilding the metadata database (%d pages) once so that its free pages "
                  "can be given back", self.path, pages)
         self.conn.execute(f"PRAGMA auto_vacuum={INCREMENTAL_VACUUM}")
-        self.conn.execute("VACUUM")
+        self.conn.execute("PRAGMA temp_store=FILE")  # the copy VACUUM makes: on disk, not RAM
+        try:
+            self.conn.execute("VACUUM")
+        finally:
+            self.conn.execute("PRAGMA temp_store=MEMORY")
 
     def _check_format(self) -> None:
         try:
