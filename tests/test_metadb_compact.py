@@ -4,9 +4,11 @@ file, the metadata copy on the volume and the room held for the next copy."""
 from __future__ import annotations
 
 import os
+import shutil
 
 import apsw
 import test_vfs_unit
+from mountutil import mounted_warehouse
 from test_extents import check_clean
 from test_vfs_unit import mkfile, names
 
@@ -107,3 +109,36 @@ def test_a_new_database_is_made_compactable_from_the_start(tmp_path):
         assert db.value("PRAGMA auto_vacuum") == INCREMENTAL_VACUUM
     finally:
         db.close()
+
+
+def test_df_and_meta_db_shrink_after_rm_rf_on_a_mount(tmp_path):
+    """Through the mount: deleting a large tree gives `df` its space back at the next commit
+    (an fsync), and meta.db on the host is small again after unmount."""
+    with mounted_warehouse(tmp_path) as m:
+        def used() -> int:
+            st = os.statvfs(m.mountpoint)
+            return (st.f_blocks - st.f_bfree) * st.f_frsize
+
+        def commit() -> None:
+            fd = os.open(m.path("marker"), os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                os.write(fd, b"x")
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+
+        commit()
+        empty = used()
+        for d in range(4):
+            os.mkdir(m.path(f"d{d}"))
+            for i in range(1000):
+                open(m.path(f"d{d}", f"{i:05d}-" + "y" * 200), "wb").close()
+        commit()
+        full = used()
+        assert full - empty > 4 << 20  # the room held for the next metadata copy grew
+        for d in range(4):
+            shutil.rmtree(m.path(f"d{d}"))
+        commit()
+        assert used() - empty < (full - empty) // 4
+        peak = full - empty
+    assert os.path.getsize(os.path.join(m.warehouse, "meta.db")) < peak // 4
