@@ -27,7 +27,7 @@ log = logging.getLogger(__name__)
 MAX_WRITE = 1 << 20
 BUFFER = MAX_WRITE + 64 * 1024  # a whole write request with its headers, or a 64 KiB xattr
 WANTED = (abi.ASYNC_READ | abi.ATOMIC_O_TRUNC | abi.EXPORT_SUPPORT | abi.BIG_WRITES
-          | abi.AUTO_INVAL_DATA | abi.DO_READDIRPLUS | abi.ASYNC_DIO | abi.MAX_PAGES)
+          | abi.DO_READDIRPLUS | abi.ASYNC_DIO | abi.MAX_PAGES)
 _BYTES = (bytes, bytearray)
 # How long the reading thread polls for the next request before it sleeps (only while requests
 # come in quick succession): about one round trip of a small request.

@@ -33,6 +33,28 @@ def renameat2(old: str, new: str, flags: int) -> None:
         raise OSError(e, os.strerror(e), old)
 
 
+_libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
+
+
+def resident_pages(fd: int, size: int) -> int:
+    """How many of the first `size` bytes' pages of open file `fd` are in the page cache
+    (mincore(2) on a private mapping that is never written; mapping an open file opens
+    nothing anew)."""
+    import mmap
+
+    m = mmap.mmap(fd, size, access=mmap.ACCESS_COPY)
+    try:
+        n = -(-size // mmap.PAGESIZE)
+        vec = (ctypes.c_ubyte * n)()
+        addr = ctypes.addressof(ctypes.c_char.from_buffer(m))
+        if _libc.mincore(ctypes.c_void_p(addr), size, vec) != 0:
+            e = ctypes.get_errno()
+            raise OSError(e, os.strerror(e))
+        return sum(v & 1 for v in vec)
+    finally:
+        m.close()
+
+
 FALLOC_KEEP_SIZE, FALLOC_PUNCH_HOLE, FALLOC_COLLAPSE_RANGE, FALLOC_ZERO_RANGE = 1, 2, 8, 0x10
 
 

@@ -26,6 +26,7 @@ from posixutil import (
     fallocate,
     link_fd,
     renameat2,
+    resident_pages,
 )
 
 GiB = 1 << 30
@@ -1078,3 +1079,29 @@ def test_a_name_replaced_by_rename_never_goes_missing(d):
     assert writer.returncode == 0
     assert reads > 0
     assert missing == 0, f"{missing} of {missing + reads} reads found no {target}"
+
+
+def test_cached_pages_survive_a_write_and_an_attribute_refresh(d):
+    """A write to one page of a file leaves the kernel's cache of its other pages in place,
+    even when its attributes are fetched again (its mtime changed): every change reaches the
+    file through this mount, so the cache is never stale. (With FUSE's auto_inval_data the
+    whole file's cache went at every stat after a write: 1 write + 10 cached 4 KiB reads of a
+    32 MiB file took 1,135 µs instead of 59.)"""
+    p = f"{d}/f"
+    data = bytearray(os.urandom(1 << 20))
+    write_file(p, bytes(data))
+    fd = os.open(p, os.O_RDWR)
+    try:
+        assert os.pread(fd, len(data), 0) == data
+        assert resident_pages(fd, len(data)) == 256
+        os.pwrite(fd, b"z" * 4096, 0)
+        data[:4096] = b"z" * 4096
+        st = os.stat(p)  # new attributes from the daemon: a new mtime
+        assert st.st_size == len(data)
+        assert os.pread(fd, 4096, 8192) == data[8192:12288]
+        assert resident_pages(fd, len(data)) == 256
+        assert os.pread(fd, len(data), 0) == data
+    finally:
+        os.close(fd)
+    drop_caches()
+    assert read_file(p) == bytes(data)
