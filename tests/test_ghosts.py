@@ -196,6 +196,29 @@ def test_missing_or_changed_source_gives_eio_and_keeps_the_ghost(fsm, tmp_path):
     assert str(src / "edited.txt") in log and "changed" in log
 
 
+def test_a_refreshed_ghost_is_read_anew_even_by_a_reader_that_cached_it(fsm, tmp_path):
+    """The kernel keeps a file's cached pages across attribute changes; when an import finds
+    the source changed and refreshes the ghost, the daemon drops what the kernel cached, so
+    an open descriptor and a new open both read the new content."""
+    src = tmp_path / "refreshed"
+    src.mkdir()
+    (src / "f").write_bytes(b"A" * 100_000)
+    dest = import_into(fsm, str(src), "refreshed")
+    path = os.path.join(dest, "f")
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        assert os.pread(fd, 100_000, 0) == b"A" * 100_000  # now in the kernel's cache
+        (src / "f").write_bytes(b"B" * 100_000)  # same size
+        st = os.stat(src / "f")
+        os.utime(src / "f", ns=(st.st_atime_ns, st.st_mtime_ns + 5 * 10**9))  # a new mtime
+        import_into(fsm, str(src), "refreshed")
+        assert os.pread(fd, 100_000, 0) == b"B" * 100_000
+    finally:
+        os.close(fd)
+    with open(path, "rb") as f:
+        assert f.read() == b"B" * 100_000
+
+
 def test_dehydrate_and_pin_rules(fsm, tmp_path):
     src = tmp_path / "states"
     src.mkdir()
