@@ -12,6 +12,7 @@ from mountutil import mounted_warehouse
 from test_extents import check_clean
 from test_vfs_unit import mkfile, names
 
+from vfs import metadb
 from vfs.attrs import ROOT_INODE
 from vfs.metacopy import latest_copy, write_copy
 from vfs.metadb import COMPACT_MIN_FREE, INCREMENTAL_VACUUM, MetaDB
@@ -142,3 +143,18 @@ def test_df_and_meta_db_shrink_after_rm_rf_on_a_mount(tmp_path):
         assert used() - empty < (full - empty) // 4
         peak = full - empty
     assert os.path.getsize(os.path.join(m.warehouse, "meta.db")) < peak // 4
+
+
+def test_the_write_ahead_log_is_cut_back_after_a_large_transaction(tmp_path, monkeypatch):
+    monkeypatch.setattr(metadb, "WAL_KEEP_BYTES", 1 << 20)
+    e = test_vfs_unit.Env(tmp_path)
+    try:
+        fill(e.fs, 1, 8000)  # one transaction of several MiB
+        wal = e.meta + "-wal"
+        assert os.path.getsize(wal) > 4 << 20
+        for i in range(3):  # later small transactions reuse the log from its start
+            mkfile(e.fs, ROOT_INODE, b"small-%d" % i)
+            e.fs.commit()
+        assert os.path.getsize(wal) <= 1 << 20
+    finally:
+        e.close()

@@ -20,6 +20,7 @@ META_NAME = "meta.db"
 INCREMENTAL_VACUUM = 2  # PRAGMA auto_vacuum: free pages can be given back without a VACUUM
 COMPACT_MIN_FREE = 256  # pages (1 MiB): fewer free pages than this are left for reuse
 COMPACT_FRACTION = 8  # ... and so are free pages that are under 1/8 of the file
+WAL_KEEP_BYTES = 32 * 1024 * 1024  # the write-ahead log's size kept after a checkpoint
 
 SCHEMA = """
 CREATE TABLE settings (key TEXT PRIMARY KEY, value) WITHOUT ROWID;
@@ -135,6 +136,9 @@ class MetaDB:
             if not read_only:
                 self.conn.execute("PRAGMA journal_mode=WAL")
                 self.conn.execute("PRAGMA synchronous=FULL")
+                # The log grows to the largest transaction (100,000 names made within one
+                # commit interval: 95 MB); once checkpointed, it is cut back to this.
+                self.conn.execute(f"PRAGMA journal_size_limit={WAL_KEEP_BYTES}")
             self.conn.execute("PRAGMA cache_size=-65536")
             self.conn.execute("PRAGMA temp_store=MEMORY")
             if create:
