@@ -1105,3 +1105,32 @@ def test_cached_pages_survive_a_write_and_an_attribute_refresh(d):
         os.close(fd)
     drop_caches()
     assert read_file(p) == bytes(data)
+
+
+def test_cached_pages_never_go_stale_after_changes_the_daemon_makes(d):
+    """With every page of two files cached, the changes whose bytes the daemon makes itself
+    (zero range, punch hole, copy_file_range, truncate and extend) read back as made: the
+    kernel drops the ranges they touch, without FUSE's auto_inval_data."""
+    data = os.urandom(1 << 20)
+    p, q = f"{d}/f", f"{d}/g"
+    write_file(p, data)
+    write_file(q, data)
+    fd, gd = os.open(p, os.O_RDWR), os.open(q, os.O_RDWR)
+    try:
+        assert os.pread(fd, len(data), 0) == data and os.pread(gd, len(data), 0) == data
+        assert resident_pages(fd, len(data)) == resident_pages(gd, len(data)) == 256
+        fallocate(fd, FALLOC_ZERO_RANGE, 4096, 8192)
+        assert os.pread(fd, 8192, 4096) == bytes(8192)
+        fallocate(fd, FALLOC_PUNCH_HOLE | FALLOC_KEEP_SIZE, 65536, 65536)
+        assert os.pread(fd, 65536, 65536) == bytes(65536)
+        new = os.urandom(200_000)
+        os.pwrite(fd, new, 300_000)
+        assert os.copy_file_range(fd, gd, len(new), 300_000, 500_000) == len(new)
+        assert os.pread(gd, len(new), 500_000) == new
+        os.ftruncate(gd, 100_000)
+        os.ftruncate(gd, len(data))
+        assert os.pread(gd, 4096, 200_000) == bytes(4096)
+        assert os.pread(gd, 10, 99_990) == data[99_990:100_000]
+    finally:
+        os.close(fd)
+        os.close(gd)
