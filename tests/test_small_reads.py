@@ -7,11 +7,13 @@ from __future__ import annotations
 import os
 
 import numpy as np
+import pytest
 import test_vfs_unit
 from test_extents import check_clean
 from test_vfs_unit import mkfile
-from volhelpers import build, open_vol
+from volhelpers import LEVEL_MEMBERS, build, open_vol, remove_member
 
+from raid.levels import LEVELS
 from vfs.alloc import SECTOR
 from vfs.attrs import ROOT_INODE
 
@@ -76,3 +78,30 @@ def test_a_corrupt_sector_met_by_a_small_read_is_read_again_and_repaired(env):
     assert bytes(fs.read(ino, off, 4096)) == data[off : off + 4096]
     assert env.vol.status()["members"][slot]["checksum_errors"] == 1
     check_clean(env)
+
+
+@pytest.mark.parametrize("level", sorted(LEVELS))
+def test_flagged_small_reads_match_the_data_on_every_level_healthy_and_degraded(tmp_path, level):
+    """Small reads the caller checks return the written bytes on every level, with all
+    members and with the first member gone (its chunks then come from redundancy)."""
+    paths, uuid, g = build(str(tmp_path / "m"), level, LEVEL_MEMBERS[level], chunk=16384,
+                           rows=8)
+    vol = open_vol(paths, uuid)
+    rng = np.random.default_rng(7)
+    data = rng.integers(0, 256, g.capacity, dtype=np.uint8).tobytes()
+    vol.write(0, data)
+    vol.close()
+    ranges = [(int(rng.integers(0, g.capacity - 4096)), int(rng.integers(1, 4097)))
+              for _ in range(200)]
+    for degraded in (False, True):
+        if degraded:
+            if g.tolerance == 0:
+                break
+            remove_member(paths[0])
+        vol = open_vol(paths, uuid)
+        try:
+            assert vol.state() == ("degraded" if degraded else "clean")
+            for off, n in ranges:
+                assert bytes(vol.read(off, n, caller_checks=True)) == data[off : off + n]
+        finally:
+            vol.close(write=False)
