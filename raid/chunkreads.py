@@ -80,7 +80,6 @@ def read_batched(vol: Volume, offset: int, outv: np.ndarray) -> list[int]:
     return sorted(redo)
 
 
-
 def in_one_chunk(vol: Volume, offset: int, length: int) -> bool:
     """Whether [offset, offset + length) is a part of one data chunk, smaller than the chunk."""
     chunk = vol.geometry.chunk

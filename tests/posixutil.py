@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import mmap
 import os
 import pickle
 import traceback
@@ -40,8 +41,6 @@ def resident_pages(fd: int, size: int) -> int:
     """How many of the first `size` bytes' pages of open file `fd` are in the page cache
     (mincore(2) on a private mapping that is never written; mapping an open file opens
     nothing anew)."""
-    import mmap
-
     m = mmap.mmap(fd, size, access=mmap.ACCESS_COPY)
     try:
         n = -(-size // mmap.PAGESIZE)
