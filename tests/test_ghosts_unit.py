@@ -16,6 +16,7 @@ from vfs.attrs import ROOT_INODE, Caller, SetAttr
 from vfs.errors import FSError
 from vfs.ghostimport import import_tree, sync_changes
 from vfs.ghosts import GHOST, HYDRATED, Ghosts
+from vfs.ghostsource import LEAD_PIECES, PIECE
 from vfs.view import View
 
 MiB = 1 << 20
@@ -366,4 +367,45 @@ def test_sync_follows_exchanges_links_and_kind_changes(env, tmp_path):
     sync(("changed", "link/inside"), ("changed", "link"))
     assert b"link" not in names()
     assert env.fs.readlink(mine.ino) == b"target"  # not the import's: never touched
+    view.ghosts.close()
+
+
+@pytest.mark.timeout(60)
+def test_a_fetch_keeps_pace_with_a_reader_that_follows_it(env, tmp_path):
+    """A fetch stays within LEAD_PIECES of a reader that keeps reading, and keeps the last
+    pieces in memory until that reader has them; then the file is hydrated. (Unpaced, the fetch
+    runs to the end at once and the reader reads the rest back from the volume.)"""
+    size = 48 * MiB
+    src, view, big = imported(env, tmp_path, size)
+    with open(os.path.join(src, "big.bin"), "rb") as f:
+        expected = f.read()
+    view.ghosts.follow_seconds = 60.0  # no reader here is slow enough to be left behind
+    lead = LEAD_PIECES * PIECE
+    fetch = None
+    for offset in range(0, size - PIECE, PIECE):
+        assert bytes(view.read(big, offset, PIECE)) == expected[offset:offset + PIECE]
+        fetch = fetch or view.ghosts.fetches[big]
+        assert fetch.arrived <= offset + PIECE + lead
+    with fetch.cond:  # every piece but the last is stored; the fetch waits for the reader
+        assert fetch.cond.wait_for(lambda: fetch.stored_to >= size, 30)
+    assert view.ghosts.state(big) == GHOST and view.ghosts.fetches.get(big) is fetch
+    last = view.ghosts.read_held(big, size - PIECE, PIECE)  # from memory, without the volume
+    assert last is not None and bytes(last) == expected[-PIECE:]
+    fetch.wait_done()
+    assert view.ghosts.state(big) == HYDRATED
+    assert bytes(view.read(big, 0, size)) == expected
+    view.ghosts.close()
+
+
+@pytest.mark.timeout(60)
+def test_a_fetch_goes_on_alone_when_its_reader_stops(env, tmp_path):
+    """A reader that stops after the first piece holds the fetch back for no longer than the
+    follow window: the whole file is then fetched and stored without it."""
+    src, view, big = imported(env, tmp_path, 32 * MiB)
+    view.ghosts.follow_seconds = 0.05
+    assert bytes(view.read(big, 0, 4096))
+    view.ghosts.fetches[big].wait_done()
+    assert view.ghosts.state(big) == HYDRATED
+    with open(os.path.join(src, "big.bin"), "rb") as f:
+        assert bytes(view.read(big, 0, 32 * MiB)) == f.read()
     view.ghosts.close()

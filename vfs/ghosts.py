@@ -10,7 +10,9 @@ path, the source's size and mtime at import and, once taken, a content hash (xxh
   source is gone or changed the fetch fails, what was stored is dropped, the file stays a
   ghost and readers get EIO. When storing falls behind (the volume writes slower than the
   source reads), a reader beyond the fetch reads and checks its pieces from the source itself,
-  so a first read runs at the source's speed rather than the volume's.
+  so a first read runs at the source's speed rather than the volume's. A fetch keeps no more
+  than a few pieces ahead of a reader that follows it closely, so that reader is served from
+  memory to the end instead of reading back what was just queued for the volume.
 - `hydrated`: the content is stored like any file's; it may be dropped again (dehydrated) when
   the source still holds identical content, by request or by the cache limit (least recently
   used first, never an open file).
@@ -31,6 +33,7 @@ from collections.abc import Callable
 from vfs.errors import FSError
 from vfs.fs import Filesystem
 from vfs.ghostsource import (
+    FOLLOW_SECONDS,
     Fetch,
     Record,
     SourceChanged,
@@ -64,6 +67,7 @@ class Ghosts:
         self.cache_limit = cache_limit
         self.fetch_rate: int | None = None  # bytes per second a fetch may read; None: no limit
         self.buffer_bytes = BUFFER_BYTES  # checked pieces that may wait to be stored
+        self.follow_seconds = FOLLOW_SECONDS  # see Fetch.keep_pace
         self.fetches: dict[int, Fetch] = {}
         self.stop = threading.Event()
         self._used: dict[int, int] = {}
@@ -189,7 +193,7 @@ class Ghosts:
 
     def _start(self, ino: int) -> Fetch:
         """Begin fetching a ghost's content (under the lock)."""
-        fetch = Fetch(self.record(ino))
+        fetch = Fetch(self.record(ino), follow_seconds=self.follow_seconds)
         self.fetches[ino] = fetch
         t = threading.Thread(target=self._fetch, args=(fetch,), name=f"ghost-fetch-{ino}",
                              daemon=True)
@@ -224,11 +228,13 @@ class Ghosts:
                     hashes.append(h)
                     fetch.arrive(offset, piece)
                     to_store.put((offset, piece))
+                    fetch.keep_pace(offset + len(piece))  # (before the next piece is read)
             finally:
                 to_store.put(None)
                 storer.join()
             if fetch.store_error is not None:
                 raise fetch.store_error
+            fetch.keep_pace(rec.size, 1)  # a reader close behind gets the last pieces from memory
             with self.fs.lock:
                 if self.states.get(rec.ino) == GHOST:
                     if rec.hashes is None:

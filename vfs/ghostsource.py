@@ -12,6 +12,7 @@ import errno
 import os
 import stat
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
@@ -24,6 +25,11 @@ from vfs.errors import FSError
 PIECE = 1 << 20
 RECENT_PIECES = 32  # stored pieces of a fetch still kept in memory for readers (32 MiB)
 AHEAD_PIECES = 8  # pieces readers ahead of a held-back fetch read from the source, kept
+# A fetch keeps at most LEAD_PIECES ahead of a reader that follows it (one served within
+# FOLLOW_SECONDS): what such a reader asks for is then still in memory. Read back from the
+# volume instead, it would wait for the stores just queued there and then for the disk.
+LEAD_PIECES = 16
+FOLLOW_SECONDS = 0.25
 
 
 def piece_hash(data: bytes | bytearray | memoryview) -> int:
@@ -150,6 +156,9 @@ class Fetch:
     # reads its pieces from the source itself (kept in `ahead`) instead of waiting for the volume
     held_back: bool = False
     ahead: dict[int, bytes] = field(default_factory=dict)
+    read_to: int = 0  # the furthest byte served to a reader
+    read_at: float = 0.0  # when (time.monotonic) a reader was last served
+    follow_seconds: float = FOLLOW_SECONDS
 
     def covers(self, offset: int, length: int) -> bool:
         """True if bytes offset..offset+length (clipped to the file) have arrived."""
@@ -185,7 +194,24 @@ class Fetch:
                 if piece is None:
                     return None
                 parts.append(memoryview(piece)[max(offset - start, 0):end - start])
+            self._served(end)
         return b"".join(parts)
+
+    def _served(self, end: int) -> None:
+        """A reader got the bytes up to `end` (under `cond`): a fetch keeping pace goes on."""
+        self.read_to = max(self.read_to, end)
+        self.read_at = time.monotonic()
+        self.cond.notify_all()
+
+    def keep_pace(self, offset: int, lead: int = LEAD_PIECES * PIECE) -> None:
+        """Wait while a reader follows this fetch and `offset` is `lead` bytes or more beyond
+        what it was served (see LEAD_PIECES); the fetch's next piece starts at `offset`."""
+        with self.cond:
+            while offset - self.read_to >= lead and not self.error:
+                idle = time.monotonic() - self.read_at
+                if idle >= self.follow_seconds:
+                    return
+                self.cond.wait(self.follow_seconds - idle)
 
     def hold_back(self, held: bool) -> None:
         """The fetch waits (or no longer waits) for room to store: wake the waiting readers."""
@@ -208,6 +234,8 @@ class Fetch:
                     while len(self.ahead) > AHEAD_PIECES:
                         del self.ahead[next(iter(self.ahead))]
             parts.append(memoryview(piece)[max(offset - start, 0):end - start])
+        with self.cond:
+            self._served(end)
         return b"".join(parts)
 
     def wait_done(self) -> None:
