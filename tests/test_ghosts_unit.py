@@ -8,6 +8,7 @@ import errno
 import os
 import shutil
 import threading
+import time
 
 import pytest
 from test_vfs_unit import Env
@@ -408,4 +409,29 @@ def test_a_fetch_goes_on_alone_when_its_reader_stops(env, tmp_path):
     assert view.ghosts.state(big) == HYDRATED
     with open(os.path.join(src, "big.bin"), "rb") as f:
         assert bytes(view.read(big, 0, 32 * MiB)) == f.read()
+    view.ghosts.close()
+
+
+@pytest.mark.timeout(60)
+def test_a_reader_far_ahead_is_not_kept_waiting_by_one_the_fetch_follows(env, tmp_path):
+    """While the fetch keeps pace with a reader at the head, a reader of the tail waits only
+    for the fetch to get there, not for the first reader to read its way there."""
+    size = 48 * MiB
+    src, view, big = imported(env, tmp_path, size)
+    with open(os.path.join(src, "big.bin"), "rb") as f:
+        expected = f.read()
+    view.ghosts.follow_seconds = 60.0
+    assert bytes(view.read(big, 0, PIECE)) == expected[:PIECE]  # the fetch now follows it
+    got: list[bytes] = []
+    tail = threading.Thread(target=lambda: got.append(bytes(view.read(big, size - PIECE,
+                                                                     PIECE))))
+    tail.start()
+    deadline = time.monotonic() + 20
+    while tail.is_alive():  # the head reader keeps reading, and so keeps being followed
+        assert time.monotonic() < deadline, "the tail reader waited for the head reader"
+        assert bytes(view.read(big, 0, 4096)) == expected[:4096]
+        tail.join(0.01)
+    assert got == [expected[-PIECE:]]
+    view.ghosts.hydrate(big)  # (the tail reader was served up to the end: nothing to follow)
+    assert view.ghosts.state(big) == HYDRATED
     view.ghosts.close()

@@ -159,6 +159,7 @@ class Fetch:
     read_to: int = 0  # the furthest byte served to a reader
     read_at: float = 0.0  # when (time.monotonic) a reader was last served
     follow_seconds: float = FOLLOW_SECONDS
+    waiting: int = 0  # readers waiting for pieces not yet arrived
 
     def covers(self, offset: int, length: int) -> bool:
         """True if bytes offset..offset+length (clipped to the file) have arrived."""
@@ -205,9 +206,10 @@ class Fetch:
 
     def keep_pace(self, offset: int, lead: int = LEAD_PIECES * PIECE) -> None:
         """Wait while a reader follows this fetch and `offset` is `lead` bytes or more beyond
-        what it was served (see LEAD_PIECES); the fetch's next piece starts at `offset`."""
+        what it was served (see LEAD_PIECES), unless another reader waits for pieces not yet
+        read; the fetch's next piece starts at `offset`."""
         with self.cond:
-            while offset - self.read_to >= lead and not self.error:
+            while offset - self.read_to >= lead and not (self.error or self.waiting):
                 idle = time.monotonic() - self.read_at
                 if idle >= self.follow_seconds:
                     return
@@ -247,6 +249,11 @@ class Fetch:
     def wait(self, offset: int, length: int) -> None:
         """Block until the range has arrived, the fetch is held back or it has ended."""
         with self.cond:
-            while not (self.done or self.error or self.covers(offset, length)
-                       or self.held_back):
-                self.cond.wait()
+            self.waiting += 1  # a fetch keeping pace with another reader goes on meanwhile
+            self.cond.notify_all()
+            try:
+                while not (self.done or self.error or self.covers(offset, length)
+                           or self.held_back):
+                    self.cond.wait()
+            finally:
+                self.waiting -= 1
