@@ -29,6 +29,21 @@ DIRTY_LIMIT = 64 * 1024 * 1024
 _ZERO_SECTOR = bytes(SECTOR)
 
 
+
+def nonzero_runs(view: memoryview, n: int) -> list[tuple[int, int]]:
+    """The runs [s, t) of sectors among the first `n` of `view` that hold a non-zero byte."""
+    words = np.frombuffer(view, np.uint64, n * SECTOR // 8).reshape(n, SECTOR // 8)
+    nonzero = words[:, 0] != 0  # most data: decided by each sector's first word
+    unsure = ~nonzero
+    if not unsure.any():
+        return [(0, n)]
+    if unsure.all():  # zeros, say: no copy of the rows to check
+        nonzero = words.max(axis=1) != 0
+    else:
+        nonzero[unsure] = words[unsure].max(axis=1) != 0
+    edges = np.flatnonzero(np.diff(nonzero, prepend=False, append=False)).tolist()
+    return list(zip(edges[0::2], edges[1::2], strict=True))
+
 class VolumeLike(Protocol):
     """What file contents need of the redundant volume."""
 
@@ -226,18 +241,12 @@ class FileData:
             if n <= 0:
                 continue
             cuts.append((first, first + n))
-            nonzero = np.frombuffer(view, np.uint64).reshape(-1, SECTOR // 8).any(axis=1)
-            s = 0
-            while s < n:
-                if not nonzero[s]:
-                    s += 1
-                    continue
-                t = s + 1
-                limit = min(n, (first + s) // GROUP_SECTORS * GROUP_SECTORS + GROUP_SECTORS - first)
-                while t < limit and nonzero[t]:
-                    t += 1
-                pieces.append([first + s, t - s, [view[s * SECTOR : t * SECTOR]]])
-                s = t
+            for s, t in nonzero_runs(view, n):
+                while s < t:  # a piece ends at a group's end
+                    end = min(t, (first + s) // GROUP_SECTORS * GROUP_SECTORS + GROUP_SECTORS
+                              - first)
+                    pieces.append([first + s, end - s, [view[s * SECTOR : end * SECTOR]]])
+                    s = end
         for blk, secs in part:
             first = blk * SECTORS_PER_BLOCK
             for a, z in _sector_runs(s for s in secs if first + s < in_file):
