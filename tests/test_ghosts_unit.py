@@ -381,6 +381,7 @@ def test_a_fetch_keeps_pace_with_a_reader_that_follows_it(env, tmp_path):
     with open(os.path.join(src, "big.bin"), "rb") as f:
         expected = f.read()
     view.ghosts.follow_seconds = 60.0  # no reader here is slow enough to be left behind
+    view.ghosts.follow_rate = 0
     lead = LEAD_PIECES * PIECE
     fetch = None
     for offset in range(0, size - PIECE, PIECE):
@@ -421,6 +422,7 @@ def test_a_reader_far_ahead_is_not_kept_waiting_by_one_the_fetch_follows(env, tm
     with open(os.path.join(src, "big.bin"), "rb") as f:
         expected = f.read()
     view.ghosts.follow_seconds = 60.0
+    view.ghosts.follow_rate = 0
     assert bytes(view.read(big, 0, PIECE)) == expected[:PIECE]  # the fetch now follows it
     got: list[bytes] = []
     tail = threading.Thread(target=lambda: got.append(bytes(view.read(big, size - PIECE,
@@ -434,4 +436,24 @@ def test_a_reader_far_ahead_is_not_kept_waiting_by_one_the_fetch_follows(env, tm
     assert got == [expected[-PIECE:]]
     view.ghosts.hydrate(big)  # (the tail reader was served up to the end: nothing to follow)
     assert view.ghosts.state(big) == HYDRATED
+    view.ghosts.close()
+
+
+@pytest.mark.timeout(60)
+def test_a_fetch_does_not_keep_pace_with_a_slow_reader(env, tmp_path):
+    """A reader slower than the follow rate (a player streaming a film) does not hold the
+    fetch back: once its pace is known, the whole file is fetched without it."""
+    size = 48 * MiB
+    src, view, big = imported(env, tmp_path, size)
+    with open(os.path.join(src, "big.bin"), "rb") as f:
+        expected = f.read()
+    view.ghosts.follow_seconds = 60.0  # it keeps reading, as far as the window can tell
+    view.ghosts.follow_rate = 1 << 60  # and every reader here is slower than that
+    for offset in range(0, (LEAD_PIECES + 1) * PIECE, PIECE):
+        assert bytes(view.read(big, offset, PIECE)) == expected[offset:offset + PIECE]
+    fetch = view.ghosts.fetches.get(big)
+    assert fetch is None or not fetch.fast
+    view.ghosts.hydrate(big)  # without the reader reading on
+    assert view.ghosts.state(big) == HYDRATED
+    assert bytes(view.read(big, 0, size)) == expected
     view.ghosts.close()

@@ -33,6 +33,7 @@ from collections.abc import Callable
 from vfs.errors import FSError
 from vfs.fs import Filesystem
 from vfs.ghostsource import (
+    FOLLOW_RATE,
     FOLLOW_SECONDS,
     Fetch,
     Record,
@@ -68,6 +69,7 @@ class Ghosts:
         self.fetch_rate: int | None = None  # bytes per second a fetch may read; None: no limit
         self.buffer_bytes = BUFFER_BYTES  # checked pieces that may wait to be stored
         self.follow_seconds = FOLLOW_SECONDS  # see Fetch.keep_pace
+        self.follow_rate = FOLLOW_RATE
         self.fetches: dict[int, Fetch] = {}
         self.stop = threading.Event()
         self._used: dict[int, int] = {}
@@ -193,7 +195,8 @@ class Ghosts:
 
     def _start(self, ino: int) -> Fetch:
         """Begin fetching a ghost's content (under the lock)."""
-        fetch = Fetch(self.record(ino), follow_seconds=self.follow_seconds)
+        fetch = Fetch(self.record(ino), follow_seconds=self.follow_seconds,
+                      follow_rate=self.follow_rate)
         self.fetches[ino] = fetch
         t = threading.Thread(target=self._fetch, args=(fetch,), name=f"ghost-fetch-{ino}",
                              daemon=True)

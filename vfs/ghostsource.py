@@ -26,10 +26,13 @@ PIECE = 1 << 20
 RECENT_PIECES = 32  # stored pieces of a fetch still kept in memory for readers (32 MiB)
 AHEAD_PIECES = 8  # pieces readers ahead of a held-back fetch read from the source, kept
 # A fetch keeps at most LEAD_PIECES ahead of a reader that follows it (one served within
-# FOLLOW_SECONDS): what such a reader asks for is then still in memory. Read back from the
-# volume instead, it would wait for the stores just queued there and then for the disk.
+# FOLLOW_SECONDS, whose last LEAD_PIECES came at FOLLOW_RATE or faster): what such a reader
+# asks for is then still in memory. Read back from the volume instead, it would wait for the
+# stores just queued there and then for the disk (300-450 MB/s measured). A slower reader
+# (a player streaming a film, say) loses nothing by reading back, and does not hold the fetch.
 LEAD_PIECES = 16
 FOLLOW_SECONDS = 0.25
+FOLLOW_RATE = 256 * PIECE  # bytes per second
 
 
 def piece_hash(data: bytes | bytearray | memoryview) -> int:
@@ -159,6 +162,10 @@ class Fetch:
     read_to: int = 0  # the furthest byte served to a reader
     read_at: float = 0.0  # when (time.monotonic) a reader was last served
     follow_seconds: float = FOLLOW_SECONDS
+    follow_rate: float = FOLLOW_RATE
+    fast: bool = True  # whether the reader's last LEAD_PIECES came at follow_rate or faster
+    _rate_from: int = 0  # where and when (time.monotonic) that measurement started
+    _rate_since: float = field(default_factory=time.monotonic)
     waiting: int = 0  # readers waiting for pieces not yet arrived
 
     def covers(self, offset: int, length: int) -> bool:
@@ -200,16 +207,22 @@ class Fetch:
 
     def _served(self, end: int) -> None:
         """A reader got the bytes up to `end` (under `cond`): a fetch keeping pace goes on."""
+        now = time.monotonic()
         self.read_to = max(self.read_to, end)
-        self.read_at = time.monotonic()
+        self.read_at = now
+        span = self.read_to - self._rate_from
+        if span >= LEAD_PIECES * PIECE:
+            self.fast = span >= self.follow_rate * (now - self._rate_since)
+            self._rate_from, self._rate_since = self.read_to, now
         self.cond.notify_all()
 
     def keep_pace(self, offset: int, lead: int = LEAD_PIECES * PIECE) -> None:
         """Wait while a reader follows this fetch and `offset` is `lead` bytes or more beyond
-        what it was served (see LEAD_PIECES), unless another reader waits for pieces not yet
-        read; the fetch's next piece starts at `offset`."""
+        what it was served (see LEAD_PIECES), unless that reader is slow or another one waits
+        for pieces not yet read; the fetch's next piece starts at `offset`."""
         with self.cond:
-            while offset - self.read_to >= lead and not (self.error or self.waiting):
+            while (offset - self.read_to >= lead and self.fast
+                   and not (self.error or self.waiting)):
                 idle = time.monotonic() - self.read_at
                 if idle >= self.follow_seconds:
                     return
