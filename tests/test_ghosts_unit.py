@@ -457,3 +457,48 @@ def test_a_fetch_does_not_keep_pace_with_a_slow_reader(env, tmp_path):
     assert view.ghosts.state(big) == HYDRATED
     assert bytes(view.read(big, 0, size)) == expected
     view.ghosts.close()
+
+
+@pytest.mark.timeout(60)
+def test_a_ghost_larger_than_the_free_space_is_read_from_its_source(env, tmp_path, caplog):
+    """No fetch fills the volume only to fail: reads are served from the source, checked, the
+    file stays a ghost and nothing is stored; hydrating it (or writing to it) is ENOSPC."""
+    free = env.fs.free_sectors() * 4096
+    size = free + 5 * MiB + 123
+    src, view, big = imported(env, tmp_path, size)
+    with open(os.path.join(src, "big.bin"), "rb") as f:
+        expected = f.read()
+    assert bytes(view.read(big, 0, size)) == expected
+    assert bytes(view.read(big, size - 5000, 4 * MiB)) == expected[-5000:]  # clipped at the end
+    assert bytes(view.read(big, 7 * MiB + 3, 4096)) == expected[7 * MiB + 3:7 * MiB + 4099]
+    assert big not in view.ghosts.fetches
+    assert view.ghosts.state(big) == GHOST
+    assert env.fs.getattr(big).blocks == 0
+    assert env.fs.free_sectors() * 4096 == free
+    for call in (lambda: view.ghosts.hydrate(big), lambda: view.write(big, 0, b"x")):
+        with pytest.raises(FSError) as info:
+            call()
+        assert info.value.errno == errno.ENOSPC
+    assert view.ghosts.state(big) == GHOST and env.fs.free_sectors() * 4096 == free
+    assert not [r for r in caplog.records if r.levelname == "ERROR"]
+    assert bytes(view.read(big, 0, 4096)) == expected[:4096]  # still readable
+    view.ghosts.close()
+
+
+@pytest.mark.timeout(60)
+def test_a_source_changed_under_a_ghost_too_large_to_store_gives_eio(env, tmp_path):
+    """Pieces read from the source for a ghost that does not fit are checked like a fetch's."""
+    free = env.fs.free_sectors() * 4096
+    src, view, big = imported(env, tmp_path, free + MiB)
+    assert view.ghosts.seal_some() and view.ghosts.record(big).hashes  # hashes taken
+    path = os.path.join(src, "big.bin")
+    st = os.stat(path)
+    with open(path, "r+b") as f:  # new bytes behind the old size and mtime
+        f.seek(3 * MiB + 10)
+        f.write(b"changed")
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert bytes(view.read(big, 0, 4096))
+    with pytest.raises(FSError) as info:
+        view.read(big, 3 * MiB, 4096)
+    assert info.value.errno == errno.EIO
+    view.ghosts.close()

@@ -463,11 +463,7 @@ class Filesystem(ContentOps, MakeOps, RenameOps, XattrOps):
     def statfs(self) -> dict[str, int]:
         """Sizes for statfs(2), in 4 KiB units."""
         inodes = self.db.value("SELECT count(*) FROM inodes", (), 0)
-        # Held sectors come back at the next commit (made on demand by a write that needs
-        # them); dirty sectors have space promised to them, and the next metadata copy has
-        # its room kept.
-        free = max(0, self.alloc.free_count + self.alloc.held_count
-                   - self.data.dirty_bytes // SECTOR - self.copy_reserve)
+        free = self.free_sectors()
         return {
             "bsize": SECTOR,
             "frsize": SECTOR,
@@ -478,6 +474,14 @@ class Filesystem(ContentOps, MakeOps, RenameOps, XattrOps):
             "ffree": free,
             "namemax": NAME_MAX,
         }
+
+    def free_sectors(self) -> int:
+        """Sectors that file data may still take."""
+        # Held sectors come back at the next commit (made on demand by a write that needs
+        # them); dirty sectors have space promised to them, and the next metadata copy has
+        # its room kept.
+        return max(0, self.alloc.free_count + self.alloc.held_count
+                   - self.data.dirty_bytes // SECTOR - self.copy_reserve)
 
     def free_space(self) -> FreeSpace:
         """The volume space no file uses, for the volume's scrub (which takes this lock)."""

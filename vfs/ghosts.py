@@ -12,7 +12,9 @@ path, the source's size and mtime at import and, once taken, a content hash (xxh
   source reads), a reader beyond the fetch reads and checks its pieces from the source itself,
   so a first read runs at the source's speed rather than the volume's. A fetch keeps no more
   than a few pieces ahead of a reader that follows it closely, so that reader is served from
-  memory to the end instead of reading back what was just queued for the volume.
+  memory to the end instead of reading back what was just queued for the volume. A ghost
+  larger than the volume's free space is not fetched: its reads are served from its source,
+  checked piece by piece, and it stays a ghost (hydrating it, or writing to it, is ENOSPC).
 - `hydrated`: the content is stored like any file's; it may be dropped again (dehydrated) when
   the source still holds identical content, by request or by the cache limit (least recently
   used first, never an open file).
@@ -30,15 +32,18 @@ import threading
 import time
 from collections.abc import Callable
 
+from vfs.alloc import SECTOR
 from vfs.errors import FSError
 from vfs.fs import Filesystem
 from vfs.ghostsource import (
     FOLLOW_RATE,
     FOLLOW_SECONDS,
+    PIECE,
     Fetch,
     Record,
     SourceChanged,
     pack_hashes,
+    read_piece,
     read_pieces,
     source_hashes,
     unpack_hashes,
@@ -47,6 +52,7 @@ from vfs.ghostsource import (
 log = logging.getLogger(__name__)
 
 BUFFER_BYTES = 128 << 20  # checked pieces of all fetches waiting to be stored, at most
+STREAMED_PIECES = 8  # pieces of ghosts too big to store, kept for the reads that follow
 GHOST, HYDRATED, PINNED = "ghost", "hydrated", "pinned"
 STATES = (GHOST, HYDRATED, PINNED)
 USED_REFRESH_NS = 60 * 10**9
@@ -82,6 +88,9 @@ class Ghosts:
         # hashing waits for them: they would share one interpreter
         self._buffer_cond = threading.Condition()
         self._unsealable: dict[int, tuple[int, int]] = {}  # sources that failed, as recorded
+        self._no_room: set[int] = set()  # ghosts too big for the free space (warned of once)
+        self._streamed: dict[tuple[int, int, int, int], bytes] = {}  # see _from_source
+        self._streamed_lock = threading.Lock()
         with fs.lock:
             self.states: dict[int, str] = dict(self.db.rows("SELECT inode, state FROM ghosts"))
             partial = [r[0] for r in self.db.rows(
@@ -167,11 +176,18 @@ class Ghosts:
                                 "filesystem is read-only", ino)
                     raise FSError(errno.EROFS, f"inode {ino} is a ghost; the filesystem is "
                                   "read-only, so its content cannot be fetched and stored")
-                fetch = self.fetches.get(ino) or self._start(ino)
-                if fetch.covers(offset, length):
-                    continue  # served above, without the lock
-                if fetch.error is not None:
-                    raise fetch.error
+                fetch = self.fetches.get(ino)
+                if fetch is None:
+                    rec = self.record(ino)
+                    if self._has_room(rec):
+                        fetch = self._start(rec)
+                if fetch is not None:
+                    if fetch.covers(offset, length):
+                        continue  # served above, without the lock
+                    if fetch.error is not None:
+                        raise fetch.error
+            if fetch is None:  # no room to store it: read from its source, not stored
+                return self._from_source(rec, offset, length)
             fetch.wait(offset, length)
             if fetch.error is not None:
                 raise FSError(fetch.error.errno, str(fetch.error))
@@ -193,10 +209,45 @@ class Ghosts:
             self._used[ino] = now
             self.db.change("UPDATE ghosts SET used_ns=? WHERE inode=?", (now, ino))
 
-    def _start(self, ino: int) -> Fetch:
+    def _has_room(self, rec: Record) -> bool:
+        """True if the volume has room to store a ghost's content (under the lock)."""
+        free = self.fs.free_sectors() * SECTOR
+        if rec.size <= free:
+            self._no_room.discard(rec.ino)
+            return True
+        if rec.ino not in self._no_room:
+            self._no_room.add(rec.ino)
+            log.warning("ghost inode %d: its %d bytes do not fit in the %d bytes free; it is "
+                        "read from %s and stays a ghost", rec.ino, rec.size, free, rec.source)
+        return False
+
+    def _from_source(self, rec: Record, offset: int, length: int) -> bytes:
+        """A range of a ghost there is no room to store, read from its source in checked
+        pieces; the last few pieces read are kept for the reads that follow."""
+        end = min(offset + length, rec.size)
+        parts = []
+        for start in range(offset - offset % PIECE, end, PIECE):
+            key = (rec.ino, rec.size, rec.mtime_ns, start)  # a refreshed ghost: new keys
+            with self._streamed_lock:
+                piece = self._streamed.get(key)
+            if piece is None:
+                try:
+                    piece = read_piece(rec, start)
+                except FSError as exc:
+                    log.error("ghost inode %d: reading %s at %d: %s", rec.ino, rec.source,
+                              start, exc)
+                    raise
+                with self._streamed_lock:
+                    self._streamed[key] = piece
+                    while len(self._streamed) > STREAMED_PIECES:
+                        del self._streamed[next(iter(self._streamed))]
+            parts.append(memoryview(piece)[max(offset - start, 0):end - start])
+        return b"".join(parts)
+
+    def _start(self, rec: Record) -> Fetch:
         """Begin fetching a ghost's content (under the lock)."""
-        fetch = Fetch(self.record(ino), follow_seconds=self.follow_seconds,
-                      follow_rate=self.follow_rate)
+        ino = rec.ino
+        fetch = Fetch(rec, follow_seconds=self.follow_seconds, follow_rate=self.follow_rate)
         self.fetches[ino] = fetch
         t = threading.Thread(target=self._fetch, args=(fetch,), name=f"ghost-fetch-{ino}",
                              daemon=True)
@@ -315,7 +366,13 @@ class Ghosts:
         with self.fs.lock:
             if self.states.get(ino) != GHOST:
                 return
-            fetch = self.fetches.get(ino) or self._start(ino)
+            fetch = self.fetches.get(ino)
+            if fetch is None:
+                rec = self.record(ino)
+                if not self._has_room(rec):
+                    raise FSError(errno.ENOSPC, f"ghost inode {ino}: no room on the volume "
+                                  f"for its {rec.size} bytes")
+                fetch = self._start(rec)
         fetch.wait_done()
         if fetch.error is not None:
             raise FSError(fetch.error.errno, str(fetch.error))
