@@ -76,9 +76,9 @@ def test_concurrent_readers_share_one_fetch(env, tmp_path):
     started: list[int] = []
     original = view.ghosts._start
 
-    def counting_start(ino):
-        started.append(ino)
-        return original(ino)
+    def counting_start(rec):
+        started.append(rec.ino)
+        return original(rec)
 
     view.ghosts._start = counting_start
     results: dict[int, bytes] = {}
