@@ -166,7 +166,7 @@ class Fetch:
     fast: bool = True  # whether the reader's last LEAD_PIECES came at follow_rate or faster
     _rate_from: int = 0  # where and when (time.monotonic) that measurement started
     _rate_since: float = field(default_factory=time.monotonic)
-    waiting: int = 0  # readers waiting for pieces not yet arrived
+    wanted: int = 0  # the furthest byte a reader has waited for
 
     def covers(self, offset: int, length: int) -> bool:
         """True if bytes offset..offset+length (clipped to the file) have arrived."""
@@ -218,11 +218,11 @@ class Fetch:
 
     def keep_pace(self, offset: int, lead: int = LEAD_PIECES * PIECE) -> None:
         """Wait while a reader follows this fetch and `offset` is `lead` bytes or more beyond
-        what it was served (see LEAD_PIECES), unless that reader is slow or another one waits
-        for pieces not yet read; the fetch's next piece starts at `offset`."""
+        what it was served (see LEAD_PIECES), unless that reader is slow or another one has
+        waited for pieces beyond `offset`; the fetch's next piece starts at `offset`."""
         with self.cond:
-            while (offset - self.read_to >= lead and self.fast
-                   and not (self.error or self.waiting)):
+            while (offset - self.read_to >= lead and self.fast and offset >= self.wanted
+                   and not self.error):
                 idle = time.monotonic() - self.read_at
                 if idle >= self.follow_seconds:
                     return
@@ -262,11 +262,9 @@ class Fetch:
     def wait(self, offset: int, length: int) -> None:
         """Block until the range has arrived, the fetch is held back or it has ended."""
         with self.cond:
-            self.waiting += 1  # a fetch keeping pace with another reader goes on meanwhile
+            # a fetch keeping pace with another reader goes on at least this far
+            self.wanted = max(self.wanted, min(offset + length, self.rec.size))
             self.cond.notify_all()
-            try:
-                while not (self.done or self.error or self.covers(offset, length)
-                           or self.held_back):
-                    self.cond.wait()
-            finally:
-                self.waiting -= 1
+            while not (self.done or self.error or self.covers(offset, length)
+                       or self.held_back):
+                self.cond.wait()
