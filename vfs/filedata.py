@@ -29,7 +29,6 @@ DIRTY_LIMIT = 64 * 1024 * 1024
 _ZERO_SECTOR = bytes(SECTOR)
 
 
-
 def nonzero_runs(view: memoryview, n: int) -> list[tuple[int, int]]:
     """The runs [s, t) of sectors among the first `n` of `view` that hold a non-zero byte."""
     words = np.frombuffer(view, np.uint64, n * SECTOR // 8).reshape(n, SECTOR // 8)
@@ -43,6 +42,7 @@ def nonzero_runs(view: memoryview, n: int) -> list[tuple[int, int]]:
         nonzero[unsure] = words[unsure].max(axis=1) != 0
     edges = np.flatnonzero(np.diff(nonzero, prepend=False, append=False)).tolist()
     return list(zip(edges[0::2], edges[1::2], strict=True))
+
 
 class VolumeLike(Protocol):
     """What file contents need of the redundant volume."""

@@ -38,13 +38,13 @@ from vfs.fs import Filesystem
 from vfs.ghostsource import (
     FOLLOW_RATE,
     FOLLOW_SECONDS,
-    PIECE,
     Fetch,
     Record,
     SourceChanged,
+    keep_last,
     pack_hashes,
-    read_piece,
     read_pieces,
+    read_range,
     source_hashes,
     unpack_hashes,
 )
@@ -124,6 +124,7 @@ class Ghosts:
         """Inode `ino` is no longer a ghost (it was removed, or became an ordinary file)."""
         self.states.pop(ino, None)
         self._used.pop(ino, None)
+        self._no_room.discard(ino)
 
     def added(self, ino: int, state: str = GHOST) -> None:
         """Inode `ino` was made a ghost (by an import)."""
@@ -176,21 +177,17 @@ class Ghosts:
                                 "filesystem is read-only", ino)
                     raise FSError(errno.EROFS, f"inode {ino} is a ghost; the filesystem is "
                                   "read-only, so its content cannot be fetched and stored")
-                fetch = self.fetches.get(ino)
-                if fetch is None:
-                    rec = self.record(ino)
-                    if self._has_room(rec):
-                        fetch = self._start(rec)
-                if fetch is not None:
-                    if fetch.covers(offset, length):
+                got = self._fetch_for(ino)
+                if isinstance(got, Fetch):
+                    if got.covers(offset, length):
                         continue  # served above, without the lock
-                    if fetch.error is not None:
-                        raise fetch.error
-            if fetch is None:  # no room to store it: read from its source, not stored
-                return self._from_source(rec, offset, length)
-            fetch.wait(offset, length)
-            if fetch.error is not None:
-                raise FSError(fetch.error.errno, str(fetch.error))
+                    if got.error is not None:
+                        raise got.error
+            if isinstance(got, Record):  # no room to store it: read from its source
+                return self._from_source(got, offset, length)
+            got.wait(offset, length)
+            if got.error is not None:
+                raise FSError(got.error.errno, str(got.error))
 
     def _read_ahead(self, fetch: Fetch, offset: int, length: int) -> bytes:
         """A range beyond a held-back fetch, read from its source (see Fetch.read_ahead)."""
@@ -209,6 +206,15 @@ class Ghosts:
             self._used[ino] = now
             self.db.change("UPDATE ghosts SET used_ns=? WHERE inode=?", (now, ino))
 
+    def _fetch_for(self, ino: int) -> Fetch | Record:
+        """Ghost `ino`'s fetch, started if need be; its record instead when the volume has no
+        room to store it (under the lock)."""
+        fetch = self.fetches.get(ino)
+        if fetch is not None:
+            return fetch
+        rec = self.record(ino)
+        return self._start(rec) if self._has_room(rec) else rec
+
     def _has_room(self, rec: Record) -> bool:
         """True if the volume has room to store a ghost's content (under the lock)."""
         free = self.fs.free_sectors() * SECTOR
@@ -224,25 +230,22 @@ class Ghosts:
     def _from_source(self, rec: Record, offset: int, length: int) -> bytes:
         """A range of a ghost there is no room to store, read from its source in checked
         pieces; the last few pieces read are kept for the reads that follow."""
-        end = min(offset + length, rec.size)
-        parts = []
-        for start in range(offset - offset % PIECE, end, PIECE):
-            key = (rec.ino, rec.size, rec.mtime_ns, start)  # a refreshed ghost: new keys
+        version = (rec.ino, rec.size, rec.mtime_ns)  # a refreshed ghost: new keys
+
+        def held(start: int) -> bytes | None:
             with self._streamed_lock:
-                piece = self._streamed.get(key)
-            if piece is None:
-                try:
-                    piece = read_piece(rec, start)
-                except FSError as exc:
-                    log.error("ghost inode %d: reading %s at %d: %s", rec.ino, rec.source,
-                              start, exc)
-                    raise
-                with self._streamed_lock:
-                    self._streamed[key] = piece
-                    while len(self._streamed) > STREAMED_PIECES:
-                        del self._streamed[next(iter(self._streamed))]
-            parts.append(memoryview(piece)[max(offset - start, 0):end - start])
-        return b"".join(parts)
+                return self._streamed.get((*version, start))
+
+        def keep(start: int, piece: bytes) -> None:
+            with self._streamed_lock:
+                keep_last(self._streamed, (*version, start), piece, STREAMED_PIECES)
+
+        try:
+            return read_range(rec, offset, length, held, keep)
+        except FSError as exc:
+            log.error("ghost inode %d: reading %d bytes at %d from %s: %s", rec.ino, length,
+                      offset, rec.source, exc)
+            raise
 
     def _start(self, rec: Record) -> Fetch:
         """Begin fetching a ghost's content (under the lock)."""
@@ -366,13 +369,10 @@ class Ghosts:
         with self.fs.lock:
             if self.states.get(ino) != GHOST:
                 return
-            fetch = self.fetches.get(ino)
-            if fetch is None:
-                rec = self.record(ino)
-                if not self._has_room(rec):
-                    raise FSError(errno.ENOSPC, f"ghost inode {ino}: no room on the volume "
-                                  f"for its {rec.size} bytes")
-                fetch = self._start(rec)
+            fetch = self._fetch_for(ino)
+        if isinstance(fetch, Record):
+            raise FSError(errno.ENOSPC, f"ghost inode {ino}: no room on the volume for its "
+                          f"{fetch.size} bytes")
         fetch.wait_done()
         if fetch.error is not None:
             raise FSError(fetch.error.errno, str(fetch.error))

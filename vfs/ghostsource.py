@@ -13,7 +13,7 @@ import os
 import stat
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -136,6 +136,29 @@ def read_piece(rec: Record, offset: int) -> bytes:
         return _checked_piece(rec, fd, offset)[0]
 
 
+def read_range(rec: Record, offset: int, length: int, held: Callable[[int], bytes | None],
+               keep: Callable[[int, bytes], None]) -> bytes:
+    """Bytes offset..offset+length (clipped to the file) of a ghost, from the pieces `held`
+    returns by their offset; each other piece is read from the source, checked, and given to
+    `keep`."""
+    end = min(offset + length, rec.size)
+    parts = []
+    for start in range(offset - offset % PIECE, end, PIECE):
+        piece = held(start)
+        if piece is None:
+            piece = read_piece(rec, start)
+            keep(start, piece)
+        parts.append(memoryview(piece)[max(offset - start, 0):end - start])
+    return b"".join(parts)
+
+
+def keep_last(pieces: dict, key: object, piece: bytes, limit: int) -> None:
+    """Add `piece` to `pieces`, dropping the oldest beyond `limit`."""
+    pieces[key] = piece
+    while len(pieces) > limit:
+        del pieces[next(iter(pieces))]
+
+
 def source_hashes(rec: Record, stop: threading.Event | None = None) -> list[int]:
     """The piece hashes of a source that still matches its record's size and mtime."""
     return [h for _o, _p, h in read_pieces(rec, stop)]
@@ -237,21 +260,19 @@ class Fetch:
     def read_ahead(self, offset: int, length: int) -> bytes:
         """Bytes offset..offset+length (clipped) from the pieces held, reading the others from
         the source, each checked as the fetch checks them."""
-        end = min(offset + length, self.rec.size)
-        parts = []
-        for start in range(offset - offset % PIECE, end, PIECE):
+
+        def held(start: int) -> bytes | None:
             with self.cond:
-                piece = self.recent.get(start) or self.ahead.get(start)
-            if piece is None:
-                piece = read_piece(self.rec, start)
-                with self.cond:
-                    self.ahead[start] = piece
-                    while len(self.ahead) > AHEAD_PIECES:
-                        del self.ahead[next(iter(self.ahead))]
-            parts.append(memoryview(piece)[max(offset - start, 0):end - start])
+                return self.recent.get(start) or self.ahead.get(start)
+
+        def keep(start: int, piece: bytes) -> None:
+            with self.cond:
+                keep_last(self.ahead, start, piece, AHEAD_PIECES)
+
+        data = read_range(self.rec, offset, length, held, keep)
         with self.cond:
-            self._served(end)
-        return b"".join(parts)
+            self._served(min(offset + length, self.rec.size))
+        return data
 
     def wait_done(self) -> None:
         """Block until the fetch has ended (every piece stored, or failed)."""
