@@ -76,9 +76,9 @@ def test_concurrent_readers_share_one_fetch(env, tmp_path):
     started: list[int] = []
     original = view.ghosts._start
 
-    def counting_start(rec):
+    def counting_start(rec, *args):
         started.append(rec.ino)
-        return original(rec)
+        return original(rec, *args)
 
     view.ghosts._start = counting_start
     results: dict[int, bytes] = {}
@@ -458,6 +458,63 @@ def test_a_fetch_does_not_keep_pace_with_a_slow_reader(env, tmp_path):
     view.ghosts.hydrate(big)  # without the reader reading on
     assert view.ghosts.state(big) == HYDRATED
     assert bytes(view.read(big, 0, size)) == expected
+    view.ghosts.close()
+
+
+def stop_following(fetch) -> None:
+    """Make the reader of `fetch` count as gone (its follow window closed)."""
+    with fetch.cond:
+        fetch.follow_seconds = 0.0
+        fetch.cond.notify_all()
+
+
+@pytest.mark.timeout(60)
+def test_a_fetch_stores_nothing_while_a_fast_reader_follows_it(env, tmp_path):
+    """While a reader follows the fetch (and the fetch has pieces still to read), its pieces
+    wait in memory: the reader does not share the processor with the store. Once the reader
+    stops, every piece is stored and the file is hydrated."""
+    size = 48 * MiB
+    src, view, big = imported(env, tmp_path, size)
+    with open(os.path.join(src, "big.bin"), "rb") as f:
+        expected = f.read()
+    view.ghosts.follow_seconds = 60.0
+    view.ghosts.follow_rate = 0
+    end = size - (LEAD_PIECES + 4) * PIECE  # the fetch then has pieces still to read
+    for offset in range(0, end, PIECE):
+        assert bytes(view.read(big, offset, PIECE)) == expected[offset:offset + PIECE]
+    fetch = view.ghosts.fetches[big]
+    time.sleep(0.5)  # time enough to store what has arrived, were the store not deferred
+    assert fetch.arrived >= end and fetch.arrived < size
+    assert fetch.stored_to == 0 and env.fs.getattr(big).blocks == 0
+    stop_following(fetch)
+    fetch.wait_done()
+    assert fetch.error is None and view.ghosts.state(big) == HYDRATED
+    assert bytes(view.read(big, 0, size)) == expected
+    view.ghosts.close()
+
+
+@pytest.mark.timeout(60)
+def test_a_reader_beyond_a_full_buffer_of_deferred_pieces_reads_the_source(env, tmp_path,
+                                                                          caplog):
+    """When the pieces waiting for a followed reader fill the buffer, the fetch is held back
+    and the reader reads on from the source; the pieces are stored once it stops."""
+    size = 40 * MiB
+    src, view, big = imported(env, tmp_path, size)
+    with open(os.path.join(src, "big.bin"), "rb") as f:
+        expected = f.read()
+    view.ghosts.follow_seconds = 60.0
+    view.ghosts.follow_rate = 0
+    view.ghosts.buffer_bytes = 4 * MiB
+    for offset in range(0, size - 3 * PIECE, PIECE // 2):
+        assert bytes(view.read(big, offset, PIECE)) == expected[offset:offset + PIECE]
+    fetch = view.ghosts.fetches[big]
+    time.sleep(0.5)  # time enough to store the buffer, were the store not deferred
+    assert fetch.held_back and fetch.arrived <= 5 * MiB and fetch.stored_to == 0
+    stop_following(fetch)
+    fetch.wait_done()
+    assert fetch.error is None and view.ghosts.state(big) == HYDRATED
+    assert bytes(view.read(big, 0, size)) == expected
+    assert not [r for r in caplog.records if r.levelname in ("ERROR", "WARNING")]
     view.ghosts.close()
 
 

@@ -177,7 +177,7 @@ class Ghosts:
                                 "filesystem is read-only", ino)
                     raise FSError(errno.EROFS, f"inode {ino} is a ghost; the filesystem is "
                                   "read-only, so its content cannot be fetched and stored")
-                got = self._fetch_for(ino)
+                got = self._fetch_for(ino, reader=True)
                 if isinstance(got, Fetch):
                     if got.covers(offset, length):
                         continue  # served above, without the lock
@@ -206,14 +206,14 @@ class Ghosts:
             self._used[ino] = now
             self.db.change("UPDATE ghosts SET used_ns=? WHERE inode=?", (now, ino))
 
-    def _fetch_for(self, ino: int) -> Fetch | Record:
-        """Ghost `ino`'s fetch, started if need be; its record instead when the volume has no
-        room to store it (under the lock)."""
+    def _fetch_for(self, ino: int, reader: bool = False) -> Fetch | Record:
+        """Ghost `ino`'s fetch, started if need be (for a `reader`, who then follows it); its
+        record instead when the volume has no room to store it (under the lock)."""
         fetch = self.fetches.get(ino)
         if fetch is not None:
             return fetch
         rec = self.record(ino)
-        return self._start(rec) if self._has_room(rec) else rec
+        return self._start(rec, reader) if self._has_room(rec) else rec
 
     def _has_room(self, rec: Record) -> bool:
         """True if the volume has room to store a ghost's content (under the lock)."""
@@ -247,10 +247,11 @@ class Ghosts:
                       offset, rec.source, exc)
             raise
 
-    def _start(self, rec: Record) -> Fetch:
-        """Begin fetching a ghost's content (under the lock)."""
+    def _start(self, rec: Record, reader: bool = False) -> Fetch:
+        """Begin fetching a ghost's content (under the lock), for a `reader` or without one."""
         ino = rec.ino
-        fetch = Fetch(rec, follow_seconds=self.follow_seconds, follow_rate=self.follow_rate)
+        fetch = Fetch(rec, follow_seconds=self.follow_seconds, follow_rate=self.follow_rate,
+                      read_at=time.monotonic() if reader else 0.0)
         self.fetches[ino] = fetch
         t = threading.Thread(target=self._fetch, args=(fetch,), name=f"ghost-fetch-{ino}",
                              daemon=True)
@@ -262,7 +263,8 @@ class Ghosts:
         """Read, check and hand out a ghost's pieces; a second thread stores them.
 
         A checked piece is served to readers at once: the content is already safe in its
-        source, so readers need not wait for the volume. At most `buffer_bytes` of pieces (of
+        source, so readers need not wait for the volume, and while a fast reader follows the
+        fetch, the store waits (`Fetch.defer_store`). At most `buffer_bytes` of pieces (of
         all fetches) wait to be stored; while a fetch waits for room, readers beyond it read
         their pieces from the source themselves. The file becomes `hydrated` once every piece
         is stored.
@@ -336,6 +338,7 @@ class Ghosts:
             offset, piece = item
             try:
                 if fetch.store_error is None and fetch.error is None:
+                    fetch.defer_store()
                     self.fs.write(fetch.rec.ino, offset, piece, keep_times=True)
                     fetch.stored(offset)
             except Exception as exc:  # noqa: BLE001 - the fetch reports it; storing stops
