@@ -371,17 +371,24 @@ def test_sync_follows_exchanges_links_and_kind_changes(env, tmp_path):
     view.ghosts.close()
 
 
+def followed(env: Env, tmp_path, size: int, rate: float = 0) -> tuple[View, int, bytes]:
+    """A ghost of `size` bytes whose readers count as following its fetch for a minute after
+    each read if they read at `rate` or faster: the view, its inode and its content."""
+    src, view, big = imported(env, tmp_path, size)
+    with open(os.path.join(src, "big.bin"), "rb") as f:
+        expected = f.read()
+    view.ghosts.follow_seconds = 60.0
+    view.ghosts.follow_rate = rate
+    return view, big, expected
+
+
 @pytest.mark.timeout(60)
 def test_a_fetch_keeps_pace_with_a_reader_that_follows_it(env, tmp_path):
     """A fetch stays within LEAD_PIECES of a reader that keeps reading, and keeps the last
     pieces in memory until that reader has them; then the file is hydrated. (Unpaced, the fetch
     runs to the end at once and the reader reads the rest back from the volume.)"""
     size = 48 * MiB
-    src, view, big = imported(env, tmp_path, size)
-    with open(os.path.join(src, "big.bin"), "rb") as f:
-        expected = f.read()
-    view.ghosts.follow_seconds = 60.0  # no reader here is slow enough to be left behind
-    view.ghosts.follow_rate = 0
+    view, big, expected = followed(env, tmp_path, size)
     lead = LEAD_PIECES * PIECE
     fetch = None
     for offset in range(0, size - PIECE, PIECE):
@@ -420,11 +427,7 @@ def test_a_reader_far_ahead_is_not_kept_waiting_by_one_the_fetch_follows(env, tm
     """While the fetch keeps pace with a reader at the head, a reader of the tail waits only
     for the fetch to get there, not for the first reader to read its way there."""
     size = 48 * MiB
-    src, view, big = imported(env, tmp_path, size)
-    with open(os.path.join(src, "big.bin"), "rb") as f:
-        expected = f.read()
-    view.ghosts.follow_seconds = 60.0
-    view.ghosts.follow_rate = 0
+    view, big, expected = followed(env, tmp_path, size)
     assert bytes(view.read(big, 0, PIECE)) == expected[:PIECE]  # the fetch now follows it
     got: list[bytes] = []
     tail = threading.Thread(target=lambda: got.append(bytes(view.read(big, size - PIECE,
@@ -446,11 +449,7 @@ def test_a_fetch_does_not_keep_pace_with_a_slow_reader(env, tmp_path):
     """A reader slower than the follow rate (a player streaming a film) does not hold the
     fetch back: once its pace is known, the whole file is fetched without it."""
     size = 48 * MiB
-    src, view, big = imported(env, tmp_path, size)
-    with open(os.path.join(src, "big.bin"), "rb") as f:
-        expected = f.read()
-    view.ghosts.follow_seconds = 60.0  # it keeps reading, as far as the window can tell
-    view.ghosts.follow_rate = 1 << 60  # and every reader here is slower than that
+    view, big, expected = followed(env, tmp_path, size, rate=1 << 60)  # every reader is slower
     for offset in range(0, (LEAD_PIECES + 1) * PIECE, PIECE):
         assert bytes(view.read(big, offset, PIECE)) == expected[offset:offset + PIECE]
     fetch = view.ghosts.fetches.get(big)
@@ -474,11 +473,7 @@ def test_a_fetch_stores_nothing_while_a_fast_reader_follows_it(env, tmp_path):
     wait in memory: the reader does not share the processor with the store. Once the reader
     stops, every piece is stored and the file is hydrated."""
     size = 48 * MiB
-    src, view, big = imported(env, tmp_path, size)
-    with open(os.path.join(src, "big.bin"), "rb") as f:
-        expected = f.read()
-    view.ghosts.follow_seconds = 60.0
-    view.ghosts.follow_rate = 0
+    view, big, expected = followed(env, tmp_path, size)
     end = size - (LEAD_PIECES + 4) * PIECE  # the fetch then has pieces still to read
     for offset in range(0, end, PIECE):
         assert bytes(view.read(big, offset, PIECE)) == expected[offset:offset + PIECE]
@@ -499,11 +494,7 @@ def test_a_reader_beyond_a_full_buffer_of_deferred_pieces_reads_the_source(env, 
     """When the pieces waiting for a followed reader fill the buffer, the fetch is held back
     and the reader reads on from the source; the pieces are stored once it stops."""
     size = 40 * MiB
-    src, view, big = imported(env, tmp_path, size)
-    with open(os.path.join(src, "big.bin"), "rb") as f:
-        expected = f.read()
-    view.ghosts.follow_seconds = 60.0
-    view.ghosts.follow_rate = 0
+    view, big, expected = followed(env, tmp_path, size)
     view.ghosts.buffer_bytes = 4 * MiB
     for offset in range(0, size - 3 * PIECE, PIECE // 2):
         assert bytes(view.read(big, offset, PIECE)) == expected[offset:offset + PIECE]
