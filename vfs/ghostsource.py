@@ -249,28 +249,22 @@ class Fetch:
         what it was served (see LEAD_PIECES), unless that reader is slow or another one has
         waited for pieces beyond `offset`; the fetch's next piece starts at `offset`."""
         with self.cond:
-            while offset - self.read_to >= lead and offset >= self.wanted and not self.error:
-                left = self._followed()
-                if not left:
-                    return
-                self.cond.wait(left)
-
-    def _followed(self) -> float:
-        """Seconds left in which a fast reader counts as following this fetch (under `cond`;
-        0.0: none does)."""
-        if not self.fast:
-            return 0.0
-        return max(self.follow_seconds - (time.monotonic() - self.read_at), 0.0)
+            self._wait_followed(lambda: offset - self.read_to >= lead and offset >= self.wanted)
 
     def defer_store(self) -> None:
         """Wait while a fast reader follows this fetch and the fetch has pieces still to read
         (see STORE_LATER)."""
         with self.cond:
-            while self.arrived < self.rec.size and not self.error and not self.done:
-                left = self._followed()
-                if not left:
-                    return
-                self.cond.wait(left)
+            self._wait_followed(lambda: self.arrived < self.rec.size and not self.done)
+
+    def _wait_followed(self, more: Callable[[], bool]) -> None:
+        """Wait (under `cond`) while `more()` holds, the fetch has not failed and a fast reader
+        follows it: one served within `follow_seconds`."""
+        while more() and not self.error and self.fast:
+            left = self.follow_seconds - (time.monotonic() - self.read_at)
+            if left <= 0:
+                return
+            self.cond.wait(left)
 
     def hold_back(self, held: bool) -> None:
         """The fetch waits (or no longer waits) for room to store: wake the waiting readers."""
