@@ -286,13 +286,17 @@ class FuseOperations(Handlers):
         self.meta(r, _kstatfs, self.fs.statfs)
 
     def forget(self, items: list[tuple[int, int]]) -> None:
-        self.unanswered(self._forget, items)
+        # Counted at once, without the lock: a write short of space may be waiting for it.
+        released = self.fs.drop_refs(items)
+        if released:
+            self.unanswered(self._free_forgotten, released)
 
-    def _forget(self, items: list[tuple[int, int]]) -> None:
+    def _free_forgotten(self, inos: list[int]) -> None:
         try:
-            self.fs.forget(items)
+            self.fs.free_forgotten(inos)
         except OSError as exc:  # forget has no reply: log and go on
-            log.error("forget of %d inodes failed: %s", len(items), exc)
+            log.error("freeing %d removed inodes the kernel forgot failed (%s...): %s",
+                      len(inos), inos[:5], exc)
 
 
 def _written(n: int) -> bytes:

@@ -7,10 +7,13 @@ import errno
 import logging
 import os
 import stat
+import threading
+import time
 
 import pytest
 from volhelpers import build, close_members, open_vol, rand_bytes
 
+import vfs.content
 from vfs.alloc import SECTOR
 from vfs.attrs import NAME_MAX, ROOT_INODE, Caller, SetAttr
 from vfs.content import KEEP_SIZE, PUNCH_HOLE
@@ -361,6 +364,75 @@ def test_a_replaced_file_lives_while_the_kernel_holds_it(env, fs):
     for ino in empties:
         assert errno_of(fs.getattr, ino) == errno.ENOENT
     assert fs.db.value("SELECT count(*) FROM inodes WHERE nlink=0") == 0
+
+
+def test_a_removed_file_only_the_kernel_holds_counts_as_free_space(fs):
+    """The kernel sends its FORGET of a removed file a moment after the unlink has answered:
+    statfs counts such a file's space (stored or still dirty) free at once, as `df` right
+    after `rm` expects; an open one's stays in use until its last close."""
+    fs.commit()
+    free0 = free_sectors(fs)
+    stored = fs.create(ROOT_INODE, b"stored", 0o644, os.O_RDWR, ROOT)
+    fs.remember(stored.ino)
+    fs.write(stored.ino, 0, os.urandom(4 * BLOCK))
+    fs.release(stored.ino)
+    fs.commit()
+    dirty = fs.create(ROOT_INODE, b"dirty", 0o644, os.O_RDWR, ROOT)
+    fs.remember(dirty.ino)
+    fs.write(dirty.ino, 0, os.urandom(2 * BLOCK))
+    fs.release(dirty.ino)
+    is_open = fs.create(ROOT_INODE, b"open", 0o644, os.O_RDWR, ROOT)
+    fs.remember(is_open.ino)
+    fs.write(is_open.ino, 0, os.urandom(BLOCK))
+    used = 7 * BLOCK // SECTOR
+    assert free_sectors(fs) <= free0 - used
+    for name in (b"stored", b"dirty", b"open"):
+        fs.unlink(ROOT_INODE, name)
+    assert fs.getattr(stored.ino).nlink == 0  # still there for the kernel's requests
+    assert free_sectors(fs) == free0 - BLOCK // SECTOR  # all but the open file's
+    fs.release(is_open.ino)
+    assert free_sectors(fs) == free0
+    assert fs.read(stored.ino, 0, 1)  # a request the kernel may still send finds the data
+    fs.forget([(stored.ino, 1), (dirty.ino, 1), (is_open.ino, 1)])
+    fs.commit()
+    assert free_sectors(fs) == free0
+    for ino in (stored.ino, dirty.ino, is_open.ino):
+        assert errno_of(fs.getattr, ino) == errno.ENOENT
+
+
+def test_a_write_short_of_space_waits_for_the_forget_of_a_removed_file(env, monkeypatch):
+    """On a full volume, a write right after an `rm` needs the removed file's space, which
+    comes back when the kernel's FORGET arrives: the write waits for it (FORGET_WAIT at
+    most), instead of ENOSPC. Without a FORGET it fails with ENOSPC, changing nothing."""
+    fs = env.fs
+    big = fs.create(ROOT_INODE, b"big", 0o644, os.O_RDWR, ROOT).ino
+    fs.remember(big)
+    written = _fill(fs, big, 4 * BLOCK)
+    fs.release(big)
+    fs.commit()
+    fs.unlink(ROOT_INODE, b"big")
+    new = mkfile(fs, ROOT_INODE, b"new")
+    monkeypatch.setattr(vfs.content, "FORGET_WAIT", 0.05)
+    assert errno_of(fs.write, new, 0, b"n" * written) == errno.ENOSPC
+    assert fs.getattr(new).size == 0 and fs.getattr(big).nlink == 0
+    monkeypatch.setattr(vfs.content, "FORGET_WAIT", 30.0)
+    counted = threading.Event()
+
+    def kernel_forgets() -> None:  # as the FUSE session does: counted without the lock
+        time.sleep(0.2)
+        released = fs.drop_refs([(big, 1)])
+        counted.set()
+        fs.free_forgotten(released)
+
+    forgetter = threading.Thread(target=kernel_forgets)
+    forgetter.start()
+    try:
+        assert fs.write(new, 0, b"n" * written) == written
+    finally:
+        forgetter.join()
+    assert counted.is_set()
+    assert errno_of(fs.getattr, big) == errno.ENOENT
+    assert fs.read(new, written - 3, 10) == b"nnn"
 
 
 def test_orphans_freed_at_reopen(env):

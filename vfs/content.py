@@ -5,6 +5,7 @@ directories, which keep a removed directory alive as an open keeps a file."""
 from __future__ import annotations
 
 import errno
+import logging
 import os
 import stat
 from collections.abc import Callable
@@ -15,8 +16,11 @@ from vfs.errors import FSError
 from vfs.filedata import BLOCK, SECTORS_PER_BLOCK
 from vfs.ops import now_ns, operation, query
 
+log = logging.getLogger(__name__)
+
 MAX_FILE_SIZE = (1 << 44) - 4096  # 16 TiB less a block: ext4's largest file (4 KiB blocks)
 FREE_BATCH = 256  # forgotten unlinked inodes without data freed together
+FORGET_WAIT = 1.0  # seconds a write short of space waits for the FORGET of removed files
 # fallocate(2) modes (linux/falloc.h)
 KEEP_SIZE, PUNCH_HOLE, COLLAPSE_RANGE, ZERO_RANGE = 0x01, 0x02, 0x08, 0x10
 
@@ -52,16 +56,22 @@ class ContentOps:
         inode whose last name goes lives on while the kernel holds it, as while it is open:
         the kernel may still send requests for it (a file opened by a path that a rename
         replaced a moment before, a directory that is a process's working directory)."""
-        with self._refs_lock:  # not the filesystem lock: called from the FUSE session's threads
+        with self._refs_cond:  # not the filesystem lock: called from the FUSE session's threads
             self.kernel_refs[ino] = self.kernel_refs.get(ino, 0) + 1
 
     def forget(self, items: list[tuple[int, int]]) -> None:
-        """The kernel dropped references: (inode, count) pairs. An unlinked inode goes with
-        its last reference, unless open: at once if it holds data (its space comes back),
-        else with others (an `rm` of many empty files is not slowed by one more operation
-        per file)."""
-        now = []
-        with self.lock, self._refs_lock:
+        """The kernel dropped references: (inode, count) pairs; an unlinked inode it no longer
+        holds is freed (`drop_refs`, then `free_forgotten`)."""
+        released = self.drop_refs(items)
+        if released:
+            self.free_forgotten(released)
+
+    def drop_refs(self, items: list[tuple[int, int]]) -> list[int]:
+        """Count the references the kernel dropped, (inode, count) pairs, without the
+        filesystem lock (the FUSE session does this as the request arrives). Returns the
+        inodes without names that the kernel no longer holds: `free_forgotten` frees them."""
+        released = []
+        with self._refs_cond:
             for ino, count in items:
                 held = self.kernel_refs.get(ino)
                 if held is None:
@@ -70,6 +80,19 @@ class ContentOps:
                     self.kernel_refs[ino] = held - count
                     continue
                 del self.kernel_refs[ino]
+                if ino in self.unlinked_held:
+                    released.append(ino)
+            if released:
+                self._refs_cond.notify_all()  # a write waiting for their space (_make_room)
+        return released
+
+    def free_forgotten(self, inos: list[int]) -> None:
+        """Free unlinked inodes the kernel let go of, unless open: at once if they hold data
+        (their space comes back), else with others (an `rm` of many empty files is not slowed
+        by one more operation per file)."""
+        now = []
+        with self.lock:
+            for ino in inos:
                 sectors = self.unlinked_held.get(ino)
                 if sectors is None or self.opens.get(ino):
                     continue
@@ -80,8 +103,35 @@ class ContentOps:
             if len(self.free_later) >= FREE_BATCH:
                 now += self.free_later
                 self.free_later = []
-        if now:
-            self._free_unlinked(now)
+            if now:
+                self._free_unlinked(now)
+
+    def _take_back_forgotten(self) -> None:
+        """Free the unlinked inodes that only the kernel holds, once it has forgotten them:
+        waits up to FORGET_WAIT seconds for its FORGET (the filesystem lock stays held; the
+        session counts a FORGET without it)."""
+        dirty = self.data.dirty
+        waiting = [ino for ino, sectors in self.unlinked_held.items()
+                   if (sectors or ino in dirty) and not self.opens.get(ino)]
+        if not waiting:
+            return
+        with self._refs_cond:
+            if not self._refs_cond.wait_for(
+                    lambda: not any(self.kernel_refs.get(ino) for ino in waiting), FORGET_WAIT):
+                log.info("%d removed inodes still held by the kernel after %.1f s",
+                         sum(1 for ino in waiting if self.kernel_refs.get(ino)), FORGET_WAIT)
+            gone = [ino for ino in waiting if not self.kernel_refs.get(ino)]
+        self.free_forgotten(gone)
+        if self.free_later:
+            self._free_unlinked(self.free_later)
+            self.free_later = []
+
+    def _held_for_the_kernel(self) -> int:
+        """Sectors of unlinked inodes that nothing but the kernel's entries holds: the kernel
+        has let go of them when it sends its FORGET, a moment after the unlink answered."""
+        dirty = self.data.dirty
+        return sum(sectors + sum(len(secs) for secs in dirty.get(ino, {}).values())
+                   for ino, sectors in self.unlinked_held.items() if not self.opens.get(ino))
 
     @operation
     def _free_unlinked(self, inos: list[int]) -> None:
@@ -151,12 +201,15 @@ class ContentOps:
         """Raise ENOSPC unless `short()` (how many `unit` of room are missing) is nothing.
 
         Sectors freed since the last commit (deleted files, overwritten blocks) become usable
-        only after a commit, so one is made when the free ones do not suffice.
+        only after a commit, so one is made when the free ones do not suffice; files removed a
+        moment before are freed first, once the kernel has let go of them.
         """
         if short() <= 0:
             return
-        if self._depth == 0 and (self.alloc.held_count or self.needs_commit()):
-            self.commit()
+        if self._depth == 0:
+            self._take_back_forgotten()
+            if self.alloc.held_count or self.needs_commit():
+                self.commit()
         missing = short()
         if missing > 0:
             raise FSError(errno.ENOSPC, f"no space left on the volume ({missing} {unit} short)")

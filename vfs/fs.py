@@ -73,7 +73,7 @@ class Filesystem(ContentOps, MakeOps, RenameOps, XattrOps):
         # and those the kernel let go of without any stored data, freed in batches.
         self.unlinked_held: dict[int, int] = {}
         self.free_later: list[int] = []
-        self._refs_lock = threading.Lock()
+        self._refs_cond = threading.Condition(threading.Lock())  # guards kernel_refs
         self.freed_hooks: list[Callable[[int], None]] = []  # told of every inode freed
         self.noatime = False  # the mount's noatime: reads never update atime
         self.nodiratime = False  # the mount's nodiratime: listings never update atime
@@ -237,10 +237,17 @@ class Filesystem(ContentOps, MakeOps, RenameOps, XattrOps):
         r = self.db.row("SELECT nlink, sectors FROM inodes WHERE id=?", (ino,))
         if r is None or r[0] != 0:
             return
-        if self.opens.get(ino) or self.kernel_refs.get(ino):
-            self.unlinked_held[ino] = r[1]  # freed by the last release or forget
-        else:
+        if not self._hold_unlinked(ino, r[1]):
             self._free_inode(ino, r[1])
+
+    def _hold_unlinked(self, ino: int, sectors: int) -> bool:
+        """Keep unlinked inode `ino` (holding `sectors`) if it is open or the kernel holds it,
+        to be freed by the last release or forget; false if nothing holds it."""
+        with self._refs_cond:  # a forget arriving now sees it held (drop_refs)
+            if not (self.opens.get(ino) or self.kernel_refs.get(ino)):
+                return False
+            self.unlinked_held[ino] = sectors
+            return True
 
     # --- lookups and attributes ---------------------------------------------------------------
 
@@ -386,12 +393,10 @@ class Filesystem(ContentOps, MakeOps, RenameOps, XattrOps):
         now = now_ns()
         is_dir = stat.S_ISDIR(mode)
         left = 0 if is_dir else nlink - 1
-        if left <= 0 and not self.opens.get(ino) and not self.kernel_refs.get(ino):
+        if left <= 0 and not self._hold_unlinked(ino, sectors):
             self._free_inode(ino, sectors)
         else:
             self.db.change("UPDATE inodes SET nlink=?, ctime_ns=? WHERE id=?", (left, now, ino))
-            if left <= 0:
-                self.unlinked_held[ino] = sectors  # freed by the last release or forget
         if is_dir:
             self._add_links(parent, -1)
         self._touch(parent, now=now)
@@ -478,9 +483,10 @@ class Filesystem(ContentOps, MakeOps, RenameOps, XattrOps):
     def free_sectors(self) -> int:
         """Sectors that file data may still take."""
         # Held sectors come back at the next commit (made on demand by a write that needs
-        # them); dirty sectors have space promised to them, and the next metadata copy has
-        # its room kept.
-        return max(0, self.alloc.free_count + self.alloc.held_count
+        # them), those of removed files at the kernel's FORGET, which comes a moment after
+        # the unlink (a write that needs them waits for it); dirty sectors have space
+        # promised to them, and the next metadata copy has its room kept.
+        return max(0, self.alloc.free_count + self.alloc.held_count + self._held_for_the_kernel()
                    - self.data.dirty_bytes // SECTOR - self.copy_reserve)
 
     def free_space(self) -> FreeSpace:

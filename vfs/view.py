@@ -126,9 +126,14 @@ class View:
         forgets it)."""
         self.fs.remember(real_inode(attr.ino))
 
-    def forget(self, items: list[tuple[int, int]]) -> None:
-        """The kernel dropped references: (inode, count) pairs."""
-        self.fs.forget([(real_inode(ino), count) for ino, count in items])
+    def drop_refs(self, items: list[tuple[int, int]]) -> list[int]:
+        """The kernel dropped references: (inode, count) pairs, counted without the lock.
+        Returns the removed inodes it let go of, for `free_forgotten`."""
+        return self.fs.drop_refs([(real_inode(ino), count) for ino, count in items])
+
+    def free_forgotten(self, inos: list[int]) -> None:
+        """Free removed inodes that `drop_refs` returned (under the lock)."""
+        self.fs.free_forgotten(inos)
 
     def readlink(self, ino: int) -> bytes:
         """The target of a symbolic link."""
