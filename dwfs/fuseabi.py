@@ -12,7 +12,7 @@ import struct
 from vfs.attrs import Attr
 
 KERNEL_MAJOR = 7
-KERNEL_MINOR = 31  # the replies below have this version's sizes
+KERNEL_MINOR = 33  # the replies below have this version's sizes (those of 7.31 too)
 ROOT_ID = 1
 DEV_IOC_CLONE = 0x8004E500  # _IOR(229, 0, uint32_t): attach a new /dev/fuse to a connection
 
@@ -35,6 +35,10 @@ AUTO_INVAL_DATA = 1 << 12
 DO_READDIRPLUS = 1 << 13
 ASYNC_DIO = 1 << 15
 MAX_PAGES = 1 << 22
+# The filesystem clears set-user-ID and set-group-ID on writes, truncations and chowns where
+# the kernel flags them (below); the kernel then marks files without those bits or
+# security.capability S_NOSEC and stops asking for security.capability before every write.
+HANDLE_KILLPRIV_V2 = 1 << 28
 DONT_MASK = 1 << 6  # the filesystem applies the umask (it sees default ACLs)
 POSIX_ACL = 1 << 20  # the kernel checks ACLs (system.posix_acl_* attributes)
 
@@ -42,6 +46,9 @@ POSIX_ACL = 1 << 20  # the kernel checks ACLs (system.posix_acl_* attributes)
 FATTR_MODE, FATTR_UID, FATTR_GID, FATTR_SIZE = 1, 2, 4, 8
 FATTR_ATIME, FATTR_MTIME, FATTR_ATIME_NOW, FATTR_MTIME_NOW = 16, 32, 128, 256
 FATTR_CTIME = 1024
+FATTR_KILL_SUIDGID = 1 << 11  # a truncation or chown that clears setid bits
+WRITE_KILL_SUIDGID = 1 << 2  # fuse_write_in.write_flags: this write clears setid bits
+OPEN_KILL_SUIDGID = 1 << 0  # fuse_open_in.open_flags: this O_TRUNC clears setid bits
 
 # --- open reply flags -------------------------------------------------------------------------
 FOPEN_KEEP_CACHE = 1 << 1

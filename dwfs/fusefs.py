@@ -163,12 +163,12 @@ class FuseOperations(Handlers):
     def tmpfile(self, r: Request, parent: int, mode: int, flags: int) -> None:
         self.meta(r, self._created, self.fs.tmpfile, parent, mode, flags, caller(r, mode))
 
-    def open(self, r: Request, node: int, flags: int) -> None:
+    def open(self, r: Request, node: int, flags: int, kill_setid: bool = False) -> None:
         # The kernel reads cached pages without telling the filesystem, so a file whose
         # atime a read would update is opened without its cached pages: its first read comes
         # here (and updates atime as relatime does); once atime is current the cache is kept.
         self.data(r, lambda a: open_out(node, keep_cache=not self.fs.atime_due(a)),
-                  self.fs.open, node, flags)
+                  self.fs.open, node, flags, kill_setid)
 
     def read(self, r: Request, fh: int, offset: int, size: int) -> None:
         if self.fs.needs_fetch(fh):
@@ -182,13 +182,14 @@ class FuseOperations(Handlers):
         else:
             self.data(r, None, self.fs.read, fh, offset, size)
 
-    def write(self, r: Request, fh: int, offset: int, data: bytes) -> None:
+    def write(self, r: Request, fh: int, offset: int, data: bytes,
+              kill_setid: bool = False) -> None:
         if self.fs.is_ghost(fh):
-            self.slow(r, _written, self.fs.write, fh, offset, data)
+            self.slow(r, _written, self.fs.write, fh, offset, data, kill_setid)
         elif len(data) < SMALL_IO:
-            self.meta(r, _written, self.fs.write, fh, offset, data)
+            self.meta(r, _written, self.fs.write, fh, offset, data, kill_setid)
         else:
-            self.data(r, _written, self.fs.write, fh, offset, data)
+            self.data(r, _written, self.fs.write, fh, offset, data, kill_setid)
 
     def fallocate(self, r: Request, fh: int, mode: int, offset: int, length: int) -> None:
         lane = self.slow if self.fs.is_ghost(fh) else self.data

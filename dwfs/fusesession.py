@@ -27,7 +27,7 @@ log = logging.getLogger(__name__)
 MAX_WRITE = 1 << 20
 BUFFER = MAX_WRITE + 64 * 1024  # a whole write request with its headers, or a 64 KiB xattr
 WANTED = (abi.ASYNC_READ | abi.ATOMIC_O_TRUNC | abi.EXPORT_SUPPORT | abi.BIG_WRITES
-          | abi.DO_READDIRPLUS | abi.ASYNC_DIO | abi.MAX_PAGES)
+          | abi.DO_READDIRPLUS | abi.ASYNC_DIO | abi.MAX_PAGES | abi.HANDLE_KILLPRIV_V2)
 _BYTES = (bytes, bytearray)
 # How long the reading thread polls for the next request before it sleeps (only while requests
 # come in quick succession): about one round trip of a small request.
@@ -210,6 +210,7 @@ class Session:
                 mtime_ns=(now if valid & abi.FATTR_MTIME_NOW else
                           mtime * abi.NSEC + mtimensec if valid & abi.FATTR_MTIME else None),
                 ctime_ns=ctime * abi.NSEC + ctimensec if valid & abi.FATTR_CTIME else None,
+                kill_setid=bool(valid & abi.FATTR_KILL_SUIDGID),
             )
             h.setattr(r, node, ch)
 
@@ -239,15 +240,17 @@ class Session:
             h.link(r, abi.LINK_IN.unpack_from(body)[0], node, name_of(body[8:]))
 
         def open_(r: Request, node: int, body: memoryview) -> None:
-            h.open(r, node, abi.OPEN_IN.unpack_from(body)[0])
+            flags, open_flags = abi.OPEN_IN.unpack_from(body)
+            h.open(r, node, flags, bool(open_flags & abi.OPEN_KILL_SUIDGID))
 
         def read(r: Request, node: int, body: memoryview) -> None:
             fh, offset, size, _, _, _, _ = abi.READ_IN.unpack_from(body)
             h.read(r, fh, offset, size)
 
         def write(r: Request, node: int, body: memoryview) -> None:
-            fh, offset, size, _, _, _, _ = abi.WRITE_IN.unpack_from(body)
-            h.write(r, fh, offset, bytes(body[40:40 + size]))
+            fh, offset, size, write_flags, _, _, _ = abi.WRITE_IN.unpack_from(body)
+            h.write(r, fh, offset, bytes(body[40:40 + size]),
+                    bool(write_flags & abi.WRITE_KILL_SUIDGID))
 
         def release(r: Request, node: int, body: memoryview) -> None:
             h.release(r, abi.RELEASE_IN.unpack_from(body)[0])
@@ -296,6 +299,7 @@ class Session:
             h.readdir(r, fh, offset, size, True)
 
         def create(r: Request, node: int, body: memoryview) -> None:
+            # (its open_flags: a file just made has no setid bits to clear)
             flags, mode, r.umask, _ = abi.CREATE_IN.unpack_from(body)
             h.create(r, node, name_of(body[16:]), mode, flags)
 

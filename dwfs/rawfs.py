@@ -17,7 +17,7 @@ from dwfs.fusehandlers import Handlers
 from dwfs.fusesession import Request
 from dwfs.writebehind import WriteBehind
 from raid.volume import Volume
-from vfs.attrs import Attr, SetAttr
+from vfs.attrs import Attr, SetAttr, without_setid
 
 log = logging.getLogger(__name__)
 
@@ -90,6 +90,8 @@ class RawOperations(Handlers):
         n = self._nodes[inode]
         if ch.mode is not None:
             n.mode = (n.mode & ~0o7777) | (ch.mode & 0o7777)
+        if ch.kill_setid:
+            n.mode = without_setid(n.mode)
         n.uid = n.uid if ch.uid is None else ch.uid
         n.gid = n.gid if ch.gid is None else ch.gid
         if ch.atime_ns is not None:
@@ -116,7 +118,8 @@ class RawOperations(Handlers):
     def releasedir(self, r: Request, fh: int) -> None:
         r.reply()
 
-    def open(self, r: Request, node: int, flags: int) -> None:
+    def open(self, r: Request, node: int, flags: int, kill_setid: bool = False) -> None:
+        # (an O_TRUNC that would clear setid bits, kill_setid, is refused like any other)
         if node != VOLUME_INODE:
             r.fail(errno.EISDIR)
         elif flags & os.O_TRUNC:
@@ -137,13 +140,17 @@ class RawOperations(Handlers):
     def read(self, r: Request, fh: int, offset: int, size: int) -> None:
         self.data(r, None, self._read, offset, size)
 
-    def write(self, r: Request, fh: int, offset: int, data: bytes) -> None:
+    def write(self, r: Request, fh: int, offset: int, data: bytes,
+              kill_setid: bool = False) -> None:
         if offset >= self.volume.capacity:
             r.fail(errno.ENOSPC)
             return
         n = min(len(data), self.volume.capacity - offset)
         part = data if n == len(data) else data[:n]
-        times = self._nodes[VOLUME_INODE].times
+        node = self._nodes[VOLUME_INODE]
+        if kill_setid:
+            node.mode = without_setid(node.mode)
+        times = node.times
         times[1] = times[2] = time.time_ns()
         if self.writes.try_submit(offset, part):
             r.reply(abi.WRITE_OUT.pack(n, 0))

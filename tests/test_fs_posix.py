@@ -5,9 +5,11 @@ from __future__ import annotations
 import errno
 import mmap
 import os
+import shutil
 import stat
 import struct
 import subprocess
+import tempfile
 
 import pytest
 from mountutil import drop_caches, scratch_mount
@@ -920,6 +922,64 @@ def test_xattr_names_stay_listable(d):
 
 
 # --- the whole filesystem ------------------------------------------------------------------------
+
+
+def test_writes_truncations_and_chowns_clear_setid_bits_as_on_ext4(d):
+    """The mount asks the kernel to leave clearing set-user-ID and set-group-ID to it
+    (FUSE_HANDLE_KILLPRIV_V2, so that writes skip a security.capability lookup each): a
+    write, truncate(2) or O_TRUNC open by a process without CAP_FSETID clears set-user-ID,
+    and set-group-ID where group execute is set; root's keep them; chown clears them even
+    for root; a write removes security.capability. Same results as ext4 beside it."""
+    ref = tempfile.mkdtemp(prefix="dwfs-setid-", dir="/var/tmp")
+    os.chmod(ref, 0o777)
+
+    def write(p):
+        fd = os.open(p, os.O_WRONLY)
+        try:
+            os.pwrite(fd, b"y", 5)
+        finally:
+            os.close(fd)
+
+    def truncate(p):
+        os.truncate(p, 100)
+
+    def open_truncating(p):
+        os.close(os.open(p, os.O_WRONLY | os.O_TRUNC))
+
+    def chown(p):
+        os.chown(p, 1, 1)
+
+    cases = [(0o6775, write, True), (0o6745, write, True), (0o6775, truncate, True),
+             (0o6745, truncate, True), (0o6775, open_truncating, True),
+             (0o6775, write, False), (0o6775, truncate, False),
+             (0o6775, open_truncating, False), (0o6775, chown, False), (0o6745, chown, False)]
+    # A capability set (revision 2: cap_net_bind_service permitted) that a write removes.
+    caps = struct.pack("<5I", 0x02000000, 1 << 10, 0, 0, 0)
+    try:
+        seen = {}
+        for top in (ref, d):
+            got = []
+            for i, (mode, change, unprivileged) in enumerate(cases):
+                p = os.path.join(top, f"f{i}")
+                write_file(p, b"x" * 10_000)
+                os.chown(p, NOBODY, NOBODY)
+                os.chmod(p, mode)
+                if unprivileged:
+                    as_user(lambda p=p, change=change: change(p))
+                else:
+                    change(p)
+                got.append(oct(stat.S_IMODE(os.stat(p).st_mode)))
+            p = os.path.join(top, "capable")
+            write_file(p, b"x" * 100, 0o755)
+            os.setxattr(p, "security.capability", caps)
+            write(p)
+            got.append(errno_of(os.getxattr, p, "security.capability"))
+            seen[top] = got
+        assert seen[d] == seen[ref]
+        assert seen[d][0] == oct(0o775) and seen[d][1] == oct(0o2745)  # what ext4 does here
+        assert seen[d][5] == oct(0o6775) and seen[d][-1] == errno.ENODATA
+    finally:
+        shutil.rmtree(ref, ignore_errors=True)
 
 
 def test_statfs_and_df(mnt, d):

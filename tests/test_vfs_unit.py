@@ -435,6 +435,41 @@ def test_a_write_short_of_space_waits_for_the_forget_of_a_removed_file(env, monk
     assert fs.read(new, written - 3, 10) == b"nnn"
 
 
+def test_setid_bits_cleared_where_the_kernel_asks(fs):
+    """kill_setid (a writer, truncater or opener with O_TRUNC without CAP_FSETID, or any
+    chown) clears set-user-ID, and set-group-ID only with group execute; without it, or for
+    an empty write, the mode stays."""
+    def setid_file(name: bytes, mode: int) -> int:
+        ino = mkfile(fs, ROOT_INODE, name, b"x" * 100)
+        fs.setattr(ino, SetAttr(mode=mode))
+        return ino
+
+    def mode_of(ino: int) -> int:
+        return stat.S_IMODE(fs.getattr(ino).mode)
+
+    a, b, c, e = (setid_file(n, m) for n, m in ((b"a", 0o6775), (b"b", 0o6745),
+                                                (b"c", 0o6775), (b"e", 0o6775)))
+    fs.open(a, os.O_RDWR)
+    fs.write(a, 0, b"y")
+    assert mode_of(a) == 0o6775  # no kill asked: a writer with CAP_FSETID
+    fs.write(a, 0, b"", kill_setid=True)
+    assert mode_of(a) == 0o6775  # nothing written
+    ctime = fs.getattr(a).ctime_ns
+    fs.write(a, 0, b"y", kill_setid=True)
+    assert mode_of(a) == 0o775 and fs.getattr(a).ctime_ns >= ctime
+    fs.release(a)
+    fs.setattr(b, SetAttr(size=10, kill_setid=True))
+    assert mode_of(b) == 0o2745 and fs.getattr(b).size == 10
+    fs.setattr(c, SetAttr(uid=1, gid=1, kill_setid=True))
+    assert mode_of(c) == 0o775 and fs.getattr(c).uid == 1
+    fs.open(e, os.O_WRONLY | os.O_TRUNC, kill_setid=True)
+    fs.release(e)
+    assert mode_of(e) == 0o775 and fs.getattr(e).size == 0
+    d = fs.mkdir(ROOT_INODE, b"d", 0o2775, ROOT).ino
+    fs.setattr(d, SetAttr(uid=1, kill_setid=True))
+    assert mode_of(d) == 0o2775  # a directory's set-group-ID is inheritance: chown keeps it
+
+
 def test_orphans_freed_at_reopen(env):
     fs = env.fs
     free0 = free_sectors(fs)

@@ -4,6 +4,7 @@ and the rule every name must follow."""
 from __future__ import annotations
 
 import errno
+import stat
 from dataclasses import dataclass, field
 
 from vfs.errors import FSError
@@ -39,6 +40,16 @@ def clamp_time(ns: int) -> int:
     return min(max(ns, TIME_MIN_NS), TIME_MAX_NS)
 
 
+def without_setid(mode: int) -> int:
+    """`mode` as a write, truncation or chown by a process without CAP_FSETID leaves it:
+    set-user-ID cleared, and set-group-ID where group execute is set (without it, the bit
+    marks mandatory locking and stays), as the kernel's VFS does."""
+    mode &= ~stat.S_ISUID
+    if mode & stat.S_IXGRP:
+        mode &= ~stat.S_ISGID
+    return mode
+
+
 @dataclass(slots=True)
 class SetAttr:
     """The attribute changes of one setattr call; None means unchanged. Times are clamped to
@@ -51,6 +62,7 @@ class SetAttr:
     atime_ns: int | None = None
     mtime_ns: int | None = None
     ctime_ns: int | None = None
+    kill_setid: bool = False  # clear set-user-ID and set-group-ID (see without_setid)
 
     def __post_init__(self) -> None:
         for name in ("atime_ns", "mtime_ns", "ctime_ns"):

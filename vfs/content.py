@@ -11,7 +11,7 @@ import stat
 from collections.abc import Callable
 
 from vfs.alloc import SECTOR
-from vfs.attrs import Attr
+from vfs.attrs import Attr, without_setid
 from vfs.errors import FSError
 from vfs.filedata import BLOCK, SECTORS_PER_BLOCK
 from vfs.ops import now_ns, operation, query
@@ -30,14 +30,17 @@ class ContentOps:
     lock and the FileData of Filesystem)."""
 
     @operation
-    def open(self, ino: int, flags: int) -> Attr:
+    def open(self, ino: int, flags: int, kill_setid: bool = False) -> Attr:
         """Open an inode; O_TRUNC empties a regular file (even opened O_RDONLY, as Linux does:
-        the kernel has checked write permission)."""
+        the kernel has checked write permission), and with `kill_setid` (an opener without
+        CAP_FSETID) clears its setid bits as a write would."""
         r = self._row(ino)
         if flags & os.O_TRUNC and stat.S_ISREG(r[1]):
             if r[5]:
                 self._truncate(r, 0)
             self._touch(ino)
+            if kill_setid:
+                self._kill_setid(r)
         self.opens[ino] = self.opens.get(ino, 0) + 1
         return self._attr(self._row(ino))
 
@@ -226,9 +229,10 @@ class ContentOps:
         return r
 
     def write(self, ino: int, offset: int, data: bytes | memoryview,
-              keep_times: bool = False) -> int:
+              keep_times: bool = False, kill_setid: bool = False) -> int:
         """Write bytes at `offset`; returns how many were written. `keep_times` stores
-        content without changing mtime and ctime (a ghost's content arriving).
+        content without changing mtime and ctime (a ghost's content arriving); `kill_setid`
+        (a writer without CAP_FSETID) clears the file's setid bits.
 
         ENOSPC comes before anything changes: a failed write leaves the file as it was. A
         write that would pass the largest file size writes what fits (EFBIG if nothing
@@ -242,15 +246,17 @@ class ContentOps:
             self._check_write(ino, offset, n)
             if n:
                 self._reserve(ino, offset // BLOCK, (offset + n - 1) // BLOCK)
-            return self._write(ino, offset, data, keep_times)
+            return self._write(ino, offset, data, keep_times, kill_setid)
 
     @operation
     def _write(self, ino: int, offset: int, data: bytes | memoryview,
-               keep_times: bool = False) -> int:
+               keep_times: bool = False, kill_setid: bool = False) -> int:
         r = self._check_write(ino, offset, len(data))
         n = len(data)
         if n == 0:
             return 0
+        if kill_setid:
+            self._kill_setid(r)
         new_size = self.data.write(ino, r[5], offset, data)
         if keep_times:
             if new_size != r[5]:
@@ -260,6 +266,14 @@ class ContentOps:
         self.db.change("UPDATE inodes SET size=?, mtime_ns=?, ctime_ns=? WHERE id=?",
                        (new_size, now, now, ino))
         return n
+
+    def _kill_setid(self, r: tuple) -> None:
+        """Clear the setid bits of inode row `r` as a write by a process without CAP_FSETID
+        does (the kernel leaves that to the filesystem: fuseabi.HANDLE_KILLPRIV_V2)."""
+        mode = without_setid(r[1])
+        if mode != r[1]:
+            self.db.change("UPDATE inodes SET mode=?, ctime_ns=? WHERE id=?",
+                           (mode, now_ns(), r[0]))
 
     def fallocate(self, ino: int, mode: int, offset: int, length: int) -> None:
         """fallocate(2): mode 0 or KEEP_SIZE makes sure the volume has room for the range's

@@ -20,7 +20,15 @@ from collections.abc import Callable
 from typing import Any
 
 from vfs.alloc import SECTOR, Allocator
-from vfs.attrs import NAME_MAX, ROOT_INODE, Attr, DirEntry, SetAttr, check_name
+from vfs.attrs import (
+    NAME_MAX,
+    ROOT_INODE,
+    Attr,
+    DirEntry,
+    SetAttr,
+    check_name,
+    without_setid,
+)
 from vfs.content import ContentOps
 from vfs.errors import FSError
 from vfs.filedata import BLOCK, SECTORS_PER_BLOCK, FileData, VolumeLike
@@ -302,9 +310,13 @@ class Filesystem(ContentOps, MakeOps, RenameOps, XattrOps):
                 self._check_truncatable(r, ch.size)
             sets.append("mtime_ns=?")
             args.append(now if ch.mtime_ns is None else ch.mtime_ns)
-        if ch.mode is not None:
+        mode = r[1] if ch.mode is None else stat.S_IFMT(r[1]) | (ch.mode & 0o7777)
+        if ch.kill_setid and not stat.S_ISDIR(mode):
+            mode = without_setid(mode)
+        if ch.mode is not None or mode != r[1]:
             sets.append("mode=?")
-            args.append(stat.S_IFMT(r[1]) | (ch.mode & 0o7777))
+            args.append(mode)
+        if ch.mode is not None:
             self._acl_follows_mode(ino, ch.mode)
         if ch.uid is not None:
             sets.append("uid=?")

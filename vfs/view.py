@@ -201,12 +201,13 @@ class View:
 
     # --- files --------------------------------------------------------------------------------
 
-    def open(self, ino: int, flags: int) -> Attr:
-        """Open a file; O_TRUNC makes a ghost an ordinary empty file without fetching it."""
+    def open(self, ino: int, flags: int, kill_setid: bool = False) -> Attr:
+        """Open a file; O_TRUNC makes a ghost an ordinary empty file without fetching it
+        (`kill_setid`: see Filesystem.open)."""
         with self.lock:
             if flags & os.O_TRUNC and self.ghosts.state(ino) is not None:
                 self.ghosts.make_ordinary(ino, keep_content=False)
-            return self.fs.open(ino, flags)
+            return self.fs.open(ino, flags, kill_setid)
 
     def atime_due(self, attr: Attr) -> bool:
         """True if reading the file or directory `attr` now would update its atime."""
@@ -233,11 +234,13 @@ class View:
         """Read file data; a ghost's is fetched as far as the range needs."""
         return self.ghosts.read(ino, offset, length)
 
-    def write(self, ino: int, offset: int, data: bytes | memoryview) -> int:
-        """Write file data; a ghost is fetched first and becomes an ordinary file."""
+    def write(self, ino: int, offset: int, data: bytes | memoryview,
+              kill_setid: bool = False) -> int:
+        """Write file data; a ghost is fetched first and becomes an ordinary file
+        (`kill_setid`: see Filesystem.write)."""
         if self.ghosts.state(ino) is not None:
             self.ghosts.make_ordinary(ino)
-        return self.fs.write(ino, offset, data)
+        return self.fs.write(ino, offset, data, kill_setid=kill_setid)
 
     def fallocate(self, ino: int, mode: int, offset: int, length: int) -> None:
         """fallocate(2) on a file; a ghost is fetched first and becomes an ordinary file."""

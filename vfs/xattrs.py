@@ -33,8 +33,8 @@ class XattrOps:
     def has_no_capability(self, name: bytes) -> bool:
         """True when `name` is security.capability and no file has that attribute.
 
-        The kernel asks for it before every write to a FUSE file (FUSE inodes never get
-        S_NOSEC); while this holds the answer, ENODATA, needs neither the lock nor the database.
+        The kernel asks for it before writes to a FUSE file it has not yet marked S_NOSEC;
+        while this holds the answer, ENODATA, needs neither the lock nor the database.
         """
         return name == CAPABILITY_XATTR and not self.capabilities_seen
 
