@@ -289,6 +289,10 @@ def _fsck(args: argparse.Namespace) -> int:
                   + (f", {doc['extents_verified']} verified" if doc["extents_verified"] else ""))
         for line in doc["problems"]:
             out.print(f"  {'fixed' if args.repair else 'found'}: {line}")
+        if doc["orphans"]:
+            out.print(f"  {len(doc['orphans'])} orphan inode(s), unlinked while open when the "
+                      "filesystem last stopped: "
+                      + ("freed" if args.repair else "the next mount frees them"))
         for ino, paths in doc["damaged_paths"].items():
             out.print(f"  damaged: inode {ino} {' '.join(paths)}")
         out.print("clean" if report.clean and not restored else

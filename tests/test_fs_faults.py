@@ -83,6 +83,14 @@ def fsm(tmp_path_factory):
         force_unmount(m.mountpoint, m.warehouse)
 
 
+@pytest.fixture(autouse=True)
+def still_mounted(fsm):
+    """Every test starts on the mounted warehouse: after a failure that left it unmounted, the
+    next test stops here instead of writing (until ENOSPC, in test_enospc) into the bare
+    directory on the host's disk."""
+    assert is_mounted(fsm.mountpoint), "an earlier test left the warehouse unmounted"
+
+
 def fsck(fsm: FsMount, *args: str) -> subprocess.CompletedProcess:
     return dwfs("fsck", fsm.warehouse, *args, check=False)
 

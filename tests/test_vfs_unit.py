@@ -14,6 +14,7 @@ import pytest
 from volhelpers import build, close_members, open_vol, rand_bytes
 
 import vfs.content
+from vfs import fsck
 from vfs.alloc import SECTOR
 from vfs.attrs import NAME_MAX, ROOT_INODE, Caller, SetAttr
 from vfs.content import KEEP_SIZE, PUNCH_HOLE
@@ -485,6 +486,32 @@ def test_orphans_freed_at_reopen(env):
     assert free_sectors(fs) == free0
     env.reopen()
     assert free_sectors(env.fs) == free0
+
+
+def test_fsck_reports_a_crash_orphan_without_calling_it_a_fault(env):
+    """After a crash with a file unlinked while open, fsck lists the orphan and stays clean
+    (the next read-write open frees it, as test_orphans_freed_at_reopen shows); a repair
+    frees it too."""
+    fs = env.fs
+    a = fs.create(ROOT_INODE, b"f", 0o644, os.O_RDWR, ROOT)
+    fs.write(a.ino, 0, os.urandom(5 * BLOCK))
+    fs.unlink(ROOT_INODE, b"f")
+    fs.commit()
+    env.close()  # "crash" with the file still open
+    for repair in (False, True):
+        db, vol = MetaDB(env.meta), open_vol(env.paths, env.uuid)
+        try:
+            report = fsck.check(db, vol, repair=repair)
+            assert report.clean and report.orphans == [a.ino], report
+            assert db.value("SELECT count(*) FROM inodes WHERE id=?", (a.ino,)) == (not repair)
+            assert (db.value("SELECT count(*) FROM extents WHERE inode=?", (a.ino,)) == 0) \
+                == repair  # its data is kept until it is freed
+        finally:
+            db.close()
+            vol.close()
+    fs = env.open()
+    assert errno_of(fs.getattr, a.ino) == errno.ENOENT
+    assert fsck.check(env.db, env.vol).orphans == []
 
 
 # --- persistence ---------------------------------------------------------------------------------

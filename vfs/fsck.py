@@ -1,12 +1,13 @@
 """Offline consistency check (and repair) of a filesystem's metadata against its volume.
 
 Checks, in order: SQLite's own integrity; the root directory; names pointing at missing
-inodes or from non-directories; inodes nobody names (unlinked-open leftovers are freed, named
-ones lost by a damaged directory go to /lost+found); link counts; block-map extents that are
-malformed, outside the volume, overlapping others, past the end of their file or of deleted
-inodes; ghost records
-of missing or non-regular inodes; smart folders that hold entries of their own; optionally
-every stored extent read back and checked against its checksum.
+inodes or from non-directories; inodes nobody names (files unlinked while open when the
+filesystem last stopped are orphans, not problems: the next mount frees them, as a repair
+does; named ones lost by a damaged directory go to /lost+found); link counts; block-map
+extents that are malformed, outside the volume, overlapping others, past the end of their
+file or of deleted inodes; ghost records of missing or non-regular inodes; smart folders
+that hold entries of their own; optionally every stored extent read back and checked
+against its checksum.
 """
 
 from __future__ import annotations
@@ -37,6 +38,9 @@ class FsckReport:
     problems: list[str] = field(default_factory=list)
     repaired: bool = False
     damaged_files: list[int] = field(default_factory=list)
+    # Inodes unlinked while open (or while the kernel held them) when the filesystem last
+    # stopped, a crash: not a fault, the next read-write mount frees them (so does repair).
+    orphans: list[int] = field(default_factory=list)
     inodes: int = 0
     extents: int = 0
     extents_verified: int = 0
@@ -49,7 +53,8 @@ class FsckReport:
     def to_dict(self) -> dict:
         """The report as JSON-ready data."""
         return {"clean": self.clean, "problems": self.problems, "repaired": self.repaired,
-                "damaged_inodes": self.damaged_files, "inodes": self.inodes,
+                "damaged_inodes": self.damaged_files, "orphans": self.orphans,
+                "inodes": self.inodes,
                 "extents": self.extents, "extents_verified": self.extents_verified}
 
 
@@ -129,7 +134,9 @@ class Checker:
         lost_found = None
         for ino, nlink, mode in rows:
             if nlink == 0:
-                self.problem(f"inode {ino} was unlinked while open and never freed")
+                log.info("fsck: inode %d is an orphan (unlinked while open at the last stop)%s",
+                         ino, "; freeing it" if self.repair else "")
+                self.report.orphans.append(ino)
                 if self.repair:
                     self._free(ino)
                 continue
