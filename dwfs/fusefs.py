@@ -215,7 +215,12 @@ class FuseOperations(Handlers):
         r.fail(errno.ENOSYS)
 
     def fsync(self, r: Request, fh: int, datasync: bool) -> None:
-        self.data(r, None, self.fs.commit, False, True)  # little data: into the intent log
+        # Little data goes into the intent log, committed with the metadata; such a commit
+        # runs like a metadata request (inline when the lock is free: no thread hop; an 8 KiB
+        # write and fdatasync took 354-364 µs instead of 400-425), a larger one, which
+        # flushes the volume, in the worker, so the session goes on reading requests.
+        lane = self.meta if self.fs.small_commit() else self.data
+        lane(r, None, self.fs.commit, False, True)
 
     def release(self, r: Request, fh: int) -> None:
         self.meta(r, None, self.fs.release, fh)
@@ -255,7 +260,7 @@ class FuseOperations(Handlers):
         self.meta(r, None, self.fs.releasedir, fh)
 
     def fsyncdir(self, r: Request, fh: int, datasync: bool) -> None:
-        self.data(r, None, self.fs.commit, False, True)
+        self.fsync(r, fh, datasync)
 
     # --- extended attributes ------------------------------------------------------------------
 

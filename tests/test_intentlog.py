@@ -199,3 +199,24 @@ def test_reads_of_unflushed_writes_match_the_volume(tmp_path_factory, steps):
     finally:
         db.close()
         vol.close()
+
+
+def test_a_small_commit_is_one_the_log_takes(tmp_path):
+    """small_commit tells an fsync whether its commit would go into the intent log (so the
+    session runs it at once) or flush the volume (so it runs in the worker): true after a few
+    KiB, false once what waits for the volume passes LOG_BYTES, true again after a flush."""
+    env = Env(tmp_path)
+    fs = env.fs
+    try:
+        ino = fs.create(ROOT_INODE, b"f", 0o644, os.O_RDWR, ROOT).ino
+        fs.commit()
+        fs.write(ino, 0, rand_bytes(1, 8192))
+        assert fs.small_commit()
+        fs.commit(log=True)
+        assert _rows(env.db) > 0 and fs.small_commit()
+        fs.write(ino, 8192, rand_bytes(2, vfs.intentlog.LOG_BYTES))
+        assert not fs.small_commit()
+        fs.commit(log=True)  # too much for the log: the volume is flushed, the log emptied
+        assert _rows(env.db) == 0 and fs.small_commit()
+    finally:
+        env.close()

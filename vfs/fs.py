@@ -552,6 +552,12 @@ class Filesystem(ContentOps, MakeOps, RenameOps, XattrOps):
             self.alloc.release()
             self.copy_reserve = copy_reserve(self.db)
 
+    def small_commit(self) -> bool:
+        """Whether a commit now would be a small one: what it writes out, and everything not
+        yet flushed, goes into the intent log, without a flush of the volume (an fsync after a
+        few KiB). Read without the lock: a hint for where to run the commit."""
+        return self.volume.would_log(self.data.dirty_bytes)
+
     def needs_commit(self) -> bool:
         """True if there are changes not yet durable."""
         return self.db.dirty or bool(self.data.dirty) or bool(self.free_later)

@@ -122,6 +122,11 @@ class IntentLog:
         """Whether what was written since the volume's flush fits in the log."""
         return not self._too_much and bool(self._pending)
 
+    def would_log(self, more: int) -> bool:
+        """Whether what was written since the volume's flush, and `more` bytes besides, would
+        fit in the log."""
+        return not self._too_much and self._pending_bytes + more <= LOG_BYTES
+
     def log_pending(self) -> None:
         """Add the writes not yet in the log to it (inside the open transaction)."""
         new = self._pending[self._logged:]

@@ -398,6 +398,10 @@ class View:
         """Make every change durable (see Filesystem.commit)."""
         self.fs.commit(head_start, log)
 
+    def small_commit(self) -> bool:
+        """See Filesystem.small_commit (lock-free)."""
+        return self.fs.small_commit()
+
     def needs_commit(self) -> bool:
         """True if there are changes not yet durable."""
         return self.fs.needs_commit()
