@@ -12,7 +12,10 @@ import struct
 from vfs.attrs import Attr
 
 KERNEL_MAJOR = 7
-KERNEL_MINOR = 33  # the replies below have this version's sizes (those of 7.31 too)
+KERNEL_MINOR = 33  # the protocol dwfs speaks; the replies below have its sizes
+# The oldest kernel protocol dwfs works with: 7.31 and 7.32 have the same sizes, and
+# without HANDLE_KILLPRIV_V2 (7.33) the kernel clears setid bits itself, as before.
+OLDEST_KERNEL_MINOR = 31
 ROOT_ID = 1
 DEV_IOC_CLONE = 0x8004E500  # _IOR(229, 0, uint32_t): attach a new /dev/fuse to a connection
 

@@ -177,9 +177,9 @@ class Session:
 
         def init(r: Request, node: int, body: memoryview) -> None:
             major, minor, readahead, flags = abi.INIT_IN.unpack_from(body)
-            if major != abi.KERNEL_MAJOR or minor < abi.KERNEL_MINOR:
+            if major != abi.KERNEL_MAJOR or minor < abi.OLDEST_KERNEL_MINOR:
                 log.error("kernel speaks FUSE %d.%d; dwfs needs %d.%d", major, minor,
-                          abi.KERNEL_MAJOR, abi.KERNEL_MINOR)
+                          abi.KERNEL_MAJOR, abi.OLDEST_KERNEL_MINOR)
                 r.fail(errno.EPROTO)
                 return
             r.reply(abi.INIT_OUT.pack(abi.KERNEL_MAJOR, abi.KERNEL_MINOR, readahead,

@@ -261,3 +261,34 @@ def _sigterm_while_held(m):
     assert not is_mounted(m.mountpoint)
     assert pid_alive(pid)  # the open file keeps it serving
     return pid, held
+
+
+@pytest.mark.parametrize("minor", [30, 31, 32, 33, 44])
+def test_init_takes_kernels_from_7_31_and_killpriv_v2_only_where_offered(minor):
+    """dwfs speaks FUSE 7.33 and works with kernels from 7.31 (Linux 5.4): it asks for
+    HANDLE_KILLPRIV_V2 (and so clears setid bits itself) only when the kernel offers it, as
+    kernels from 7.33 do; an older protocol is refused with EPROTO."""
+    from dwfs.fusehandlers import Handlers
+    from dwfs.fusesession import WANTED, Request, Session
+
+    offered = WANTED if minor >= 33 else WANTED & ~abi.HANDLE_KILLPRIV_V2
+    session = Session.__new__(Session)  # its request parsers, without a mount
+    session.handlers = Handlers.__new__(Handlers)  # ENOSYS for all: only INIT is sent
+    read_end, write_end = os.pipe()
+    try:
+        init = session._parsers()[abi.INIT]
+        init(Request(write_end, 9, 0, 0, 0), 0,
+             memoryview(abi.INIT_IN.pack(abi.KERNEL_MAJOR, minor, 1 << 20, offered)))
+        reply = os.read(read_end, 4096)
+    finally:
+        os.close(read_end)
+        os.close(write_end)
+    length, error, unique = abi.OUT_HEADER.unpack_from(reply)
+    assert unique == 9 and length == len(reply)
+    if minor < 31:
+        assert error == -errno.EPROTO
+        return
+    assert error == 0
+    major, our_minor, _, flags, *_ = abi.INIT_OUT.unpack_from(reply, abi.OUT_HEADER.size)
+    assert (major, our_minor) == (abi.KERNEL_MAJOR, abi.KERNEL_MINOR)
+    assert bool(flags & abi.HANDLE_KILLPRIV_V2) == (minor >= 33)
