@@ -112,10 +112,9 @@ class ContentOps:
     def _take_back_forgotten(self) -> None:
         """Free the unlinked inodes that only the kernel holds, once it has forgotten them:
         waits up to FORGET_WAIT seconds for its FORGET (the filesystem lock stays held; the
-        session counts a FORGET without it)."""
-        dirty = self.data.dirty
-        waiting = [ino for ino, sectors in self.unlinked_held.items()
-                   if (sectors or ino in dirty) and not self.opens.get(ino)]
+        session counts a FORGET without it). Those without data wait for the commit that
+        follows (free_later)."""
+        waiting = [ino for ino, n in self._kernel_only_sectors().items() if n]
         if not waiting:
             return
         with self._refs_cond:
@@ -125,16 +124,17 @@ class ContentOps:
                          sum(1 for ino in waiting if self.kernel_refs.get(ino)), FORGET_WAIT)
             gone = [ino for ino in waiting if not self.kernel_refs.get(ino)]
         self.free_forgotten(gone)
-        if self.free_later:
-            self._free_unlinked(self.free_later)
-            self.free_later = []
 
     def _held_for_the_kernel(self) -> int:
         """Sectors of unlinked inodes that nothing but the kernel's entries holds: the kernel
         has let go of them when it sends its FORGET, a moment after the unlink answered."""
+        return sum(self._kernel_only_sectors().values())
+
+    def _kernel_only_sectors(self) -> dict[int, int]:
+        """Unlinked inodes that are not open -> the sectors they hold, stored and dirty."""
         dirty = self.data.dirty
-        return sum(sectors + sum(len(secs) for secs in dirty.get(ino, {}).values())
-                   for ino, sectors in self.unlinked_held.items() if not self.opens.get(ino))
+        return {ino: sectors + sum(len(secs) for secs in dirty.get(ino, {}).values())
+                for ino, sectors in self.unlinked_held.items() if not self.opens.get(ino)}
 
     @operation
     def _free_unlinked(self, inos: list[int]) -> None:
