@@ -153,7 +153,7 @@ class FuseOperations(Handlers):
 
     def rename(self, r: Request, parent: int, name: bytes, new_parent: int, new_name: bytes,
                flags: int) -> None:
-        self.meta(r, None, self.fs.rename, parent, name, new_parent, new_name, flags)
+        self.meta(r, None, self.fs.rename, parent, name, new_parent, new_name, flags, caller(r))
 
     # --- files --------------------------------------------------------------------------------
 

@@ -148,16 +148,17 @@ def make_warehouse(path, level: str = "raidz2", devices: int = 5, size: str = "6
 
 
 @contextmanager
-def scratch_mount(prefix: str, public: bool = False):
-    """A new warehouse mounted in a new directory under /var/tmp (an ext4 beside which the
-    tests compare): yields the mount and that directory (for a reference tree), and removes
-    both afterwards. `public`: every user can reach the mount (for the non-root steps)."""
+def scratch_mount(prefix: str, public: bool = False, options: tuple[str, ...] = ()):
+    """A new warehouse mounted (with mount `options`) in a new directory under /var/tmp (an
+    ext4 beside which the tests compare): yields the mount and that directory (for a
+    reference tree), and removes both afterwards. `public`: every user can reach the mount
+    (for the non-root steps)."""
     base = tempfile.mkdtemp(prefix=prefix, dir="/var/tmp")
     if public:
         os.chmod(base, 0o755)
     m = FsMount(make_warehouse(os.path.join(base, "wh")), os.path.join(base, "mnt"))
     try:
-        m.mount()
+        m.mount(*options)
         if public:
             os.chmod(m.mountpoint, 0o755)
         yield m, base

@@ -16,6 +16,7 @@ import pytest
 NOBODY = 65534
 RENAME_NOREPLACE = 1
 RENAME_EXCHANGE = 2
+RENAME_WHITEOUT = 4
 AT_FDCWD = -100
 
 _libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)

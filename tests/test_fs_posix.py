@@ -21,6 +21,7 @@ from posixutil import (
     NOBODY,
     RENAME_EXCHANGE,
     RENAME_NOREPLACE,
+    RENAME_WHITEOUT,
     as_user,
     c_getxattr,
     c_listxattr,
@@ -669,6 +670,62 @@ def test_renameat2_flags(d):
     assert errno_of(renameat2, f"{d}/b", f"{d}/b/sub", RENAME_EXCHANGE) == errno.EINVAL
     assert errno_of(renameat2, f"{d}/b", f"{d}/c", RENAME_EXCHANGE | RENAME_NOREPLACE) \
         == errno.EINVAL
+
+
+def test_rename_whiteout_leaves_a_whiteout_as_on_ext4(d):
+    """RENAME_WHITEOUT (what overlayfs asks of its upper layer) moves the name and leaves a
+    character device 0/0 with mode 0 at the old one, made by the caller (group from a set-
+    group-ID directory), in one step, for any caller (Linux 5.8 and later); NOREPLACE still
+    refuses and EXCHANGE is refused; the same outcomes, modes, owners and link counts as ext4
+    beside it."""
+    ref = tempfile.mkdtemp(prefix="dwfs-whiteout-", dir="/var/tmp")
+    os.chmod(ref, 0o777)
+
+    def look(p):
+        try:
+            st = os.lstat(p)
+        except FileNotFoundError:
+            return None
+        kind = stat.S_IFMT(st.st_mode)
+        return (oct(st.st_mode), st.st_nlink, st.st_uid, st.st_gid,
+                st.st_rdev if kind == stat.S_IFCHR else None,
+                read_file(p) if kind == stat.S_IFREG else None)
+
+    try:
+        seen = {}
+        for top in (ref, d):
+            write_file(f"{top}/a", b"A")
+            write_file(f"{top}/b", b"B")
+            os.makedirs(f"{top}/dir/sub")
+            os.mkdir(f"{top}/sg", 0o777)
+            os.chown(f"{top}/sg", 0, NOBODY)
+            os.chmod(f"{top}/sg", 0o2777)
+            write_file(f"{top}/sg/f", b"F")
+            got = [errno_of(renameat2, f"{top}/a", f"{top}/b",
+                            RENAME_WHITEOUT | RENAME_NOREPLACE)]
+            got += [look(f"{top}/a"), look(f"{top}/b")]  # unchanged
+            renameat2(f"{top}/a", f"{top}/b", RENAME_WHITEOUT)  # over an existing file
+            got += [look(f"{top}/a"), look(f"{top}/b")]
+            renameat2(f"{top}/dir", f"{top}/dir2", RENAME_WHITEOUT)  # a directory
+            got += [look(f"{top}/dir"), os.listdir(f"{top}/dir2"), os.lstat(top).st_nlink]
+            renameat2(f"{top}/sg/f", f"{top}/g", RENAME_WHITEOUT)  # out of a setgid dir
+            got += [look(f"{top}/sg/f"), look(f"{top}/g")]
+            got.append(errno_of(renameat2, f"{top}/b", f"{top}/g",
+                                RENAME_WHITEOUT | RENAME_EXCHANGE))
+            as_user(lambda top=top: renameat2(f"{top}/g", f"{top}/h", RENAME_WHITEOUT))
+            got += [look(f"{top}/g"), look(f"{top}/h")]
+            os.unlink(f"{top}/a")  # a whiteout is an ordinary name to remove
+            got.append(sorted(os.listdir(top)))
+            seen[top] = got
+        assert seen[d] == seen[ref]
+        whiteout = (oct(stat.S_IFCHR), 1, 0, 0, 0, None)
+        assert seen[d][3] == whiteout and seen[d][4][-1] == b"A"
+        assert seen[d][5] == whiteout and seen[d][6] == ["sub"]
+        assert seen[d][8] == (oct(stat.S_IFCHR), 1, 0, NOBODY, 0, None)
+        assert seen[d][10] == errno.EINVAL
+        assert seen[d][11] == (oct(stat.S_IFCHR), 1, NOBODY, NOBODY, 0, None)
+    finally:
+        shutil.rmtree(ref, ignore_errors=True)
 
 
 # --- attributes, times, permissions --------------------------------------------------------------

@@ -1,16 +1,18 @@
-"""Filesystem methods that move names: rename(2) and renameat2's NOREPLACE and EXCHANGE."""
+"""Filesystem methods that move names: rename(2) and renameat2's NOREPLACE, EXCHANGE and
+WHITEOUT."""
 
 from __future__ import annotations
 
 import errno
 import stat
 
-from vfs.attrs import ROOT_INODE, check_name
+from vfs.attrs import ROOT_INODE, Caller, check_name
 from vfs.errors import FSError
 from vfs.ops import now_ns, operation
 
 RENAME_NOREPLACE = 1
 RENAME_EXCHANGE = 2
+RENAME_WHITEOUT = 4
 
 
 class RenameOps:
@@ -31,12 +33,16 @@ class RenameOps:
 
     @operation
     def rename(self, parent: int, name: bytes, new_parent: int, new_name: bytes,
-               flags: int = 0) -> None:
-        """Move a name, replacing or exchanging with what is at the destination."""
-        if flags & ~(RENAME_NOREPLACE | RENAME_EXCHANGE):
+               flags: int = 0, caller: Caller | None = None) -> None:
+        """Move a name, replacing or exchanging with what is at the destination; WHITEOUT
+        leaves a whiteout (a character device 0/0 made by `caller`) at the old name, as
+        overlayfs asks of its upper layer."""
+        if flags & ~(RENAME_NOREPLACE | RENAME_EXCHANGE | RENAME_WHITEOUT):
             raise FSError(errno.EINVAL, f"unsupported rename flags {flags:#x}")
-        if flags & RENAME_NOREPLACE and flags & RENAME_EXCHANGE:
-            raise FSError(errno.EINVAL, "RENAME_NOREPLACE and RENAME_EXCHANGE together")
+        if flags & RENAME_EXCHANGE and flags & (RENAME_NOREPLACE | RENAME_WHITEOUT):
+            raise FSError(errno.EINVAL, f"RENAME_EXCHANGE with other flags ({flags:#x})")
+        if flags & RENAME_WHITEOUT and caller is None:
+            raise FSError(errno.EINVAL, "RENAME_WHITEOUT without the caller to own the whiteout")
         check_name(new_name)
         sid, sino, srow = self._existing(parent, name)
         self._live_dir(new_parent)
@@ -73,6 +79,9 @@ class RenameOps:
         self._touch(parent, now=now)
         if new_parent != parent:
             self._touch(new_parent, now=now)
+        if flags & RENAME_WHITEOUT:
+            assert caller is not None
+            self._make(parent, name, stat.S_IFCHR, caller, rdev=0)
 
     def _exchange(self, parent: int, sid: int, sino: int, srow: tuple, new_parent: int,
                   dst: tuple[int, int], now: int) -> None:

@@ -192,12 +192,12 @@ class View:
             self.fs.rmdir(parent, name)  # a freed smart folder is forgotten by freed_hooks
 
     def rename(self, parent: int, name: bytes, new_parent: int, new_name: bytes,
-               flags: int = 0) -> None:
+               flags: int = 0, caller: Caller | None = None) -> None:
         """Move a name (not into, out of or within a smart folder)."""
         with self.lock:
             self._fixed(parent, "move a name")
             self._fixed(new_parent, "move a name")
-            self.fs.rename(parent, name, new_parent, new_name, flags)
+            self.fs.rename(parent, name, new_parent, new_name, flags, caller)
 
     # --- files --------------------------------------------------------------------------------
 
