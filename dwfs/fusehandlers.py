@@ -13,6 +13,7 @@ from __future__ import annotations
 import errno
 import logging
 import queue
+import reprlib
 import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -40,13 +41,14 @@ def answer(r: Request, pack: Pack, fn: Callable[..., Any], args: tuple) -> None:
     except OSError as exc:
         code = exc.errno or errno.EIO
         if code in QUIET_ERRNOS:
-            log.debug("%s%r: %s", getattr(fn, "__name__", fn), args, exc)
+            log.debug("%s%s: %s", getattr(fn, "__name__", fn), reprlib.repr(args), exc)
         else:
-            log.error("%s%r failed: %s", getattr(fn, "__name__", fn), args, exc)
+            log.error("%s%s failed: %s", getattr(fn, "__name__", fn), reprlib.repr(args), exc)
         r.fail(code)
         return
     except Exception:  # noqa: BLE001 - a bug in one request must not end the mount
-        log.exception("%s%r: unexpected error; answering EIO", getattr(fn, "__name__", fn), args)
+        log.exception("%s%s: unexpected error; answering EIO", getattr(fn, "__name__", fn),
+                      reprlib.repr(args))
         r.fail(errno.EIO)
         return
     r.reply(b"" if payload is None else payload)

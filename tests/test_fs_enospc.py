@@ -13,6 +13,7 @@ from dwfs.warehouse import meta_path, open_volume
 from vfs import filedata
 from vfs.attrs import ROOT_INODE, Caller
 from vfs.fs import Filesystem
+from vfs.metacopy import write_copy
 from vfs.metadb import MetaDB
 
 BLOCK = filedata.BLOCK
@@ -99,3 +100,104 @@ def test_enospc_in_write_out_keeps_what_was_stored(fs, monkeypatch):
     fs.commit()
     for (ino, off), data in pieces.items():
         assert fs.read(ino, off, len(data)) == data, (ino, off)
+
+
+# --- metadata: the volume's copy of it, the disk under the database, a dropped transaction ---
+
+
+def _names(fs: Filesystem) -> set[bytes]:
+    names, cookie = set(), 0
+    while batch := fs.readdir(ROOT_INODE, cookie, limit=100_000):
+        names.update(e.name for e in batch)
+        cookie = batch[-1].next_cookie
+    return names - {b".", b".."}
+
+
+def _make_until_full(fs: Filesystem, prefix: bytes, limit: int = 100_000) -> tuple[list, int]:
+    """Files with a 3,000-byte attribute each (about 8 KiB of metadata) until a call fails;
+    returns the names whose file and attribute were both made, and the errno."""
+    made = []
+    for i in range(limit):
+        name = prefix + b"%06d" % i
+        try:
+            ino = fs.mknod(ROOT_INODE, name, 0o100644, 0, ME).ino
+            fs.setxattr(ino, b"user.big", b"x" * 3000)
+        except OSError as exc:
+            return made, exc.errno
+        made.append(name)
+    raise AssertionError(f"{limit} files made without running out of room: proves nothing")
+
+
+def _reopen(fs: Filesystem, cfg) -> Filesystem:
+    fs.close()
+    fs.db.close()
+    return Filesystem(MetaDB(meta_path(cfg)), fs.volume.volume)
+
+
+def _make(fs: Filesystem, prefix: bytes, n: int) -> None:
+    for i in range(n):
+        ino = fs.mknod(ROOT_INODE, prefix + b"%06d" % i, 0o100644, 0, ME).ino
+        fs.setxattr(ino, b"user.big", b"x" * 3000)
+
+
+def test_metadata_stops_growing_where_the_volume_could_not_hold_its_copy(tmp_path):
+    """The database is copied to the volume; on a small volume, new files and attributes get
+    ENOSPC (and `df -i` no free inodes) before that copy would no longer fit, however much
+    room the database's own disk has. What was made stays, the copy is written, and removing
+    files gives the room back."""
+    cfg = load_config(make_warehouse(tmp_path / "wh", level="raid1", devices=2, size="8M"))
+    volume = open_volume(cfg)
+    fs = Filesystem(MetaDB(meta_path(cfg)), volume)
+    try:
+        made, code = _make_until_full(fs, b"f")
+        assert code == errno.ENOSPC and len(made) > 100
+        assert fs.statfs()["ffree"] == 0
+        write_copy(fs)  # the next copy of the metadata still fits on the volume
+        fs = _reopen(fs, cfg)
+        names = _names(fs)
+        assert set(made) <= names and len(names) - len(made) in (0, 1)  # (made, no attribute)
+        for name in made[: len(made) * 9 // 10]:
+            fs.unlink(ROOT_INODE, name)
+        # The database gives its free pages back at the commit; the smaller copy made next
+        # (the daemon makes one every few minutes) lets the older, larger one go.
+        write_copy(fs)
+        assert fs.statfs()["ffree"] > 0
+        _make(fs, b"g", 50)
+        write_copy(fs)
+    finally:
+        fs.close()
+        fs.db.close()
+        volume.close()
+
+
+def test_a_transaction_the_database_drops_stops_the_filesystem(tmp_path, caplog):
+    """SQLite drops the whole open transaction when it cannot write it (a full disk or an I/O
+    error in the middle): what the filesystem holds in memory then no longer matches the
+    database. It must stop (EIO for every call, no commit of anything after), not go on
+    writing into a transaction of its own; the next open finds the last commit."""
+    cfg = load_config(make_warehouse(tmp_path / "wh", level="raid1", devices=2, size="8M"))
+    volume = open_volume(cfg)
+    fs = Filesystem(MetaDB(meta_path(cfg)), volume)
+    try:
+        kept = _new(fs, b"kept")
+        fs.write(kept, 0, b"durable")
+        fs.release(kept)
+        fs.commit()
+        lost = _new(fs, b"lost")
+        fs.write(lost, 0, b"gone")
+        fs.db.conn.execute("ROLLBACK")  # what SQLite does after such an error
+        for call, args in ((fs.mkdir, (ROOT_INODE, b"d", 0o755, ME)),
+                           (fs.getattr, (kept,)), (fs.commit, ()),
+                           (fs.write, (lost, 0, b"more"))):
+            with pytest.raises(OSError) as exc:
+                call(*args)
+            assert exc.value.errno == errno.EIO, call
+        assert "dropped its open transaction" in caplog.text
+        assert not fs.needs_commit()
+        fs = _reopen(fs, cfg)  # closing commits nothing
+        assert _names(fs) == {b"kept"}
+        assert fs.read(fs.lookup(ROOT_INODE, b"kept").ino, 0, 100) == b"durable"
+    finally:
+        fs.close()
+        fs.db.close()
+        volume.close()

@@ -7,6 +7,7 @@ import os
 import shutil
 
 import apsw
+import pytest
 import test_vfs_unit
 from mountutil import mounted_warehouse
 from test_extents import check_clean
@@ -17,7 +18,16 @@ from vfs.attrs import ROOT_INODE
 from vfs.metacopy import latest_copy, write_copy
 from vfs.metadb import COMPACT_MIN_FREE, INCREMENTAL_VACUUM, MetaDB
 
-env = test_vfs_unit.env  # the fixture: a filesystem on a small raidz2 volume, reopenable
+
+@pytest.fixture
+def env(tmp_path):
+    """A filesystem on a raidz2 volume that can hold a copy of a database of several MiB
+    (new names get ENOSPC where it could not), reopenable."""
+    e = test_vfs_unit.Env(tmp_path, rows=256)
+    yield e
+    if e.fs is not None:
+        e.close()
+
 LONG = b"x" * 200  # long names fill pages fast
 
 

@@ -14,6 +14,7 @@ from vfs.alloc import SECTOR
 from vfs.attrs import Attr, without_setid
 from vfs.errors import FSError
 from vfs.filedata import BLOCK, SECTORS_PER_BLOCK
+from vfs.metacopy import copy_reserve
 from vfs.ops import now_ns, operation, query
 
 log = logging.getLogger(__name__)
@@ -196,6 +197,24 @@ class ContentOps:
         need = blocks * SECTORS_PER_BLOCK + (0 if truncating else self.copy_reserve)
         return max(0, -(-(need - self.alloc.free_count) // SECTORS_PER_BLOCK))
 
+    def check_metadata_room(self) -> None:
+        """ENOSPC for a change that grows the metadata now (`metadata_shortage`)."""
+        short = self.metadata_shortage()
+        if short is not None:
+            raise FSError(errno.ENOSPC, short)
+
+    def metadata_shortage(self) -> str | None:
+        """Why changes that grow the metadata are refused now (the disk holding the database
+        is short of room, or the volume could not hold its next copy), or None."""
+        short = self.db.room_shortage()
+        if short is not None:
+            return short
+        self.copy_reserve = copy_reserve(self.db)  # (the database grows between commits)
+        if self.alloc.free_count + self.alloc.held_count < self.copy_reserve:
+            return (f"the volume has no room left for the next copy of the metadata "
+                    f"({self.copy_reserve} sectors are kept for it)")
+        return None
+
     def _reserve(self, ino: int, first: int, last: int, truncating: bool = False) -> None:
         """Make sure blocks first..last of a file can become dirty, else raise ENOSPC."""
         self._make_room(lambda: self._blocks_short(ino, first, last, truncating), "blocks")
@@ -245,6 +264,7 @@ class ContentOps:
             n = len(data)
             self._check_write(ino, offset, n)
             if n:
+                self.db.check_room()
                 self._reserve(ino, offset // BLOCK, (offset + n - 1) // BLOCK)
             return self._write(ino, offset, data, keep_times, kill_setid)
 
@@ -287,6 +307,8 @@ class ContentOps:
         with self.lock:
             self._check_open()
             r = self._check_fallocate(ino, mode, offset, length)
+            if not mode & (PUNCH_HOLE | ZERO_RANGE):
+                self.db.check_room()
             end = offset + length
             if mode & (PUNCH_HOLE | ZERO_RANGE):
                 # Only sectors the range covers in part are rewritten (with zeros): a punch

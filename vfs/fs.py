@@ -37,7 +37,7 @@ from vfs.intentlog import IntentLog
 from vfs.making import MakeOps
 from vfs.metacopy import copy_reserve
 from vfs.metadb import MetaDB
-from vfs.ops import T, now_ns, operation, query
+from vfs.ops import Runs, T, now_ns, operation, query
 from vfs.rename import RENAME_EXCHANGE, RENAME_NOREPLACE, RenameOps
 from vfs.xattrs import XATTR_CREATE, XATTR_REPLACE, XattrOps
 
@@ -57,7 +57,7 @@ _FIND_SQL = (f"SELECT {_INODE_COLS} FROM inodes WHERE id = "
              "(SELECT inode FROM dentries WHERE parent=? AND name=?)")
 
 
-class Filesystem(ContentOps, MakeOps, RenameOps, XattrOps):
+class Filesystem(Runs, ContentOps, MakeOps, RenameOps, XattrOps):
     """A mounted dwfs filesystem: metadata database + file contents on the volume."""
 
     def __init__(self, db: MetaDB, volume: VolumeLike) -> None:
@@ -99,28 +99,6 @@ class Filesystem(ContentOps, MakeOps, RenameOps, XattrOps):
             (ROOT_INODE, stat.S_IFDIR | mode, uid, gid, now, now, now))
         db.set_setting("block_size", BLOCK)
         db.commit()
-
-    def _attempt(self, func: Callable[..., T], args: tuple, kwargs: dict) -> T:
-        """One all-or-nothing run of an operation (inside a savepoint)."""
-        self._depth += 1
-        mark = self.alloc.mark()
-        self.db.execute("SAVEPOINT op")
-        try:
-            result = func(self, *args, **kwargs)
-        except BaseException:
-            self.db.execute("ROLLBACK TO op")
-            self.db.execute("RELEASE op")
-            self.alloc.undo(mark)
-            raise
-        else:
-            self.db.execute("RELEASE op")
-            return result
-        finally:
-            self._depth -= 1
-
-    def _check_open(self) -> None:
-        if self._closed:
-            raise FSError(errno.EIO, "the filesystem is closed")
 
     def _free_orphans(self) -> None:
         """Free inodes left without names by a crash while they were open."""
@@ -488,7 +466,7 @@ class Filesystem(ContentOps, MakeOps, RenameOps, XattrOps):
             "bfree": free,
             "bavail": free,
             "files": inodes + free,
-            "ffree": free,
+            "ffree": 0 if self.metadata_shortage() else free,  # df -i: no new inodes now
             "namemax": NAME_MAX,
         }
 
@@ -522,6 +500,8 @@ class Filesystem(ContentOps, MakeOps, RenameOps, XattrOps):
             self.volume.flush()
         with self.lock:
             self._check_open()
+            if self.db.transaction_lost():
+                self._stop("the commit")
             if self.free_later:
                 self._free_unlinked(self.free_later)
                 self.free_later = []
@@ -538,7 +518,7 @@ class Filesystem(ContentOps, MakeOps, RenameOps, XattrOps):
                 log.warning("commit: %s; committing the rest, then retrying", exc)
                 self.volume.flush()
                 self.volume.forget()
-                self.db.commit()
+                self._commit_db()
                 self.alloc.release()
                 self.alloc.mark()
                 self.data.write_out_all()
@@ -548,7 +528,7 @@ class Filesystem(ContentOps, MakeOps, RenameOps, XattrOps):
                 self.volume.flush()
                 self.volume.forget()
             self.db.compact()
-            self.db.commit()
+            self._commit_db()
             self.alloc.release()
             self.copy_reserve = copy_reserve(self.db)
 
@@ -560,6 +540,8 @@ class Filesystem(ContentOps, MakeOps, RenameOps, XattrOps):
 
     def needs_commit(self) -> bool:
         """True if there are changes not yet durable."""
+        if self._stopped is not None:
+            return False
         return self.db.dirty or bool(self.data.dirty) or bool(self.free_later)
 
     def close(self) -> None:
@@ -567,5 +549,6 @@ class Filesystem(ContentOps, MakeOps, RenameOps, XattrOps):
         with self.lock:
             if self._closed:
                 return
-            self.commit()
+            if self._stopped is None:
+                self.commit()
             self._closed = True

@@ -143,6 +143,7 @@ class Importer:
 
     def _apply(self, batch: list[SourceEntry], start: int, dest_of: dict[int, int | None],
                fresh: set[int], report: ImportReport) -> None:
+        self.fs.check_metadata_room()
         now = time.time_ns()
         next_ino = self.db.value("SELECT seq FROM sqlite_sequence WHERE name='inodes'", (), 1) + 1
         inodes: list[tuple] = []

@@ -24,6 +24,7 @@ class MakeOps:
         links (O_TMPFILE) and the directory is not changed."""
         if name is not None:
             check_name(name)
+        self.check_metadata_room()
         p = self._live_dir(parent)
         if name is not None and self._entry(parent, name) is not None:
             raise FSError(errno.EEXIST, f"{name!r} exists in directory {parent}")
@@ -100,6 +101,7 @@ class MakeOps:
         """Give inode `ino` another name; a file with no links can be named while it is open
         (the kernel allows that only for O_TMPFILE files opened without O_EXCL)."""
         check_name(name)
+        self.check_metadata_room()
         r = self._row(ino)
         if stat.S_ISDIR(r[1]):
             raise FSError(errno.EPERM, "hard links to directories are not allowed")

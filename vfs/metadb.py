@@ -6,12 +6,13 @@ import errno
 import logging
 import os
 import threading
+import time
 from collections.abc import Iterable, Iterator
 from typing import Any
 
 import apsw
 
-from vfs.errors import MetadataError
+from vfs.errors import FSError, MetadataError
 
 log = logging.getLogger(__name__)
 
@@ -21,6 +22,15 @@ INCREMENTAL_VACUUM = 2  # PRAGMA auto_vacuum: free pages can be given back witho
 COMPACT_MIN_FREE = 256  # pages (1 MiB): fewer free pages than this are left for reuse
 COMPACT_FRACTION = 8  # ... and so are free pages that are under 1/8 of the file
 WAL_KEEP_BYTES = 32 * 1024 * 1024  # the write-ahead log's size kept after a checkpoint
+CACHE_BYTES = 64 * 1024 * 1024  # SQLite's page cache: what a commit may write at once
+# Free space kept on the disk that holds the database, besides what the open transaction adds
+# to its pages: changes that would grow it are refused (ENOSPC) below that, so that the open
+# transaction can always be committed (its pages still in the cache go to the write-ahead
+# log) and checkpointed (the file takes its new pages). SQLite drops the whole open
+# transaction when it cannot write it.
+HOST_RESERVE = CACHE_BYTES + 16 * 1024 * 1024
+ROOM_RECHECK = 0.05  # seconds a reading of that free space is trusted
+DISK_FULL = apsw.FullError  # what SQLite raises when the database's disk is full
 
 SCHEMA = """
 CREATE TABLE settings (key TEXT PRIMARY KEY, value) WITHOUT ROWID;
@@ -139,7 +149,7 @@ class MetaDB:
                 # The log grows to the largest transaction (100,000 names made within one
                 # commit interval: 95 MB); once checkpointed, it is cut back to this.
                 self.conn.execute(f"PRAGMA journal_size_limit={WAL_KEEP_BYTES}")
-            self.conn.execute("PRAGMA cache_size=-65536")
+            self.conn.execute(f"PRAGMA cache_size=-{CACHE_BYTES // 1024}")
             self.conn.execute("PRAGMA temp_store=MEMORY")
             if create:
                 with self.conn:
@@ -157,6 +167,11 @@ class MetaDB:
         self.conn.execute("BEGIN")
         self.dirty = False
         self._cursors = threading.local()
+        self._room = 0  # free bytes on the database's disk, read at _room_at
+        self._file_bytes = 0  # the database file's size, read at _room_at
+        self._room_at = float("-inf")
+        self._log_kept = True  # the write-ahead log is kept at WAL_KEEP_BYTES
+        self._page_size = self.conn.execute("PRAGMA page_size").fetchall()[0][0]
 
     def _cursor(self) -> apsw.Cursor:
         """This thread's cursor for statements whose results are taken at once: making a new
@@ -277,6 +292,54 @@ class MetaDB:
         """Store a value in the settings table."""
         self.change("INSERT OR REPLACE INTO settings VALUES (?, ?)", (key, value))
 
+    def check_room(self) -> None:
+        """ENOSPC if the disk holding the database is short of room (`room_shortage`)."""
+        short = self.room_shortage()
+        if short is not None:
+            raise FSError(errno.ENOSPC, short)
+
+    def room_shortage(self) -> str | None:
+        """Why a change that would grow the database is refused now (its disk has less free
+        than HOST_RESERVE and the pages the open transaction adds to the file), or None."""
+        if time.monotonic() - self._room_at > ROOM_RECHECK:
+            self._measure_room()
+        reserve = HOST_RESERVE + max(0, self.pages_bytes() - self._file_bytes)
+        if self._room < reserve + WAL_KEEP_BYTES:  # near or short: measure again, now
+            self._measure_room()
+            reserve = HOST_RESERVE + max(0, self.pages_bytes() - self._file_bytes)
+        self._keep_log(self._room >= reserve + WAL_KEEP_BYTES)
+        if self._room >= reserve:
+            return None
+        mib = 1024 * 1024
+        return (f"the disk holding {self.path} has {self._room // mib} MiB free, less than "
+                f"the {reserve // mib} MiB kept for it")
+
+    def pages_bytes(self) -> int:
+        """The database's size with the open transaction's changes."""
+        return self.value("PRAGMA page_count") * self._page_size
+
+    def _measure_room(self) -> None:
+        st = os.statvfs(os.path.dirname(os.path.abspath(self.path)))
+        self._room, self._room_at = st.f_bavail * st.f_frsize, time.monotonic()
+        self._file_bytes = os.stat(self.path).st_size
+
+    def _keep_log(self, keep: bool) -> None:
+        """Keep the write-ahead log at WAL_KEEP_BYTES after checkpoints, or, while the disk
+        is short of room, cut it to nothing."""
+        if keep == self._log_kept or self.read_only:
+            return
+        self._log_kept = keep
+        self.conn.execute(f"PRAGMA journal_size_limit={WAL_KEEP_BYTES if keep else 0}")
+        (log.info if keep else log.warning)(
+            "%s: %d MiB free on its disk: %s", self.path, self._room >> 20,
+            "room again for new files and attributes" if keep else "near the room kept for "
+            "the database: new files and attributes get ENOSPC when it is reached")
+
+    def transaction_lost(self) -> bool:
+        """True if SQLite rolled back the whole open transaction (it does after a full disk or
+        an I/O error in the middle of writing it): everything since the last commit is gone."""
+        return bool(self.conn.getautocommit())
+
     def commit(self) -> None:
         """Make everything since the last commit durable, then open the next transaction."""
         self.conn.execute("COMMIT")
@@ -295,6 +358,14 @@ class MetaDB:
         the space held for the next one, at its largest size. Returns the pages given back."""
         free = self.value("PRAGMA freelist_count")
         if free < COMPACT_MIN_FREE or free * COMPACT_FRACTION < self.value("PRAGMA page_count"):
+            return 0
+        # Moving pages writes them to the write-ahead log: up to two pages for each freed,
+        # which must fit beside the reserve (on a nearly full disk it waits for more room).
+        self._measure_room()
+        growth = max(0, self.pages_bytes() - self._file_bytes)
+        if self._room - 2 * free * self._page_size < HOST_RESERVE + growth:
+            log.info("%s: %d free pages kept: %d MiB free on its disk is too little to move "
+                     "pages now", self.path, free, self._room >> 20)
             return 0
         # One result row per page moved: the statement must run to its end.
         self._cursor().execute("PRAGMA incremental_vacuum").fetchall()
@@ -315,7 +386,9 @@ class MetaDB:
     def close(self) -> None:
         """Commit what is pending and close the connection."""
         try:
+            if self.transaction_lost():
+                raise MetadataError("the open transaction was lost; nothing to commit")
             self.conn.execute("COMMIT")
-        except apsw.Error as exc:  # a damaged database found at open lands here too
+        except (apsw.Error, MetadataError) as exc:  # a database damaged at open lands here too
             (log.error if self.dirty else log.warning)("%s: final commit: %s", self.path, exc)
         self.conn.close()

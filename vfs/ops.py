@@ -2,13 +2,20 @@
 
 from __future__ import annotations
 
+import errno
 import functools
+import logging
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, TypeVar
 
+from vfs.errors import FSError
+from vfs.metadb import DISK_FULL
+
 if TYPE_CHECKING:
     from vfs.fs import Filesystem
+
+log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
@@ -44,3 +51,66 @@ def query(func: Callable[..., T]) -> Callable[..., T]:
             return func(self, *args, **kwargs)
 
     return wrapper
+
+
+class Runs:
+    """The part of Filesystem that runs its methods: savepoints, and the stop that follows a
+    transaction the database dropped (a mixin: it uses the database, allocator and lock)."""
+
+    _closed = False
+    _stopped: str | None = None  # why the filesystem stopped serving, if it did
+    _depth = 0
+
+    def _attempt(self, func: Callable[..., T], args: tuple, kwargs: dict) -> T:
+        """One all-or-nothing run of an operation (inside a savepoint)."""
+        if self.db.transaction_lost():  # dropped where no operation saw it: stop before this
+            self._stop(f"before {getattr(func, '__name__', func)}")
+        self._depth += 1
+        mark = self.alloc.mark()
+        self.db.execute("SAVEPOINT op")
+        try:
+            result = func(self, *args, **kwargs)
+        except BaseException as exc:
+            if self.db.transaction_lost():
+                self._stop(f"{getattr(func, '__name__', func)}: {exc!r}")
+            self.db.execute("ROLLBACK TO op")
+            self.db.execute("RELEASE op")
+            self.alloc.undo(mark)
+            if isinstance(exc, DISK_FULL):
+                raise FSError(errno.ENOSPC, f"the metadata database's disk is full: {exc}"
+                              ) from exc
+            raise
+        else:
+            self.db.execute("RELEASE op")
+            return result
+        finally:
+            self._depth -= 1
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise FSError(errno.EIO, "the filesystem is closed")
+        if self._stopped is not None:
+            raise FSError(errno.EIO, f"the filesystem stopped ({self._stopped}); unmount "
+                          "and mount it again")
+
+    def _stop(self, why: str) -> None:
+        """The database dropped the open transaction: what this process holds (allocations,
+        file data, counts) no longer matches it, so every later call fails with EIO. The
+        next mount starts from the last commit, as after a crash (fsync'd data is kept)."""
+        self._stopped = f"the metadata database dropped its open transaction in {why}"
+        log.critical("%s: %s; every change since the last commit is lost and the filesystem "
+                     "serves nothing more: unmount it and mount it again", self.db.path,
+                     self._stopped)
+        raise FSError(errno.EIO, self._stopped)
+
+    def _commit_db(self) -> None:
+        try:
+            self.db.commit()
+        except Exception as exc:
+            if self.db.transaction_lost():
+                self._stop(f"commit: {exc!r}")
+            if isinstance(exc, DISK_FULL):
+                raise FSError(errno.ENOSPC, f"commit: the metadata database's disk is full: "
+                              f"{exc}") from exc
+            raise
+

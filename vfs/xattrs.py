@@ -56,6 +56,7 @@ class XattrOps:
         sets it (an access control list set by an outsider to the file's group clears
         setgid)."""
         self._check_xattr_name(name)
+        self.check_metadata_room()
         r = self._row(ino)
         if len(value) > XATTR_SIZE_MAX:
             raise FSError(errno.E2BIG, f"attribute value of {len(value)} bytes")
