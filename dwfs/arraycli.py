@@ -307,7 +307,7 @@ def cmd_status(args: argparse.Namespace) -> int:
                       read_only=True)
     if args.json:
         print(json.dumps(doc, indent=2))
-        return 0 if doc["state"] != "failed" else 2
+        return 0 if doc["state"] != "failed" and not doc.get("stopped") else 2
     from rich.table import Table
 
     style = {"clean": "green", "degraded": "yellow", "rebuilding": "yellow", "failed": "red"}
@@ -316,6 +316,10 @@ def cmd_status(args: argparse.Namespace) -> int:
     out.print(f"level      {doc['level']}, tolerates {doc['tolerance']} failed member(s)")
     out.print(f"capacity   {format_size(doc['capacity_bytes'])} ({doc['capacity_bytes']} bytes)")
     out.print(f"state      [{style[doc['state']]}]{doc['state']}[/]")
+    if doc.get("stopped"):
+        out.print(f"filesystem [red]stopped[/]: {doc['stopped']}; unmount and mount it again")
+    if doc.get("metadata_room"):
+        out.print(f"metadata   [yellow]no room for new files[/]: {doc['metadata_room']}")
     table = Table("slot", "state", "path", "read err", "checksum err", "repaired", "note")
     table.columns[2].overflow = "fold"
     for m in doc["members"]:
@@ -326,7 +330,7 @@ def cmd_status(args: argparse.Namespace) -> int:
                       str(m["read_errors"]),
                       str(m["checksum_errors"]), str(m["repaired"]), note)
     out.print(table)
-    return 0 if doc["state"] != "failed" else 2
+    return 0 if doc["state"] != "failed" and not doc.get("stopped") else 2
 
 
 def _short(path: str, warehouse: str) -> str:

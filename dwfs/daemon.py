@@ -79,6 +79,11 @@ class Daemon:
             doc["mountpoint"] = self.mountpoint
             doc["pid"] = os.getpid()
             doc["mode"] = "filesystem" if self.fs is not None else "raw"
+            if self.fs is not None:
+                with self.fs.lock:
+                    doc["stopped"] = self.fs.stopped
+                    doc["metadata_room"] = None if self.fs.stopped else \
+                        self.fs.metadata_shortage()
             return doc
         if name == "flush":
             self.ops.sync()

@@ -193,6 +193,7 @@ def test_a_transaction_the_database_drops_stops_the_filesystem(tmp_path, caplog)
                 call(*args)
             assert exc.value.errno == errno.EIO, call
         assert "dropped its open transaction" in caplog.text
+        assert fs.stopped is not None and "mkdir" in fs.stopped  # (dwfs status shows it)
         assert not fs.needs_commit()
         fs = _reopen(fs, cfg)  # closing commits nothing
         assert _names(fs) == {b"kept"}

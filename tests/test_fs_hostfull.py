@@ -9,7 +9,7 @@ import os
 import subprocess
 
 import pytest
-from mountutil import FsMount, dwfs, make_warehouse
+from mountutil import FsMount, dwfs, make_warehouse, status
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="mounts a tmpfs (root only)")
 
@@ -55,12 +55,14 @@ def test_a_full_disk_under_the_warehouse_gives_enospc_and_loses_nothing(small_di
             made.append(p)
         assert code == errno.ENOSPC and len(made) > 100
         assert os.statvfs(m.mountpoint).f_ffree == 0  # df -i: no free inodes
+        assert "MiB free" in status(m.warehouse)["metadata_room"]  # dwfs status says why
         assert _free(small_disk) > 16 * MiB  # stopped well before the disk was full
         os.unlink(filler)  # the disk has room again: so do new files, at once
         with open(m.path("after"), "x") as f:
             f.write("written")
         os.setxattr(m.path("after"), "user.big", b"x" * 3000)
         assert os.statvfs(m.mountpoint).f_ffree > 0
+        assert status(m.warehouse)["metadata_room"] is None
         m.umount()
         m.mount()
         names = set(os.listdir(m.mountpoint))

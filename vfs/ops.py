@@ -86,6 +86,11 @@ class Runs:
         finally:
             self._depth -= 1
 
+    @property
+    def stopped(self) -> str | None:
+        """Why the filesystem stopped serving (a transaction the database dropped), or None."""
+        return self._stopped
+
     def _check_open(self) -> None:
         if self._closed:
             raise FSError(errno.EIO, "the filesystem is closed")
