@@ -171,6 +171,7 @@ class MetaDB:
         self._file_bytes = 0  # the database file's size, read at _room_at
         self._room_at = float("-inf")
         self._log_kept = True  # the write-ahead log is kept at WAL_KEEP_BYTES
+        self._gone_told = False  # the file's removal while open was logged
         self._page_size = self.conn.execute("PRAGMA page_size").fetchall()[0][0]
 
     def _cursor(self) -> apsw.Cursor:
@@ -321,7 +322,15 @@ class MetaDB:
     def _measure_room(self) -> None:
         st = os.statvfs(os.path.dirname(os.path.abspath(self.path)))
         self._room, self._room_at = st.f_bavail * st.f_frsize, time.monotonic()
-        self._file_bytes = os.stat(self.path).st_size
+        try:
+            self._file_bytes = os.stat(self.path).st_size
+        except FileNotFoundError as exc:
+            (log.error if self._gone_told else log.critical)(
+                "%s was removed while the filesystem is mounted: nothing more can be "
+                "committed; unmount, then `dwfs fsck --repair` restores it from the copy "
+                "written to the volume at unmount", self.path)
+            self._gone_told = True
+            raise MetadataError(f"{self.path} was removed while in use") from exc
 
     def _keep_log(self, keep: bool) -> None:
         """Keep the write-ahead log at WAL_KEEP_BYTES after checkpoints, or, while the disk
