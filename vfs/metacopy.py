@@ -104,6 +104,8 @@ def write_copy(fs) -> CopyInfo:
         estimate = db.value("PRAGMA page_count") * page_size
         for _attempt in range(3):
             need = _sectors_for(estimate, page_size)
+            if need > fs.alloc.free_count:
+                _give_up_older_copies(fs, gen, need)
             sizes = [SECTORS_PER_BLOCK] * (need // SECTORS_PER_BLOCK)
             if need % SECTORS_PER_BLOCK:
                 sizes.append(need % SECTORS_PER_BLOCK)
@@ -155,6 +157,23 @@ def copy_reserve(db: MetaDB) -> int:
     full filesystem can still refresh its copy (at unmount, say)."""
     page_size = db.value("PRAGMA page_size")
     return _sectors_for(int(db.value("PRAGMA page_count") * page_size * 1.25), page_size) + 256
+
+
+def _give_up_older_copies(fs, gen: int, need: int) -> None:
+    """Free the older copies before writing copy `gen` when the volume has no room for it
+    beside them (the database grew since they were made, and the volume is nearly full): until
+    the new copy is written, the volume holds no intact copy; the database itself is
+    committed."""
+    olds = [r[0] for r in fs.db.rows(
+        "SELECT DISTINCT generation FROM metacopy WHERE generation<?", (gen,))]
+    if not olds:
+        return
+    log.warning("metadata copy %d needs %d sectors and %d are free: the older copy is given up "
+                "first, so the volume holds no intact copy until this one is written",
+                gen, need, fs.alloc.free_count)
+    for old in olds:
+        _drop_generation(fs, old)
+    fs.commit()  # (sectors held by the drop come back)
 
 
 def _drop_generation(fs, gen: int) -> None:

@@ -29,7 +29,8 @@ CACHE_BYTES = 64 * 1024 * 1024  # SQLite's page cache: what a commit may write a
 # log) and checkpointed (the file takes its new pages). SQLite drops the whole open
 # transaction when it cannot write it.
 HOST_RESERVE = CACHE_BYTES + 16 * 1024 * 1024
-ROOM_RECHECK = 0.05  # seconds a reading of that free space is trusted
+ROOM_RECHECK = 0.05  # seconds a reading of that free space is trusted ...
+NEAR_BYTES = 32 * 1024 * 1024  # ... unless it is within this of the reserve
 DISK_FULL = apsw.FullError  # what SQLite raises when the database's disk is full
 
 SCHEMA = """
@@ -170,7 +171,7 @@ class MetaDB:
         self._room = 0  # free bytes on the database's disk, read at _room_at
         self._file_bytes = 0  # the database file's size, read at _room_at
         self._room_at = float("-inf")
-        self._log_kept = True  # the write-ahead log is kept at WAL_KEEP_BYTES
+        self._short = False  # the disk's room was found short (and logged)
         self._gone_told = False  # the file's removal while open was logged
         self._page_size = self.conn.execute("PRAGMA page_size").fetchall()[0][0]
 
@@ -305,10 +306,10 @@ class MetaDB:
         if time.monotonic() - self._room_at > ROOM_RECHECK:
             self._measure_room()
         reserve = HOST_RESERVE + max(0, self.pages_bytes() - self._file_bytes)
-        if self._room < reserve + WAL_KEEP_BYTES:  # near or short: measure again, now
+        if self._room < reserve + NEAR_BYTES:  # near or short: measure again, now
             self._measure_room()
             reserve = HOST_RESERVE + max(0, self.pages_bytes() - self._file_bytes)
-        self._keep_log(self._room >= reserve + WAL_KEEP_BYTES)
+        self._tell_room(self._room < reserve)
         if self._room >= reserve:
             return None
         mib = 1024 * 1024
@@ -332,17 +333,15 @@ class MetaDB:
             self._gone_told = True
             raise MetadataError(f"{self.path} was removed while in use") from exc
 
-    def _keep_log(self, keep: bool) -> None:
-        """Keep the write-ahead log at WAL_KEEP_BYTES after checkpoints, or, while the disk
-        is short of room, cut it to nothing."""
-        if keep == self._log_kept or self.read_only:
+    def _tell_room(self, short: bool) -> None:
+        """Log when the database's disk runs short of room and when it has room again."""
+        if short == self._short or self.read_only:
             return
-        self._log_kept = keep
-        self.conn.execute(f"PRAGMA journal_size_limit={WAL_KEEP_BYTES if keep else 0}")
-        (log.info if keep else log.warning)(
+        self._short = short
+        (log.warning if short else log.info)(
             "%s: %d MiB free on its disk: %s", self.path, self._room >> 20,
-            "room again for new files and attributes" if keep else "near the room kept for "
-            "the database: new files and attributes get ENOSPC when it is reached")
+            "new files and attributes get ENOSPC until more is free (removals go on, in the "
+            "write-ahead log's room)" if short else "room again for new files and attributes")
 
     def transaction_lost(self) -> bool:
         """True if SQLite rolled back the whole open transaction (it does after a full disk or
