@@ -185,9 +185,11 @@ def cmd_umount(args: argparse.Namespace) -> int:
     sock = control_socket_path(entry.source)
     pid = None
     try:
-        pid = control.request(sock, {"op": "flush"}, timeout=UMOUNT_TIMEOUT)["pid"]
+        pid = control.request(sock, {"op": "ping"}, timeout=UMOUNT_TIMEOUT)["pid"]
+        control.request(sock, {"op": "flush"}, timeout=UMOUNT_TIMEOUT)
     except control.ControlError as exc:
-        err.print(f"dwfs: the daemon of {mountpoint} does not answer ({exc}); unmounting anyway")
+        what = "does not answer" if pid is None else "could not flush"
+        err.print(f"dwfs: the daemon of {mountpoint} {what} ({exc}); unmounting anyway")
     result = fusermount_unmount(mountpoint)
     if result.returncode != 0:
         if pid is not None:

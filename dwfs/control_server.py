@@ -27,6 +27,7 @@ async def serve(sock_path: str, handler: Handler, limiter_for: LimiterFor,
     sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     await sock.bind(sock_path)
     os.chmod(sock_path, 0o600)
+    ours = _identity(sock_path)
     sock.listen(16)
     listener = trio.SocketListener(sock)
     task_status.started()
@@ -35,10 +36,25 @@ async def serve(sock_path: str, handler: Handler, limiter_for: LimiterFor,
             lambda stream: _connection(stream, handler, limiter_for), [listener]
         )
     finally:
-        try:
-            os.unlink(sock_path)
-        except FileNotFoundError:
-            log.debug("control socket %s already gone", sock_path)
+        _remove_if_ours(sock_path, ours)
+
+
+def _identity(path: str) -> tuple[int, int]:
+    """What tells one socket file from a later one at the same path (inodes are reused)."""
+    st = os.stat(path)
+    return st.st_ino, st.st_ctime_ns
+
+
+def _remove_if_ours(sock_path: str, ours: tuple[int, int]) -> None:
+    """Remove the socket unless it is gone or another daemon of the same warehouse, started
+    while this one was still closing, has put its own in its place."""
+    try:
+        if _identity(sock_path) != ours:
+            log.info("control socket %s belongs to a newer daemon: left in place", sock_path)
+            return
+        os.unlink(sock_path)
+    except FileNotFoundError:
+        log.debug("control socket %s already gone", sock_path)
 
 
 async def _connection(stream: trio.SocketStream, handler: Handler,

@@ -67,3 +67,31 @@ def test_an_array_beyond_its_tolerance_is_reported_in_one_line(tmp_path):
     assert done.stderr.startswith("dwfs: error: raid5 tolerates 1 failed members")
     assert "slot 0 missing" in done.stderr and "slot 1 missing" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+def test_a_closing_daemon_leaves_a_newer_daemons_control_socket_alone(tmp_path):
+    """A daemon still closing when the next one of the same warehouse has started must not
+    remove the newer one's control socket (its `dwfs umount` could then not reach it)."""
+    import os
+    import socket
+    import time
+
+    from dwfs.control_server import _identity, _remove_if_ours
+
+    path = str(tmp_path / "ctl.sock")
+    old = socket.socket(socket.AF_UNIX)
+    old.bind(path)
+    ours = _identity(path)
+    os.unlink(path)  # the newer daemon replaces it
+    time.sleep(0.01)  # (a later change time, even where the inode number is reused)
+    new = socket.socket(socket.AF_UNIX)
+    new.bind(path)
+    try:
+        _remove_if_ours(path, ours)
+        assert os.path.exists(path) and _identity(path) != ours
+        _remove_if_ours(path, _identity(path))
+        assert not os.path.exists(path)
+        _remove_if_ours(path, ours)  # already gone: nothing to do
+    finally:
+        old.close()
+        new.close()
