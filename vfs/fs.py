@@ -500,8 +500,7 @@ class Filesystem(Runs, ContentOps, MakeOps, RenameOps, XattrOps):
             self.volume.flush()
         with self.lock:
             self._check_open()
-            if self.db.transaction_lost():
-                self._stop("the commit")
+            self._stop_if_lost("the commit")
             if self.free_later:
                 self._free_unlinked(self.free_later)
                 self.free_later = []

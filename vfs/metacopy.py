@@ -100,8 +100,8 @@ def write_copy(fs) -> CopyInfo:
         db: MetaDB = fs.db
         fs.commit()
         gen = int(db.setting("metacopy_generation", 0)) + 1
-        page_size = db.value("PRAGMA page_size")
-        estimate = db.value("PRAGMA page_count") * page_size
+        page_size = db.page_size
+        estimate = db.pages_bytes()
         for _attempt in range(3):
             need = _sectors_for(estimate, page_size)
             if need > fs.alloc.free_count:
@@ -155,8 +155,7 @@ def _sectors_for(db_bytes: int, page_size: int) -> int:
 def copy_reserve(db: MetaDB) -> int:
     """Sectors to keep free for the next metadata copy: file data may not use them, so a
     full filesystem can still refresh its copy (at unmount, say)."""
-    page_size = db.value("PRAGMA page_size")
-    return _sectors_for(int(db.value("PRAGMA page_count") * page_size * 1.25), page_size) + 256
+    return _sectors_for(int(db.pages_bytes() * 1.25), db.page_size) + 256
 
 
 def _give_up_older_copies(fs, gen: int, need: int) -> None:

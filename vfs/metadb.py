@@ -173,7 +173,7 @@ class MetaDB:
         self._room_at = float("-inf")
         self._short = False  # the disk's room was found short (and logged)
         self._gone_told = False  # the file's removal while open was logged
-        self._page_size = self.conn.execute("PRAGMA page_size").fetchall()[0][0]
+        self.page_size = self.conn.execute("PRAGMA page_size").fetchall()[0][0]
 
     def _cursor(self) -> apsw.Cursor:
         """This thread's cursor for statements whose results are taken at once: making a new
@@ -303,12 +303,11 @@ class MetaDB:
     def room_shortage(self) -> str | None:
         """Why a change that would grow the database is refused now (its disk has less free
         than HOST_RESERVE and the pages the open transaction adds to the file), or None."""
-        if time.monotonic() - self._room_at > ROOM_RECHECK:
+        pages = self.pages_bytes()
+        if (time.monotonic() - self._room_at > ROOM_RECHECK
+                or self._room < self._reserve(pages) + NEAR_BYTES):  # (near or short: now)
             self._measure_room()
-        reserve = HOST_RESERVE + max(0, self.pages_bytes() - self._file_bytes)
-        if self._room < reserve + NEAR_BYTES:  # near or short: measure again, now
-            self._measure_room()
-            reserve = HOST_RESERVE + max(0, self.pages_bytes() - self._file_bytes)
+        reserve = self._reserve(pages)
         self._tell_room(self._room < reserve)
         if self._room >= reserve:
             return None
@@ -316,9 +315,14 @@ class MetaDB:
         return (f"the disk holding {self.path} has {self._room // mib} MiB free, less than "
                 f"the {reserve // mib} MiB kept for it")
 
+    def _reserve(self, pages: int) -> int:
+        """The room kept on the disk for a database of `pages` bytes, with the open
+        transaction: HOST_RESERVE and what its checkpoint adds to the file."""
+        return HOST_RESERVE + max(0, pages - self._file_bytes)
+
     def pages_bytes(self) -> int:
         """The database's size with the open transaction's changes."""
-        return self.value("PRAGMA page_count") * self._page_size
+        return self.value("PRAGMA page_count") * self.page_size
 
     def _measure_room(self) -> None:
         st = os.statvfs(os.path.dirname(os.path.abspath(self.path)))
@@ -370,8 +374,7 @@ class MetaDB:
         # Moving pages writes them to the write-ahead log: up to two pages for each freed,
         # which must fit beside the reserve (on a nearly full disk it waits for more room).
         self._measure_room()
-        growth = max(0, self.pages_bytes() - self._file_bytes)
-        if self._room - 2 * free * self._page_size < HOST_RESERVE + growth:
+        if self._room - 2 * free * self.page_size < self._reserve(self.pages_bytes()):
             log.info("%s: %d free pages kept: %d MiB free on its disk is too little to move "
                      "pages now", self.path, free, self._room >> 20)
             return 0
@@ -393,10 +396,13 @@ class MetaDB:
 
     def close(self) -> None:
         """Commit what is pending and close the connection."""
-        try:
-            if self.transaction_lost():
-                raise MetadataError("the open transaction was lost; nothing to commit")
-            self.conn.execute("COMMIT")
-        except (apsw.Error, MetadataError) as exc:  # a database damaged at open lands here too
-            (log.error if self.dirty else log.warning)("%s: final commit: %s", self.path, exc)
+        if self.transaction_lost():
+            log.error("%s: final commit: the open transaction was lost; nothing to commit",
+                      self.path)
+        else:
+            try:
+                self.conn.execute("COMMIT")
+            except apsw.Error as exc:  # a database damaged at open lands here too
+                (log.error if self.dirty else log.warning)("%s: final commit: %s", self.path,
+                                                           exc)
         self.conn.close()

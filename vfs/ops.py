@@ -63,22 +63,19 @@ class Runs:
 
     def _attempt(self, func: Callable[..., T], args: tuple, kwargs: dict) -> T:
         """One all-or-nothing run of an operation (inside a savepoint)."""
-        if self.db.transaction_lost():  # dropped where no operation saw it: stop before this
-            self._stop(f"before {getattr(func, '__name__', func)}")
+        name = getattr(func, "__name__", func)
+        self._stop_if_lost(name)  # (dropped where no operation saw it)
         self._depth += 1
         mark = self.alloc.mark()
         self.db.execute("SAVEPOINT op")
         try:
             result = func(self, *args, **kwargs)
         except BaseException as exc:
-            if self.db.transaction_lost():
-                self._stop(f"{getattr(func, '__name__', func)}: {exc!r}")
+            self._stop_if_lost(name, exc)
             self.db.execute("ROLLBACK TO op")
             self.db.execute("RELEASE op")
             self.alloc.undo(mark)
-            if isinstance(exc, DISK_FULL):
-                raise FSError(errno.ENOSPC, f"the metadata database's disk is full: {exc}"
-                              ) from exc
+            _raise_if_disk_full(exc, name)
             raise
         else:
             self.db.execute("RELEASE op")
@@ -98,10 +95,14 @@ class Runs:
             raise FSError(errno.EIO, f"the filesystem stopped ({self._stopped}); unmount "
                           "and mount it again")
 
-    def _stop(self, why: str) -> None:
-        """The database dropped the open transaction: what this process holds (allocations,
-        file data, counts) no longer matches it, so every later call fails with EIO. The
-        next mount starts from the last commit, as after a crash (fsync'd data is kept)."""
+    def _stop_if_lost(self, where: str, exc: BaseException | None = None) -> None:
+        """Stop (EIO) if the database dropped the open transaction: what this process holds
+        (allocations, file data, counts) no longer matches it, so every later call fails with
+        EIO. The next mount starts from the last commit, as after a crash (fsync'd data is
+        kept)."""
+        if not self.db.transaction_lost():
+            return
+        why = where if exc is None else f"{where}: {exc!r}"
         self._stopped = f"the metadata database dropped its open transaction in {why}"
         log.critical("%s: %s; every change since the last commit is lost and the filesystem "
                      "serves nothing more: unmount it and mount it again", self.db.path,
@@ -112,10 +113,13 @@ class Runs:
         try:
             self.db.commit()
         except Exception as exc:
-            if self.db.transaction_lost():
-                self._stop(f"commit: {exc!r}")
-            if isinstance(exc, DISK_FULL):
-                raise FSError(errno.ENOSPC, f"commit: the metadata database's disk is full: "
-                              f"{exc}") from exc
+            self._stop_if_lost("commit", exc)
+            _raise_if_disk_full(exc, "commit")
             raise
 
+
+def _raise_if_disk_full(exc: BaseException, where: str) -> None:
+    """ENOSPC in place of SQLite's full-disk error that cost only the statement."""
+    if isinstance(exc, DISK_FULL):
+        raise FSError(errno.ENOSPC, f"{where}: the metadata database's disk is full: {exc}"
+                      ) from exc
