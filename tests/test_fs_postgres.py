@@ -39,6 +39,53 @@ SUMS = ("SELECT (SELECT sum(abalance) FROM pgbench_accounts), "
         "(SELECT count(*) FROM pgbench_history)")
 
 
+def parents() -> dict[int, int]:
+    """Every running process's parent, by pid."""
+    found: dict[int, int] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    found[int(entry)] = int(f.read().rsplit(")", 1)[1].split()[1])
+            except (FileNotFoundError, ProcessLookupError, IndexError):
+                continue  # ended while read
+    return found
+
+
+def descendants(pid: int) -> set[int]:
+    """The processes below `pid` in the process tree."""
+    of = parents()
+    found: set[int] = set()
+    frontier = {pid}
+    while frontier:
+        frontier = {child for child, parent in of.items() if parent in frontier} - found
+        found |= frontier
+    return found
+
+
+def working_in(directory: str) -> set[int]:
+    """The processes whose working directory is `directory` or below it."""
+    found = set()
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                cwd = os.readlink(f"/proc/{entry}/cwd")
+            except (FileNotFoundError, ProcessLookupError, PermissionError):
+                continue  # ended while read
+            if cwd == directory or cwd.startswith(directory + "/"):
+                found.add(int(entry))
+    return found
+
+
+def is_alive(pid: int) -> bool:
+    """Whether `pid` runs (a zombie no longer holds files)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+
+
 def tool(name: str) -> str:
     """A PostgreSQL program of the same version as the server."""
     return os.path.join(os.path.dirname(BIN), name)
@@ -80,22 +127,28 @@ class Server:
         assert self.proc.wait(timeout=120) == 0, self.log_text()[-3000:]
 
     def kill(self) -> None:
-        """kill -9 of the server and every process it started; waits until all are gone."""
+        """kill -9 of the server and every process it started; waits until all are gone.
+
+        PostgreSQL's children each call setsid(), so the server's process group holds only
+        the postmaster: the children are found as its descendants, and as any process whose
+        working directory is the data directory (a backend forked while this ran)."""
         if self.proc is None:
             return
-        try:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        self.proc.wait(timeout=60)
+        doomed = descendants(self.proc.pid) | {self.proc.pid}
         deadline = time.monotonic() + 60
         while True:
-            try:
-                os.killpg(self.proc.pid, 0)
-            except ProcessLookupError:
-                return
-            assert time.monotonic() < deadline, "PostgreSQL processes outlived kill -9"
+            doomed |= working_in(self.datadir)
+            alive = {pid for pid in doomed if is_alive(pid)}
+            if not alive:
+                break
+            assert time.monotonic() < deadline, f"PostgreSQL processes {alive} outlived kill -9"
+            for pid in alive:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
             time.sleep(0.05)
+        self.proc.wait(timeout=60)
 
     def log_text(self) -> str:
         with open(self.log, errors="replace") as f:
