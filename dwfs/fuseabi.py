@@ -24,7 +24,7 @@ LOOKUP, FORGET, GETATTR, SETATTR, READLINK, SYMLINK = 1, 2, 3, 4, 5, 6
 MKNOD, MKDIR, UNLINK, RMDIR, RENAME, LINK, OPEN, READ, WRITE = 8, 9, 10, 11, 12, 13, 14, 15, 16
 STATFS, RELEASE, FSYNC, SETXATTR, GETXATTR, LISTXATTR = 17, 18, 20, 21, 22, 23
 REMOVEXATTR, FLUSH, INIT, OPENDIR, READDIR, RELEASEDIR = 24, 25, 26, 27, 28, 29
-FSYNCDIR, ACCESS, CREATE, INTERRUPT, DESTROY = 30, 34, 35, 36, 38
+FSYNCDIR, ACCESS, CREATE, INTERRUPT, DESTROY, IOCTL = 30, 34, 35, 36, 38, 39
 BATCH_FORGET, FALLOCATE, READDIRPLUS, RENAME2, LSEEK = 42, 43, 44, 45, 46
 COPY_FILE_RANGE, COPY_FILE_RANGE_64 = 47, 53  # the second (Linux 6.18) answers 64 bits
 TMPFILE = 51  # O_TMPFILE (Linux 6.1): create_in and the name "/"; answered as CREATE
@@ -91,6 +91,14 @@ LSEEK_IN = struct.Struct("<QQII")  # fh offset whence padding
 COPY_FILE_RANGE_IN = struct.Struct("<QQQQQQQ")  # fh_in off_in nodeid_out fh_out off_out len flags
 COPY_FILE_RANGE_OUT = struct.Struct("<Q")  # bytes copied (COPY_FILE_RANGE_64)
 LSEEK_OUT = struct.Struct("<Q")  # offset
+IOCTL_IN = struct.Struct("<QIIQII")  # fh flags cmd arg in_size out_size
+IOCTL_OUT = struct.Struct("<iIII")  # result flags in_iovs out_iovs
+# The ioctls dwfs answers (linux/fs.h): chattr's flags as lsattr/chattr and xfs_io see them.
+# The kernel sends them with an int (its fileattr calls), or as a program gave them.
+FS_IOC_GETFLAGS, FS_IOC_SETFLAGS = 0x80086601, 0x40086602
+FS_IOC32_GETFLAGS, FS_IOC32_SETFLAGS = 0x80046601, 0x40046602
+FS_IOC_FSGETXATTR, FS_IOC_FSSETXATTR = 0x801C581F, 0x401C5820
+FSXATTR = struct.Struct("<IIIII8x")  # xflags extsize nextents projid cowextsize pad
 SETXATTR_IN = struct.Struct("<II")  # size flags
 GETXATTR_IN = struct.Struct("<II")  # size padding
 GETXATTR_OUT = struct.Struct("<II")  # size padding

@@ -15,6 +15,7 @@ from dwfs.fusehandlers import Handlers
 from dwfs.fusesession import Request
 from vfs.acl import NAMES as ACL_NAMES
 from vfs.attrs import Attr, Caller, SetAttr
+from vfs.inodeflags import from_xflags, to_xflags
 from vfs.view import View
 from vfs.xattrnames import STATE_XATTR
 
@@ -204,6 +205,32 @@ class FuseOperations(Handlers):
         ghosts = self.fs.is_ghost(fh_in) or self.fs.is_ghost(fh_out)
         lane = self.slow if ghosts else self.data
         lane(r, pack, self.fs.copy_range, fh_in, off_in, fh_out, off_out, length)
+
+    def ioctl(self, r: Request, node: int, cmd: int, data: bytes, out_size: int) -> None:
+        """chattr's flags (FS_IOC_GETFLAGS and SETFLAGS, FS_IOC_FSGETXATTR and FSSETXATTR);
+        ENOTTY for any other ioctl, as for a file that has none."""
+        def out(payload: bytes) -> bytes:
+            return abi.IOCTL_OUT.pack(0, 0, 0, 0) + payload[:out_size]
+
+        if cmd in (abi.FS_IOC_GETFLAGS, abi.FS_IOC32_GETFLAGS):
+            self.meta(r, lambda flags: out(flags.to_bytes(4, "little")), self.fs.get_flags, node)
+        elif cmd in (abi.FS_IOC_SETFLAGS, abi.FS_IOC32_SETFLAGS) and len(data) >= 4:
+            flags = int.from_bytes(data[:4], "little")
+            self.meta(r, lambda _: out(b""), self.fs.set_flags, node, flags)
+        elif cmd == abi.FS_IOC_FSGETXATTR:
+            self.meta(r, lambda flags: out(abi.FSXATTR.pack(to_xflags(flags), 0, 0, 0, 0)),
+                      self.fs.get_flags, node)
+        elif cmd == abi.FS_IOC_FSSETXATTR and len(data) >= abi.FSXATTR.size:
+            xflags, extsize, _, projid, cowextsize = abi.FSXATTR.unpack_from(data)
+            if extsize or projid or cowextsize:
+                r.fail(errno.EOPNOTSUPP)  # no extent size hints or project quotas here
+                return
+            self.meta(r, lambda _: out(b""), self._set_xflags, node, xflags)
+        else:
+            r.fail(errno.ENOTTY)
+
+    def _set_xflags(self, node: int, xflags: int) -> None:
+        self.fs.set_flags(node, from_xflags(xflags))
 
     def lseek(self, r: Request, fh: int, offset: int, whence: int) -> None:
         self.meta(r, abi.LSEEK_OUT.pack, self.fs.seek, fh, offset, whence)

@@ -211,6 +211,8 @@ class Session:
                           mtime * abi.NSEC + mtimensec if valid & abi.FATTR_MTIME else None),
                 ctime_ns=ctime * abi.NSEC + ctimensec if valid & abi.FATTR_CTIME else None,
                 kill_setid=bool(valid & abi.FATTR_KILL_SUIDGID),
+                times_set=bool(valid & abi.FATTR_ATIME and not valid & abi.FATTR_ATIME_NOW
+                               or valid & abi.FATTR_MTIME and not valid & abi.FATTR_MTIME_NOW),
             )
             h.setattr(r, node, ch)
 
@@ -314,6 +316,11 @@ class Session:
             flags, mode, r.umask, _ = abi.CREATE_IN.unpack_from(body)
             h.tmpfile(r, node, mode, flags)
 
+        def ioctl(r: Request, node: int, body: memoryview) -> None:
+            _, _, cmd, _, in_size, out_size = abi.IOCTL_IN.unpack_from(body)
+            start = abi.IOCTL_IN.size
+            h.ioctl(r, node, cmd, bytes(body[start:start + in_size]), out_size)
+
         def by_name(method: Any) -> Any:
             return lambda r, node, body: method(r, node, name_of(body))
 
@@ -333,7 +340,7 @@ class Session:
             abi.REMOVEXATTR: by_name(h.removexattr), abi.FLUSH: by_node(h.flush),
             abi.OPENDIR: opendir, abi.READDIR: readdir, abi.READDIRPLUS: readdirplus,
             abi.RELEASEDIR: releasedir, abi.FSYNCDIR: fsyncdir, abi.CREATE: create,
-            abi.FALLOCATE: fallocate, abi.LSEEK: lseek, abi.TMPFILE: tmpfile,
+            abi.FALLOCATE: fallocate, abi.LSEEK: lseek, abi.TMPFILE: tmpfile, abi.IOCTL: ioctl,
             abi.COPY_FILE_RANGE: copy_file_range(False),
             abi.COPY_FILE_RANGE_64: copy_file_range(True),
         }

@@ -1,14 +1,17 @@
 """Helpers for POSIX tests on a mount: the errno a call fails with, renameat2,
-getxattr/listxattr with a given buffer size, and running a function as another user in a
-forked child."""
+getxattr/listxattr with a given buffer size, chattr's flags, and running a function as another
+user in a forked child."""
 
 from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import fcntl
 import mmap
 import os
 import pickle
+import stat
+import struct
 import traceback
 
 import pytest
@@ -131,3 +134,39 @@ def as_user(func, uid: int = NOBODY, gid: int = NOBODY, groups: tuple[int, ...] 
     if result[0] == "error":
         raise AssertionError("in the child:\n" + result[1])
     return result[1]
+
+
+FS_IOC_GETFLAGS, FS_IOC_SETFLAGS = 0x80086601, 0x40086602
+FS_IOC_FSGETXATTR, FS_IOC_FSSETXATTR = 0x801C581F, 0x401C5820
+IMMUTABLE, APPEND, NODUMP, NOATIME = 0x10, 0x20, 0x40, 0x80
+KEPT = IMMUTABLE | APPEND | NODUMP | NOATIME  # what dwfs keeps (ext4 shows more, such as extents)
+
+
+def get_flags(path: str) -> int:
+    """chattr's flags of `path` among those dwfs keeps (FS_IOC_GETFLAGS)."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    try:
+        return struct.unpack("<i", fcntl.ioctl(fd, FS_IOC_GETFLAGS, bytes(4)))[0] & KEPT
+    finally:
+        os.close(fd)
+
+
+def set_flags(path: str, flags: int) -> None:
+    """Set `flags` among the kept ones, leaving the file's others (ext4's extents) as they are."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    try:
+        old = struct.unpack("<i", fcntl.ioctl(fd, FS_IOC_GETFLAGS, bytes(4)))[0]
+        fcntl.ioctl(fd, FS_IOC_SETFLAGS, struct.pack("<i", (old & ~KEPT) | flags))
+    finally:
+        os.close(fd)
+
+
+def clear_flags(root: str) -> None:
+    """Take immutable and append-only off every file and directory under `root` (and `root`),
+    so that the tree can be removed."""
+    for dirpath, dirnames, filenames in os.walk(root):
+        for path in [dirpath] + [os.path.join(dirpath, n) for n in dirnames + filenames]:
+            mode = os.lstat(path).st_mode
+            if (stat.S_ISREG(mode) or stat.S_ISDIR(mode)) and get_flags(path) & (IMMUTABLE
+                                                                               | APPEND):
+                set_flags(path, 0)

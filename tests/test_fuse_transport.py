@@ -11,6 +11,7 @@ import hashlib
 import os
 import random
 import re
+import select
 import signal
 import stat
 import subprocess
@@ -26,7 +27,7 @@ from vfs.attrs import Attr
 
 pytestmark = pytest.mark.timeout(300)
 
-FS_IOC_GETFLAGS = 0x80086601  # lsattr's ioctl
+UNKNOWN_IOCTL = 0x80047863  # _IOR('x', 99, int): no filesystem's
 
 
 def _attr(**kw) -> Attr:
@@ -71,8 +72,10 @@ def test_directory_entries_are_padded_to_eight_bytes(name):
 
 
 def test_unimplemented_requests_get_a_clean_errno(mounted_fs):
-    """A request dwfs does not answer (an ioctl) gets ENOSYS, which the kernel turns into
-    ENOTTY; the mount goes on serving (a copy_file_range after it)."""
+    """A request dwfs does not answer (POLL, sent by poll(2) on a file) gets ENOSYS, and the
+    kernel answers the poll itself from then on (readable and writable, as for any file that
+    does not poll); an ioctl dwfs does not know gets ENOTTY. The mount goes on serving (a
+    copy_file_range after them)."""
     path = mounted_fs.path("f")
     data = os.urandom(300_000)
     with open(path, "wb") as f:
@@ -80,8 +83,11 @@ def test_unimplemented_requests_get_a_clean_errno(mounted_fs):
     fd = os.open(path, os.O_RDWR)
     try:
         for _ in range(2):  # the second time the kernel knows without asking
+            poller = select.poll()
+            poller.register(fd, select.POLLIN | select.POLLOUT)
+            assert poller.poll(1000) == [(fd, select.POLLIN | select.POLLOUT)]
             with pytest.raises(OSError) as exc:
-                fcntl.ioctl(fd, FS_IOC_GETFLAGS, array.array("l", [0]))
+                fcntl.ioctl(fd, UNKNOWN_IOCTL, array.array("i", [0]))
             assert exc.value.errno == errno.ENOTTY
         out = os.open(mounted_fs.path("g"), os.O_CREAT | os.O_WRONLY, 0o644)
         try:

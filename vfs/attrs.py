@@ -63,6 +63,12 @@ class SetAttr:
     mtime_ns: int | None = None
     ctime_ns: int | None = None
     kill_setid: bool = False  # clear set-user-ID and set-group-ID (see without_setid)
+    times_set: bool = True  # the times given were chosen by the caller, not "now"
+
+    @property
+    def explicit_times(self) -> bool:
+        """True if a time is set to a chosen value (utimensat with times, not `touch`)."""
+        return self.times_set and (self.atime_ns is not None or self.mtime_ns is not None)
 
     def __post_init__(self) -> None:
         for name in ("atime_ns", "mtime_ns", "ctime_ns"):

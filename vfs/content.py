@@ -36,6 +36,7 @@ class ContentOps:
         the kernel has checked write permission), and with `kill_setid` (an opener without
         CAP_FSETID) clears its setid bits as a write would."""
         r = self._row(ino)
+        self.refuse_open(ino, flags)
         if flags & os.O_TRUNC and stat.S_ISREG(r[1]):
             if r[5]:
                 self._truncate(r, 0)
@@ -262,7 +263,9 @@ class ContentOps:
         with self.lock:
             self._check_open()
             n = len(data)
-            self._check_write(ino, offset, n)
+            r = self._check_write(ino, offset, n)
+            if not keep_times:  # (a ghost's content arriving is not a change of it)
+                self.refuse_write(ino, offset, r[5])
             if n:
                 self.db.check_room()
                 self._reserve(ino, offset // BLOCK, (offset + n - 1) // BLOCK)
@@ -329,6 +332,7 @@ class ContentOps:
         if offset < 0 or length <= 0:
             raise FSError(errno.EINVAL, f"fallocate of {length} bytes at {offset}")
         r = self._row(ino)
+        self.refuse_fallocate(ino, mode)
         if stat.S_ISDIR(r[1]):
             raise FSError(errno.EISDIR, f"inode {ino} is a directory")
         if not stat.S_ISREG(r[1]):

@@ -33,6 +33,7 @@ from vfs.content import ContentOps
 from vfs.errors import FSError
 from vfs.filedata import BLOCK, SECTORS_PER_BLOCK, FileData, VolumeLike
 from vfs.freespace import RESERVED_SECTORS, FreeSpace, used_sectors
+from vfs.inodeflags import FlagOps, load_flags
 from vfs.intentlog import IntentLog
 from vfs.making import MakeOps
 from vfs.metacopy import copy_reserve
@@ -57,7 +58,7 @@ _FIND_SQL = (f"SELECT {_INODE_COLS} FROM inodes WHERE id = "
              "(SELECT inode FROM dentries WHERE parent=? AND name=?)")
 
 
-class Filesystem(Runs, ContentOps, MakeOps, RenameOps, XattrOps):
+class Filesystem(Runs, ContentOps, MakeOps, RenameOps, XattrOps, FlagOps):
     """A mounted dwfs filesystem: metadata database + file contents on the volume."""
 
     def __init__(self, db: MetaDB, volume: VolumeLike) -> None:
@@ -82,7 +83,9 @@ class Filesystem(Runs, ContentOps, MakeOps, RenameOps, XattrOps):
         self.unlinked_held: dict[int, int] = {}
         self.free_later: list[int] = []
         self._refs_cond = threading.Condition(threading.Lock())  # guards kernel_refs
-        self.freed_hooks: list[Callable[[int], None]] = []  # told of every inode freed
+        self.inode_flags = load_flags(db)  # chattr's flags of the inodes that have some
+        # Told of every inode freed.
+        self.freed_hooks: list[Callable[[int], None]] = [self.forget_flags]
         self.noatime = False  # the mount's noatime: reads never update atime
         self.nodiratime = False  # the mount's nodiratime: listings never update atime
         self._look_for_capabilities()
@@ -270,6 +273,7 @@ class Filesystem(Runs, ContentOps, MakeOps, RenameOps, XattrOps):
         """Change mode, owner, size or times; ctime follows every change."""
         with self.lock:
             self._check_open()
+            self.refuse_setattr(ino, ch)
             if ch.size is not None:
                 self._reserve_tail(self._row(ino), ch.size)
             return self._setattr(ino, ch)
@@ -355,6 +359,7 @@ class Filesystem(Runs, ContentOps, MakeOps, RenameOps, XattrOps):
         r = self.db.row("SELECT mode, nlink, sectors FROM inodes WHERE id=?", e) if e else None
         if r is None:
             raise self._no_name(parent, name)
+        self.refuse_removal(parent, e[0])
         if stat.S_ISDIR(r[0]):
             raise FSError(errno.EISDIR, f"{name!r} is a directory")
         self._name_removed(parent, e[0], *r)
@@ -367,6 +372,7 @@ class Filesystem(Runs, ContentOps, MakeOps, RenameOps, XattrOps):
         if name == b"..":
             raise FSError(errno.ENOTEMPTY, "cannot remove '..'")
         did, ino, r = self._existing(parent, name)
+        self.refuse_removal(parent, ino)
         if not stat.S_ISDIR(r[1]):
             raise FSError(errno.ENOTDIR, f"{name!r} is not a directory")
         if self._has_entries(ino):
@@ -397,7 +403,8 @@ class Filesystem(Runs, ContentOps, MakeOps, RenameOps, XattrOps):
         """True if reading `a` now would update its atime: as relatime does, when it is not
         newer than mtime or ctime, or a day old; never on a read-only, noatime (or, for a
         directory, nodiratime) mount."""
-        return self._atime_due(a.mode, a.atime_ns, a.mtime_ns, a.ctime_ns)
+        return (self._atime_due(a.mode, a.atime_ns, a.mtime_ns, a.ctime_ns)
+                and not self.no_atime(a.ino))
 
     def _atime_due(self, mode: int, atime: int, mtime: int, ctime: int) -> bool:
         if self.db.read_only or self.noatime or (self.nodiratime and stat.S_ISDIR(mode)):
@@ -406,7 +413,7 @@ class Filesystem(Runs, ContentOps, MakeOps, RenameOps, XattrOps):
 
     def _accessed(self, r: tuple) -> None:
         """Update the atime of inode row `r` after a read, if it is due (`atime_due`)."""
-        if self._atime_due(r[1], r[7], r[8], r[9]):
+        if self._atime_due(r[1], r[7], r[8], r[9]) and not self.no_atime(r[0]):
             self.db.change("UPDATE inodes SET atime_ns=? WHERE id=?", (now_ns(), r[0]))
 
     @operation

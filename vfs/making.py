@@ -28,6 +28,7 @@ class MakeOps:
         p = self._live_dir(parent)
         if name is not None and self._entry(parent, name) is not None:
             raise FSError(errno.EEXIST, f"{name!r} exists in directory {parent}")
+        self.refuse_new_name(parent)
         gid = caller.gid
         if p[1] & stat.S_ISGID:
             gid = p[4]
@@ -48,6 +49,7 @@ class MakeOps:
              now, now, now, target))
         ino = self.db.last_id()
         self._put_xattrs(ino, lists)
+        self.inherit_flags(parent, ino)
         if name is not None:
             self.db.change("INSERT INTO dentries (parent, name, inode) VALUES (?, ?, ?)",
                            (parent, name, ino))
@@ -112,6 +114,7 @@ class MakeOps:
         self._live_dir(parent)
         if self._entry(parent, name) is not None:
             raise FSError(errno.EEXIST, f"{name!r} exists in directory {parent}")
+        self.refuse_link(ino, parent)
         self.db.change("INSERT INTO dentries (parent, name, inode) VALUES (?, ?, ?)",
                        (parent, name, ino))
         self.unlinked_held.pop(ino, None)  # named again (an O_TMPFILE file)

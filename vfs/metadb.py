@@ -76,8 +76,9 @@ CREATE TABLE metacopy (generation INTEGER NOT NULL, addr INTEGER NOT NULL, nsect
 """
 
 # Format 2: what smart-folder queries search by, readdir's order, and ghost files (with
-# ghost_links, the symbolic links an import made, which follow their source as ghosts do;
-# added within format 2: older databases get the table and the trigger at a read-write open).
+# ghost_links, the symbolic links an import made, which follow their source as ghosts do, and
+# inode_flags, chattr's flags: added within format 2, so older databases get these tables and
+# their triggers at a read-write open).
 SCHEMA_2 = """
 CREATE INDEX IF NOT EXISTS dentries_name ON dentries (name);
 CREATE INDEX IF NOT EXISTS dentries_parent_id ON dentries (parent, id);
@@ -95,6 +96,10 @@ CREATE TABLE IF NOT EXISTS ghosts (
 );
 CREATE INDEX IF NOT EXISTS ghosts_state ON ghosts (state, used_ns);
 CREATE TABLE IF NOT EXISTS ghost_links (inode INTEGER PRIMARY KEY);
+CREATE TABLE IF NOT EXISTS inode_flags (inode INTEGER PRIMARY KEY, flags INTEGER NOT NULL);
+CREATE TRIGGER IF NOT EXISTS inode_flags_gone AFTER DELETE ON inodes BEGIN
+    DELETE FROM inode_flags WHERE inode = old.id;
+END;
 CREATE TRIGGER IF NOT EXISTS inodes_gone AFTER DELETE ON inodes BEGIN
     DELETE FROM xattrs WHERE inode = old.id;
     DELETE FROM ghosts WHERE inode = old.id;

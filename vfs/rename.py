@@ -60,6 +60,11 @@ class RenameOps:
             return  # two names of one inode: POSIX says do nothing
         if src_dir and self._is_within(new_parent, sino):
             raise FSError(errno.EINVAL, "cannot move a directory into itself")
+        self.refuse_removal(parent, sino)
+        if dst is None:
+            self.refuse_new_name(new_parent)
+        else:
+            self.refuse_removal(new_parent, dst[1])
         if dst is not None:
             drow = self._row(dst[1])
             if stat.S_ISDIR(drow[1]):
@@ -94,6 +99,8 @@ class RenameOps:
             raise FSError(errno.EINVAL, "cannot move a directory into itself")
         if d_dir and self._is_within(parent, dino):
             raise FSError(errno.EINVAL, "cannot move a directory into itself")
+        self.refuse_removal(parent, sino)
+        self.refuse_removal(new_parent, dino)
         self.db.change("UPDATE dentries SET inode=? WHERE id=?", (dino, sid))
         self.db.change("UPDATE dentries SET inode=? WHERE id=?", (sino, did))
         if parent != new_parent and s_dir != d_dir:

@@ -114,6 +114,7 @@ class View:
         """Change attributes; through a mirror, of the real directory. Truncating a ghost
         makes it an ordinary file (fetched first, unless truncated to zero)."""
         if ch.size is not None and self.ghosts.state(ino) is not None:
+            self.fs.refuse_setattr(ino, ch)  # before the ghost changes
             if ch.size:
                 self.ghosts.make_ordinary(ino)  # waits for the fetch: not under the lock
             with self.lock:
@@ -206,6 +207,7 @@ class View:
         (`kill_setid`: see Filesystem.open)."""
         with self.lock:
             if flags & os.O_TRUNC and self.ghosts.state(ino) is not None:
+                self.fs.refuse_open(ino, flags)  # before the ghost changes
                 self.ghosts.make_ordinary(ino, keep_content=False)
             return self.fs.open(ino, flags, kill_setid)
 
@@ -239,18 +241,28 @@ class View:
         """Write file data; a ghost is fetched first and becomes an ordinary file
         (`kill_setid`: see Filesystem.write)."""
         if self.ghosts.state(ino) is not None:
+            self.fs.refuse_write(ino, offset, self.fs.getattr(ino).size)  # before it changes
             self.ghosts.make_ordinary(ino)
         return self.fs.write(ino, offset, data, kill_setid=kill_setid)
 
     def fallocate(self, ino: int, mode: int, offset: int, length: int) -> None:
         """fallocate(2) on a file; a ghost is fetched first and becomes an ordinary file."""
         if self.ghosts.state(ino) is not None:
+            self.fs.refuse_fallocate(ino, mode)  # before it changes
             self.ghosts.make_ordinary(ino)
         self.fs.fallocate(ino, mode, offset, length)
 
     def copy_range(self, src: int, off_in: int, dst: int, off_out: int, length: int) -> int:
         """copy_file_range(2) from file `src` to file `dst`; returns the bytes copied."""
         return copy_range(self, src, off_in, dst, off_out, length)
+
+    def get_flags(self, ino: int) -> int:
+        """chattr's flags of an inode (FS_IOC_GETFLAGS); through a mirror, of the directory."""
+        return self.fs.get_flags(real_inode(ino))
+
+    def set_flags(self, ino: int, flags: int) -> None:
+        """Set chattr's flags of an inode (FS_IOC_SETFLAGS)."""
+        self.fs.set_flags(real_inode(ino), flags)
 
     def seek(self, ino: int, offset: int, whence: int) -> int:
         """SEEK_DATA / SEEK_HOLE. A ghost not yet stored is data throughout (its holes are

@@ -58,6 +58,7 @@ class XattrOps:
         self._check_xattr_name(name)
         self.check_metadata_room()
         r = self._row(ino)
+        self.refuse_xattr_change(ino)
         if len(value) > XATTR_SIZE_MAX:
             raise FSError(errno.E2BIG, f"attribute value of {len(value)} bytes")
         exists = self.db.row("SELECT 1 FROM xattrs WHERE inode=? AND name=?",
@@ -164,6 +165,7 @@ class XattrOps:
         without complaint, as on ext4)."""
         self._check_xattr_name(name)
         self._row(ino)
+        self.refuse_xattr_change(ino)
         if not self.db.change("DELETE FROM xattrs WHERE inode=? AND name=?", (ino, name)):
             if name in acl.NAMES:
                 return
