@@ -85,6 +85,9 @@ CREATE INDEX IF NOT EXISTS dentries_parent_id ON dentries (parent, id);
 CREATE INDEX IF NOT EXISTS inodes_size ON inodes (size);
 CREATE INDEX IF NOT EXISTS inodes_mtime ON inodes (mtime_ns);
 CREATE INDEX IF NOT EXISTS xattrs_name ON xattrs (name, value);
+-- an inode's attribute names without their values: listxattr, and the room check of every new
+-- name (with 600 values of 30 KB on one file, 680 µs through the table, 18 through this)
+CREATE INDEX IF NOT EXISTS xattrs_inode_name ON xattrs (inode, name);
 CREATE TABLE IF NOT EXISTS ghosts (
     inode INTEGER PRIMARY KEY,
     source BLOB NOT NULL,
