@@ -502,7 +502,10 @@ class Filesystem(Runs, ContentOps, MakeOps, RenameOps, XattrOps, FlagOps):
         reaches the disk while writers go on, and the locked part has less to wait for (the
         background commit). `log` (fsync) lets little unflushed data go into the intent log,
         committed with the metadata, instead of flushing the volume (see vfs.intentlog).
+        Read-only, there is nothing to commit, and an intent log left by a crash stays.
         """
+        if self.db.read_only:
+            return
         if head_start and not self._closed:
             self.volume.flush()
         with self.lock:
