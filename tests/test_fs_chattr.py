@@ -104,15 +104,22 @@ def immutable_file(top: str) -> dict:
         os.close(before)
 
 
-def immutable_directory(top: str) -> dict:
-    d = f"{top}/d"
+def flagged_directory(top: str, name: str, outside: str, flags: int) -> str:
+    """top/name holding a directory `sub` and a file `x`, and a file top/outside beside it;
+    the directory gets `flags`."""
+    d = f"{top}/{name}"
     os.mkdir(d)
     os.mkdir(f"{d}/sub")
     with open(f"{d}/x", "wb") as out:
         out.write(b"x")
-    with open(f"{top}/outside", "wb") as out:
+    with open(f"{top}/{outside}", "wb") as out:
         out.write(b"o")
-    set_flags(d, IMMUTABLE)
+    set_flags(d, flags)
+    return d
+
+
+def immutable_directory(top: str) -> dict:
+    d = flagged_directory(top, "d", "outside", IMMUTABLE)
     got = {
         "flags": get_flags(d),
         "create": outcome(open_close, f"{d}/new", os.O_CREAT | os.O_WRONLY),
@@ -186,14 +193,7 @@ def append_only_file(top: str) -> dict:
 
 
 def append_only_directory(top: str) -> dict:
-    d = f"{top}/ad"
-    os.mkdir(d)
-    os.mkdir(f"{d}/sub")
-    with open(f"{d}/x", "wb") as out:
-        out.write(b"x")
-    with open(f"{top}/z", "wb") as out:
-        out.write(b"z")
-    set_flags(d, APPEND)
+    d = flagged_directory(top, "ad", "z", APPEND)
     got = {
         "create": outcome(open_close, f"{d}/new", os.O_CREAT | os.O_WRONLY),
         "mkdir": outcome(os.mkdir, f"{d}/sub2"),
