@@ -13,7 +13,7 @@ import struct
 import subprocess
 
 import pytest
-from mountutil import scratch_mount
+from mountutil import dwfs, scratch_mount
 from posixutil import (
     APPEND,
     FALLOC_KEEP_SIZE,
@@ -314,3 +314,39 @@ def test_flags_survive_a_remount_and_noatime_keeps_atime(places):
     for name in ("i", "a", "A"):
         set_flags(f"{d}/{name}", 0)
     shutil.rmtree(d)
+
+
+def test_ghost_imports_leave_flagged_places_as_they_are(places, tmp_path):
+    """`dwfs ghost import` into an immutable directory is refused (EPERM, nothing made); a
+    re-import leaves an immutable ghost and an append-only directory as they are and says so,
+    while unflagged ghosts follow their sources as usual."""
+    m, _ref = places
+    src = tmp_path / "src"
+    (src / "sub").mkdir(parents=True)
+    for rel in ("a.txt", "b.txt", "sub/c.txt"):
+        (src / rel).write_bytes(rel.encode() * 10)
+    locked = m.path("locked")
+    os.mkdir(locked)
+    set_flags(locked, IMMUTABLE)
+    p = dwfs("ghost", "import", str(src), locked, check=False)
+    assert p.returncode != 0 and "immutable" in p.stderr
+    assert os.listdir(locked) == []
+    set_flags(locked, 0)
+
+    dest = m.path("ghosts")
+    os.mkdir(dest)
+    dwfs("ghost", "import", str(src), dest)
+    set_flags(f"{dest}/a.txt", IMMUTABLE)
+    set_flags(f"{dest}/sub", APPEND)
+    (src / "a.txt").write_bytes(b"changed at the source")
+    (src / "b.txt").write_bytes(b"changed too")
+    (src / "sub/d.txt").write_bytes(b"new")
+    p = dwfs("ghost", "import", str(src), dest)
+    assert "a.txt: it is immutable or append-only in the mount" in p.stderr
+    assert "sub: it is immutable or append-only in the mount" in p.stderr
+    assert os.stat(f"{dest}/a.txt").st_size == len(b"a.txt" * 10)  # the old ghost, kept
+    assert os.stat(f"{dest}/b.txt").st_size == len(b"changed too")  # followed its source
+    assert sorted(os.listdir(f"{dest}/sub")) == ["c.txt"]  # the directory was not entered
+    set_flags(f"{dest}/a.txt", 0)
+    set_flags(f"{dest}/sub", 0)
+    shutil.rmtree(dest)

@@ -18,6 +18,7 @@ from vfs.errors import FSError
 from vfs.ghostimport import import_tree, sync_changes
 from vfs.ghosts import GHOST, HYDRATED, Ghosts
 from vfs.ghostsource import LEAD_PIECES, PIECE
+from vfs.inodeflags import APPEND, IMMUTABLE
 from vfs.view import View
 
 MiB = 1 << 20
@@ -291,6 +292,37 @@ def test_sync_changes_follow_moves_and_deletes(env, tmp_path):
     os.unlink(os.path.join(src, "big.bin"))
     sync_changes(env.fs, view.ghosts, ROOT_INODE, src, ROOT, [["changed", "big.bin"]])
     assert env.fs.find(ROOT_INODE, b"big.bin") is None
+    view.ghosts.close()
+
+
+def test_watched_removals_leave_flagged_ghosts(env, tmp_path):
+    """A source removed while watched removes its ghost, unless chattr's flags keep it: an
+    immutable ghost, or one in an append-only directory, stays (reported as skipped); an
+    import into an immutable directory is refused."""
+    src = source_tree(tmp_path, big=MiB)
+    view = View(env.fs)
+    import_tree(env.fs, view.ghosts, ROOT_INODE, src, ROOT)
+    (tmp_path / "src" / "sub" / "other.txt").write_bytes(b"other\n")
+    import_tree(env.fs, view.ghosts, ROOT_INODE, src, ROOT)
+    big, sub = ino_of(view, "big.bin"), ino_of(view, "sub")
+    env.fs.set_flags(big, IMMUTABLE)
+    env.fs.set_flags(sub, APPEND)
+    os.unlink(os.path.join(src, "big.bin"))
+    os.unlink(os.path.join(src, "sub", "small.txt"))
+    report = sync_changes(env.fs, view.ghosts, ROOT_INODE, src, ROOT,
+                          [["changed", "big.bin"], ["changed", "sub/small.txt"]])
+    assert env.fs.find(ROOT_INODE, b"big.bin") is not None
+    assert env.fs.find(sub, b"small.txt") is not None
+    assert len(report.skipped) == 2 and all("chattr" in s for s in report.skipped)
+    env.fs.set_flags(sub, 0)
+    sync_changes(env.fs, view.ghosts, ROOT_INODE, src, ROOT, [["changed", "sub/small.txt"]])
+    assert env.fs.find(sub, b"small.txt") is None  # unflagged again: it follows its source
+    env.fs.set_flags(sub, IMMUTABLE)
+    with pytest.raises(FSError) as exc:
+        view.import_ghosts(sub, src, ROOT)
+    assert exc.value.errno == errno.EPERM
+    env.fs.set_flags(sub, 0)
+    env.fs.set_flags(big, 0)
     view.ghosts.close()
 
 

@@ -18,11 +18,12 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 
-from vfs.attrs import NAME_MAX, Caller, clamp_time
+from vfs.attrs import NAME_MAX, Attr, Caller, clamp_time
 from vfs.errors import FSError
 from vfs.fs import Filesystem
 from vfs.ghosts import GHOST, HYDRATED, PINNED, Ghosts
 from vfs.ghostsource import recorded_mtime
+from vfs.inodeflags import IMMUTABLE
 from vfs.metadb import MetaDB
 
 log = logging.getLogger(__name__)
@@ -169,6 +170,9 @@ class Importer:
                 continue
             if parent not in fresh:
                 existing = self.fs.find(parent, e.name)
+                if self._left_as_it_is(parent, existing, e, report):
+                    dest_of[index] = None
+                    continue
                 if existing is not None:
                     merged = self._merge(parent, e, existing.ino, existing.mode, report)
                     if merged is not REPLACED:
@@ -214,6 +218,20 @@ class Importer:
             report.touched_inodes.append(parent)
         for g in ghosts:
             self.ghosts.added(g[0], g[4])
+
+    def _left_as_it_is(self, parent: int, existing: Attr | None, e: SourceEntry,
+                       report: ImportReport) -> bool:
+        """True (and reported as skipped) where chattr's flags keep the destination as it
+        is: a new name in an immutable directory, or an existing immutable or append-only
+        entry (a directory of them is not entered)."""
+        if existing is None and self.fs.fixed_flags(parent) & IMMUTABLE:
+            why = "its directory in the mount is immutable"
+        elif existing is not None and self.fs.fixed_flags(existing.ino):
+            why = "it is immutable or append-only in the mount"
+        else:
+            return False
+        report.skipped.append(f"{os.fsdecode(e.path)}: {why}")
+        return True
 
     def _merge(self, parent: int, e: SourceEntry, ino: int, mode: int,
                report: ImportReport) -> int | None | object:
@@ -320,6 +338,10 @@ def remove_ghost_path(fs: Filesystem, ghosts: Ghosts, parent: int, name: bytes,
     it if it is left empty."""
     attr = fs.find(parent, name)
     if attr is None:
+        return
+    if fs.fixed_flags(parent) or fs.fixed_flags(attr.ino):
+        report.skipped.append(f"{os.fsdecode(name)} in inode {parent}: its source is gone, "
+                              "but chattr's flags keep it")
         return
     if stat.S_ISDIR(attr.mode):
         for e in fs.listdir(attr.ino):

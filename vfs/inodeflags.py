@@ -174,6 +174,11 @@ class FlagOps:
         if mode & ~0x01:  # anything but FALLOC_FL_KEEP_SIZE
             self._refuse_if(ino, APPEND, "punch or zero a range in it")
 
+    def fixed_flags(self, ino: int) -> int:
+        """The immutable and append-only flags of `ino` (for changes made inside vfs, such as
+        a ghost import's, which leave such inodes as they are)."""
+        return self.inode_flags.get(ino, 0) & FIXED
+
     def no_atime(self, ino: int) -> bool:
         """True if reading `ino` must leave its atime (chattr +A)."""
         return bool(self.inode_flags.get(ino, 0) & NOATIME)

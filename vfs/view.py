@@ -392,12 +392,14 @@ class View:
                       progress=None) -> ImportReport:
         """Ghosts under directory `dest` for every file under host directory `source`."""
         self._fixed(dest, "import")
+        self.fs.refuse_new_name(real_inode(dest))
         return import_tree(self.fs, self.ghosts, real_inode(dest), source, caller, progress)
 
     def sync_ghosts(self, dest: int, source: str, caller: Caller,
                     changes: list[list[str]]) -> ImportReport:
         """Apply changes a watcher saw in `source` to its ghosts under `dest`."""
         self._fixed(dest, "import")
+        self.fs.refuse_new_name(real_inode(dest))
         return sync_changes(self.fs, self.ghosts, real_inode(dest), source, caller, changes)
 
     # --- whole filesystem ---------------------------------------------------------------------
