@@ -326,6 +326,25 @@ def test_watched_removals_leave_flagged_ghosts(env, tmp_path):
     view.ghosts.close()
 
 
+def test_watched_moves_leave_flagged_ghosts(env, tmp_path):
+    """A watched move of a source whose ghost is immutable keeps that ghost where it is and
+    gives the new place a ghost of its own, instead of stopping the sync with EPERM."""
+    src = source_tree(tmp_path, big=MiB)
+    view = View(env.fs)
+    import_tree(env.fs, view.ghosts, ROOT_INODE, src, ROOT)
+    small = ino_of(view, "sub", "small.txt")
+    env.fs.set_flags(small, IMMUTABLE)
+    os.rename(os.path.join(src, "sub", "small.txt"), os.path.join(src, "moved.txt"))
+    report = sync_changes(env.fs, view.ghosts, ROOT_INODE, src, ROOT,
+                          [["moved", "sub/small.txt", "moved.txt"]])
+    assert env.fs.find(ino_of(view, "sub"), b"small.txt").ino == small
+    moved = ino_of(view, "moved.txt")
+    assert moved != small and bytes(view.read(moved, 0, 100)) == b"small\n"
+    assert any("chattr" in s for s in report.skipped)
+    env.fs.set_flags(small, 0)
+    view.ghosts.close()
+
+
 def test_truncating_a_ghost_fetches_it_unless_to_zero(env, tmp_path):
     src, view, big = imported(env, tmp_path, big=2 * MiB)
     small = ino_of(view, "sub", "small.txt")

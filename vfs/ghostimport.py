@@ -465,8 +465,9 @@ def _sync_one(fs: Filesystem, ghosts: Ghosts, importer: Importer, dest: int, roo
 
 def _move(fs: Filesystem, ghosts: Ghosts, dest: int, root: bytes, old: bytes, new: bytes,
           report: ImportReport) -> bool:
-    """Rename the ghost (or directory) of a moved source; False if there is none to move or
-    the new place's directory does not exist yet."""
+    """Rename the ghost (or directory) of a moved source; False if there is none to move,
+    the new place's directory does not exist yet, or chattr's flags forbid the rename (the
+    two places are then brought in step one by one)."""
     old_parent, old_name = _dest_parent(fs, dest, old)
     new_parent, new_name = _dest_parent(fs, dest, new)
     if old_parent is None or new_parent is None or not old_name or not new_name:
@@ -476,6 +477,9 @@ def _move(fs: Filesystem, ghosts: Ghosts, dest: int, root: bytes, old: bytes, ne
         return False
     if not stat.S_ISDIR(attr.mode) and ghosts.state(attr.ino) is None:
         return False  # an ordinary file: leave it where it is
+    if (fs.fixed_flags(old_parent) or fs.fixed_flags(attr.ino)
+            or fs.fixed_flags(new_parent) & IMMUTABLE):
+        return False
     if fs.find(new_parent, new_name) is not None:
         remove_ghost_path(fs, ghosts, new_parent, new_name, report)
         if fs.find(new_parent, new_name) is not None:
