@@ -391,16 +391,21 @@ class View:
     def import_ghosts(self, dest: int, source: str, caller: Caller,
                       progress=None) -> ImportReport:
         """Ghosts under directory `dest` for every file under host directory `source`."""
-        self._fixed(dest, "import")
-        self.fs.refuse_new_name(real_inode(dest))
-        return import_tree(self.fs, self.ghosts, real_inode(dest), source, caller, progress)
+        return import_tree(self.fs, self.ghosts, self._import_dest(dest), source, caller,
+                           progress)
 
     def sync_ghosts(self, dest: int, source: str, caller: Caller,
                     changes: list[list[str]]) -> ImportReport:
         """Apply changes a watcher saw in `source` to its ghosts under `dest`."""
+        return sync_changes(self.fs, self.ghosts, self._import_dest(dest), source, caller,
+                            changes)
+
+    def _import_dest(self, dest: int) -> int:
+        """The directory an import fills: not a smart folder or its view (EPERM), nor an
+        immutable directory (EPERM)."""
         self._fixed(dest, "import")
         self.fs.refuse_new_name(real_inode(dest))
-        return sync_changes(self.fs, self.ghosts, real_inode(dest), source, caller, changes)
+        return real_inode(dest)
 
     # --- whole filesystem ---------------------------------------------------------------------
 
