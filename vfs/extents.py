@@ -17,12 +17,12 @@ from __future__ import annotations
 import errno
 import json
 import logging
-import struct
 from collections.abc import Iterable
 from dataclasses import dataclass
 
 import xxhash
 
+from raid.xxh3 import xxh3_64_each
 from vfs.alloc import SECTOR
 from vfs.errors import FSError
 from vfs.metadb import MetaDB
@@ -45,13 +45,7 @@ def _seed(ino: int, n: int) -> int:
 
 def sector_checksums(data: bytes | bytearray | memoryview, ino: int, first: int) -> bytes:
     """Packed checksums of the whole sectors in `data`, which starts at file sector `first`."""
-    view = memoryview(data)
-    n = len(view) // SECTOR
-    base = (ino * _GOLDEN + first) & _MASK64
-    seeds = range(base, base + n) if base + n <= _MASK64 else [(base + i) & _MASK64
-                                                               for i in range(n)]
-    sums = map(_hash, [view[p : p + SECTOR] for p in range(0, n * SECTOR, SECTOR)], seeds)
-    return struct.pack(f"<{n}Q", *sums)
+    return xxh3_64_each(data, SECTOR, ino * _GOLDEN + first).astype("<u8", copy=False).tobytes()
 
 
 def block_checksum(data: bytes | bytearray | memoryview, ino: int, blkno: int) -> int:
