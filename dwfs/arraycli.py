@@ -107,6 +107,7 @@ def cmd_mkfs(args: argparse.Namespace) -> int:
         devices=0 if args.device else args.devices,
         device_size=parse_size(args.device_size) if args.device_size else 0,
         device_paths=tuple(args.device or ()),
+        raw=args.raw,
     )
     with progress_bar("writing member metadata", in_bytes=False) as update:
         cfg, geometry = mkfs(req, progress=update)
@@ -116,6 +117,9 @@ def cmd_mkfs(args: argparse.Namespace) -> int:
     out.print(f"  tolerance  {geometry.tolerance} failed member(s)")
     out.print(f"  chunk      {format_size(geometry.chunk)}")
     out.print(f"  capacity   {format_size(geometry.capacity)} ({geometry.capacity} bytes)")
+    if req.raw:
+        out.print(f"  no filesystem: `dwfs mount --raw {cfg.directory} MOUNTPOINT` mounts the raw "
+                  "volume")
     return 0
 
 
@@ -161,7 +165,10 @@ def mount_warehouse(warehouse: str, mountpoint: str, options: str = "", raw: boo
                 line = pipe.readline()
                 break
     text = line.decode(errors="replace").strip()
-    if text == "ready":
+    if text == "ready" or text.startswith("ready "):
+        note = text.removeprefix("ready").strip()
+        if note:
+            err.print(f"dwfs: {note}")
         out.print(f"mounted {cfg.directory} at {mountpoint} ({what}, pid {proc.pid})")
         return 0
     if not text:
@@ -215,7 +222,7 @@ def cmd_fsck(args: argparse.Namespace) -> int:
 
 
 def _fsck(args: argparse.Namespace) -> int:
-    from dwfs.warehouse import meta_path, open_volume, refresh_metadata_copy
+    from dwfs.warehouse import holds_filesystem, meta_path, open_volume, refresh_metadata_copy
     from vfs import fsck as vfsck
     from vfs.errors import FSError
     from vfs.intentlog import IntentLog
@@ -228,6 +235,11 @@ def _fsck(args: argparse.Namespace) -> int:
         raise CommandError(f"warehouse {cfg.directory} is in use by process {lock.holder()} "
                            "(mounted?); unmount it before fsck")
     try:
+        if not holds_filesystem(cfg):
+            raise CommandError(
+                f"{cfg.directory} holds a raw volume only, not a filesystem (no metadata "
+                "database, no copy of one on the volume): nothing for fsck to check; "
+                "`dwfs scrub` checks the volume")
         volume = open_volume(cfg, allow_failed=not args.repair, read_only=not args.repair)
         try:
             path = meta_path(cfg)

@@ -53,12 +53,15 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--device", action="append", help="an existing member file (repeat)")
     m.add_argument("--chunk-size", default="256K", help="chunk size (default 256K)")
     m.add_argument("--survive", type=int, help="with --level auto: failed members to survive")
+    m.add_argument("--raw", action="store_true",
+                   help="no filesystem: the raw volume only, for `dwfs mount --raw`")
     m.set_defaults(func=_array("cmd_mkfs"))
 
     m = sub.add_parser("mount", help="mount a warehouse")
     m.add_argument("warehouse")
     m.add_argument("mountpoint")
-    m.add_argument("--raw", action="store_true", help="mount the raw volume as one file")
+    m.add_argument("--raw", action="store_true",
+                   help="mount the raw volume as one file (read-only if it holds a filesystem)")
     m.add_argument("-f", "--foreground", action="store_true")
     m.add_argument("-o", dest="options", default="", help="mount options")
     m.add_argument("--debug", action="store_true")

@@ -29,7 +29,13 @@ from dwfs.fusesession import Session
 from dwfs.mountopts import MountOptions, parse_options
 from dwfs.mounts import is_mounted, mount_device
 from dwfs.rawfs import RawOperations
-from dwfs.warehouse import WarehouseError, open_filesystem, open_volume
+from dwfs.warehouse import (
+    WarehouseError,
+    holds_filesystem,
+    open_filesystem,
+    open_volume,
+    require_filesystem,
+)
 from dwfs.whlock import WarehouseLock
 from dwfs.writebehind import WriteBehind
 from raid.errors import RaidError
@@ -279,6 +285,16 @@ def serve(warehouse: str, mountpoint: str, ready_fd: int | None, debug: bool = F
         _log_to_file(cfg.directory, debug)
         _tune_malloc()
         read_only = "ro" in opts.fuse
+        note = ""
+        if raw and not read_only and holds_filesystem(cfg):
+            # Writes through the raw volume would bypass the filesystem and damage it.
+            read_only = True
+            opts.fuse.add("ro")
+            note = (f"{cfg.directory} holds a dwfs filesystem: its raw volume is mounted "
+                    "read-only (writes to it would damage the filesystem)")
+            log.warning("%s", note)
+        if not raw:
+            require_filesystem(cfg)  # before the volume is opened for writing
         volume = open_volume(cfg, read_only=read_only)
         if raw:
             ops = RawOperations(volume)
@@ -300,7 +316,7 @@ def serve(warehouse: str, mountpoint: str, ready_fd: int | None, debug: bool = F
         # a .mount unit with umount(8), then SIGTERMs the processes left in the unit.
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             signal.signal(sig, signal.SIG_IGN)
-        trio.run(daemon.run, lambda: report("ready"))
+        trio.run(daemon.run, lambda: report(f"ready {note}".strip()))
         return 0
     except (ConfigError, RaidError, OSError, ValueError) as exc:
         log.error("mount of %s failed: %s", warehouse, exc)

@@ -49,6 +49,7 @@ class MkfsRequest:
     devices: int = 0
     device_size: int = 0
     device_paths: tuple[str, ...] = ()
+    raw: bool = False  # the raw volume only: no filesystem on it (`dwfs mount --raw` uses it)
 
 
 def mkfs(req: MkfsRequest, progress: Progress | None = None) -> tuple[WarehouseConfig, Geometry]:
@@ -99,7 +100,8 @@ def mkfs(req: MkfsRequest, progress: Progress | None = None) -> tuple[WarehouseC
             created=datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         )
         cfg.save()
-        format_filesystem(cfg)
+        if not req.raw:
+            format_filesystem(cfg)
         return cfg, geometry
     except (RaidError, ValueError, OSError) as exc:
         for p in [*created, os.path.join(directory, CONFIG_NAME),
@@ -159,6 +161,39 @@ def meta_path(cfg: WarehouseConfig) -> str:
     return os.path.join(cfg.directory, META_NAME)
 
 
+def require_filesystem(cfg: WarehouseConfig) -> None:
+    """Raise WarehouseError, saying what to do, unless the warehouse has its metadata
+    database; nothing is written (the volume is looked at read-only)."""
+    if not os.path.exists(meta_path(cfg)):
+        raise _no_database(cfg, holds_filesystem(cfg))
+
+
+def _no_database(cfg: WarehouseConfig, has_copy: bool) -> WarehouseError:
+    if not has_copy:
+        return WarehouseError(
+            f"{cfg.directory} holds no filesystem (no metadata database, no copy of one on "
+            "the volume): it holds a raw volume only (made by `dwfs mkfs --raw`, or by an "
+            "earlier dwfs); `dwfs mount --raw` mounts it", errno.ENOENT)
+    return WarehouseError(
+        f"the metadata database {meta_path(cfg)} is missing; `dwfs fsck --repair "
+        f"{cfg.directory}` restores it from the copy on the volume", errno.ENOENT)
+
+
+def holds_filesystem(cfg: WarehouseConfig) -> bool:
+    """Whether the warehouse holds a dwfs filesystem: a metadata database, or a copy of one on
+    its volume (looked for through the volume opened read-only). Without either it holds a raw
+    volume only (`dwfs mkfs --raw`, or a warehouse of an earlier dwfs)."""
+    from vfs.metacopy import latest_copy
+
+    if os.path.exists(meta_path(cfg)):
+        return True
+    volume = open_volume(cfg, allow_failed=True, read_only=True)
+    try:
+        return latest_copy(volume) is not None
+    finally:
+        volume.close(write=False)
+
+
 def format_filesystem(cfg: WarehouseConfig) -> None:
     """Write an empty filesystem (root directory and a first metadata copy) onto a new array."""
     from vfs.fs import Filesystem
@@ -193,14 +228,7 @@ def open_filesystem(cfg: WarehouseConfig, volume: Volume, read_only: bool = Fals
 
     path = meta_path(cfg)
     if not os.path.exists(path):
-        if latest_copy(volume) is None:
-            raise WarehouseError(
-                f"{cfg.directory} holds no filesystem (no metadata database, no copy of one on "
-                "the volume): a warehouse made by an earlier dwfs has only the raw volume; "
-                "`dwfs mount --raw` mounts it", errno.ENOENT)
-        raise WarehouseError(
-            f"the metadata database {path} is missing; `dwfs fsck --repair {cfg.directory}` "
-            "restores it from the copy on the volume", errno.ENOENT)
+        raise _no_database(cfg, latest_copy(volume) is not None)
     db = None
     try:
         db = MetaDB(path, read_only=read_only)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import signal
@@ -31,9 +32,10 @@ MiB = 1 << 20
 
 
 def _mkfs(tmp_path, level="raid6", devices=6, size="16M", chunk="16K", backend="file"):
+    """A warehouse of the raw volume only (`mkfs --raw`): raw mounts of it are writable."""
     wh = tmp_path / "wh"
     dwfs("mkfs", wh, "--level", level, "--devices", devices, "--device-size", size,
-         "--chunk-size", chunk, "--backend", backend)
+         "--chunk-size", chunk, "--backend", backend, "--raw")
     return wh
 
 
@@ -286,6 +288,69 @@ def test_bad_input_changes_nothing(tmp_path, raw_mount):
     p = dwfs("mount", "--raw", wh, other, check=False)
     assert p.returncode == 1 and "in use" in p.stderr
     assert not is_mounted(other)
+
+
+def _member_bytes(wh) -> list[bytes]:
+    return [open(m["path"], "rb").read() for m in status(wh)["members"]]
+
+
+def test_raw_mount_of_a_filesystem_is_read_only(tmp_path, raw_mount, fs_mount):
+    """Writes through the raw volume would bypass the filesystem on it: `mount --raw` of a
+    warehouse that holds one mounts read-only (even with `-o rw`), says so, and changes not a
+    byte of the members; the filesystem then mounts as before and fsck finds nothing."""
+    wh = tmp_path / "wh"
+    dwfs("mkfs", wh, "--level", "raid5", "--devices", 3, "--device-size", "16M")
+    fs = fs_mount(wh, "fs")
+    fs.mount()
+    blob = os.urandom(3 * MiB + 123)
+    with open(fs.path("kept"), "wb") as f:
+        f.write(blob)
+    fs.umount()
+    before = _member_bytes(wh)
+    m = raw_mount(wh)
+    for options in ((), ("-o", "rw")):
+        p = dwfs("mount", "--raw", wh, m.mountpoint, *options)
+        assert f"{wh} holds a dwfs filesystem: its raw volume is mounted read-only" in p.stderr
+        assert "ro" in open("/proc/mounts").read().split(f" {m.mountpoint} ")[1].split()[1]
+        for flags in (os.O_WRONLY, os.O_RDWR):
+            with pytest.raises(OSError) as exc:
+                os.open(m.volume, flags)
+            assert exc.value.errno == errno.EROFS
+        assert len(_read(m.volume, 0, MiB)) == MiB
+        m.umount()
+        assert _member_bytes(wh) == before
+    fs.mount()
+    with open(fs.path("kept"), "rb") as f:
+        assert f.read() == blob
+    fs.umount()
+    assert dwfs("fsck", wh, "--verify-data", check=False).returncode == 0
+
+
+def test_mkfs_raw_makes_a_warehouse_without_a_filesystem(tmp_path, raw_mount, fs_mount):
+    """`mkfs --raw`: no metadata database; the filesystem mount and fsck say the warehouse
+    holds a raw volume only and change nothing; its raw mount is writable, without a note."""
+    wh = tmp_path / "wh"
+    p = dwfs("mkfs", wh, "--level", "raid5", "--devices", 3, "--device-size", "16M", "--raw")
+    assert "no filesystem" in p.stdout and "mount --raw" in p.stdout
+    assert not (wh / "meta.db").exists()
+    before = _member_bytes(wh)
+    fs = fs_mount(wh, "fs")
+    p = dwfs("mount", wh, fs.mountpoint, check=False)
+    assert p.returncode == 1 and "holds a raw volume only" in p.stderr
+    assert not is_mounted(fs.mountpoint)
+    p = dwfs("fsck", wh, check=False)
+    assert p.returncode == 8 and "holds a raw volume only, not a filesystem" in p.stderr
+    p = dwfs("fsck", wh, "--repair", check=False)
+    assert p.returncode == 8 and "holds a raw volume only, not a filesystem" in p.stderr
+    assert _member_bytes(wh) == before and not (wh / "meta.db").exists()
+    m = raw_mount(wh)
+    p = dwfs("mount", "--raw", wh, m.mountpoint)
+    assert "read-only" not in p.stderr
+    blob = os.urandom(MiB)
+    _write(m.volume, 5 * MiB, blob)
+    m.umount()
+    m.mount()
+    assert _read(m.volume, 5 * MiB, MiB) == blob
 
 
 def _loop_available() -> bool:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import subprocess
 
@@ -46,7 +47,36 @@ def test_creates_and_mounts_the_filesystem(place):
     p = _run(wh, mp, "--raw")
     assert p.returncode == 0, p.stderr
     assert f"the raw volume is {mp}/volume" in p.stdout
+    assert "holds a dwfs filesystem: its raw volume is mounted read-only" in p.stderr
     assert os.path.getsize(mp / "volume") > 0
+    with pytest.raises(OSError) as exc:
+        os.open(mp / "volume", os.O_WRONLY)
+    assert exc.value.errno == errno.EROFS
+
+
+def test_raw_creates_a_warehouse_of_the_raw_volume_only(place):
+    """`scripts/run --raw` with no warehouse yet makes one without a filesystem: its raw
+    volume is writable; the filesystem mount then says what the warehouse holds."""
+    wh, mp = place
+    p = _run(wh, mp, "--raw")
+    assert p.returncode == 0, p.stderr
+    assert "creating the default warehouse" in p.stdout and "read-only" not in p.stderr
+    assert not (wh / "meta.db").exists()
+    blob = os.urandom(1 << 20)
+    fd = os.open(mp / "volume", os.O_WRONLY)
+    try:
+        os.pwrite(fd, blob, 0)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    dwfs("umount", mp)
+    p = _run(wh, mp)
+    assert p.returncode == 1 and "holds a raw volume, not a filesystem" in p.stderr
+    assert not is_mounted(mp)
+    p = _run(wh, mp, "--raw")
+    assert p.returncode == 0, p.stderr
+    with open(mp / "volume", "rb") as f:
+        assert f.read(len(blob)) == blob
 
 
 def test_warehouse_of_an_earlier_version(place):
@@ -60,7 +90,7 @@ def test_warehouse_of_an_earlier_version(place):
     before = (wh / "dwfs.toml").read_text()
     p = _run(wh, mp)
     assert p.returncode == 1
-    assert "made by an earlier dwfs" in p.stderr and "scripts/run --raw" in p.stderr
+    assert "holds a raw volume, not a filesystem" in p.stderr and "scripts/run --raw" in p.stderr
     assert f"mv {wh} {wh}.raw" in p.stderr
     assert not is_mounted(mp)
     assert (wh / "dwfs.toml").read_text() == before and not (wh / "meta.db").exists()
