@@ -350,3 +350,32 @@ def test_ghost_imports_leave_flagged_places_as_they_are(places, tmp_path):
     set_flags(f"{dest}/a.txt", 0)
     set_flags(f"{dest}/sub", 0)
     shutil.rmtree(dest)
+
+
+def test_imported_ghosts_take_their_directory_s_inherited_flags(places, tmp_path):
+    """As a file made in the mount: ghosts and directories an import makes (and the
+    entries a re-import adds later) take no-dump and no-atime from their directory, down the
+    tree, and keep them across a remount; immutable and append-only are not inherited."""
+    m, _ref = places
+    src = tmp_path / "src"
+    (src / "sub" / "deeper").mkdir(parents=True)
+    for rel in ("a.txt", "sub/b.txt", "sub/deeper/c.txt"):
+        (src / rel).write_bytes(rel.encode() * 10)
+    os.symlink("a.txt", src / "link")
+    dest = m.path("inherit")
+    os.mkdir(dest)
+    set_flags(dest, NODUMP | NOATIME | APPEND)
+    dwfs("ghost", "import", str(src), dest)
+    for rel in ("a.txt", "sub", "sub/b.txt", "sub/deeper", "sub/deeper/c.txt"):
+        assert get_flags(f"{dest}/{rel}") == NODUMP | NOATIME, rel
+    set_flags(dest, NODUMP | NOATIME)  # a re-import does not enter an append-only directory
+    (src / "sub" / "new.txt").write_bytes(b"later")
+    dwfs("ghost", "import", str(src), dest)
+    assert get_flags(f"{dest}/sub/new.txt") == NODUMP | NOATIME
+    assert read(f"{dest}/sub/deeper/c.txt") == b"sub/deeper/c.txt" * 10  # hydrates as ever
+    m.umount()
+    m.mount()
+    assert get_flags(f"{dest}/sub/deeper/c.txt") == NODUMP | NOATIME
+    assert get_flags(f"{dest}/sub/new.txt") == NODUMP | NOATIME
+    set_flags(dest, 0)
+    shutil.rmtree(dest)

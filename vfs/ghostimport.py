@@ -23,7 +23,7 @@ from vfs.errors import FSError
 from vfs.fs import Filesystem
 from vfs.ghosts import GHOST, HYDRATED, PINNED, Ghosts
 from vfs.ghostsource import recorded_mtime
-from vfs.inodeflags import IMMUTABLE
+from vfs.inodeflags import IMMUTABLE, INHERITED
 from vfs.metadb import MetaDB
 
 log = logging.getLogger(__name__)
@@ -152,6 +152,7 @@ class Importer:
         ghosts: list[tuple] = []
         links: dict[int, int] = {}
         owned_links: list[tuple[int]] = []
+        flags: dict[int, int] = {}  # new inode -> the flags it inherits (no-dump, no-atime)
         for k, e in enumerate(batch):
             index = start + k
             parent = dest_of.get(e.parent)
@@ -188,6 +189,9 @@ class Importer:
                            clamp_time(e.st.st_atime_ns), recorded_mtime(e.st), now,
                            e.target))
             dentries.append((parent, e.name, ino))
+            inherited = flags.get(parent, self.fs.inode_flags.get(parent, 0)) & INHERITED
+            if inherited:
+                flags[ino] = inherited
             if is_dir:
                 links[parent] = links.get(parent, 0) + 1
                 dest_of[index] = ino
@@ -209,6 +213,8 @@ class Importer:
         self.db.changemany("INSERT INTO ghosts (inode, source, size, mtime_ns, state, hashes) "
                            "VALUES (?, ?, ?, ?, ?, ?)", ghosts)
         self.db.changemany("INSERT INTO ghost_links (inode) VALUES (?)", owned_links)
+        self.db.changemany("INSERT INTO inode_flags (inode, flags) VALUES (?, ?)",
+                           list(flags.items()))
         for parent, n in links.items():
             self.db.change("UPDATE inodes SET nlink=nlink+? WHERE id=?", (n, parent))
         touched_parents = {p for p, _n, _i in dentries if p not in fresh}
@@ -218,6 +224,7 @@ class Importer:
             report.touched_inodes.append(parent)
         for g in ghosts:
             self.ghosts.added(g[0], g[4])
+        self.fs.inode_flags.update(flags)  # last: nothing above is undone after this
 
     def _left_as_it_is(self, parent: int, existing: Attr | None, e: SourceEntry,
                        report: ImportReport) -> bool:

@@ -107,11 +107,12 @@ class FlagOps:
             log.info("inode %d: flags %#x -> %#x", ino, old, flags)
 
     def inherit_flags(self, parent: int, ino: int) -> None:
-        """Give new inode `ino` the inherited flags of its directory `parent`."""
+        """Give new inode `ino` the inherited flags of its directory `parent`: the last step
+        of making it, as an inode number freed by a rolled-back step is given out again."""
         flags = self.inode_flags.get(parent, 0) & INHERITED
         if flags:
             self.db.change("INSERT INTO inode_flags (inode, flags) VALUES (?, ?)", (ino, flags))
-            self.inode_flags[ino] = flags  # (a stale entry, if the operation fails, names no inode)
+            self.inode_flags[ino] = flags
 
     def forget_flags(self, ino: int) -> None:
         """Drop a freed inode's flags from memory (its row goes with the inode's)."""

@@ -49,14 +49,15 @@ class MakeOps:
              now, now, now, target))
         ino = self.db.last_id()
         self._put_xattrs(ino, lists)
-        self.inherit_flags(parent, ino)
         if name is not None:
             self.db.change("INSERT INTO dentries (parent, name, inode) VALUES (?, ?, ?)",
                            (parent, name, ino))
             if is_dir:
                 self._add_links(parent, 1)
             self._touch(parent, now=now)
-        return self._attr(self._row(ino))
+        attr = self._attr(self._row(ino))
+        self.inherit_flags(parent, ino)  # last: its in-memory entry must not outlive a failure
+        return attr
 
     @operation
     def mknod(self, parent: int, name: bytes, mode: int, rdev: int, caller: Caller) -> Attr:
