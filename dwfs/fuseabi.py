@@ -1,4 +1,4 @@
-"""The kernel's FUSE protocol (`linux/fuse.h`, version 7.31): opcodes, flags and struct layouts.
+"""The kernel's FUSE protocol (`linux/fuse.h`, version 7.39): opcodes, flags and struct layouts.
 
 Only what dwfs speaks is here. Every struct is little-endian and packed as the kernel lays it
 out; names follow the kernel's with the `fuse_` prefix dropped.
@@ -7,14 +7,17 @@ out; names follow the kernel's with the `fuse_` prefix dropped.
 from __future__ import annotations
 
 import functools
+import os
 import struct
 
 from vfs.attrs import Attr
 
 KERNEL_MAJOR = 7
-KERNEL_MINOR = 33  # the protocol dwfs speaks; the replies below have its sizes
-# The oldest kernel protocol dwfs works with: 7.31 and 7.32 have the same sizes, and
-# without HANDLE_KILLPRIV_V2 (7.33) the kernel clears setid bits itself, as before.
+KERNEL_MINOR = 39  # the protocol dwfs speaks; the replies below have its sizes
+# The oldest kernel protocol dwfs works with: 7.31 to 7.39 have the same sizes for what dwfs
+# speaks (the flags and extensions of 7.36 and 7.38 come only when asked for); without
+# HANDLE_KILLPRIV_V2 (7.33) the kernel clears setid bits itself, and without 7.39 it never
+# sends STATX, so stat shows no birth time.
 OLDEST_KERNEL_MINOR = 31
 ROOT_ID = 1
 DEV_IOC_CLONE = 0x8004E500  # _IOR(229, 0, uint32_t): attach a new /dev/fuse to a connection
@@ -28,6 +31,7 @@ FSYNCDIR, ACCESS, CREATE, INTERRUPT, DESTROY, IOCTL = 30, 34, 35, 36, 38, 39
 BATCH_FORGET, FALLOCATE, READDIRPLUS, RENAME2, LSEEK = 42, 43, 44, 45, 46
 COPY_FILE_RANGE, COPY_FILE_RANGE_64 = 47, 53  # the second (Linux 6.18) answers 64 bits
 TMPFILE = 51  # O_TMPFILE (Linux 6.1): create_in and the name "/"; answered as CREATE
+STATX = 52  # statx(2) asking for what getattr lacks (the birth time); protocol 7.39
 
 # --- INIT flags (those dwfs asks for) ---------------------------------------------------------
 ASYNC_READ = 1 << 0
@@ -74,6 +78,12 @@ ATTR_OUT_WITH_ATTR = struct.Struct(ATTR_OUT.format + ATTR.format[1:])
 OPEN_OUT = struct.Struct("<QII")  # fh open_flags padding
 OPEN_IN = struct.Struct("<II")  # flags open_flags
 GETATTR_IN = struct.Struct("<IIQ")  # getattr_flags dummy fh
+STATX_IN = struct.Struct("<IIQII")  # getattr_flags reserved fh sx_flags sx_mask
+# fuse_statx_out: attr_valid attr_valid_nsec flags spare[2], then struct fuse_statx: mask
+# blksize attributes nlink uid gid mode spare ino size blocks attributes_mask, atime btime
+# ctime mtime (seconds, nanoseconds, reserved each), rdev and dev (major, minor), spare[14]
+STATX_OUT = struct.Struct("<QII16x" "IIQIIIH2xQQQQ" "qIi" "qIi" "qIi" "qIi" "IIII112x")
+STATX_BASIC_STATS, STATX_BTIME = 0x7FF, 0x800
 SETATTR_IN = struct.Struct("<IIQQQqqqIIIIIIII")  # times in signed seconds, as ATTR
 MKNOD_IN = struct.Struct("<IIII")  # mode rdev umask padding
 MKDIR_IN = struct.Struct("<II")  # mode umask
@@ -139,6 +149,20 @@ def pack_negative_entry(entry_seconds: float) -> bytes:
     """`struct fuse_entry_out` for a missing name that the kernel may remember as missing."""
     es, ens = _split(entry_seconds)
     return ENTRY_OUT.pack(0, 0, es, 0, ens, 0) + bytes(ATTR.size)
+
+
+def pack_statx_out(a: Attr, btime_ns: int | None, attr_seconds: float) -> bytes:
+    """`struct fuse_statx_out`: the attributes with the birth time (None: unknown, left out of
+    the mask)."""
+    s, ns = _split(attr_seconds)
+    at, atn = divmod(a.atime_ns, NSEC)
+    mt, mtn = divmod(a.mtime_ns, NSEC)
+    ct, ctn = divmod(a.ctime_ns, NSEC)
+    bt, btn = divmod(btime_ns or 0, NSEC)
+    mask = STATX_BASIC_STATS | (STATX_BTIME if btime_ns is not None else 0)
+    return STATX_OUT.pack(s, ns, 0, mask, a.blksize, 0, a.nlink, a.uid, a.gid, a.mode, a.ino,
+                          a.size, a.blocks, 0, at, atn, 0, bt, btn, 0, ct, ctn, 0, mt, mtn, 0,
+                          os.major(a.rdev), os.minor(a.rdev), 0, 0)
 
 
 def pack_attr_out(a: Attr, attr_seconds: float) -> bytes:

@@ -120,6 +120,10 @@ class FuseOperations(Handlers):
     def getattr(self, r: Request, node: int) -> None:
         self.meta(r, attr_out, self.fs.getattr, node)
 
+    def statx(self, r: Request, node: int) -> None:
+        """statx(2) for what getattr lacks: the attributes with the birth time."""
+        self.meta(r, lambda ab: abi.pack_statx_out(*ab, ATTR_SECONDS), self.fs.statx, node)
+
     def setattr(self, r: Request, node: int, ch: SetAttr) -> None:
         if ch.size is None:
             self.meta(r, attr_out, self.fs.setattr, node, ch)

@@ -152,7 +152,7 @@ class Handlers:
     unlink = rmdir = rename = link = open = read = write = statfs = _nosys
     release = fsync = setxattr = getxattr = listxattr = removexattr = flush = _nosys
     opendir = readdir = releasedir = fsyncdir = create = fallocate = lseek = _nosys
-    tmpfile = copy_file_range = ioctl = _nosys
+    tmpfile = copy_file_range = ioctl = statx = _nosys
 
     def forget(self, items: list[tuple[int, int]]) -> None:
         """The kernel dropped `n` references to each (inode, n); there is no reply."""

@@ -330,7 +330,7 @@ class Session:
         return {
             abi.INIT: init, abi.DESTROY: destroy, abi.FORGET: forget,
             abi.BATCH_FORGET: batch_forget, abi.LOOKUP: by_name(h.lookup),
-            abi.GETATTR: by_node(h.getattr), abi.SETATTR: setattr_,
+            abi.GETATTR: by_node(h.getattr), abi.STATX: by_node(h.statx), abi.SETATTR: setattr_,
             abi.READLINK: by_node(h.readlink), abi.SYMLINK: symlink, abi.MKNOD: mknod,
             abi.MKDIR: mkdir, abi.UNLINK: by_name(h.unlink), abi.RMDIR: by_name(h.rmdir),
             abi.RENAME: rename, abi.RENAME2: rename2, abi.LINK: link, abi.OPEN: open_,

@@ -6,15 +6,18 @@ from __future__ import annotations
 
 import os
 import shutil
+import sqlite3
 import stat
+import subprocess
 import time
 
 import pytest
-from mountutil import scratch_mount
+from mountutil import dwfs, make_warehouse, scratch_mount
 from posixutil import (
     FALLOC_KEEP_SIZE,
     FALLOC_PUNCH_HOLE,
     FALLOC_ZERO_RANGE,
+    birth_time,
     fallocate,
 )
 
@@ -184,3 +187,66 @@ def test_noatime_and_nodiratime(roots):
 def _build_fresh(root: str) -> None:
     shutil.rmtree(os.path.join(root, "d"), ignore_errors=True)
     _build(root)
+
+
+def test_birth_times(tmp_path, fs_mount):
+    """statx's birth time: when the inode was made, for every kind of inode (imported ghosts:
+    the import), unchanged by writes, chmod, rename, links and utimensat, and kept across a
+    remount. Inodes of a database from before birth times show none (`stat` prints "-"), also
+    on a read-only mount that cannot add the column; a read-write mount adds it for new ones."""
+    wh = make_warehouse(tmp_path / "wh", level="raid5", devices=3, size="32M")
+    m = fs_mount(wh)
+    m.mount()
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "s.txt").write_bytes(b"source")
+    before = time.time_ns()
+    with open(m.path("f"), "wb") as f:
+        f.write(b"x")
+    os.mkdir(m.path("d"))
+    os.symlink("f", m.path("l"))
+    os.mkfifo(m.path("p"))
+    dwfs("ghost", "import", str(src), m.path("d"))
+    after = time.time_ns()
+    paths = ["f", "d", "l", "p", "d/s.txt"]
+    born = {p: birth_time(m.path(p), follow=False) for p in paths}
+    for p, t in born.items():
+        assert t is not None and before <= t <= after, (p, before, t, after)
+    assert born["f"] < born["d"] < born["l"] < born["p"] < born["d/s.txt"]
+    time.sleep(2 * TICK)
+    with open(m.path("f"), "ab") as f:
+        f.write(b"more")
+    os.chmod(m.path("f"), 0o600)
+    os.utime(m.path("f"), ns=(1, 2))
+    os.link(m.path("f"), m.path("hard"))
+    os.rename(m.path("f"), m.path("d/moved"))
+    assert birth_time(m.path("d/moved")) == birth_time(m.path("hard")) == born["f"]
+    assert os.stat(m.path("hard")).st_ctime_ns > born["f"]
+    assert birth_time(m.path("d/s.txt")) == born["d/s.txt"]  # reading hydrates: no change
+    with open(m.path("d/s.txt"), "rb") as f:
+        assert f.read() == b"source"
+    assert birth_time(m.path("d/s.txt")) == born["d/s.txt"]
+    m.umount()
+    m.mount()
+    assert birth_time(m.path("d/moved")) == born["f"]
+    assert birth_time(m.path("d"), follow=False) == born["d"]
+    m.umount()
+
+    meta = os.path.join(wh, "meta.db")
+    db = sqlite3.connect(meta)
+    with db:
+        db.execute("ALTER TABLE inodes DROP COLUMN btime_ns")
+    db.close()
+    m.mount("ro")
+    assert birth_time(m.path("d/moved")) is None
+    assert b"Birth: -" in subprocess.run(["stat", m.path("hard")], capture_output=True,
+                                         check=True).stdout
+    m.umount()
+    m.mount()
+    assert birth_time(m.path("d/moved")) is None
+    t = time.time_ns()
+    with open(m.path("new"), "wb"):
+        pass
+    assert t <= birth_time(m.path("new")) <= time.time_ns()
+    m.umount()
+    assert dwfs("fsck", wh, check=False).returncode == 0

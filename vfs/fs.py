@@ -97,9 +97,9 @@ class Filesystem(Runs, ContentOps, MakeOps, RenameOps, XattrOps, FlagOps):
         """Write the root directory of a new, empty filesystem."""
         now = now_ns()
         db.change(
-            "INSERT INTO inodes (id, mode, nlink, uid, gid, size, atime_ns, mtime_ns, ctime_ns) "
-            "VALUES (?, ?, 2, ?, ?, 0, ?, ?, ?)",
-            (ROOT_INODE, stat.S_IFDIR | mode, uid, gid, now, now, now))
+            "INSERT INTO inodes (id, mode, nlink, uid, gid, size, atime_ns, mtime_ns, ctime_ns, "
+            "btime_ns) VALUES (?, ?, 2, ?, ?, 0, ?, ?, ?, ?)",
+            (ROOT_INODE, stat.S_IFDIR | mode, uid, gid, now, now, now, now))
         db.set_setting("block_size", BLOCK)
         db.commit()
 
@@ -268,6 +268,17 @@ class Filesystem(Runs, ContentOps, MakeOps, RenameOps, XattrOps, FlagOps):
     def getattr(self, ino: int) -> Attr:
         """The attributes of an inode."""
         return self._attr(self._row(ino))
+
+    def birth_time(self, ino: int) -> int | None:
+        """When an inode was made, in nanoseconds; None for an inode made before dwfs kept
+        birth times. ENOENT for an inode that does not exist."""
+        if not self.db.has_btime:
+            self._row(ino)
+            return None
+        r = self.db.row("SELECT btime_ns FROM inodes WHERE id=?", (ino,))
+        if r is None:
+            raise FSError(errno.ENOENT, f"no inode {ino}")
+        return r[0]
 
     def setattr(self, ino: int, ch: SetAttr) -> Attr:
         """Change mode, owner, size or times; ctime follows every change."""

@@ -156,8 +156,8 @@ class Checker:
             return r[0]
         now = time.time_ns()
         self.db.change("INSERT INTO inodes (mode, nlink, uid, gid, size, atime_ns, mtime_ns, "
-                       "ctime_ns) VALUES (?, 2, 0, 0, 0, ?, ?, ?)",
-                       (stat.S_IFDIR | 0o700, now, now, now))
+                       "ctime_ns, btime_ns) VALUES (?, 2, 0, 0, 0, ?, ?, ?, ?)",
+                       (stat.S_IFDIR | 0o700, now, now, now, now))
         ino = self.db.last_id()
         self.db.change("INSERT INTO dentries (parent, name, inode) VALUES (?, ?, ?)",
                        (ROOT_INODE, LOST_FOUND, ino))

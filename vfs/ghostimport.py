@@ -186,7 +186,7 @@ class Importer:
             is_dir = kind == stat.S_IFDIR
             size = 0 if is_dir else (len(e.target) if e.target is not None else e.st.st_size)
             inodes.append((ino, mode, 2 if is_dir else 1, uid, gid, size,
-                           clamp_time(e.st.st_atime_ns), recorded_mtime(e.st), now,
+                           clamp_time(e.st.st_atime_ns), recorded_mtime(e.st), now, now,
                            e.target))
             dentries.append((parent, e.name, ino))
             inherited = flags.get(parent, self.fs.inode_flags.get(parent, 0)) & INHERITED
@@ -207,7 +207,7 @@ class Importer:
                 report.ghosts += 1
         self.db.changemany(
             "INSERT INTO inodes (id, mode, nlink, uid, gid, size, atime_ns, mtime_ns, "
-            "ctime_ns, target) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", inodes)
+            "ctime_ns, btime_ns, target) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", inodes)
         self.db.changemany("INSERT INTO dentries (parent, name, inode) VALUES (?, ?, ?)",
                            dentries)
         self.db.changemany("INSERT INTO ghosts (inode, source, size, mtime_ns, state, hashes) "

@@ -44,9 +44,9 @@ class MakeOps:
         links = 0 if name is None else 2 if is_dir else 1
         self.db.change(
             "INSERT INTO inodes (mode, nlink, uid, gid, size, rdev, atime_ns, mtime_ns, "
-            "ctime_ns, target) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            "ctime_ns, btime_ns, target) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (mode, links, caller.uid, gid, len(target) if target else 0, rdev,
-             now, now, now, target))
+             now, now, now, now, target))
         ino = self.db.last_id()
         self._put_xattrs(ino, lists)
         if name is not None:

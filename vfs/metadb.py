@@ -171,6 +171,12 @@ class MetaDB:
                 self._check_format()
                 if not read_only:
                     self._make_compactable()
+            if not read_only:
+                self._add_columns()
+            # Birth times came within format 3: a database made before them and opened
+            # read-only has none to show.
+            self.has_btime = any(c[1] == "btime_ns" for c in
+                                 self.conn.execute("PRAGMA table_info(inodes)").fetchall())
         except apsw.Error as exc:
             raise MetadataError(f"metadata database {path}: {exc}") from exc
         self.conn.execute("BEGIN")
@@ -201,6 +207,14 @@ class MetaDB:
                      self.path)
             self.conn.execute("DROP TRIGGER inodes_gone")
             self.conn.execute(SCHEMA_2)
+
+    def _add_columns(self) -> None:
+        """Give a database made before them the columns added within format 3: inodes'
+        birth times (NULL for the inodes it already holds, which have none to show)."""
+        columns = [c[1] for c in self.conn.execute("PRAGMA table_info(inodes)").fetchall()]
+        if "btime_ns" not in columns:
+            with self.conn:
+                self.conn.execute("ALTER TABLE inodes ADD COLUMN btime_ns INTEGER")
 
     def _make_compactable(self) -> None:
         """Switch a database made without incremental auto-vacuum to it (one VACUUM, once), so

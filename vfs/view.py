@@ -110,6 +110,11 @@ class View:
         """The attributes of an inode (mirrors show their directory's)."""
         return self._shown(self.fs.getattr(real_inode(ino)), ino & MIRROR_BIT != 0)
 
+    def statx(self, ino: int) -> tuple[Attr, int | None]:
+        """The attributes of an inode and when it was made (None: made before dwfs kept birth
+        times); a mirror shows its directory's."""
+        return self.getattr(ino), self.fs.birth_time(real_inode(ino))
+
     def setattr(self, ino: int, ch: SetAttr) -> Attr:
         """Change attributes; through a mirror, of the real directory. Truncating a ghost
         makes it an ordinary file (fetched first, unless truncated to zero)."""
