@@ -4,8 +4,11 @@ the host's page cache.
 Every read first hints (`Member.prefetch`) each chunk it needs that no span covers, and, when
 reads are sequential, the next HINT_BYTES, so that members read in parallel.
 
-While a volume is read sequentially (STREAK_BYTES back to back), the spans that follow the
-reader (SPAN_BYTES of the volume each, DEPTH of them, LONG_DEPTH once the stream is long) are
+Up to STREAMS sequential readers are followed at once (two files copied together, say): a read
+continues the stream whose last read ended nearest before it, within HINT_BYTES, or starts a
+new one. While a stream reads sequentially (STREAK_BYTES back to back), the spans that follow
+it (SPAN_BYTES of the volume each, DEPTH of them, LONG_DEPTH once the stream is long, shared
+out among the long streams but at least DEPTH each) are
 also read from the members in background threads, straight into one aligned buffer per span
 (`Member.readinto_uncached`: O_DIRECT on block files), and checked against the chunk
 checksums. A read that finished spans cover is answered with a view of their buffers, without
@@ -27,6 +30,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Iterator, Sequence
 from concurrent.futures import Future
 from typing import TYPE_CHECKING
@@ -58,6 +62,9 @@ THREADS = 16  # member reads at once
 # each other must not start reading many megabytes ahead.
 STREAK_BYTES = 2 * 1024 * 1024
 STREAK_SLACK = 256 * 1024
+
+STREAMS = 8  # sequential readers of one volume followed at once
+STREAM_IDLE = 2.0  # seconds after which a reader that stopped is no longer followed
 
 # One pool for every volume in the process.
 _pool = SharedPool(THREADS, "read-ahead")
@@ -100,6 +107,20 @@ class _Span:
             return False
 
 
+class _Stream:
+    """One sequential reader being followed: where its last read ended, how far ahead its
+    members were hinted, how many bytes it has read back to back, and the spans it keeps."""
+
+    __slots__ = ("last_end", "hinted_until", "streak", "used", "window")
+
+    def __init__(self) -> None:
+        self.last_end = -1
+        self.hinted_until = 0
+        self.streak = 0  # bytes read back to back (give or take STREAK_SLACK) so far
+        self.used = 0.0  # time.monotonic() of its last read
+        self.window = (0, -1)  # span indices [lo, hi] it plans and keeps (none yet)
+
+
 class ReadAhead:
     """What is read ahead of one volume's reader: member hints and spans."""
 
@@ -110,9 +131,7 @@ class ReadAhead:
         self._spans: dict[int, _Span] = {}  # by index (start // span_bytes)
         self._lock = threading.Lock()  # guards _spans: readers do not hold the volume lock
         self._closed = False
-        self._last_read_end = -1
-        self._hinted_until = 0
-        self._streak = 0  # bytes read back to back (give or take STREAK_SLACK) so far
+        self._streams: list[_Stream] = []  # the readers being followed, most recent last
 
     # --- the reader's side (no volume lock) ---------------------------------------------------
 
@@ -144,35 +163,88 @@ class ReadAhead:
     # --- the volume's side (under its lock) ---------------------------------------------------
 
     def follow(self, offset: int, length: int, hint_own: bool = True) -> None:
-        """A read of [offset, offset + length) is under way: hint what it and, if reads are
-        sequential, the next HINT_BYTES need, and plan spans. `hint_own=False`: the read
-        fetches its own few bytes at once, so they are hinted only as part of a sequential
-        stream (a hint would have the host read their whole chunks)."""
+        """A read of [offset, offset + length) is under way: hint what it and, if it goes on
+        a sequential stream, the next HINT_BYTES need, and plan spans. `hint_own=False`: the
+        read fetches its own few bytes at once, so they are hinted only as part of a
+        sequential stream (a hint would have the host read their whole chunks)."""
         end = offset + length
         start = offset
+        stream = self._stream_of(offset)
+        near = stream is not None
+        if stream is None:
+            stream = self._new_stream()
+        stream.used = time.monotonic()
         # Sequential, give or take reordering (the kernel sends several readahead requests at
         # once, and worker threads may take them out of order).
-        near = abs(offset - self._last_read_end) <= HINT_BYTES
-        if abs(offset - self._last_read_end) <= STREAK_SLACK:
-            self._streak += length
+        if abs(offset - stream.last_end) <= STREAK_SLACK:
+            stream.streak += length
         else:
-            self._streak = length
+            stream.streak = length
         if near:
-            if self._streak >= STREAK_BYTES:
-                self.advance(end)
+            if stream.streak >= STREAK_BYTES:
+                self.advance(end, stream)
             end = min(self.volume.capacity, end + HINT_BYTES)
-            if start < self._hinted_until <= end:
-                start = self._hinted_until
-            self._last_read_end = max(self._last_read_end, offset + length)
+            if start < stream.hinted_until <= end:
+                start = stream.hinted_until
+            stream.last_end = max(stream.last_end, offset + length)
         else:
-            self._last_read_end = offset + length
-            self._hinted_until = 0
+            stream.last_end = offset + length
+            stream.hinted_until = 0
             if not hint_own:
                 return
-        if start >= end or (near and end <= self._hinted_until):
+        if start >= end or (near and end <= stream.hinted_until):
             return
-        self._hinted_until = max(self._hinted_until, end)
+        stream.hinted_until = max(stream.hinted_until, end)
         self._hint(start, end)
+
+    def _stream_of(self, offset: int) -> _Stream | None:
+        """The stream a read at `offset` continues (its last read ended within HINT_BYTES),
+        the nearest if several do; None for a read that starts a new one."""
+        best = None
+        for s in self._streams:
+            gap = abs(offset - s.last_end)
+            if gap <= HINT_BYTES and (best is None or gap < abs(offset - best.last_end)):
+                best = s
+        return best
+
+    def _new_stream(self) -> _Stream:
+        """Follow a new reader, forgetting the least recently used one (and those idle for
+        STREAM_IDLE seconds) to stay within STREAMS."""
+        now = time.monotonic()
+        self._streams = [s for s in self._streams if now - s.used < STREAM_IDLE]
+        self._streams.sort(key=lambda s: s.used)
+        del self._streams[: max(0, len(self._streams) - STREAMS + 1)]
+        stream = _Stream()
+        self._streams.append(stream)
+        return stream
+
+    def advance(self, position: int, stream: _Stream | None = None) -> None:
+        """A sequential reader got to `position`: plan the DEPTH (LONG_DEPTH, for a long
+        stream) spans from the next span boundary on. With several long streams at once,
+        each keeps a share of LONG_DEPTH (at least DEPTH), so that what is held in memory
+        stays bounded."""
+        sb = self.span_bytes
+        capacity = self.volume.capacity
+        first = -(-position // sb)
+        if self._closed or first * sb >= capacity:
+            return
+        streak = stream.streak if stream is not None else LONG_STREAK
+        depth = DEPTH
+        if streak >= LONG_STREAK:
+            long_streams = sum(1 for s in self._streams if s.streak >= LONG_STREAK) or 1
+            depth = max(DEPTH, LONG_DEPTH // long_streams)
+        if stream is not None:
+            stream.window = (first - 1, first + depth)
+        windows = [s.window for s in self._streams]
+        with self._lock:
+            for i in list(self._spans):
+                if not any(lo <= i <= hi for lo, hi in windows):
+                    del self._spans[i]  # left behind by a reader that moved on
+        for i in range(first, first + depth):
+            if i * sb >= capacity:
+                break
+            if i not in self._spans:
+                self._plan(i)
 
     def _hint(self, start: int, end: int) -> None:
         """Hint the members' chunks of volume bytes [start, end) that no span covers."""
@@ -199,24 +271,6 @@ class ReadAhead:
             member = v.slots[slot].member
             for i in range(0, len(run), 2):
                 member.prefetch(g.chunk_offset(run[i]), (run[i + 1] - run[i] + 1) * chunk)
-
-    def advance(self, position: int) -> None:
-        """A sequential reader got to `position`: plan the DEPTH (LONG_DEPTH, for a long
-        stream) spans from the next span boundary on."""
-        sb = self.span_bytes
-        capacity = self.volume.capacity
-        first = -(-position // sb)
-        if self._closed or first * sb >= capacity:
-            return
-        depth = LONG_DEPTH if self._streak >= LONG_STREAK else DEPTH
-        with self._lock:
-            for i in [i for i in self._spans if i < first - 1 or i > first + LONG_DEPTH]:
-                del self._spans[i]  # left behind by a reader that moved on
-        for i in range(first, first + depth):
-            if i * sb >= capacity:
-                break
-            if i not in self._spans:
-                self._plan(i)
 
     def invalidate(self, offset: int, length: int) -> None:
         """Forget what was read ahead of volume bytes [offset, offset + length) (they are

@@ -228,6 +228,32 @@ def test_a_long_stream_keeps_more_spans_ahead_than_a_short_one(tmp_path, monkeyp
         vol.close()
 
 
+def test_interleaved_sequential_readers_are_each_read_ahead(tmp_path):
+    """Two readers going through different parts of the volume in turns (two files copied
+    at once) each get spans ahead of them; once both streams are long, what they keep stays
+    within LONG_DEPTH spans in all."""
+    paths, uuid, vol, model = _filled(tmp_path)
+    try:
+        ahead = vol._ahead
+        half = (vol.capacity // 2) // CHUNK * CHUNK
+        pos = [0, half]
+        served = [0, 0]
+        reads = 0
+        while pos[1] + CHUNK <= vol.capacity and pos[0] + CHUNK <= half:
+            for r in (0, 1):
+                if ahead.covers(pos[r]) and ahead.covers(pos[r] + CHUNK - 1):
+                    served[r] += 1
+                assert vol.read(pos[r], CHUNK) == model.get(pos[r], CHUNK), f"reader {r}"
+                pos[r] += CHUNK
+                assert len(ahead._spans) <= raid.readahead.LONG_DEPTH + 2
+            reads += 1
+        assert reads > 20
+        assert served[0] > reads // 2 and served[1] > reads // 2, (served, reads)
+        assert len(ahead._streams) == 2
+    finally:
+        vol.close()
+
+
 def test_closing_with_spans_in_flight_waits_for_them(tmp_path):
     paths, uuid, vol, model = _filled(tmp_path)
     _start_streak(vol)
