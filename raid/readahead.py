@@ -208,11 +208,12 @@ class ReadAhead:
         return best
 
     def _new_stream(self) -> _Stream:
-        """Follow a new reader, forgetting the least recently used one (and those idle for
-        STREAM_IDLE seconds) to stay within STREAMS."""
+        """Follow a new reader, forgetting (to stay within STREAMS) those idle for STREAM_IDLE
+        seconds, then the least recently used of those that are not reading sequentially, and
+        only then sequential ones: random reads beside a stream do not push it out."""
         now = time.monotonic()
         self._streams = [s for s in self._streams if now - s.used < STREAM_IDLE]
-        self._streams.sort(key=lambda s: s.used)
+        self._streams.sort(key=lambda s: (s.streak >= STREAK_BYTES, s.used))
         del self._streams[: max(0, len(self._streams) - STREAMS + 1)]
         stream = _Stream()
         self._streams.append(stream)

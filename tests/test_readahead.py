@@ -254,6 +254,36 @@ def test_interleaved_sequential_readers_are_each_read_ahead(tmp_path):
         vol.close()
 
 
+def test_random_reads_beside_a_sequential_reader_do_not_push_it_out(tmp_path, monkeypatch):
+    """Many more random readers than STREAMS, between each two reads of a sequential one:
+    the sequential stream is still followed and served from spans."""
+    # Random reads continue a stream only when they land this near its last one: on a small
+    # volume most of them would otherwise join a few streams instead of starting new ones.
+    monkeypatch.setattr(raid.readahead, "HINT_BYTES", CHUNK // 2)
+    paths, uuid, vol, model = _filled(tmp_path)
+    try:
+        ahead = vol._ahead
+        rng = random.Random(5)
+        _start_streak(vol)
+        # Past what the spans planned at the start cover, only a stream still followed has
+        # spans ahead of it.
+        tail = raid.readahead.DEPTH * ahead.span_bytes + 2 * CHUNK
+        pos, served, reads = 2 * CHUNK, 0, 0
+        while pos + CHUNK <= vol.capacity // 2:
+            for _ in range(3 * raid.readahead.STREAMS):
+                off = rng.randrange(vol.capacity // 2, vol.capacity - 100)
+                assert vol.read(off, 100) == model.get(off, 100)
+            if pos >= tail:
+                reads += 1
+                served += ahead.covers(pos) and ahead.covers(pos + CHUNK - 1)
+            assert vol.read(pos, CHUNK) == model.get(pos, CHUNK)
+            pos += CHUNK
+        assert reads > 20 and served > 0.8 * reads, (served, reads)
+        assert len(ahead._streams) == raid.readahead.STREAMS  # the random ones came and went
+    finally:
+        vol.close()
+
+
 def test_closing_with_spans_in_flight_waits_for_them(tmp_path):
     paths, uuid, vol, model = _filled(tmp_path)
     _start_streak(vol)
