@@ -17,7 +17,7 @@ import time
 
 import pytest
 from mountutil import dwfs, make_warehouse, mounted_warehouse
-from posixutil import errno_of
+from posixutil import birth_time, errno_of
 
 Q = "user.dwfs.query"
 
@@ -114,6 +114,8 @@ def test_a_matching_directory_is_shown_as_a_browsable_directory(fsm):
     st = os.stat(shown)
     assert stat.S_ISDIR(st.st_mode)
     assert st.st_ino != os.stat(os.path.join(top, "projects", "apollo")).st_ino  # a mirror
+    real_birth = birth_time(os.path.join(top, "projects", "apollo"))
+    assert real_birth is not None and birth_time(shown) == real_birth  # statx of a mirror
     assert names(shown) == {"plan.md", "deep"}
     assert names(os.path.join(shown, "deep")) == {"x.bin"}
     with open(os.path.join(shown, "deep", "x.bin"), "rb") as f:
