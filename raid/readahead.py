@@ -131,7 +131,7 @@ class ReadAhead:
         self._spans: dict[int, _Span] = {}  # by index (start // span_bytes)
         self._lock = threading.Lock()  # guards _spans: readers do not hold the volume lock
         self._closed = False
-        self._streams: list[_Stream] = []  # the readers being followed, most recent last
+        self._streams: list[_Stream] = []  # the readers being followed (at most STREAMS)
 
     # --- the reader's side (no volume lock) ---------------------------------------------------
 
