@@ -5,10 +5,11 @@ Every read first hints (`Member.prefetch`) each chunk it needs that no span cove
 reads are sequential, the next HINT_BYTES, so that members read in parallel.
 
 Up to STREAMS sequential readers are followed at once (two files copied together, say): a read
-continues the stream whose last read ended nearest before it, within HINT_BYTES, or starts a
-new one. While a stream reads sequentially (STREAK_BYTES back to back), the spans that follow
-it (SPAN_BYTES of the volume each, DEPTH of them, LONG_DEPTH once the stream is long, shared
-out among the long streams but at least DEPTH each) are
+continues the stream whose last read ended nearest before it, within HINT_BYTES (or just after
+it, within STREAK_SLACK), or starts a new one. While a stream reads sequentially (STREAK_BYTES
+back to back), the spans that follow it (SPAN_BYTES of the volume each, DEPTH of them,
+LONG_DEPTH once the stream is long; with several sequential streams, at most an equal share
+of SPANS_BUDGET each, at least one) are
 also read from the members in background threads, straight into one aligned buffer per span
 (`Member.readinto_uncached`: O_DIRECT on block files), and checked against the chunk
 checksums. A read that finished spans cover is answered with a view of their buffers, without
@@ -63,7 +64,10 @@ THREADS = 16  # member reads at once
 STREAK_BYTES = 2 * 1024 * 1024
 STREAK_SLACK = 256 * 1024
 
-STREAMS = 8  # sequential readers of one volume followed at once
+STREAMS = 16  # sequential readers of one volume followed at once
+# Spans planned ahead of all sequential streams together when there are several: each gets an
+# equal share, at least one (16 readers: 8 MiB ahead of each, 128 MiB in all).
+SPANS_BUDGET = 16
 STREAM_IDLE = 2.0  # seconds after which a reader that stopped is no longer followed
 
 # One pool for every volume in the process.
@@ -198,13 +202,15 @@ class ReadAhead:
         self._hint(start, end)
 
     def _stream_of(self, offset: int) -> _Stream | None:
-        """The stream a read at `offset` continues (its last read ended within HINT_BYTES),
-        the nearest if several do; None for a read that starts a new one."""
-        best = None
+        """The stream a read at `offset` continues: its last read ended at most HINT_BYTES
+        before `offset`, or STREAK_SLACK after it (requests taken out of order); the nearest
+        if several do. None for a read that starts a new one (one trailing a stream from
+        further behind is a reader of its own)."""
+        best, best_gap = None, 0
         for s in self._streams:
-            gap = abs(offset - s.last_end)
-            if gap <= HINT_BYTES and (best is None or gap < abs(offset - best.last_end)):
-                best = s
+            gap = offset - s.last_end
+            if -STREAK_SLACK <= gap <= HINT_BYTES and (best is None or abs(gap) < best_gap):
+                best, best_gap = s, abs(gap)
         return best
 
     def _new_stream(self) -> _Stream:
@@ -221,19 +227,19 @@ class ReadAhead:
 
     def advance(self, position: int, stream: _Stream | None = None) -> None:
         """A sequential reader got to `position`: plan the DEPTH (LONG_DEPTH, for a long
-        stream) spans from the next span boundary on. With several long streams at once,
-        each keeps a share of LONG_DEPTH (at least DEPTH), so that what is held in memory
-        stays bounded."""
+        stream) spans from the next span boundary on; with several sequential streams at
+        once, at most an equal share of SPANS_BUDGET each (at least one), so that what is
+        held in memory stays bounded."""
         sb = self.span_bytes
         capacity = self.volume.capacity
         first = -(-position // sb)
         if self._closed or first * sb >= capacity:
             return
         streak = stream.streak if stream is not None else LONG_STREAK
-        depth = DEPTH
-        if streak >= LONG_STREAK:
-            long_streams = sum(1 for s in self._streams if s.streak >= LONG_STREAK) or 1
-            depth = max(DEPTH, LONG_DEPTH // long_streams)
+        depth = LONG_DEPTH if streak >= LONG_STREAK else DEPTH
+        sequential = sum(1 for s in self._streams if s.streak >= STREAK_BYTES)
+        if sequential > 1:
+            depth = max(1, min(depth, SPANS_BUDGET // sequential))
         if stream is not None:
             stream.window = (first - 1, first + depth)
         windows = [s.window for s in self._streams]

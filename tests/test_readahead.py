@@ -230,8 +230,8 @@ def test_a_long_stream_keeps_more_spans_ahead_than_a_short_one(tmp_path, monkeyp
 
 def test_interleaved_sequential_readers_are_each_read_ahead(tmp_path):
     """Two readers going through different parts of the volume in turns (two files copied
-    at once) each get spans ahead of them; once both streams are long, what they keep stays
-    within LONG_DEPTH spans in all."""
+    at once) each get spans ahead of them, and what they keep stays within SPANS_BUDGET spans
+    ahead (and the two being read, and the two just read)."""
     paths, uuid, vol, model = _filled(tmp_path)
     try:
         ahead = vol._ahead
@@ -245,11 +245,39 @@ def test_interleaved_sequential_readers_are_each_read_ahead(tmp_path):
                     served[r] += 1
                 assert vol.read(pos[r], CHUNK) == model.get(pos[r], CHUNK), f"reader {r}"
                 pos[r] += CHUNK
-                assert len(ahead._spans) <= raid.readahead.LONG_DEPTH + 2
+                assert len(ahead._spans) <= raid.readahead.SPANS_BUDGET + 4
             reads += 1
         assert reads > 20
         assert served[0] > reads // 2 and served[1] > reads // 2, (served, reads)
         assert len(ahead._streams) == 2
+    finally:
+        vol.close()
+
+
+def test_a_dozen_interleaved_readers_are_each_followed(tmp_path, monkeypatch):
+    """Twelve readers in turns (more than the eight an earlier version followed) each keep
+    their stream: most of their reads come from spans, and what is planned ahead of them all
+    stays within SPANS_BUDGET spans."""
+    monkeypatch.setattr(raid.readahead, "SPAN_BYTES", 4 * CHUNK * 4)
+    monkeypatch.setattr(raid.readahead, "HINT_BYTES", 4 * CHUNK)
+    paths, uuid, vol, model = _filled(tmp_path)
+    try:
+        ahead = vol._ahead
+        n = 12
+        region = (vol.capacity // n) // CHUNK * CHUNK
+        assert region > raid.readahead.HINT_BYTES + ahead.span_bytes
+        pos = [k * region for k in range(n)]
+        served = reads = 0
+        for step in range(region // CHUNK):
+            for k in range(n):
+                if step >= 4:  # past each stream's start
+                    reads += 1
+                    served += ahead.covers(pos[k]) and ahead.covers(pos[k] + CHUNK - 1)
+                assert vol.read(pos[k], CHUNK) == model.get(pos[k], CHUNK), f"reader {k}"
+                pos[k] += CHUNK
+                assert len(ahead._spans) <= raid.readahead.SPANS_BUDGET + 2 * n
+        assert served > 0.6 * reads, (served, reads)
+        assert len(ahead._streams) == n
     finally:
         vol.close()
 
