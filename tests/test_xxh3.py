@@ -26,7 +26,7 @@ def test_the_vector_entry_point_is_used_here() -> None:
     """On this machine the package's dispatching entry point loads and passes its check (a
     silent fall back to the slow path would otherwise go unnoticed)."""
     assert xxh3._entry_point() is not None
-    assert xxh3._kernel() is not None
+    assert xxh3._kernels() is not None
 
 
 @pytest.mark.parametrize("seed", [0, 1, 0x9E3779B97F4A7C15, MASK - 5, MASK, MASK + 7, -3])
@@ -38,9 +38,13 @@ def test_each_piece_matches_xxhash(seed: int, size: int) -> None:
     assert got.tolist() == _want(DATA, size, seed)
 
 
-@pytest.mark.parametrize("n", [0, 1, xxh3.EACH_PIECES - 1, xxh3.EACH_PIECES, 256])
+EACH, NOGIL = xxh3.EACH_BYTES // 4096, xxh3.NOGIL_BYTES // 4096
+
+
+@pytest.mark.parametrize("n", [0, 1, EACH - 1, EACH, NOGIL - 1, NOGIL, 256])
 def test_few_and_many_pieces(n: int) -> None:
-    """Below EACH_PIECES the package is called piece by piece; from it on, the compiled loop."""
+    """Below EACH_BYTES the package is called piece by piece; from it on, the compiled loop
+    that holds the GIL, and from NOGIL_BYTES on, the one that lets go of it."""
     data = DATA[: n * 4096]
     assert xxh3.xxh3_64_each(data, 4096, 77).tolist() == _want(data, 4096, 77)
 
