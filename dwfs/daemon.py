@@ -284,15 +284,14 @@ def serve(warehouse: str, mountpoint: str, ready_fd: int | None, debug: bool = F
             )
         _log_to_file(cfg.directory, debug)
         _tune_malloc()
-        read_only = "ro" in opts.fuse
         note = ""
-        if raw and not read_only and holds_filesystem(cfg):
+        if raw and "ro" not in opts.fuse and holds_filesystem(cfg):
             # Writes through the raw volume would bypass the filesystem and damage it.
-            read_only = True
             opts.fuse.add("ro")
             note = (f"{cfg.directory} holds a dwfs filesystem: its raw volume is mounted "
                     "read-only (writes to it would damage the filesystem)")
             log.warning("%s", note)
+        read_only = "ro" in opts.fuse
         if not raw:
             require_filesystem(cfg)  # before the volume is opened for writing
         volume = open_volume(cfg, read_only=read_only)

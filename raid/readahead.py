@@ -225,7 +225,7 @@ class ReadAhead:
         self._streams.append(stream)
         return stream
 
-    def advance(self, position: int, stream: _Stream | None = None) -> None:
+    def advance(self, position: int, stream: _Stream) -> None:
         """A sequential reader got to `position`: plan the DEPTH (LONG_DEPTH, for a long
         stream) spans from the next span boundary on; with several sequential streams at
         once, at most an equal share of SPANS_BUDGET each (at least one), so that what is
@@ -235,13 +235,11 @@ class ReadAhead:
         first = -(-position // sb)
         if self._closed or first * sb >= capacity:
             return
-        streak = stream.streak if stream is not None else LONG_STREAK
-        depth = LONG_DEPTH if streak >= LONG_STREAK else DEPTH
+        depth = LONG_DEPTH if stream.streak >= LONG_STREAK else DEPTH
         sequential = sum(1 for s in self._streams if s.streak >= STREAK_BYTES)
         if sequential > 1:
             depth = max(1, min(depth, SPANS_BUDGET // sequential))
-        if stream is not None:
-            stream.window = (first - 1, first + depth)
+        stream.window = (first - 1, first + depth)
         windows = [s.window for s in self._streams]
         with self._lock:
             for i in list(self._spans):

@@ -23,7 +23,7 @@ from vfs.errors import FSError
 from vfs.fs import Filesystem
 from vfs.ghosts import GHOST, HYDRATED, PINNED, Ghosts
 from vfs.ghostsource import recorded_mtime
-from vfs.inodeflags import IMMUTABLE, INHERITED
+from vfs.inodeflags import IMMUTABLE
 from vfs.metadb import MetaDB
 
 log = logging.getLogger(__name__)
@@ -189,7 +189,7 @@ class Importer:
                            clamp_time(e.st.st_atime_ns), recorded_mtime(e.st), now, now,
                            e.target))
             dentries.append((parent, e.name, ino))
-            inherited = flags.get(parent, self.fs.inode_flags.get(parent, 0)) & INHERITED
+            inherited = flags.get(parent) or self.fs.inherited_flags(parent)
             if inherited:
                 flags[ino] = inherited
             if is_dir:

@@ -106,10 +106,14 @@ class FlagOps:
         if (old ^ flags) & FIXED:
             log.info("inode %d: flags %#x -> %#x", ino, old, flags)
 
+    def inherited_flags(self, parent: int) -> int:
+        """The flags a new inode takes from its directory `parent` (no-dump, no-atime)."""
+        return self.inode_flags.get(parent, 0) & INHERITED
+
     def inherit_flags(self, parent: int, ino: int) -> None:
         """Give new inode `ino` the inherited flags of its directory `parent`: the last step
         of making it, as an inode number freed by a rolled-back step is given out again."""
-        flags = self.inode_flags.get(parent, 0) & INHERITED
+        flags = self.inherited_flags(parent)
         if flags:
             self.db.change("INSERT INTO inode_flags (inode, flags) VALUES (?, ?)", (ino, flags))
             self.inode_flags[ino] = flags

@@ -171,12 +171,11 @@ class MetaDB:
                 self._check_format()
                 if not read_only:
                     self._make_compactable()
-            if not read_only:
-                self._add_columns()
             # Birth times came within format 3: a database made before them and opened
             # read-only has none to show.
-            self.has_btime = any(c[1] == "btime_ns" for c in
-                                 self.conn.execute("PRAGMA table_info(inodes)").fetchall())
+            if not read_only:
+                self._add_columns()
+            self.has_btime = not read_only or self._has_btime()
         except apsw.Error as exc:
             raise MetadataError(f"metadata database {path}: {exc}") from exc
         self.conn.execute("BEGIN")
@@ -208,11 +207,14 @@ class MetaDB:
             self.conn.execute("DROP TRIGGER inodes_gone")
             self.conn.execute(SCHEMA_2)
 
+    def _has_btime(self) -> bool:
+        return any(c[1] == "btime_ns"
+                   for c in self.conn.execute("PRAGMA table_info(inodes)").fetchall())
+
     def _add_columns(self) -> None:
         """Give a database made before them the columns added within format 3: inodes'
         birth times (NULL for the inodes it already holds, which have none to show)."""
-        columns = [c[1] for c in self.conn.execute("PRAGMA table_info(inodes)").fetchall()]
-        if "btime_ns" not in columns:
+        if not self._has_btime():
             with self.conn:
                 self.conn.execute("ALTER TABLE inodes ADD COLUMN btime_ns INTEGER")
 
