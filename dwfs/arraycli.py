@@ -20,7 +20,7 @@ from dwfs.cliutil import CommandError, err, out, progress_bar
 from dwfs.config import ConfigError, WarehouseConfig, load_config
 from dwfs.control import control_socket_path
 from dwfs.mountopts import parse_options
-from dwfs.mounts import canonical, find_mount, fusermount_unmount, pid_alive
+from dwfs.mounts import canonical, find_mount, fusermount_unmount, mounts, pid_alive
 from dwfs.sizes import format_size, parse_size
 from dwfs.whlock import WarehouseLock
 from raid.errors import RaidError
@@ -185,8 +185,13 @@ def mount_warehouse(warehouse: str, mountpoint: str, options: str = "", raw: boo
 def cmd_umount(args: argparse.Namespace) -> int:
     mountpoint = canonical(args.mountpoint)
     entry = find_mount(mountpoint)
-    if entry is None:
-        raise CommandError(f"{mountpoint} is not mounted")
+    if entry is None:  # a warehouse may be named instead, as umount(8) takes a device
+        entry = next((m for m in mounts() if m.fstype == "fuse.dwfs"
+                      and os.path.realpath(m.source) == os.path.realpath(args.mountpoint)),
+                     None)
+        if entry is None:
+            raise CommandError(f"{mountpoint} is not mounted")
+        mountpoint = entry.mountpoint
     if entry.fstype != "fuse.dwfs":
         raise CommandError(f"{mountpoint} is a {entry.fstype} mount, not dwfs")
     sock = control_socket_path(entry.source)

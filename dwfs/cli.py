@@ -15,7 +15,7 @@ import sys
 from collections.abc import Callable
 
 from dwfs import control, ghostcli, smartcli
-from dwfs.cliutil import CommandError, err
+from dwfs.cliutil import CommandError, err, warehouse_of
 
 
 def _array(name: str) -> Callable[[argparse.Namespace], int]:
@@ -33,6 +33,9 @@ def _is_array_error(exc: OSError) -> bool:
     from raid.errors import RaidError
 
     return isinstance(exc, RaidError)
+
+
+WAREHOUSE_OR_MOUNT = "the warehouse directory, or the mount point where it is mounted"
 
 
 # --- parser -------------------------------------------------------------------------------------
@@ -68,11 +71,11 @@ def build_parser() -> argparse.ArgumentParser:
     m.set_defaults(func=_array("cmd_mount"))
 
     m = sub.add_parser("umount", help="flush, unmount and wait for the daemon to exit")
-    m.add_argument("mountpoint")
+    m.add_argument("mountpoint", help="the mount point, or the warehouse mounted there")
     m.set_defaults(func=_array("cmd_umount"))
 
     m = sub.add_parser("fsck", help="check (and repair) the filesystem's metadata")
-    m.add_argument("warehouse")
+    m.add_argument("warehouse", type=warehouse_of, help=WAREHOUSE_OR_MOUNT)
     m.add_argument("--repair", action="store_true",
                    help="fix what is found; restore a lost metadata database from its copy")
     m.add_argument("--verify-data", action="store_true",
@@ -81,18 +84,18 @@ def build_parser() -> argparse.ArgumentParser:
     m.set_defaults(func=_array("cmd_fsck"))
 
     m = sub.add_parser("status", help="array state and member health")
-    m.add_argument("warehouse")
+    m.add_argument("warehouse", type=warehouse_of, help=WAREHOUSE_OR_MOUNT)
     m.add_argument("--json", action="store_true")
     m.set_defaults(func=_array("cmd_status"))
 
     m = sub.add_parser("scrub", help="verify all data and parity")
-    m.add_argument("warehouse")
+    m.add_argument("warehouse", type=warehouse_of, help=WAREHOUSE_OR_MOUNT)
     m.add_argument("--repair", action="store_true")
     m.add_argument("--json", action="store_true")
     m.set_defaults(func=_array("cmd_scrub"))
 
     m = sub.add_parser("replace", help="rebuild a member onto a replacement")
-    m.add_argument("warehouse")
+    m.add_argument("warehouse", type=warehouse_of, help=WAREHOUSE_OR_MOUNT)
     m.add_argument("slot", type=int)
     m.add_argument("--device", help="replacement member file (default: a new one in place)")
     m.add_argument("--max-rate", help="rebuild at most this many bytes per second, e.g. 50M")

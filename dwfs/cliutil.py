@@ -9,7 +9,7 @@ from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any, TextIO
 
 from dwfs.control import control_socket_path
-from dwfs.mounts import MountEntry, mounts
+from dwfs.mounts import MountEntry, find_mount, mounts
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -104,6 +104,16 @@ def dwfs_mount_of(path: str) -> tuple[MountEntry, str]:
         raise CommandError(f"{path} is not inside a mounted dwfs filesystem")
     rest = full[len(best.mountpoint):] or "/"
     return best, "/" + rest.lstrip("/")
+
+
+def warehouse_of(path: str) -> str:
+    """The warehouse a command names: `path` itself, or, when `path` is where a warehouse
+    is mounted, that warehouse (`dwfs status /mnt/data` as `zpool status` or `btrfs scrub`
+    take what the user sees). Only /proc/mounts is read: the mount point is not touched."""
+    entry = find_mount(path)
+    if entry is not None and entry.fstype == "fuse.dwfs":
+        return entry.source
+    return path
 
 
 def daemon_socket(entry: MountEntry) -> str:

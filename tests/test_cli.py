@@ -95,3 +95,35 @@ def test_a_closing_daemon_leaves_a_newer_daemons_control_socket_alone(tmp_path):
     finally:
         old.close()
         new.close()
+
+
+@pytest.mark.timeout(120)
+def test_commands_take_the_mount_point_and_umount_takes_the_warehouse(tmp_path):
+    """`dwfs status|scrub|fsck|replace MOUNTPOINT` act on the warehouse mounted there, as
+    `zpool status` or `btrfs scrub` take what the user sees; `dwfs umount WAREHOUSE`
+    unmounts it, as umount(8) takes a device."""
+    from mountutil import is_mounted, mounted_warehouse
+
+    with mounted_warehouse(tmp_path) as m:
+        shown = dwfs_cli("status", "--json", m.mountpoint)
+        assert shown.returncode == 0, shown.stderr
+        doc = json.loads(shown.stdout)
+        assert doc["warehouse"] == m.warehouse and doc["mountpoint"] == m.mountpoint
+        scrubbed = dwfs_cli("scrub", "--json", m.mountpoint)
+        assert scrubbed.returncode == 0, scrubbed.stderr
+        assert json.loads(scrubbed.stdout)["rows_checked"] > 0
+        checked = dwfs_cli("fsck", m.mountpoint)  # the warehouse is in use: refused, by name
+        assert checked.returncode == 8
+        assert f"warehouse {m.warehouse} is in use" in checked.stderr
+        bad = dwfs_cli("replace", m.mountpoint, "9")
+        assert bad.returncode == 1 and "slot 9" in bad.stderr, bad.stderr
+        # A directory that is not a mount point is still taken as a warehouse.
+        plain = dwfs_cli("status", str(tmp_path))
+        assert plain.returncode == 1 and "is not a dwfs warehouse" in plain.stderr
+        done = dwfs_cli("umount", m.warehouse, cwd="/")
+        assert done.returncode == 0, done.stderr
+        assert f"unmounted {m.mountpoint}" in done.stdout
+        assert not is_mounted(m.mountpoint)
+        m.mount()  # (the context unmounts it again)
+    missing = dwfs_cli("umount", m.warehouse)
+    assert missing.returncode == 1 and "is not mounted" in missing.stderr
