@@ -54,19 +54,33 @@ def files_under(paths: list[str]) -> list[str]:
 # --- import and watch ---------------------------------------------------------------------------
 
 
+def _make_dest(dest: str) -> None:
+    """Make sure the import's destination is a directory: made (as `cp -r` makes its
+    target) when it does not exist but its parent does."""
+    if os.path.isdir(dest):
+        return
+    if os.path.lexists(dest):
+        raise CommandError(f"{dest} is not a directory")
+    try:
+        os.mkdir(dest)
+    except FileNotFoundError as exc:
+        raise CommandError(f"{dest}: its parent directory does not exist") from exc
+    except OSError as exc:
+        raise CommandError(f"cannot make {dest}: {exc.strerror}") from exc
+
+
 def cmd_import(args: argparse.Namespace) -> int:
     source = os.path.realpath(args.source)
     if args.rescan < 0:
         raise CommandError(f"--rescan {args.rescan:g}: give 0 or more seconds")
     if not os.path.isdir(source):
         raise CommandError(f"{args.source} is not a directory")
-    if not os.path.isdir(args.dest):
-        raise CommandError(f"{args.dest} is not a directory")
     entry, inside = dwfs_mount_of(args.dest)
     mp = entry.mountpoint.rstrip("/") + "/"
     if source == entry.mountpoint or source.startswith(mp):
         raise CommandError(f"{args.source} is inside the mount {entry.mountpoint}; a ghost's "
                            "source must be outside it")
+    _make_dest(args.dest)
     sock = daemon_socket(entry)
     op = {"op": "ghost-import", "source": source, "dest": inside, "uid": os.getuid(),
           "gid": os.getgid()}
@@ -165,7 +179,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     gsub = ghost.add_subparsers(dest="ghost_command", required=True)
     m = gsub.add_parser("import", help="a ghost in DEST for every file under SOURCE")
     m.add_argument("source")
-    m.add_argument("dest")
+    m.add_argument("dest", help="a directory in a dwfs mount (made if only its parent exists)")
     m.add_argument("--watch", action="store_true",
                    help="keep following the source's changes until interrupted")
     m.add_argument("--rescan", type=float, default=600.0, metavar="SECONDS",

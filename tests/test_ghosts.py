@@ -13,6 +13,7 @@ import os
 import shutil
 import signal
 import sqlite3
+import stat
 import subprocess
 import sys
 import time
@@ -563,6 +564,27 @@ def test_import_errors_are_clear(fsm, tmp_path):
     assert r.returncode != 0 and "inside the mount" in r.stderr
     r = dwfs("ghost", "pin", inside, check=False)
     assert r.returncode != 0 and "no ghost" in r.stderr
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "f").write_bytes(b"data")
+    with open(fsm.path("afile"), "wb") as f:
+        f.write(b"x")
+    for dest, message in ((fsm.path("no", "such"), "its parent directory does not exist"),
+                          (fsm.path("afile"), "is not a directory")):
+        r = dwfs("ghost", "import", str(src), dest, check=False)
+        assert r.returncode == 1 and message in r.stderr, r.stderr
+    assert sorted(os.listdir(fsm.mountpoint)) == ["afile", "selfsrc"]  # nothing made
+
+
+def test_import_makes_its_destination_when_only_the_parent_exists(fsm, tmp_path):
+    """As `cp -r SRC DEST` makes DEST, with the caller's own permissions and umask."""
+    src = tmp_path / "src"
+    (src / "sub").mkdir(parents=True)
+    (src / "sub" / "f").write_bytes(b"data")
+    dwfs("ghost", "import", str(src), fsm.path("new"))
+    assert stat.S_ISDIR(os.stat(fsm.path("new")).st_mode)
+    assert os.listdir(fsm.path("new", "sub")) == ["f"]
+    assert os.getxattr(fsm.path("new", "sub", "f"), "user.dwfs.state") == b"ghost"
 
 
 def test_fsck_finds_broken_ghost_and_smart_folder_records(tmp_path, fs_mount):
