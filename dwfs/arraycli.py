@@ -287,6 +287,7 @@ def _fsck(args: argparse.Namespace) -> int:
                     report = vfsck.check(db, logged, repair=args.repair,
                                          verify_data=args.verify_data or restored is not None,
                                          progress=update)
+                report.problems += _member_faults(volume, args.repair)
                 doc = report.to_dict()
                 doc["restored_from_copy"] = (
                     {"generation": restored.generation, "time_ns": restored.time_ns,
@@ -319,6 +320,28 @@ def _fsck(args: argparse.Namespace) -> int:
     if report.clean and restored is None:
         return 0
     return 1 if args.repair else 4
+
+
+def _member_faults(volume: Any, repair: bool) -> list[str]:
+    """What fsck's reads met on the members: chunks that failed their checksums or could not
+    be read. Redundancy covered them (the files read correctly), but a member still holds
+    them unless fsck repaired them; fsck reads file data only, parity is scrub's."""
+    lines = []
+    for m in volume.status()["members"]:
+        if not (m["checksum_errors"] or m["read_errors"]):
+            continue
+        if repair:
+            what = (f"{m['checksum_errors']} chunk(s) failed their checksums, "
+                    f"{m['read_errors']} read error(s); {m['repaired']} chunk(s) rewritten "
+                    "from redundancy (fsck reads file data only: `dwfs scrub` checks parity "
+                    "too)")
+        else:
+            what = (f"{m['checksum_errors']} read(s) of its chunks failed their checksums, "
+                    f"{m['read_errors']} read error(s); the files read correctly from "
+                    "redundancy. `dwfs fsck --repair` rewrites the file data, "
+                    "`dwfs scrub --repair` parity too")
+        lines.append(f"member slot {m['slot']} ({m['path']}): {what}")
+    return lines
 
 
 def cmd_status(args: argparse.Namespace) -> int:

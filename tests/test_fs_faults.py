@@ -377,6 +377,38 @@ def test_fsck_clean_then_broken_db_found_and_repaired(fsm):
     assert not os.path.exists(fsm.path("dangling"))
 
 
+def test_fsck_verify_data_names_and_repairs_corrupt_member_chunks(fsm):
+    """`fsck --verify-data` reads every file through the volume. Chunks that fail their
+    checksums are rebuilt from redundancy, so the files read correctly, but the member still
+    holds them: fsck names the member instead of saying "clean", and `--repair` rewrites
+    them (it said "clean", exit 0, before)."""
+    d = fsm.path("verify")
+    os.mkdir(d)
+    files = {os.path.join(d, f"v{i}"): os.urandom(1 + i * 700_000) for i in range(10)}
+    for path, data in files.items():
+        write_file(path, data)
+    victim = status(fsm.warehouse)["members"][2]["path"]
+    fsm.umount()
+    _corrupt_member(victim, fsm.warehouse)
+    p = fsck(fsm, "--verify-data")
+    assert p.returncode == 4, p.stdout + p.stderr
+    assert f"found: member slot 2 ({victim}): " in p.stdout, p.stdout
+    assert "failed their checksums" in p.stdout and "damaged:" not in p.stdout
+    p = fsck(fsm, "--verify-data", "--repair")
+    assert p.returncode == 1, p.stdout + p.stderr
+    assert f"fixed: member slot 2 ({victim}): " in p.stdout
+    assert "rewritten from redundancy" in p.stdout and "errors corrected" in p.stdout
+    p = fsck(fsm, "--verify-data")
+    assert p.returncode == 0 and "clean" in p.stdout, p.stdout + p.stderr
+    dwfs("scrub", fsm.warehouse, "--repair")  # the parity chunks fsck does not read
+    scrub = json.loads(dwfs("scrub", fsm.warehouse, "--json").stdout)
+    assert scrub["errors"] == 0 and scrub["unrecoverable"] == 0
+    fsm.mount()
+    drop_caches()
+    for path, data in files.items():
+        assert read_file(path) == data, path
+
+
 @pytest.mark.parametrize("damage", ["deleted", "corrupted"])
 def test_lost_metadata_db_restored_from_copy(fsm, damage):
     d = fsm.path(f"meta-{damage}")
