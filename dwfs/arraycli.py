@@ -247,6 +247,7 @@ def _fsck(args: argparse.Namespace) -> int:
                 "`dwfs scrub` checks the volume")
         volume = open_volume(cfg, allow_failed=not args.repair, read_only=not args.repair)
         try:
+            counts_before = volume.status()["members"]  # (kept from earlier mounts)
             path = meta_path(cfg)
             restored = None
             db = None
@@ -287,7 +288,7 @@ def _fsck(args: argparse.Namespace) -> int:
                     report = vfsck.check(db, logged, repair=args.repair,
                                          verify_data=args.verify_data or restored is not None,
                                          progress=update)
-                report.problems += _member_faults(volume, args.repair)
+                report.problems += _member_faults(volume, args.repair, counts_before)
                 doc = report.to_dict()
                 doc["restored_from_copy"] = (
                     {"generation": restored.generation, "time_ns": restored.time_ns,
@@ -322,24 +323,25 @@ def _fsck(args: argparse.Namespace) -> int:
     return 1 if args.repair else 4
 
 
-def _member_faults(volume: Any, repair: bool) -> list[str]:
-    """What fsck's reads met on the members: chunks that failed their checksums or could not
-    be read. Redundancy covered them (the files read correctly), but a member still holds
-    them unless fsck repaired them; fsck reads file data only, parity is scrub's."""
+def _member_faults(volume: Any, repair: bool, before: list[dict]) -> list[str]:
+    """What fsck's reads met on the members (their error counts grew from `before`): chunks
+    that failed their checksums or could not be read. Redundancy covered them (the files read
+    correctly), but a member still holds them unless fsck repaired them; fsck reads file
+    data only, parity is scrub's."""
     lines = []
-    for m in volume.status()["members"]:
-        if not (m["checksum_errors"] or m["read_errors"]):
+    for m, b in zip(volume.status()["members"], before, strict=True):
+        bad, unread, fixed = (m[k] - b[k] for k in ("checksum_errors", "read_errors",
+                                                     "repaired"))
+        if not (bad or unread):
             continue
         if repair:
-            what = (f"{m['checksum_errors']} chunk(s) failed their checksums, "
-                    f"{m['read_errors']} read error(s); {m['repaired']} chunk(s) rewritten "
-                    "from redundancy (fsck reads file data only: `dwfs scrub` checks parity "
-                    "too)")
+            what = (f"{bad} chunk(s) failed their checksums, {unread} read error(s); {fixed} "
+                    "chunk(s) rewritten from redundancy (fsck reads file data only: "
+                    "`dwfs scrub` checks parity too)")
         else:
-            what = (f"{m['checksum_errors']} read(s) of its chunks failed their checksums, "
-                    f"{m['read_errors']} read error(s); the files read correctly from "
-                    "redundancy. `dwfs fsck --repair` rewrites the file data, "
-                    "`dwfs scrub --repair` parity too")
+            what = (f"{bad} read(s) of its chunks failed their checksums, {unread} read "
+                    "error(s); the files read correctly from redundancy. `dwfs fsck --repair` "
+                    "rewrites the file data, `dwfs scrub --repair` parity too")
         lines.append(f"member slot {m['slot']} ({m['path']}): {what}")
     return lines
 
@@ -372,6 +374,9 @@ def cmd_status(args: argparse.Namespace) -> int:
                       str(m["read_errors"]),
                       str(m["checksum_errors"]), str(m["repaired"]), note)
     out.print(table)
+    if any(m["read_errors"] or m["checksum_errors"] or m["repaired"] for m in doc["members"]):
+        out.print("error counts are kept from one mount to the next, since each member was "
+                  "added or last cleared (`dwfs clear`)")
     return 0 if doc["state"] != "failed" and not doc.get("stopped") else 2
 
 
@@ -379,6 +384,13 @@ def _short(path: str, warehouse: str) -> str:
     """A member path relative to its warehouse when it lies inside it."""
     rel = os.path.relpath(path, warehouse)
     return path if rel.startswith("..") else rel
+
+
+def cmd_clear(args: argparse.Namespace) -> int:
+    doc = with_volume(args.warehouse, lambda v, c: _service().clear(v, c), {"op": "clear"})
+    out.print(f"cleared the error counts of {len(doc['members'])} members of "
+              f"{doc['warehouse']}")
+    return 0
 
 
 def cmd_scrub(args: argparse.Namespace) -> int:

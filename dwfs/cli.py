@@ -88,6 +88,11 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--json", action="store_true")
     m.set_defaults(func=_array("cmd_status"))
 
+    m = sub.add_parser("clear", help="forget the members' error counts (status shows them "
+                       "from one mount to the next until cleared or replaced)")
+    m.add_argument("warehouse", type=warehouse_of, help=WAREHOUSE_OR_MOUNT)
+    m.set_defaults(func=_array("cmd_clear"))
+
     m = sub.add_parser("scrub", help="verify all data and parity")
     m.add_argument("warehouse", type=warehouse_of, help=WAREHOUSE_OR_MOUNT)
     m.add_argument("--repair", action="store_true")

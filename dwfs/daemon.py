@@ -91,6 +91,8 @@ class Daemon:
                     doc["metadata_room"] = None if self.fs.stopped else \
                         self.fs.metadata_shortage()
             return doc
+        if name == "clear":
+            return service.clear(self.volume, self.cfg)
         if name == "flush":
             self.ops.sync()
             return {"pid": os.getpid()}
@@ -375,7 +377,7 @@ def _close_filesystem(fs: Filesystem, queued: WriteBehind, warehouse: str) -> bo
     return clean
 
 
-WRITING_REQUESTS = ("replace", "ghost-import", "ghost-sync")
+WRITING_REQUESTS = ("replace", "clear", "ghost-import", "ghost-sync")
 LONG_REQUESTS = ("replace", "scrub", "ghost-import", "ghost-sync")
 QUICK_REQUESTS_AT_ONCE = 4
 COMMIT_SECONDS = 5.0

@@ -30,6 +30,12 @@ def status(volume: Volume, cfg: WarehouseConfig) -> dict:
     return doc
 
 
+def clear(volume: Volume, cfg: WarehouseConfig) -> dict:
+    """Forget the members' error counts; the status document afterwards."""
+    volume.clear_error_counts()
+    return status(volume, cfg)
+
+
 def run_scrub(volume: Volume, repair: bool, progress: Progress | None = None,
               space: FreeSpace | None = None) -> dict:
     """Scrub the volume (lost chunks in `space` it may rewrite); the report as a dict."""

@@ -13,7 +13,7 @@ from backends.member import Member, MemberIOError
 from raid.checksums import UNWRITTEN, array_seed, chunk_checksum
 from raid.errors import ArrayCreateError, AssemblyError, UnrecoverableError
 from raid.geometry import BITMAP_OFFSET, BITMAP_SIZE, LABEL_OFFSET, LABEL_SIZE, Geometry
-from raid.label import Label, LabelError, SlotRecord
+from raid.label import ERROR_COUNTS, Label, LabelError, SlotRecord
 from raid.table import empty_page, page_offset
 from raid.volume import Slot, Volume
 
@@ -130,6 +130,9 @@ def assemble(
             s.rebuilt_rows = record.rebuilt_rows
         if s.state in ("stale",):
             del labels[slot]
+    for s in slots:  # error counts go on from where the newest label left them
+        for k in ERROR_COUNTS:
+            setattr(s, k, getattr(newest.slots[s.index], k))
     volume = Volume(geometry, array_uuid, slots, newest.events)
     volume.read_only = read_only
     resync = resync and not read_only

@@ -23,15 +23,33 @@ class LabelError(ValueError):
     """A label block that is not a valid dwfs label."""
 
 
+# A member's error counts, kept in the labels from one open of the array to the next (as ZFS
+# keeps a device's until `zpool clear`), until `dwfs clear` or a replacement.
+ERROR_COUNTS = ("read_errors", "write_errors", "checksum_errors", "repaired")
+
+
 @dataclass
 class SlotRecord:
-    """The array's view of one slot: state and, while rebuilding, how many rows are done."""
+    """The array's view of one slot: state, while rebuilding how many rows are done, and its
+    member's error counts."""
 
     state: str = "active"  # active | faulty | missing | rebuilding
     rebuilt_rows: int = 0
+    read_errors: int = 0
+    write_errors: int = 0
+    checksum_errors: int = 0
+    repaired: int = 0
 
     def to_dict(self) -> dict:
-        return {"state": self.state, "rebuilt_rows": self.rebuilt_rows}
+        d = {"state": self.state, "rebuilt_rows": self.rebuilt_rows}
+        d.update((k, getattr(self, k)) for k in ERROR_COUNTS if getattr(self, k))
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> SlotRecord:
+        """The record of a label body (labels from before the counts have none: zero)."""
+        return cls(str(d["state"]), int(d["rebuilt_rows"]),
+                   *(int(d.get(k, 0)) for k in ERROR_COUNTS))
 
 
 @dataclass
@@ -86,7 +104,7 @@ class Label:
                 events=int(d["events"]),
                 clean=bool(d["clean"]),
                 geometry=Geometry.from_dict(d["geometry"]),
-                slots=[SlotRecord(str(s["state"]), int(s["rebuilt_rows"])) for s in d["slots"]],
+                slots=[SlotRecord.from_dict(s) for s in d["slots"]],
             )
         except (ValueError, KeyError, TypeError) as exc:
             raise LabelError(f"label body is malformed: {exc}") from exc

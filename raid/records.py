@@ -3,6 +3,7 @@ the checksum-table pages."""
 
 from __future__ import annotations
 
+import errno
 import logging
 import time
 from collections.abc import Callable
@@ -11,9 +12,9 @@ from typing import Any
 import numpy as np
 
 from backends.member import MemberIOError
-from raid.errors import UnrecoverableError
+from raid.errors import RaidError, UnrecoverableError
 from raid.geometry import BITMAP_OFFSET, BITMAP_SIZE, LABEL_OFFSET, TABLE_PAGE
-from raid.label import Label, SlotRecord
+from raid.label import ERROR_COUNTS, Label, SlotRecord
 from raid.pools import SharedPool
 from raid.table import page_offset
 
@@ -44,6 +45,7 @@ class MemberRecords:
             SlotRecord(
                 s.state if s.state in USABLE_STATES else "faulty",
                 s.rebuilt_rows if s.state == "rebuilding" else 0,
+                *(getattr(s, k) for k in ERROR_COUNTS),
             )
             for s in self.slots
         ]
@@ -55,6 +57,20 @@ class MemberRecords:
             s.events = self.events
 
         self.on_members(write)
+
+    def clear_error_counts(self) -> None:
+        """Forget every member's error counts (the user dealt with their cause), in the labels
+        too."""
+        if self.read_only:
+            raise RaidError("the volume is open read-only: error counts cannot be cleared",
+                            errno.EROFS)
+        with self.lock:
+            self._check_open()
+            for s in self.slots:
+                for k in ERROR_COUNTS:
+                    setattr(s, k, 0)
+            self.write_labels(clean=False)  # (closing writes them clean again)
+        log.info("error counts of every member cleared")
 
     def on_members(self, work: Callable[[Any], None]) -> None:
         """Run `work(slot)` for every writable slot, on all members at once, and return when

@@ -40,6 +40,7 @@ from raid.assemble import read_label
 from raid.checksums import UNWRITTEN, chunk_checksum
 from raid.errors import AssemblyError, UnrecoverableError
 from raid.geometry import BITMAP_OFFSET, BITMAP_SIZE, TABLE_PAGE
+from raid.label import Label, SlotRecord
 from raid.rebuild import attach_replacement, rebuild
 from raid.scrub import scrub
 from raid.table import page_offset
@@ -324,8 +325,10 @@ def test_corrupt_table_page_copy_is_found_and_mended(tmp_path):
     # With another member lost, the mended copies serve.
     remove_member(paths[1])
     vol = open_vol(paths, uuid)
+    kept = [m["checksum_errors"] for m in vol.status()["members"]]
+    assert kept[0] >= 1 and kept[1:] == [0] * (g.members - 1)  # counts kept in the labels
     assert_reads(vol, model)
-    assert all(m["checksum_errors"] == 0 for m in vol.status()["members"])
+    assert [m["checksum_errors"] for m in vol.status()["members"]] == kept  # none new
     vol.close()
 
 
@@ -1012,3 +1015,37 @@ def test_scrub_rewrites_lost_chunks_only_where_nothing_lives(tmp_path):
     assert scrub(vol, repair=False).clean
     assert bytes(vol.read(0, len(data))) == expect
     vol.close()
+
+
+def test_error_counts_ride_in_the_labels_and_older_labels_have_none(tmp_path):
+    """A member's error counts are written into every label and read back at the next open;
+    a label written before the counts existed (no such keys) reads as zero counts."""
+    paths, uuid, g, model, rng = _filled(tmp_path / "a", "raid6", rows=64, seed=53)
+    vol = open_vol(paths, uuid)
+    vol.slots[2].checksum_errors, vol.slots[2].repaired = 7, 5
+    vol.slots[0].read_errors = 3
+    vol.close()
+    member = BlockFileMember.open(paths[1])
+    try:
+        label = read_label(member)
+    finally:
+        member.close()
+    want = [(0, 0, 0)] * g.members
+    want[0], want[2] = (3, 0, 0), (0, 7, 5)
+    assert [(r.read_errors, r.checksum_errors, r.repaired) for r in label.slots] == want
+    body = label.slots[2].to_dict()
+    assert body == {"state": "active", "rebuilt_rows": 0, "checksum_errors": 7, "repaired": 5}
+    assert Label.from_bytes(label.to_bytes()) == label
+    vol = open_vol(paths, uuid)
+    counts = [(m["read_errors"], m["checksum_errors"], m["repaired"])
+              for m in vol.status()["members"]]
+    assert counts[0] == (3, 0, 0) and counts[2] == (0, 7, 5)
+    vol.clear_error_counts()
+    assert all(m["checksum_errors"] == m["read_errors"] == m["repaired"] == 0
+               for m in vol.status()["members"])
+    vol.close()
+    vol = open_vol(paths, uuid)
+    assert all(m["checksum_errors"] == 0 for m in vol.status()["members"])
+    vol.close()
+    bare = {"state": "active", "rebuilt_rows": 0}  # a label body of an earlier version
+    assert SlotRecord.from_dict(bare) == SlotRecord()
