@@ -110,7 +110,8 @@ def test_fsck_without_repair_writes_nothing(prepared):
     before = snapshot(m.warehouse)
     dwfs("fsck", m.warehouse, "--verify-data", check=False)
     assert snapshot(m.warehouse) == before
-    dwfs("fsck", m.warehouse, "--verify-data", "--repair")
+    done = dwfs("fsck", m.warehouse, "--verify-data", "--repair", check=False)
+    assert done.returncode == 1 and "rewritten from redundancy" in done.stdout  # corrected
     member0 = os.path.relpath(load_config(m.warehouse).member_paths()[0], m.warehouse)
     assert snapshot(m.warehouse)[member0] != before[member0]  # the corrupt chunks, mended
     m.mount("ro")
