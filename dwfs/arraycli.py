@@ -393,6 +393,25 @@ def cmd_clear(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_notify(args: argparse.Namespace) -> int:
+    from dwfs.notify import Notifier, trial_event
+
+    cfg = load_config(args.warehouse)
+    n = cfg.notify
+    if not n.enabled:
+        raise CommandError(f"{cfg.path} has no [notify] settings (mail_to, command): "
+                           "nothing to send")
+    problems = Notifier(n, cfg.directory).deliver(trial_event(cfg.directory))
+    for line in problems:
+        err.say(f"dwfs: {line}")
+    if problems:
+        return 1
+    done = ([f"sent a test message to {', '.join(n.mail_to)}"] if n.mail_to else []) + \
+        ([f"ran {n.command}"] if n.command else [])
+    out.say(" and ".join(done))
+    return 0
+
+
 def cmd_scrub(args: argparse.Namespace) -> int:
     with progress_bar("scrubbing" + (" and repairing" if args.repair else ""),
                       in_bytes=False) as update:

@@ -93,6 +93,11 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("warehouse", type=warehouse_of, help=WAREHOUSE_OR_MOUNT)
     m.set_defaults(func=_array("cmd_clear"))
 
+    m = sub.add_parser("notify", help="send a test message as dwfs.toml's [notify] says "
+                       "(the mount daemon sends real ones when members fail)")
+    m.add_argument("warehouse", type=warehouse_of, help=WAREHOUSE_OR_MOUNT)
+    m.set_defaults(func=_array("cmd_notify"))
+
     m = sub.add_parser("scrub", help="verify all data and parity")
     m.add_argument("warehouse", type=warehouse_of, help=WAREHOUSE_OR_MOUNT)
     m.add_argument("--repair", action="store_true")

@@ -6,6 +6,7 @@ import os
 import tomllib
 from dataclasses import dataclass, field
 
+from dwfs.notify import NotifyConfig
 from dwfs.sizes import parse_size
 
 CONFIG_NAME = "dwfs.toml"
@@ -27,6 +28,7 @@ class WarehouseConfig:
     members: list[str] = field(default_factory=list)
     created: str = ""
     ghost_cache_limit: int | None = None  # bytes of ghost content kept; None: no limit
+    notify: NotifyConfig = field(default_factory=NotifyConfig)  # [notify]: who is told what
 
     @property
     def path(self) -> str:
@@ -53,6 +55,7 @@ class WarehouseConfig:
         ]
         if self.ghost_cache_limit is not None:
             lines += ["[filesystem]", f"ghost_cache_limit = {self.ghost_cache_limit}", ""]
+        lines += self.notify.toml_lines(_q)
         for p in self.members:
             lines += ["[[members]]", f"path = {_q(p)}", ""]
         return "\n".join(lines)
@@ -95,6 +98,8 @@ def load_config(directory: str) -> WarehouseConfig:
             created=str(array.get("created", "")),
             members=[_str(m, "path") for m in data["members"]],
             ghost_cache_limit=_ghost_cache_limit(data),
+            notify=NotifyConfig.from_table(data["notify"]) if "notify" in data
+            else NotifyConfig(),
         )
     except KeyError as exc:
         raise ConfigError(f"{path}: missing setting {exc.args[0]!r}") from None

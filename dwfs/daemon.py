@@ -28,6 +28,7 @@ from dwfs.fusefs import FuseOperations
 from dwfs.fusesession import Session
 from dwfs.mountopts import MountOptions, parse_options
 from dwfs.mounts import is_mounted, mount_device
+from dwfs.notify import HealthWatch, Notifier
 from dwfs.rawfs import RawOperations
 from dwfs.warehouse import (
     WarehouseError,
@@ -65,6 +66,8 @@ class Daemon:
         self.sock_path = control_socket_path(cfg.directory)
         self.rebuilding: set[int] = set()
         self.stopping = threading.Event()
+        self.notifier = Notifier(cfg.notify, cfg.directory, mountpoint)
+        self.health = HealthWatch()
         self.view: View | None = ops.fs if isinstance(ops, FuseOperations) else None
         self.read_only = volume.read_only
         if self.view is not None:
@@ -161,9 +164,12 @@ class Daemon:
                     nursery.start_soon(self._resume_rebuild, s.index)
             ready()
             nursery.start_soon(trio.to_thread.run_sync, self._warm_codec)
-            await trio.to_thread.run_sync(self.session.serve)
-            self.stopping.set()  # background work checkpoints and returns
-            nursery.cancel_scope.cancel()
+            try:
+                await trio.to_thread.run_sync(self.session.serve)
+            finally:
+                self.stopping.set()  # background work checkpoints and returns
+                nursery.cancel_scope.cancel()
+                self.notifier.close(NOTIFY_CLOSE_SECONDS)
 
     async def _resume_rebuild(self, slot: int) -> None:
         """Finish a rebuild that an earlier run left part way, in the background."""
@@ -224,6 +230,8 @@ class Daemon:
     def _check_members(self) -> None:
         with self.volume.lock:
             self.volume.check_members()
+        for event in self.health.observe(self.handle({"op": "status"}, None), time.monotonic()):
+            self.notifier.send(event)
 
     async def _tune_readahead(self) -> None:
         # The kernel sets the mount's readahead when it gets the reply to FUSE INIT, which is
@@ -384,7 +392,8 @@ COMMIT_SECONDS = 5.0
 SEAL_IDLE_SECONDS = 2.0
 METACOPY_SECONDS = 600.0
 READAHEAD_KB = 1024
-MEMBER_CHECK_SECONDS = 5.0
+MEMBER_CHECK_SECONDS = 5.0  # also how often the array's health is looked at for notify
+NOTIFY_CLOSE_SECONDS = 10.0  # at unmount, how long messages still queued may take
 OPEN_FILES_GRACE_SECONDS = 30.0
 
 
