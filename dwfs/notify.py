@@ -102,7 +102,8 @@ class NotifyConfig:
 class Event:
     """Something about the array worth telling: what kind, how bad, and what to say."""
 
-    # member-failed | member-errors | degraded | failed | clean | rebuilt | stopped | test
+    # member-failed | member-errors | degraded | failed | clean | rebuilt | metadata-full |
+    # stopped | test
     kind: str
     severity: str  # critical | warning | info
     summary: str  # one line: a mail's subject
@@ -147,6 +148,10 @@ class HealthWatch:
                 events.append(_array_state(doc, prev["state"]))
         for m in members:
             events += self._grown(m, now)
+        if doc.get("metadata_room") and not (prev or {}).get("metadata_room"):
+            events.append(Event("metadata-full", "critical", "no room for new files",
+                                f"{doc['metadata_room']}\nCreating files and growing "
+                                "metadata fail (ENOSPC) until room is made."))
         if doc.get("stopped") and not (prev or {}).get("stopped"):
             events.append(Event("stopped", "critical", "the filesystem stopped",
                                 f"{doc['stopped']}\nUnmount it and mount it again."))

@@ -136,6 +136,11 @@ def test_health_watch_tells_each_change_once():
     assert w.observe(rebuilding, 9000) == []
     done = w.observe(_doc(["active"] * 5, {3: 9}), 9005)
     assert [(e.kind, e.slot) for e in done] == [("rebuilt", 1), ("clean", None)]
+    full = _doc(["active"] * 5, {3: 9})
+    full["metadata_room"] = "the disk holding meta.db has 1 MiB free"
+    told = w.observe(full, 9007)
+    assert [e.kind for e in told] == ["metadata-full"] and "1 MiB free" in told[0].detail
+    assert w.observe(full, 9008) == []
     stopped = w.observe(_doc(["active"] * 5, {3: 9}, stopped="metadata write failed"), 9010)
     assert [e.kind for e in stopped] == ["stopped"] and stopped[0].severity == "critical"
 
