@@ -360,6 +360,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     out.print(f"level      {doc['level']}, tolerates {doc['tolerance']} failed member(s)")
     out.print(f"capacity   {format_size(doc['capacity_bytes'])} ({doc['capacity_bytes']} bytes)")
     out.print(f"state      [{style[doc['state']]}]{doc['state']}[/]")
+    out.print(f"scrubbed   {_scrub_line(doc.get('last_scrub'))}")
     if doc.get("stopped"):
         out.print(f"filesystem [red]stopped[/]: {doc['stopped']}; unmount and mount it again")
     if doc.get("metadata_room"):
@@ -378,6 +379,19 @@ def cmd_status(args: argparse.Namespace) -> int:
         out.print("error counts are kept from one mount to the next, since each member was "
                   "added or last cleared (`dwfs clear`)")
     return 0 if doc["state"] != "failed" and not doc.get("stopped") else 2
+
+
+def _scrub_line(last: dict | None) -> str:
+    """When the last scrub ran and what it found, for `dwfs status`."""
+    if not last:
+        return "never (`dwfs scrub` reads every chunk and parity and checks them)"
+    from vfs.attrs import moment_text
+
+    found = "no errors" if not last["errors"] else (
+        f"{last['errors']} error(s), {last['fixed']} fixed, {last['unrecoverable']} "
+        "unrecoverable")
+    return (f"{moment_text(last['started'])}, {format_size(last['bytes_checked'])} in "
+            f"{last['seconds']:.0f} s: {found}")
 
 
 def _short(path: str, warehouse: str) -> str:

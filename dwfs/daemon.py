@@ -101,7 +101,8 @@ class Daemon:
             return {"pid": os.getpid()}
         if name == "scrub":
             space = self.fs.free_space() if self.fs is not None else None
-            return service.run_scrub(self.volume, bool(op.get("repair")), progress, space)
+            return service.run_scrub(self.volume, self.cfg, bool(op.get("repair")), progress,
+                                     space)
         if name == "replace":
             slot = int(op["slot"])
             if slot in self.rebuilding:

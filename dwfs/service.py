@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import threading
+import time
 from collections.abc import Callable
 
 import apsw
@@ -23,11 +25,45 @@ log = logging.getLogger(__name__)
 Progress = Callable[[int, int], None]
 
 
+SCRUB_RECORD = "last-scrub.json"  # in the warehouse: when the last scrub ran and what it found
+
+
 def status(volume: Volume, cfg: WarehouseConfig) -> dict:
     """The status document of `dwfs status --json`."""
     doc = volume.status()
     doc["warehouse"] = cfg.directory
+    doc["last_scrub"] = last_scrub(cfg)
     return doc
+
+
+def last_scrub(cfg: WarehouseConfig) -> dict | None:
+    """What the last scrub that ran to its end recorded, or None (never, or unreadable)."""
+    path = os.path.join(cfg.directory, SCRUB_RECORD)
+    try:
+        with open(path, encoding="utf-8") as f:
+            doc = json.load(f)
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as exc:
+        log.warning("%s: cannot read the last scrub's record: %s", path, exc)
+        return None
+    return doc if isinstance(doc, dict) else None
+
+
+def _record_scrub(cfg: WarehouseConfig, report: dict, started: float, seconds: float) -> None:
+    """Keep a scrub's summary for `dwfs status` (written whole: temporary file, rename)."""
+    doc = {"started": started, "seconds": round(seconds, 3), "repair": report["repair"],
+           **{k: report[k] for k in ("rows_checked", "bytes_checked", "errors", "fixed",
+                                     "unrecoverable")}}
+    path = os.path.join(cfg.directory, SCRUB_RECORD)
+    try:
+        with open(path + ".tmp", "w", encoding="utf-8") as f:
+            json.dump(doc, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(path + ".tmp", path)
+    except OSError as exc:
+        log.warning("%s: cannot record the scrub: %s", path, exc)
 
 
 def clear(volume: Volume, cfg: WarehouseConfig) -> dict:
@@ -36,10 +72,15 @@ def clear(volume: Volume, cfg: WarehouseConfig) -> dict:
     return status(volume, cfg)
 
 
-def run_scrub(volume: Volume, repair: bool, progress: Progress | None = None,
-              space: FreeSpace | None = None) -> dict:
-    """Scrub the volume (lost chunks in `space` it may rewrite); the report as a dict."""
-    return scrub(volume, repair=repair, progress=progress, space=space).to_dict()
+def run_scrub(volume: Volume, cfg: WarehouseConfig, repair: bool,
+              progress: Progress | None = None, space: FreeSpace | None = None) -> dict:
+    """Scrub the volume (lost chunks in `space` it may rewrite); the report as a dict, also
+    recorded for `dwfs status` unless the volume is open read-only."""
+    started, t0 = time.time(), time.monotonic()
+    report = scrub(volume, repair=repair, progress=progress, space=space).to_dict()
+    if not volume.read_only:
+        _record_scrub(cfg, report, started, time.monotonic() - t0)
+    return report
 
 
 def scrub_unmounted(volume: Volume, cfg: WarehouseConfig, repair: bool,
@@ -57,7 +98,7 @@ def scrub_unmounted(volume: Volume, cfg: WarehouseConfig, repair: bool,
         except (apsw.Error, FSError) as exc:
             log.warning("%s: the metadata database cannot be read (%s); scrub repairs only "
                         "what redundancy can", cfg.directory, exc)
-    return run_scrub(volume, repair, progress, space)
+    return run_scrub(volume, cfg, repair, progress, space)
 
 
 def replace(

@@ -127,3 +127,21 @@ def test_commands_take_the_mount_point_and_umount_takes_the_warehouse(tmp_path):
         m.mount()  # (the context unmounts it again)
     missing = dwfs_cli("umount", m.warehouse)
     assert missing.returncode == 1 and "is not mounted" in missing.stderr
+
+
+def test_status_tells_when_the_last_scrub_ran_and_what_it_found(tmp_path):
+    wh = tmp_path / "w"
+    made = dwfs_cli("mkfs", str(wh), "--level", "raid5", "--devices", "3", "--device-size", "8M")
+    assert made.returncode == 0, made.stderr
+    shown = dwfs_cli("status", str(wh))
+    assert "scrubbed   never" in shown.stdout
+    assert json.loads(dwfs_cli("status", "--json", str(wh)).stdout)["last_scrub"] is None
+    scrubbed = json.loads(dwfs_cli("scrub", "--json", str(wh)).stdout)
+    last = json.loads(dwfs_cli("status", "--json", str(wh)).stdout)["last_scrub"]
+    assert {k: last[k] for k in ("rows_checked", "errors", "repair")} == \
+        {"rows_checked": scrubbed["rows_checked"], "errors": 0, "repair": False}
+    assert "s ago)" in dwfs_cli("status", str(wh)).stdout
+    # A record that cannot be read is as good as none (and logged), not a failure of status.
+    (wh / "last-scrub.json").write_text("{not json")
+    done = dwfs_cli("status", "--json", str(wh))
+    assert done.returncode == 0 and json.loads(done.stdout)["last_scrub"] is None

@@ -91,6 +91,8 @@ def test_read_only_mount_serves_everything_and_writes_nothing(prepared):
     r = dwfs("scrub", m.warehouse, "--repair", check=False)
     assert r.returncode != 0 and "read-only" in r.stderr, r.stderr
     assert '"state"' in dwfs("status", m.warehouse, "--json").stdout
+    assert "errors" in dwfs("scrub", m.warehouse, "--json", check=False).stdout  # (found some)
+    assert not os.path.exists(os.path.join(m.warehouse, "last-scrub.json"))  # nor recorded
     m.umount()
     assert snapshot(m.warehouse) == before
     # The next read-write mount finds it all as it was (and may now repair and fetch).

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import errno
 import stat
+import time
 from dataclasses import dataclass, field
 
 from vfs.errors import FSError
@@ -106,3 +107,17 @@ def check_name(name: bytes) -> None:
         raise FSError(errno.ENAMETOOLONG, f"name of {len(name)} bytes (limit {NAME_MAX})")
     if not name or b"/" in name or b"\0" in name:
         raise FSError(errno.EINVAL, f"invalid name {name!r}")
+
+
+def moment_text(epoch_seconds: float) -> str:
+    """A past moment as local time and age: "2026-11-29 20:30:05 (3.2 h ago)"."""
+    age = max(0.0, time.time() - epoch_seconds)
+    when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(epoch_seconds))
+    return f"{when} ({_span(age)} ago)"
+
+
+def _span(seconds: float) -> str:
+    for unit, size in (("d", 86400), ("h", 3600), ("min", 60)):
+        if seconds >= size:
+            return f"{seconds / size:.1f} {unit}"
+    return f"{seconds:.0f} s"

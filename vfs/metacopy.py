@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import xxhash
 
 from vfs.alloc import SECTOR
+from vfs.attrs import moment_text
 from vfs.errors import FSError
 from vfs.filedata import BLOCK, SECTORS_PER_BLOCK, VolumeLike
 from vfs.metadb import MetaDB
@@ -45,16 +46,7 @@ class CopyInfo:
 
     def age_text(self) -> str:
         """When the copy was taken, as local time and age."""
-        age = max(0, time.time() - self.time_ns / 1e9)
-        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(self.time_ns / 1e9))
-        return f"{when} ({_span(age)} ago)"
-
-
-def _span(seconds: float) -> str:
-    for unit, size in (("d", 86400), ("h", 3600), ("min", 60)):
-        if seconds >= size:
-            return f"{seconds / size:.1f} {unit}"
-    return f"{seconds:.0f} s"
+        return moment_text(self.time_ns / 1e9)
 
 
 def _runs(starts: list[int], sizes: list[int]) -> list[tuple[int, int]]:
