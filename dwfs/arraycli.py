@@ -347,11 +347,37 @@ def _member_faults(volume: Any, repair: bool, before: list[dict]) -> list[str]:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    doc = with_volume(args.warehouse, lambda v, c: _service().status(v, c), {"op": "status"},
-                      read_only=True)
+    if args.warehouse is not None:
+        docs = [_status_of(args.warehouse)]
+    else:  # every mounted warehouse, as `zpool status` shows every pool
+        sources = [m.source for m in mounts() if m.fstype == "fuse.dwfs"]
+        if not sources:
+            raise CommandError("no dwfs warehouse is mounted; name one: dwfs status WAREHOUSE")
+        docs, failed = [], 0
+        for source in sources:  # one that cannot answer does not hide the others
+            try:
+                docs.append(_status_of(source))
+            except (CommandError, ConfigError, control.ControlError, RaidError) as exc:
+                err.say(f"dwfs: error: {source}: {exc}")
+                failed = 1
     if args.json:
-        print(json.dumps(doc, indent=2))
-        return 0 if doc["state"] != "failed" and not doc.get("stopped") else 2
+        print(json.dumps(docs[0] if args.warehouse is not None else docs, indent=2))
+    else:
+        for i, doc in enumerate(docs):
+            if i:
+                out.print()
+            _print_status(doc)
+    worst = max((0 if d["state"] != "failed" and not d.get("stopped") else 2 for d in docs),
+                default=0)
+    return max(worst, failed if args.warehouse is None else 0)
+
+
+def _status_of(warehouse: str) -> dict:
+    return with_volume(warehouse, lambda v, c: _service().status(v, c), {"op": "status"},
+                       read_only=True)
+
+
+def _print_status(doc: dict) -> None:
     from rich.table import Table
 
     style = {"clean": "green", "degraded": "yellow", "rebuilding": "yellow", "failed": "red"}
@@ -378,7 +404,6 @@ def cmd_status(args: argparse.Namespace) -> int:
     if any(m["read_errors"] or m["checksum_errors"] or m["repaired"] for m in doc["members"]):
         out.print("error counts are kept from one mount to the next, since each member was "
                   "added or last cleared (`dwfs clear`)")
-    return 0 if doc["state"] != "failed" and not doc.get("stopped") else 2
 
 
 def _scrub_line(last: dict | None) -> str:

@@ -84,7 +84,8 @@ def build_parser() -> argparse.ArgumentParser:
     m.set_defaults(func=_array("cmd_fsck"))
 
     m = sub.add_parser("status", help="array state and member health")
-    m.add_argument("warehouse", type=warehouse_of, help=WAREHOUSE_OR_MOUNT)
+    m.add_argument("warehouse", type=warehouse_of, nargs="?",
+                   help=WAREHOUSE_OR_MOUNT + " (default: every mounted one)")
     m.add_argument("--json", action="store_true")
     m.set_defaults(func=_array("cmd_status"))
 

@@ -109,6 +109,10 @@ def test_commands_take_the_mount_point_and_umount_takes_the_warehouse(tmp_path):
         assert shown.returncode == 0, shown.stderr
         doc = json.loads(shown.stdout)
         assert doc["warehouse"] == m.warehouse and doc["mountpoint"] == m.mountpoint
+        every = dwfs_cli("status", "--json")  # no warehouse named: every mounted one
+        assert m.warehouse in [d["warehouse"] for d in json.loads(every.stdout)], every.stderr
+        assert f"warehouse  {m.warehouse}  (mounted at {m.mountpoint})" in \
+            dwfs_cli("status").stdout
         scrubbed = dwfs_cli("scrub", "--json", m.mountpoint)
         assert scrubbed.returncode == 0, scrubbed.stderr
         assert json.loads(scrubbed.stdout)["rows_checked"] > 0
