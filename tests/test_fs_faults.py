@@ -290,17 +290,24 @@ def test_member_fault_while_mounted(fsm, fault):
         assert read_file(path) == data, path
 
 
+def _files_then_corrupt_member(fsm, name: str, slot: int) -> tuple[dict[str, bytes], str]:
+    """Ten files in a new directory `name`, then, unmounted, member `slot` scribbled over
+    (`_corrupt_member`): the files and the member's path."""
+    d = fsm.path(name)
+    os.mkdir(d)
+    files = {os.path.join(d, f"f{i}"): os.urandom(1 + i * 500_000) for i in range(10)}
+    for path, data in files.items():
+        write_file(path, data)
+    victim = status(fsm.warehouse)["members"][slot]["path"]
+    fsm.umount()
+    _corrupt_member(victim, fsm.warehouse)
+    return files, victim
+
+
 def test_error_counts_are_kept_until_cleared(fsm):
     """A member's error counts outlive the mount that met them (a failing disk stays named
     after a reboot, as ZFS keeps them until `zpool clear`); `dwfs clear` forgets them."""
-    d = fsm.path("counts")
-    os.mkdir(d)
-    files = {os.path.join(d, f"c{i}"): os.urandom(1 + i * 400_000) for i in range(10)}
-    for path, data in files.items():
-        write_file(path, data)
-    victim = status(fsm.warehouse)["members"][4]["path"]
-    fsm.umount()
-    _corrupt_member(victim, fsm.warehouse)
+    files, victim = _files_then_corrupt_member(fsm, "counts", 4)
     fsm.mount()
     drop_caches()
     for path, data in files.items():
@@ -424,14 +431,7 @@ def test_fsck_verify_data_names_and_repairs_corrupt_member_chunks(fsm):
     checksums are rebuilt from redundancy, so the files read correctly, but the member still
     holds them: fsck names the member instead of saying "clean", and `--repair` rewrites
     them (it said "clean", exit 0, before)."""
-    d = fsm.path("verify")
-    os.mkdir(d)
-    files = {os.path.join(d, f"v{i}"): os.urandom(1 + i * 700_000) for i in range(10)}
-    for path, data in files.items():
-        write_file(path, data)
-    victim = status(fsm.warehouse)["members"][2]["path"]
-    fsm.umount()
-    _corrupt_member(victim, fsm.warehouse)
+    files, victim = _files_then_corrupt_member(fsm, "verify", 2)
     p = fsck(fsm, "--verify-data")
     assert p.returncode == 4, p.stdout + p.stderr
     assert f"found: member slot 2 ({victim}): " in p.stdout, p.stdout
