@@ -306,6 +306,7 @@ def serve(warehouse: str, mountpoint: str, ready_fd: int | None, debug: bool = F
         if not raw:
             require_filesystem(cfg)  # before the volume is opened for writing
         volume = open_volume(cfg, read_only=read_only)
+        note = "; ".join(n for n in (note, _degraded_note(cfg, volume)) if n)
         if raw:
             ops = RawOperations(volume)
         else:
@@ -405,6 +406,21 @@ def _invalidate(fn, *args) -> None:
     except OSError as exc:
         if exc.errno != errno.ENOENT:
             log.warning("invalidating %r in the kernel's cache failed: %s", args, exc)
+
+
+def _degraded_note(cfg: WarehouseConfig, volume) -> str:
+    """What `dwfs mount` says when the array starts short of members (empty if it is not)."""
+    state = volume.state()
+    if state not in ("degraded", "rebuilding"):
+        return ""
+    down = [s for s in volume.slots if s.state != "active"]
+    what = ", ".join(f"slot {s.index} ({s.path}) {s.state}" for s in down)
+    todo = "" if state == "rebuilding" else (
+        f" (`dwfs replace {cfg.directory} {down[0].index}` rebuilds it)" if len(down) == 1
+        else " (`dwfs replace` rebuilds them)")
+    note = f"the array is {state}: {what}{todo}"
+    log.warning("%s", note)
+    return note
 
 
 def _raise_readahead(mountpoint: str) -> None:

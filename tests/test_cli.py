@@ -149,3 +149,26 @@ def test_status_tells_when_the_last_scrub_ran_and_what_it_found(tmp_path):
     (wh / "last-scrub.json").write_text("{not json")
     done = dwfs_cli("status", "--json", str(wh))
     assert done.returncode == 0 and json.loads(done.stdout)["last_scrub"] is None
+
+
+@pytest.mark.timeout(120)
+def test_mounting_a_degraded_array_says_so(tmp_path):
+    """As mdadm says an array "has been started with 4 drives (out of 5)"."""
+    from mountutil import force_unmount, make_warehouse
+
+    wh = make_warehouse(tmp_path / "wh")
+    (tmp_path / "wh" / "members" / "member-3.img").unlink()
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    try:
+        done = dwfs_cli("mount", wh, str(mnt))
+        assert done.returncode == 0, done.stderr
+        assert f"dwfs: the array is degraded: slot 3 ({wh}/members/member-3.img) missing " \
+               f"(`dwfs replace {wh} 3` rebuilds it)" in done.stderr
+        assert dwfs_cli("umount", str(mnt)).returncode == 0
+        clean = make_warehouse(tmp_path / "wh2")
+        done = dwfs_cli("mount", clean, str(mnt))
+        assert done.returncode == 0 and "degraded" not in done.stderr, done.stderr
+        assert dwfs_cli("umount", str(mnt)).returncode == 0
+    finally:
+        force_unmount(str(mnt), wh)
