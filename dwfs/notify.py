@@ -160,6 +160,9 @@ class HealthWatch:
     def _grown(self, m: dict, now: float) -> list[Event]:
         when, base = self._told.get(m["slot"], (float("-inf"), dict.fromkeys(COUNTS, 0)))
         counts = _counts(m)
+        if any(counts[k] < base[k] for k in COUNTS):  # cleared, or a new member: start over
+            base = dict.fromkeys(COUNTS, 0)
+            self._told[m["slot"]] = (when, base)
         if not any(counts[k] > base[k] for k in COUNTS) or now - when < REPEAT_SECONDS:
             return []
         self._told[m["slot"]] = (now, counts)

@@ -131,6 +131,12 @@ def test_health_watch_tells_each_change_once():
     again = w.observe(_doc(["active", "faulty", "active", "active", "active"], {3: 9}),
                       20 + REPEAT_SECONDS)
     assert [e.kind for e in again] == ["member-errors"] and "met 7 checksum" in again[0].summary
+    # `dwfs clear` (counts back to zero): errors met afterwards are news again, once the
+    # hour since the last message has passed.
+    one_down = ["active", "faulty", "active", "active", "active"]
+    assert w.observe(_doc(one_down), 30 + REPEAT_SECONDS) == []
+    after = w.observe(_doc(one_down, {3: 2}), 40 + 2 * REPEAT_SECONDS)
+    assert [e.kind for e in after] == ["member-errors"] and "met 2 checksum" in after[0].summary
     rebuilding = _doc(["active", "rebuilding", "active", "active", "active"], {3: 9},
                       state="rebuilding")
     assert w.observe(rebuilding, 9000) == []
