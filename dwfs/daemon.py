@@ -231,8 +231,13 @@ class Daemon:
     def _check_members(self) -> None:
         with self.volume.lock:
             self.volume.check_members()
-        for event in self.health.observe(self.handle({"op": "status"}, None), time.monotonic()):
-            self.notifier.send(event)
+        try:
+            doc = self.handle({"op": "status"}, None)
+            for event in self.health.observe(doc, time.monotonic()):
+                self.notifier.send(event)
+        except Exception:  # noqa: BLE001 - a fault in watching must not end the mount
+            log.exception("looking at the health of %s for notifications failed",
+                          self.cfg.directory)
 
     async def _tune_readahead(self) -> None:
         # The kernel sets the mount's readahead when it gets the reply to FUSE INIT, which is
