@@ -387,6 +387,8 @@ def _print_status(doc: dict) -> None:
     out.print(f"capacity   {format_size(doc['capacity_bytes'])} ({doc['capacity_bytes']} bytes)")
     out.print(f"state      [{style[doc['state']]}]{doc['state']}[/]")
     out.print(f"scrubbed   {_scrub_line(doc.get('last_scrub'))}")
+    out.print(f"spares     {', '.join(doc.get('spares') or []) or 'none'}", markup=False,
+              highlight=False)
     if doc.get("stopped"):
         out.print(f"filesystem [red]stopped[/]: {doc['stopped']}; unmount and mount it again")
     if doc.get("metadata_room"):
@@ -429,6 +431,20 @@ def cmd_clear(args: argparse.Namespace) -> int:
     doc = with_volume(args.warehouse, lambda v, c: _service().clear(v, c), {"op": "clear"})
     out.print(f"cleared the error counts of {len(doc['members'])} members of "
               f"{doc['warehouse']}")
+    return 0
+
+
+def cmd_spare(args: argparse.Namespace) -> int:
+    path = os.path.abspath(args.path)
+    if args.spare_command == "add":
+        doc = with_volume(args.warehouse, lambda v, c: _service().add_spare(v, c, path),
+                          {"op": "spare-add", "path": path}, read_only=True)
+        out.say(f"spare {path} added; spares: {', '.join(doc['spares'])}")
+    else:
+        doc = with_volume(args.warehouse, lambda v, c: _service().remove_spare(c, path),
+                          {"op": "spare-rm", "path": path}, read_only=True)
+        out.say(f"spare {path} removed (the file stays); spares: "
+                f"{', '.join(doc['spares']) or 'none'}")
     return 0
 
 

@@ -94,6 +94,16 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("warehouse", type=warehouse_of, help=WAREHOUSE_OR_MOUNT)
     m.set_defaults(func=_array("cmd_clear"))
 
+    m = sub.add_parser("spare", help="spares: member files made ahead, rebuilt onto when a "
+                       "member fails while mounted")
+    ssub = m.add_subparsers(dest="spare_command", required=True)
+    for verb, what in (("add", "make a spare member file at PATH (the size a member needs)"),
+                       ("rm", "take PATH off the spares (the file stays)")):
+        v = ssub.add_parser(verb, help=what)
+        v.add_argument("warehouse", type=warehouse_of, help=WAREHOUSE_OR_MOUNT)
+        v.add_argument("path")
+        v.set_defaults(func=_array("cmd_spare"))
+
     m = sub.add_parser("notify", help="send a test message as dwfs.toml's [notify] says "
                        "(the mount daemon sends real ones when members fail)")
     m.add_argument("warehouse", type=warehouse_of, help=WAREHOUSE_OR_MOUNT)

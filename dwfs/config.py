@@ -29,6 +29,8 @@ class WarehouseConfig:
     created: str = ""
     ghost_cache_limit: int | None = None  # bytes of ghost content kept; None: no limit
     notify: NotifyConfig = field(default_factory=NotifyConfig)  # [notify]: who is told what
+    # [[spares]]: member files made ahead, taken by the mount daemon when a member fails
+    spares: list[str] = field(default_factory=list)
 
     @property
     def path(self) -> str:
@@ -36,7 +38,10 @@ class WarehouseConfig:
 
     def member_path(self, slot: int) -> str:
         """Absolute path of a member (relative paths are relative to the warehouse)."""
-        p = self.members[slot]
+        return self.resolve(self.members[slot])
+
+    def resolve(self, p: str) -> str:
+        """A path of dwfs.toml made absolute (relative ones are relative to the warehouse)."""
         return p if os.path.isabs(p) else os.path.join(self.directory, p)
 
     def member_paths(self) -> list[str]:
@@ -58,6 +63,8 @@ class WarehouseConfig:
         lines += self.notify.toml_lines(_q)
         for p in self.members:
             lines += ["[[members]]", f"path = {_q(p)}", ""]
+        for p in self.spares:
+            lines += ["[[spares]]", f"path = {_q(p)}", ""]
         return "\n".join(lines)
 
     def save(self) -> None:
@@ -100,6 +107,7 @@ def load_config(directory: str) -> WarehouseConfig:
             ghost_cache_limit=_ghost_cache_limit(data),
             notify=NotifyConfig.from_table(data["notify"]) if "notify" in data
             else NotifyConfig(),
+            spares=[_str(m, "path") for m in data.get("spares", [])],
         )
     except KeyError as exc:
         raise ConfigError(f"{path}: missing setting {exc.args[0]!r}") from None
@@ -107,6 +115,10 @@ def load_config(directory: str) -> WarehouseConfig:
         raise ConfigError(f"{path}: {exc}") from None
     if not cfg.members:
         raise ConfigError(f"{path}: no [[members]] listed")
+    members = {os.path.realpath(p) for p in cfg.member_paths()}
+    for spare in cfg.spares:
+        if os.path.realpath(cfg.resolve(spare)) in members:
+            raise ConfigError(f"{path}: spare {spare} is also listed as a member")
     return cfg
 
 

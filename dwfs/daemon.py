@@ -28,7 +28,7 @@ from dwfs.fusefs import FuseOperations
 from dwfs.fusesession import Session
 from dwfs.mountopts import MountOptions, parse_options
 from dwfs.mounts import is_mounted, mount_device
-from dwfs.notify import HealthWatch, Notifier
+from dwfs.notify import Event, HealthWatch, Notifier
 from dwfs.rawfs import RawOperations
 from dwfs.warehouse import (
     WarehouseError,
@@ -96,6 +96,10 @@ class Daemon:
             return doc
         if name == "clear":
             return service.clear(self.volume, self.cfg)
+        if name == "spare-add":
+            return service.add_spare(self.volume, self.cfg, str(op["path"]))
+        if name == "spare-rm":
+            return service.remove_spare(self.cfg, str(op["path"]))
         if name == "flush":
             self.ops.sync()
             return {"pid": os.getpid()}
@@ -155,7 +159,7 @@ class Daemon:
             await nursery.start(control_server.serve, self.sock_path, self.handle, limiter_for)
             nursery.start_soon(self._signals, nursery)
             nursery.start_soon(self._tune_readahead)
-            nursery.start_soon(self._watch_members)
+            nursery.start_soon(self._watch_members, nursery)
             if self.fs is not None and not self.read_only:
                 nursery.start_soon(self._commit_periodically)
             if self.view is not None and not self.read_only:
@@ -222,22 +226,53 @@ class Daemon:
             if not looked_at:
                 await trio.sleep(SEAL_IDLE_SECONDS)
 
-    async def _watch_members(self) -> None:
-        """Notice members that vanish (deleted, detached) even while nobody asks for status."""
+    async def _watch_members(self, nursery: trio.Nursery) -> None:
+        """Notice members that vanish (deleted, detached) even while nobody asks for status,
+        tell what changed, and rebuild a failed member onto a spare if there is one."""
         while True:
             await trio.sleep(MEMBER_CHECK_SECONDS)
-            await trio.to_thread.run_sync(self._check_members)
+            for event in await trio.to_thread.run_sync(self._check_members):
+                if (event.kind == "member-failed" and event.slot is not None and self.cfg.spares
+                        and not self.read_only and event.slot not in self.rebuilding
+                        and self.volume.state() != "failed"):
+                    spare = self.cfg.resolve(self.cfg.spares.pop(0))
+                    nursery.start_soon(self._take_spare, event.slot, spare)
 
-    def _check_members(self) -> None:
+    def _check_members(self) -> list[Event]:
         with self.volume.lock:
             self.volume.check_members()
         try:
-            doc = self.handle({"op": "status"}, None)
-            for event in self.health.observe(doc, time.monotonic()):
-                self.notifier.send(event)
+            events = self.health.observe(self.handle({"op": "status"}, None), time.monotonic())
         except Exception:  # noqa: BLE001 - a fault in watching must not end the mount
             log.exception("looking at the health of %s for notifications failed",
                           self.cfg.directory)
+            return []
+        for event in events:
+            self.notifier.send(event)
+        return events
+
+    async def _take_spare(self, slot: int, spare: str) -> None:
+        """Rebuild failed `slot` onto `spare` (already taken off the list) in the background,
+        as md does with a spare disk; a spare that could not be attached goes back."""
+        log.warning("slot %d failed: rebuilding it onto spare %s", slot, spare)
+        try:
+            await trio.to_thread.run_sync(self.handle, {"op": "replace", "slot": slot,
+                                                        "device": spare},
+                                          lambda done, total: None)
+        except RebuildStopped as exc:
+            log.info("%s; it resumes at the next mount", exc)
+        except OSError as exc:
+            attached = self.cfg.member_path(slot) == spare
+            if not attached:
+                self.cfg.spares.insert(0, spare)
+            self.notifier.send(Event(
+                "spare-failed", "critical", f"rebuilding slot {slot} onto spare {spare} failed",
+                f"{exc}\n" + ("The spare is now the slot's member; `dwfs replace` retries."
+                               if attached else "The spare stays on the list.")))
+        else:
+            self.notifier.send(Event("spare-used", "warning",
+                                     f"slot {slot} was rebuilt onto spare {spare}",
+                                     f"{len(self.cfg.spares)} spare(s) left.", slot, spare))
 
     async def _tune_readahead(self) -> None:
         # The kernel sets the mount's readahead when it gets the reply to FUSE INIT, which is
@@ -392,7 +427,7 @@ def _close_filesystem(fs: Filesystem, queued: WriteBehind, warehouse: str) -> bo
     return clean
 
 
-WRITING_REQUESTS = ("replace", "clear", "ghost-import", "ghost-sync")
+WRITING_REQUESTS = ("replace", "clear", "spare-add", "spare-rm", "ghost-import", "ghost-sync")
 LONG_REQUESTS = ("replace", "scrub", "ghost-import", "ghost-sync")
 QUICK_REQUESTS_AT_ONCE = 4
 COMMIT_SECONDS = 5.0

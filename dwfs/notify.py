@@ -103,7 +103,7 @@ class Event:
     """Something about the array worth telling: what kind, how bad, and what to say."""
 
     # member-failed | member-errors | degraded | failed | clean | rebuilt | metadata-full |
-    # stopped | test
+    # stopped | spare-used | spare-failed | test
     kind: str
     severity: str  # critical | warning | info
     summary: str  # one line: a mail's subject

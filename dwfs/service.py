@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -11,6 +12,7 @@ from collections.abc import Callable
 
 import apsw
 
+from backends import create_member
 from dwfs.config import WarehouseConfig
 from dwfs.warehouse import WarehouseError, meta_path, replacement_member
 from raid.rebuild import attach_replacement, rebuild
@@ -33,6 +35,7 @@ def status(volume: Volume, cfg: WarehouseConfig) -> dict:
     doc = volume.status()
     doc["warehouse"] = cfg.directory
     doc["last_scrub"] = last_scrub(cfg)
+    doc["spares"] = [cfg.resolve(x) for x in cfg.spares]
     return doc
 
 
@@ -101,6 +104,44 @@ def scrub_unmounted(volume: Volume, cfg: WarehouseConfig, repair: bool,
     return run_scrub(volume, cfg, repair, progress, space)
 
 
+def member_capacity(volume: Volume) -> int:
+    """Bytes a new member of the volume gets (what it needs, in whole MiB)."""
+    return -(-volume.geometry.member_bytes_needed // (1 << 20)) * (1 << 20)
+
+
+def add_spare(volume: Volume, cfg: WarehouseConfig, path: str) -> dict:
+    """Make a spare at `path`: a new member file of the size a member needs (its space
+    reserved), listed in dwfs.toml for the mount daemon to rebuild onto when a member fails."""
+    path = os.path.abspath(path)
+    listed = {os.path.realpath(p) for p in cfg.member_paths() + [cfg.resolve(x)
+                                                                  for x in cfg.spares]}
+    if os.path.realpath(path) in listed:
+        raise WarehouseError(f"{path} is already a member or a spare of {cfg.directory}",
+                             errno.EEXIST)
+    if os.path.lexists(path):
+        raise WarehouseError(f"{path} exists; a spare is made new, so give a path that does "
+                             "not exist yet", errno.EEXIST)
+    if not os.path.isdir(os.path.dirname(path)):
+        raise WarehouseError(f"{os.path.dirname(path)} is not a directory", errno.ENOENT)
+    create_member(cfg.backend, path, member_capacity(volume)).close()
+    cfg.spares.append(path)
+    cfg.save()
+    log.info("%s: spare %s added", cfg.directory, path)
+    return {"spares": list(cfg.spares)}
+
+
+def remove_spare(cfg: WarehouseConfig, path: str) -> dict:
+    """Take `path` off the spares (the file stays where it is)."""
+    want = os.path.realpath(os.path.abspath(path))
+    kept = [x for x in cfg.spares if os.path.realpath(cfg.resolve(x)) != want]
+    if len(kept) == len(cfg.spares):
+        raise WarehouseError(f"{path} is not a spare of {cfg.directory}", errno.ENOENT)
+    cfg.spares[:] = kept
+    cfg.save()
+    log.info("%s: spare %s removed (the file stays)", cfg.directory, path)
+    return {"spares": list(cfg.spares)}
+
+
 def replace(
     volume: Volume,
     cfg: WarehouseConfig,
@@ -130,8 +171,7 @@ def replace(
                 f"slot {slot} cannot be rebuilt: with it, {lost_others + 1} member(s) of its "
                 f"group would be out of service and {g.level} recovers {g.tolerance}"
             )
-        capacity = -(-g.member_bytes_needed // (1 << 20)) * (1 << 20)
-        member, path, cfg_path = replacement_member(cfg, slot, device, capacity)
+        member, path, cfg_path = replacement_member(cfg, slot, device, member_capacity(volume))
         attach_replacement(volume, slot, member, path)
         if cfg.members[slot] != cfg_path:
             cfg.members[slot] = cfg_path
