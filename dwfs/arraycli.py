@@ -20,7 +20,7 @@ from dwfs.cliutil import CommandError, err, out, progress_bar
 from dwfs.config import ConfigError, WarehouseConfig, load_config
 from dwfs.control import control_socket_path
 from dwfs.mountopts import parse_options
-from dwfs.mounts import canonical, find_mount, fusermount_unmount, mounts, pid_alive
+from dwfs.mounts import canonical, dwfs_mounts, find_mount, fusermount_unmount, pid_alive
 from dwfs.sizes import format_size, parse_size
 from dwfs.whlock import WarehouseLock
 from raid.errors import RaidError
@@ -186,9 +186,8 @@ def cmd_umount(args: argparse.Namespace) -> int:
     mountpoint = canonical(args.mountpoint)
     entry = find_mount(mountpoint)
     if entry is None:  # a warehouse may be named instead, as umount(8) takes a device
-        entry = next((m for m in mounts() if m.fstype == "fuse.dwfs"
-                      and os.path.realpath(m.source) == os.path.realpath(args.mountpoint)),
-                     None)
+        entry = next((m for m in dwfs_mounts()
+                      if os.path.realpath(m.source) == os.path.realpath(args.mountpoint)), None)
         if entry is None:
             raise CommandError(f"{mountpoint} is not mounted")
         mountpoint = entry.mountpoint
@@ -350,7 +349,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     if args.warehouse is not None:
         docs = [_status_of(args.warehouse)]
     else:  # every mounted warehouse, as `zpool status` shows every pool
-        sources = [m.source for m in mounts() if m.fstype == "fuse.dwfs"]
+        sources = [m.source for m in dwfs_mounts()]
         if not sources:
             raise CommandError("no dwfs warehouse is mounted; name one: dwfs status WAREHOUSE")
         docs, failed = [], 0

@@ -88,11 +88,7 @@ class Daemon:
             doc["mountpoint"] = self.mountpoint
             doc["pid"] = os.getpid()
             doc["mode"] = "filesystem" if self.fs is not None else "raw"
-            if self.fs is not None:
-                with self.fs.lock:
-                    doc["stopped"] = self.fs.stopped
-                    doc["metadata_room"] = None if self.fs.stopped else \
-                        self.fs.metadata_shortage()
+            doc.update(self._filesystem_health())
             return doc
         if name == "clear":
             return service.clear(self.volume, self.cfg)
@@ -238,11 +234,19 @@ class Daemon:
                     spare = self.cfg.resolve(self.cfg.spares.pop(0))
                     nursery.start_soon(self._take_spare, event.slot, spare)
 
+    def _filesystem_health(self) -> dict:
+        """Whether the filesystem stopped, and why it has no room for new files, if so."""
+        if self.fs is None:
+            return {}
+        with self.fs.lock:
+            return {"stopped": self.fs.stopped,
+                    "metadata_room": None if self.fs.stopped else self.fs.metadata_shortage()}
+
     def _check_members(self) -> list[Event]:
-        with self.volume.lock:
-            self.volume.check_members()
         try:
-            events = self.health.observe(self.handle({"op": "status"}, None), time.monotonic())
+            # (the volume's status looks for vanished members first)
+            doc = self.volume.status() | self._filesystem_health()
+            events = self.health.observe(doc, time.monotonic())
         except Exception:  # noqa: BLE001 - a fault in watching must not end the mount
             log.exception("looking at the health of %s for notifications failed",
                           self.cfg.directory)
@@ -455,10 +459,10 @@ def _degraded_note(cfg: WarehouseConfig, volume) -> str:
         return ""
     down = [s for s in volume.slots if s.state != "active"]
     what = ", ".join(f"slot {s.index} ({s.path}) {s.state}" for s in down)
-    todo = "" if state == "rebuilding" else (
+    remedy = "" if state == "rebuilding" else (
         f" (`dwfs replace {cfg.directory} {down[0].index}` rebuilds it)" if len(down) == 1
         else " (`dwfs replace` rebuilds them)")
-    note = f"the array is {state}: {what}{todo}"
+    note = f"the array is {state}: {what}{remedy}"
     log.warning("%s", note)
     return note
 

@@ -32,6 +32,11 @@ def mounts() -> list[MountEntry]:
     return [MountEntry(_unescape(r[0]), _unescape(r[1]), r[2]) for r in rows if len(r) >= 3]
 
 
+def dwfs_mounts() -> list[MountEntry]:
+    """Every dwfs mount (its source is the warehouse)."""
+    return [m for m in mounts() if m.fstype == "fuse.dwfs"]
+
+
 def canonical(mountpoint: str) -> str:
     """The path the kernel shows for a mount point, without touching the mount point itself.
 

@@ -22,7 +22,10 @@ log = logging.getLogger(__name__)
 REPEAT_SECONDS = 3600.0  # a member whose error counts keep growing is told of at most this often
 COMMAND_TIMEOUT = 60.0
 SMTP_TIMEOUT = 30.0
+# raid.records.USABLE_STATES, not imported: this module loads with dwfs.config, without the
+# array's code
 USABLE = ("active", "rebuilding")
+LOG_LEVEL = {"critical": logging.ERROR, "warning": logging.WARNING, "info": logging.INFO}
 COUNTS = ("read_errors", "write_errors", "checksum_errors")
 
 
@@ -216,9 +219,7 @@ class Notifier:
 
     def send(self, event: Event) -> None:
         """Queue `event` for delivery (logged in any case)."""
-        log.log(logging.ERROR if event.severity == "critical" else logging.WARNING
-                if event.severity == "warning" else logging.INFO,
-                "notify %s: %s", event.kind, event.summary)
+        log.log(LOG_LEVEL[event.severity], "notify %s: %s", event.kind, event.summary)
         if not self.cfg.enabled:
             return
         if self._thread is None:

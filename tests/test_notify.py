@@ -27,6 +27,13 @@ with open({log!r}, "a") as f:
 """
 
 
+def free_port() -> int:
+    """A local TCP port nothing listens on (as of now)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 class Inbox:
     """An SMTP server on a free local port that keeps every message it is given."""
 
@@ -34,9 +41,7 @@ class Inbox:
         self.messages: list[email.message.EmailMessage] = []
         self.envelopes: list[tuple[str, list[str]]] = []
         self._cond = threading.Condition()
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = s.getsockname()[1]
+        self.port = free_port()
         self.controller = Controller(self, hostname="127.0.0.1", port=self.port)
 
     async def handle_DATA(self, server, session, envelope):  # noqa: N802 - aiosmtpd's hook name
@@ -209,9 +214,7 @@ def test_dwfs_notify_sends_a_test_message_and_says_what_failed(tmp_path, inbox):
     assert ran["DWFS_EVENT"] == "test" and ran["DWFS_WAREHOUSE"] == os.path.realpath(wh)
     assert "test message" in ran["text"]
     # A server that is not there, a command that fails: each named, exit status 1.
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        closed = s.getsockname()[1]
+    closed = free_port()  # nothing listens there
     _configure(wh, "")  # (keeps the file's end clean for the rewrite below)
     text = open(os.path.join(wh, "dwfs.toml"), encoding="utf-8").read()
     text = text.replace(f"smtp_port = {inbox.port}", f"smtp_port = {closed}")
@@ -260,9 +263,7 @@ def test_the_daemon_mails_when_a_member_fails_and_when_it_is_rebuilt(tmp_path, i
 
 @pytest.mark.timeout(120)
 def test_a_mount_goes_on_when_mail_cannot_be_sent(tmp_path):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        closed = s.getsockname()[1]
+    closed = free_port()  # nothing listens there
     wh = make_warehouse(tmp_path / "wh", size="32M")
     _configure(wh, f"[notify]\nmail_to = 'ops@example.org'\nsmtp_host = '127.0.0.1'\n"
                    f"smtp_port = {closed}\n")
