@@ -158,8 +158,16 @@ def append_only_file(top: str) -> dict:
     a = f"{top}/a"
     with open(a, "wb") as out:
         out.write(b"log\n")
+    early = os.open(a, os.O_WRONLY)  # opened for writing before the flag was set
     set_flags(a, APPEND)
-    got = {
+    try:
+        got = {
+            "pwrite at 0, opened before": outcome(write_at, early, b"L", 0),
+            "ftruncate, opened before": outcome(os.ftruncate, early, 2),
+        }
+    finally:
+        os.close(early)
+    got |= {
         "flags": get_flags(a),
         "open wronly": outcome(open_close, a, os.O_WRONLY),
         "open rdwr": outcome(open_close, a, os.O_RDWR),

@@ -263,9 +263,9 @@ class ContentOps:
         with self.lock:
             self._check_open()
             n = len(data)
-            r = self._check_write(ino, offset, n)
+            self._check_write(ino, offset, n)
             if not keep_times:  # (a ghost's content arriving is not a change of it)
-                self.refuse_write(ino, offset, r[5])
+                self.refuse_write(ino)
             if n:
                 self.db.check_room()
                 self._reserve(ino, offset // BLOCK, (offset + n - 1) // BLOCK)

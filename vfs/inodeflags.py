@@ -5,7 +5,7 @@ The kernel keeps no such flags for a FUSE inode, so its own checks never see the
 is made here, with the errno and in the order ext4 and the VFS give them. An immutable inode
 cannot be written, truncated, renamed, removed, linked to, or have its mode, owner, times or
 attributes changed, and nothing can be added to or removed from an immutable directory. An
-append-only file can only be opened for writing with O_APPEND and only grows at its end; an
+append-only file can only be opened for writing with O_APPEND (so it grows at its end); an
 append-only directory takes new names but gives none up. New inodes take no-dump and no-atime
 from their directory. Who may set which flag (owner or
 CAP_FOWNER; CAP_LINUX_IMMUTABLE for immutable and append-only) the kernel checks before the
@@ -154,12 +154,12 @@ class FlagOps:
             if not flags & os.O_APPEND or flags & os.O_TRUNC:
                 self._refuse_if(ino, APPEND, "open it for writing other than appending")
 
-    def refuse_write(self, ino: int, offset: int, size: int) -> None:
-        """Writing to an immutable file, or anywhere but the end of an append-only one
-        (`size` is the file's size)."""
+    def refuse_write(self, ino: int) -> None:
+        """Writing to an immutable file, through any descriptor. Append-only is checked when
+        a file is opened (`refuse_open`), as the VFS does: a descriptor opened for writing
+        before the flag was set writes anywhere, on ext4 too, and the kernel puts every
+        O_APPEND write at the end."""
         self._refuse_if(ino, IMMUTABLE, "write to it")
-        if offset != size:
-            self._refuse_if(ino, APPEND, f"write at {offset} (not at its end, {size})")
 
     def refuse_setattr(self, ino: int, ch: SetAttr) -> None:
         """An immutable inode keeps every attribute; an append-only one its size, mode, owner

@@ -246,7 +246,7 @@ class View:
         """Write file data; a ghost is fetched first and becomes an ordinary file
         (`kill_setid`: see Filesystem.write)."""
         if self.ghosts.state(ino) is not None:
-            self.fs.refuse_write(ino, offset, self.fs.getattr(ino).size)  # before it changes
+            self.fs.refuse_write(ino)  # before it changes
             self.ghosts.make_ordinary(ino)
         return self.fs.write(ino, offset, data, kill_setid=kill_setid)
 
