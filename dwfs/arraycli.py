@@ -108,6 +108,7 @@ def cmd_mkfs(args: argparse.Namespace) -> int:
         device_size=parse_size(args.device_size) if args.device_size else 0,
         device_paths=tuple(args.device or ()),
         raw=args.raw,
+        force=args.force,
     )
     with progress_bar("writing member metadata", in_bytes=False) as update:
         cfg, geometry = mkfs(req, progress=update)
@@ -402,6 +403,8 @@ def _print_status(doc: dict) -> None:
                       str(m["read_errors"]),
                       str(m["checksum_errors"]), str(m["repaired"]), note)
     out.print(table)
+    for note in doc.get("assembly_notes") or []:
+        out.print(f"assembled: {note}", markup=False, highlight=False)
     if any(m["read_errors"] or m["checksum_errors"] or m["repaired"] for m in doc["members"]):
         out.print("error counts are kept from one mount to the next, since each member was "
                   "added or last cleared (`dwfs clear`)")
@@ -510,8 +513,10 @@ def cmd_replace(args: argparse.Namespace) -> int:
     with progress_bar(f"rebuilding slot {args.slot}") as update:
         result = with_volume(
             args.warehouse,
-            lambda v, c: _service().replace(v, c, args.slot, args.device, update, None, rate),
-            {"op": "replace", "slot": args.slot, "device": args.device, "max_rate": rate},
+            lambda v, c: _service().replace(v, c, args.slot, args.device, update, None, rate,
+                                            args.force),
+            {"op": "replace", "slot": args.slot, "device": args.device, "max_rate": rate,
+             "force": args.force},
             progress=update,
         )
     if result["resumed_at_bytes"]:

@@ -58,6 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--survive", type=int, help="with --level auto: failed members to survive")
     m.add_argument("--raw", action="store_true",
                    help="no filesystem: the raw volume only, for `dwfs mount --raw`")
+    m.add_argument("--force", action="store_true",
+                   help="overwrite --device paths that hold a filesystem or a dwfs member")
     m.set_defaults(func=_array("cmd_mkfs"))
 
     m = sub.add_parser("mount", help="mount a warehouse")
@@ -120,6 +122,8 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("slot", type=int)
     m.add_argument("--device", help="replacement member file (default: a new one in place)")
     m.add_argument("--max-rate", help="rebuild at most this many bytes per second, e.g. 50M")
+    m.add_argument("--force", action="store_true",
+                   help="overwrite a --device that holds a filesystem or another array's member")
     m.set_defaults(func=_array("cmd_replace"))
     smartcli.add_parsers(sub)
     ghostcli.add_parsers(sub)

@@ -111,7 +111,8 @@ class Daemon:
             self.rebuilding.add(slot)
             try:
                 return service.replace(self.volume, self.cfg, slot, op.get("device"), progress,
-                                       self.stopping, op.get("max_rate"))
+                                       self.stopping, op.get("max_rate"),
+                                       bool(op.get("force")))
             finally:
                 self.rebuilding.discard(slot)
         if name in ("smart-list", "ghost-import", "ghost-sync") and self.view is None:
@@ -350,7 +351,8 @@ def serve(warehouse: str, mountpoint: str, ready_fd: int | None, debug: bool = F
         if not raw:
             require_filesystem(cfg)  # before the volume is opened for writing
         volume = open_volume(cfg, read_only=read_only)
-        note = "; ".join(n for n in (note, _degraded_note(cfg, volume)) if n)
+        note = "; ".join(n for n in (note, *volume.assembly_notes, _degraded_note(cfg, volume))
+                         if n)
         if raw:
             ops = RawOperations(volume)
         else:

@@ -36,6 +36,7 @@ def status(volume: Volume, cfg: WarehouseConfig) -> dict:
     doc["warehouse"] = cfg.directory
     doc["last_scrub"] = last_scrub(cfg)
     doc["spares"] = [cfg.resolve(x) for x in cfg.spares]
+    doc["assembly_notes"] = list(volume.assembly_notes)  # members found where not listed
     return doc
 
 
@@ -150,8 +151,10 @@ def replace(
     progress: Progress | None = None,
     stop: threading.Event | None = None,
     max_rate: int | None = None,
+    force: bool = False,
 ) -> dict:
-    """Rebuild `slot` onto a new member (or resume an interrupted rebuild of it)."""
+    """Rebuild `slot` onto a new member (or resume an interrupted rebuild of it); `force`
+    lets a device that holds a filesystem or another array's member be overwritten."""
     g = volume.geometry
     if not 0 <= slot < g.members:
         raise WarehouseError(f"slot {slot} does not exist: the array has slots 0 to "
@@ -171,7 +174,8 @@ def replace(
                 f"slot {slot} cannot be rebuilt: with it, {lost_others + 1} member(s) of its "
                 f"group would be out of service and {g.level} recovers {g.tolerance}"
             )
-        member, path, cfg_path = replacement_member(cfg, slot, device, member_capacity(volume))
+        member, path, cfg_path = replacement_member(cfg, slot, device, member_capacity(volume),
+                                                     force)
         attach_replacement(volume, slot, member, path)
         if cfg.members[slot] != cfg_path:
             cfg.members[slot] = cfg_path

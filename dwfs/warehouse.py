@@ -50,6 +50,7 @@ class MkfsRequest:
     device_size: int = 0
     device_paths: tuple[str, ...] = ()
     raw: bool = False  # the raw volume only: no filesystem on it (`dwfs mount --raw` uses it)
+    force: bool = False  # overwrite --device paths that hold a filesystem or a dwfs member
 
 
 def mkfs(req: MkfsRequest, progress: Progress | None = None) -> tuple[WarehouseConfig, Geometry]:
@@ -81,6 +82,7 @@ def mkfs(req: MkfsRequest, progress: Progress | None = None) -> tuple[WarehouseC
                     members.append(open_member(p))
                 else:
                     raise WarehouseError(f"--device {p} does not exist", errno.ENOENT)
+                _refuse_in_use(p, members[-1], None, req.force, "mkfs")
         else:
             os.makedirs(os.path.join(directory, "members"), exist_ok=True)
             ext = "img" if req.backend == "file" else "sqlite"
@@ -150,10 +152,42 @@ def open_volume(cfg: WarehouseConfig, allow_failed: bool = False, resync: bool =
     """Assemble the warehouse's array from the members listed in its config (with
     `read_only`, nothing is ever written to them)."""
     from backends import open_member
+    from backends.devices import block_devices, is_block_device
     from raid.assemble import assemble
 
-    return assemble(cfg.member_paths(), cfg.array_uuid, open_member,
-                    allow_failed=allow_failed, resync=resync, read_only=read_only)
+    listed = cfg.member_paths()
+    # Disks are named in the order the kernel finds them, which can change from one boot to
+    # the next: a slot whose member is not at its /dev path is looked for on every disk.
+    on_devices = any(p.startswith("/dev/") or is_block_device(p) for p in listed)
+    volume = assemble(listed, cfg.array_uuid, open_member, allow_failed=allow_failed,
+                      resync=resync, read_only=read_only,
+                      search=block_devices if on_devices else None)
+    _follow_moved_members(cfg, volume, listed, read_only)
+    return volume
+
+
+def _follow_moved_members(cfg: WarehouseConfig, volume: Volume, listed: list[str],
+                          read_only: bool) -> None:
+    """Make dwfs.toml list each member where assembly found it (unless `read_only`)."""
+    found = [s.path for s in volume.slots]
+    if not volume.assembly_notes or found == listed:
+        return
+    was = list(cfg.members)
+    for slot, path in enumerate(found):  # a path dwfs.toml already had keeps its spelling
+        cfg.members[slot] = was[listed.index(path)] if path in listed else path
+    if read_only:
+        cfg.members = was
+        volume.assembly_notes.append(f"{CONFIG_NAME} left as it is (opened read-only)")
+        return
+    try:
+        cfg.save()
+    except OSError as exc:
+        cfg.members = was
+        log.error("%s: cannot record where the members were found: %s", cfg.path, exc)
+        volume.assembly_notes.append(f"{CONFIG_NAME} could not be updated: {exc.strerror}")
+        return
+    log.warning("%s now lists the members where they were found", cfg.path)
+    volume.assembly_notes.append(f"{CONFIG_NAME} updated")
 
 
 def meta_path(cfg: WarehouseConfig) -> str:
@@ -243,16 +277,32 @@ def open_filesystem(cfg: WarehouseConfig, volume: Volume, read_only: bool = Fals
             f"{cfg.directory}` restores it from the copy on the volume", errno.EIO) from exc
 
 
+def _refuse_in_use(path: str, member: Member, array_uuid: str | None, force: bool,
+                   command: str) -> None:
+    """Raise WarehouseError (closing `member`) if `path` holds a filesystem, a partition table
+    or a member of a dwfs array other than `array_uuid`, unless `force`."""
+    from dwfs.devicecheck import contents
+
+    found = contents(path, member)
+    if found is None or (array_uuid is not None and found.array_uuid == array_uuid):
+        return
+    if force:
+        log.warning("%s: overwriting %s, which holds %s (--force)", command, path, found.what)
+        return
+    member.close()
+    raise WarehouseError(f"--device {path} holds {found.what}; {command} would destroy it "
+                         "(--force overwrites it)", errno.EBUSY)
+
+
 def replacement_member(cfg: WarehouseConfig, slot: int, device: str | None,
-                       capacity: int) -> tuple[Member, str, str]:
+                       capacity: int, force: bool = False) -> tuple[Member, str, str]:
     """A member for `slot`: the given device, or a fresh one where the old member was.
 
     Returns (member, absolute path, path as written in the config). An old member file at the
-    configured place is moved aside as `<name>.replaced` rather than deleted.
+    configured place is moved aside as `<name>.replaced` rather than deleted. A device that
+    holds something other than this array's own member is refused unless `force`.
     """
     from backends import create_member, open_member
-    from raid.assemble import read_label
-    from raid.label import LabelError
 
     if device:
         path = os.path.abspath(device)
@@ -264,15 +314,7 @@ def replacement_member(cfg: WarehouseConfig, slot: int, device: str | None,
             raise WarehouseError(f"--device {path} is the member in slot {other} of this array",
                                  errno.EBUSY)
         member = open_member(path)
-        try:
-            label = read_label(member)
-        except (LabelError, MemberIOError):
-            label = None  # no dwfs label: free to use
-        if label is not None and label.array_uuid != cfg.array_uuid:
-            member.close()
-            raise WarehouseError(
-                f"--device {path} holds a member of another dwfs array ({label.array_uuid}); "
-                "wipe its first 4 KiB if it is really free", errno.EBUSY)
+        _refuse_in_use(path, member, cfg.array_uuid, force, "replace")
         return member, path, path
     path = cfg.member_path(slot)
     if os.path.exists(path):

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import logging
+import os
 import uuid as uuidlib
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
 
 import numpy as np
 
+from backends.devices import read_head
 from backends.member import Member, MemberIOError
 from raid.checksums import UNWRITTEN, array_seed, chunk_checksum
 from raid.errors import ArrayCreateError, AssemblyError, UnrecoverableError
@@ -21,6 +24,7 @@ log = logging.getLogger(__name__)
 
 Progress = Callable[[int, int], None]
 Opener = Callable[[str], Member]
+Search = Callable[[], Iterable[str]]  # more paths where members may be found
 
 
 def create_array(
@@ -66,6 +70,26 @@ def read_label(member: Member) -> Label:
     return Label.from_bytes(member.read(LABEL_OFFSET, LABEL_SIZE))
 
 
+@dataclass
+class _Claim:
+    """A member that carries this array's label for some slot."""
+
+    path: str
+    member: Member
+    label: Label
+    listed_at: int | None  # its position in the config's list; None if found by searching
+
+
+@dataclass
+class _Listing:
+    """What the listed paths held: claims by slot, and per listed position what was wrong
+    (state, reason) or which slot its member carries."""
+
+    claims: dict[int, list[_Claim]] = field(default_factory=dict)
+    trouble: dict[int, tuple[str, str]] = field(default_factory=dict)
+    carries: dict[int, int] = field(default_factory=dict)
+
+
 def assemble(
     paths: Sequence[str],
     array_uuid: str,
@@ -73,48 +97,39 @@ def assemble(
     allow_failed: bool = False,
     resync: bool = True,
     read_only: bool = False,
+    search: Search | None = None,
 ) -> Volume:
-    """Open the members at `paths` (slot order), check their labels and start the volume.
+    """Open the members at `paths` (the config's list, in slot order), check their labels and
+    start the volume.
 
-    Missing members give a degraded start; stale, swapped and foreign members are refused and
-    named. Beyond the level's tolerance this raises AssemblyError unless `allow_failed`.
-    With `read_only`, nothing is ever written to the members: no resync, no new labels, no
-    repairs (for a read-only mount).
+    Each member goes into the slot its label names, as md assembles by the role in each
+    superblock: member files listed in another order, or disks whose device names changed at
+    boot, assemble as they were. A slot no listed path holds is looked for among the paths
+    `search` gives (the host's block devices), by label. Where a member was found elsewhere
+    than listed, `volume.assembly_notes` says so. Missing members give a degraded start;
+    stale and foreign members, and older copies of a member, are refused and named. Beyond
+    the level's tolerance this raises AssemblyError unless `allow_failed`. With `read_only`,
+    nothing is ever written to the members: no resync, no new labels, no repairs (for a
+    read-only mount).
     """
-    slots: list[Slot] = []
-    labels: dict[int, Label] = {}
-    for slot, path in enumerate(paths):
-        try:
-            member = opener(path)
-        except MemberIOError as exc:
-            log.warning("slot %d: member %s cannot be opened: %s", slot, path, exc)
-            slots.append(Slot(slot, path, None, "missing", reason=exc.detail))
-            continue
-        try:
-            label = read_label(member)
-        except (MemberIOError, LabelError) as exc:
-            _refuse(slots, slot, path, member, "foreign", f"{path}: {exc}")
-            continue
-        if label.array_uuid != array_uuid:
-            _refuse(slots, slot, path, member, "foreign",
-                    f"{path} belongs to array {label.array_uuid}, not {array_uuid}")
-            continue
-        if label.slot != slot:
-            _refuse(slots, slot, path, member, "foreign",
-                    f"{path} carries slot {label.slot} but is listed as slot {slot} "
-                    "(members swapped?)")
-            continue
-        slots.append(Slot(slot, path, member, "active", events=label.events))
-        labels[slot] = label
-    if not labels:
-        reasons = "; ".join(f"slot {s.index}: {s.reason}" for s in slots)
+    listing = _read_listed(paths, array_uuid, opener)
+    if search is not None and any(s not in listing.claims for s in range(len(paths))):
+        _search(listing, paths, array_uuid, opener, search)
+    if not listing.claims:
+        reasons = "; ".join(f"slot {pos}: {reason}"
+                            for pos, (_, reason) in sorted(listing.trouble.items()))
         raise AssemblyError(f"no member of array {array_uuid} could be used: {reasons}")
-    newest = max(labels.values(), key=lambda lb: lb.events)
+    newest = max((c.label for cs in listing.claims.values() for c in cs),
+                 key=lambda lb: lb.events)
     geometry = newest.geometry
     if len(paths) != geometry.members:
+        for cs in listing.claims.values():
+            for c in cs:
+                _close(c.member, c.path)
         raise AssemblyError(
             f"the configuration lists {len(paths)} members but the array has {geometry.members}"
         )
+    slots, labels, notes = _place(listing, paths)
     for slot, label in list(labels.items()):
         s = slots[slot]
         record = newest.slots[slot]
@@ -135,11 +150,15 @@ def assemble(
             setattr(s, k, getattr(newest.slots[s.index], k))
     volume = Volume(geometry, array_uuid, slots, newest.events)
     volume.read_only = read_only
+    volume.assembly_notes = notes
     resync = resync and not read_only
     state = volume.state()
     if state == "failed" and not allow_failed:
         reasons = "; ".join(f"slot {s.index} {s.state}: {s.reason}" for s in slots
                             if s.state != "active")
+        for s in slots:
+            if s.member is not None:
+                _close(s.member, s.path)
         raise AssemblyError(
             f"{geometry.level} tolerates {geometry.tolerance} failed members per group; "
             f"too many are unusable: {reasons}"
@@ -160,14 +179,106 @@ def assemble(
     return volume
 
 
-def _refuse(slots: list[Slot], slot: int, path: str, member: Member, state: str,
-            reason: str) -> None:
-    log.error("slot %d: refusing member: %s", slot, reason)
+def _read_listed(paths: Sequence[str], array_uuid: str, opener: Opener) -> _Listing:
+    """Open every listed path and read its label."""
+    listing = _Listing()
+    for pos, path in enumerate(paths):
+        try:
+            member = opener(path)
+        except MemberIOError as exc:
+            log.warning("slot %d: member %s cannot be opened: %s", pos, path, exc)
+            listing.trouble[pos] = ("missing", exc.detail)
+            continue
+        try:
+            label = read_label(member)
+        except (MemberIOError, LabelError) as exc:
+            _close(member, path)
+            listing.trouble[pos] = ("foreign", f"{path}: {exc}")
+            continue
+        if label.array_uuid != array_uuid:
+            _close(member, path)
+            listing.trouble[pos] = (
+                "foreign", f"{path} belongs to array {label.array_uuid}, not {array_uuid}")
+            continue
+        if not 0 <= label.slot < len(paths):
+            _close(member, path)
+            listing.trouble[pos] = (
+                "foreign", f"{path} carries slot {label.slot}, beyond the {len(paths)} listed")
+            continue
+        listing.claims.setdefault(label.slot, []).append(_Claim(path, member, label, pos))
+        listing.carries[pos] = label.slot
+    return listing
+
+
+def _search(listing: _Listing, paths: Sequence[str], array_uuid: str, opener: Opener,
+            search: Search) -> None:
+    """Look for the members of slots that no listed path holds among `search()`'s paths."""
+    known = {os.path.realpath(p) for p in paths}
+    for path in search():
+        if os.path.realpath(path) in known:
+            continue
+        head = read_head(path, LABEL_SIZE)
+        if not head:
+            continue
+        try:
+            label = Label.from_bytes(head)
+        except LabelError:  # most devices hold something else: not a member of anything
+            continue
+        if (label.array_uuid != array_uuid or not 0 <= label.slot < len(paths)
+                or label.slot in listing.claims):
+            continue
+        try:
+            member = opener(path)
+            label = read_label(member)  # (read again through the member, as it will be used)
+        except (MemberIOError, LabelError) as exc:
+            log.warning("slot %d: %s carries its label but cannot be opened: %s", label.slot,
+                        path, exc)
+            continue
+        log.warning("slot %d: member found at %s by its label (listed as %s)", label.slot,
+                    path, paths[label.slot])
+        listing.claims[label.slot] = [_Claim(path, member, label, None)]
+
+
+def _place(listing: _Listing, paths: Sequence[str]
+           ) -> tuple[list[Slot], dict[int, Label], list[str]]:
+    """The slots in index order, each with the member whose label names it (the newest copy
+    if several do), the labels of the placed members, and notes on members found elsewhere
+    than listed."""
+    slots: list[Slot] = []
+    labels: dict[int, Label] = {}
+    notes: list[str] = []
+    for index, listed in enumerate(paths):
+        claims = sorted(listing.claims.get(index, []),
+                        key=lambda c: (-c.label.events, c.listed_at != index))
+        if not claims:
+            state, reason = listing.trouble.get(index, ("missing", ""))
+            if index in listing.carries:
+                reason = (f"no member carries slot {index}; {listed} carries slot "
+                          f"{listing.carries[index]}")
+            if state == "foreign" or index in listing.carries:
+                log.error("slot %d: refusing member: %s", index, reason)
+            slots.append(Slot(index, listed, None, state, reason=reason))
+            continue
+        best, *older = claims
+        for c in older:
+            log.error("slot %d: refusing member: %s also carries slot %d (events %d); %s "
+                      "(events %d) is used", index, c.path, index, c.label.events, best.path,
+                      best.label.events)
+            _close(c.member, c.path)
+        if best.path != listed:
+            note = f"slot {index}: member found at {best.path}, listed as {listed}"
+            log.warning("%s", note)
+            notes.append(note)
+        slots.append(Slot(index, best.path, best.member, "active", events=best.label.events))
+        labels[index] = best.label
+    return slots, labels, notes
+
+
+def _close(member: Member, path: str) -> None:
     try:
         member.close()
     except MemberIOError as exc:
-        log.warning("slot %d: closing refused member %s failed: %s", slot, path, exc)
-    slots.append(Slot(slot, path, None, state, reason=reason))
+        log.warning("closing refused member %s failed: %s", path, exc)
 
 
 def _stale(s: Slot, reason: str) -> None:

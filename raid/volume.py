@@ -85,6 +85,7 @@ class Volume(MemberRecords):
         self._ahead = ReadAhead(self)
         self._closed = False
         self.read_only = False  # set by assembly: nothing is written, not even repairs
+        self.assembly_notes: list[str] = []  # set by assembly: members found where not listed
 
     # --- public interface ---------------------------------------------------------------------
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+
 import pytest
 from mountutil import dwfs, status
 
@@ -109,3 +111,42 @@ def test_mkfs_on_given_devices(tmp_path):
     doc = status(tmp_path / "wh")
     assert [m["path"] for m in doc["members"]] == [str(p) for p in paths]
     assert doc["state"] == "clean"
+
+
+def test_mkfs_refuses_devices_that_hold_something_unless_forced(tmp_path):
+    # As zpool create and mdadm --create do: a filesystem, a partition table or a member of a
+    # dwfs array (mounted or not) on a --device would be destroyed.
+    paths = []
+    for i in range(3):
+        p = tmp_path / f"disk{i}.img"
+        with open(p, "wb") as f:
+            f.truncate(16 * MiB)
+        paths.append(p)
+    subprocess.run(["mkfs.ext4", "-q", "-F", "-L", "photos", str(paths[1])], check=True)
+    dwfs("mkfs", tmp_path / "old", "--level", "raid1", "--device", paths[0], "--device",
+         paths[2])
+    before = [p.read_bytes() for p in paths]
+
+    def mkfs(*extra):
+        args = [a for p in paths for a in ("--device", p)]
+        return dwfs("mkfs", tmp_path / "new", "--level", "raid5", *args, *extra, check=False)
+
+    r = mkfs()
+    assert r.returncode == 1, r.stdout + r.stderr
+    assert f"--device {paths[0]} holds slot 0 of dwfs array" in r.stderr
+    assert "--force overwrites it" in r.stderr
+    assert [p.read_bytes() for p in paths] == before  # nothing written
+    assert not (tmp_path / "new").exists()
+    assert status(tmp_path / "old")["state"] == "clean"
+
+    for p in (paths[0], paths[2]):  # the old array's labels wiped: the ext4 is next
+        with open(p, "r+b") as f:
+            f.write(bytes(4096))
+    r = mkfs()
+    assert r.returncode == 1 and f"{paths[1]} holds an ext4 filesystem labelled 'photos'" in \
+        r.stderr, r.stderr
+    assert paths[1].read_bytes() == before[1]
+
+    dwfs("mkfs", tmp_path / "new", "--level", "raid5", "--force",
+         *[a for p in paths for a in ("--device", p)])
+    assert status(tmp_path / "new")["state"] == "clean"

@@ -541,7 +541,8 @@ def test_replace_refuses_a_device_that_is_in_use(tmp_path):
     assert open(sibling, "rb").read()[4096:] == before
     foreign = status(other)["members"][1]["path"]
     p = dwfs("replace", wh, "2", "--device", foreign, check=False)
-    assert p.returncode == 1 and "holds a member of another dwfs array" in p.stderr
+    assert p.returncode == 1 and "holds slot 1 of dwfs array" in p.stderr, p.stderr
+    assert "--force overwrites it" in p.stderr
     assert status(other)["state"] == "clean"
     blank = tmp_path / "blank.img"
     with open(blank, "wb") as f:

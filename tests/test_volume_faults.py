@@ -385,25 +385,91 @@ def test_foreign_members_are_refused_and_named(tmp_path, caplog):
     assert paths[1] in str(ei.value) and paths[3] in str(ei.value)
 
 
-def test_swapped_members_are_refused_and_named(tmp_path):
+def test_members_listed_in_another_order_go_to_the_slots_their_labels_name(tmp_path):
+    # Disks whose device names changed at boot, or member files listed in another order:
+    # each member carries its slot in its label, as an md superblock carries its role.
     paths, uuid, g, model, rng = _filled(tmp_path / "a", "raid6", seed=62)
     swapped = list(paths)
     swapped[1], swapped[4] = swapped[4], swapped[1]
     vol = open_vol(swapped, uuid)
-    assert vol.state() == "degraded"
-    members = vol.status()["members"]
-    for slot in (1, 4):
-        assert members[slot]["state"] == "foreign"
-        assert swapped[slot] in members[slot]["reason"]
-        assert "swapped" in members[slot]["reason"]
+    assert vol.state() == "clean"
+    assert [m["path"] for m in vol.status()["members"]] == paths
+    assert vol.assembly_notes == [f"slot 1: member found at {paths[1]}, listed as {paths[4]}",
+                                  f"slot 4: member found at {paths[4]}, listed as {paths[1]}"]
     assert_reads(vol, model)
-    close_members(vol)
+    apply(vol, model, boundary_writes(rng, g, 8))  # writes land on the right members
+    vol.close()
+    vol = open_vol(paths, uuid)  # and the listing in slot order still assembles clean
+    assert vol.state() == "clean" and vol.assembly_notes == []
+    assert_reads(vol, model)
+    assert scrub(vol).clean
+    vol.close()
 
+    # raid5 tolerates one missing member: two swapped used to be refused past it.
     paths5, uuid5, g5, model5, _ = _filled(tmp_path / "b", "raid5", seed=63)
-    swapped = [paths5[0], paths5[2], paths5[1], paths5[3]]
-    with pytest.raises(AssemblyError) as ei:
-        open_vol(swapped, uuid5)
-    assert paths5[1] in str(ei.value) and paths5[2] in str(ei.value)
+    vol = open_vol([paths5[3], paths5[2], paths5[1], paths5[0]], uuid5)
+    assert vol.state() == "clean"
+    assert_reads(vol, model5)
+    vol.close()
+
+
+def test_an_older_copy_of_a_member_is_refused_where_the_member_itself_is_listed(tmp_path):
+    paths, uuid, g, model, rng = _filled(tmp_path / "a", "raidz2", seed=66)
+    image = str(tmp_path / "image-of-m1")
+    shutil.copyfile(paths[1], image)
+    vol = open_vol(paths, uuid)
+    apply(vol, model, boundary_writes(rng, g, 12))
+    vol.close()
+    # The old image is listed in slot 3's place, before the member it copies.
+    listed = [paths[0], image, paths[2], paths[1], paths[4]]
+    vol = open_vol(listed, uuid)
+    members = vol.status()["members"]
+    assert [m["state"] for m in members] == ["active", "active", "active", "missing",
+                                             "active"]
+    assert members[1]["path"] == paths[1]
+    assert members[3]["path"] == listed[3]
+    assert "no member carries slot 3" in members[3]["reason"]
+    assert_reads(vol, model)  # nothing of the old image is served
+    vol.close()
+
+    # Equal copies (a disk cloned with dd): the one listed in the slot's own place is used.
+    clone = str(tmp_path / "clone-of-m2")
+    shutil.copyfile(paths[2], clone)
+    vol = open_vol([paths[0], paths[1], paths[2], clone, paths[4]], uuid)
+    members = vol.status()["members"]
+    assert members[2]["path"] == paths[2] and members[3]["state"] == "missing"
+    assert_reads(vol, model)
+    vol.close()
+
+
+def test_members_not_where_listed_are_found_by_searching(tmp_path):
+    paths, uuid, g, model, rng = _filled(tmp_path / "a", "raidz2", seed=67)
+    moved = str(tmp_path / "elsewhere" / "renamed-2")
+    os.makedirs(os.path.dirname(moved))
+    os.rename(paths[2], moved)
+    junk = str(tmp_path / "junk")
+    with open(junk, "wb") as f:
+        f.write(os.urandom(8192))
+    other, other_uuid, _ = build(tmp_path / "other", "raid5", 3, CHUNK, 8)
+    searched = []
+
+    def search():
+        searched.append(True)
+        return [junk, str(tmp_path / "absent"), other[2], paths[0], moved]
+
+    vol = open_vol(paths, uuid, search=search)
+    assert searched and vol.state() == "clean"
+    assert vol.status()["members"][2]["path"] == moved
+    assert vol.assembly_notes == [f"slot 2: member found at {moved}, listed as {paths[2]}"]
+    assert_reads(vol, model)
+    vol.close()
+
+    # Nothing is searched for when every slot is where it is listed.
+    searched.clear()
+    os.rename(moved, paths[2])
+    vol = open_vol(paths, uuid, search=search)
+    assert not searched and vol.state() == "clean"
+    vol.close()
 
 
 @pytest.mark.parametrize("how", ["deleted", "io_error"])

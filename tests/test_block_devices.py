@@ -1,0 +1,127 @@
+"""Members on block devices (loop devices here): a warehouse whose disks come back under other
+device names, as after a reboot or a move to other ports, mounts as it was."""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import subprocess
+
+import pytest
+from mountutil import dwfs, status
+
+log = logging.getLogger(__name__)
+
+pytestmark = [
+    pytest.mark.skipif(
+        os.getuid() != 0 or shutil.which("losetup") is None
+        or not os.path.exists("/dev/loop-control"),
+        reason="needs root and loop devices"),
+    pytest.mark.timeout(300),
+]
+
+
+@pytest.fixture
+def loops():
+    """attach(path) -> loop device, detach(device); every device still attached is
+    detached at teardown."""
+    attached: list[str] = []
+
+    def attach(path) -> str:
+        dev = subprocess.run(["losetup", "-f", "--show", str(path)], capture_output=True,
+                             text=True, check=True).stdout.strip()
+        attached.append(dev)
+        return dev
+
+    def detach(dev: str) -> None:
+        subprocess.run(["losetup", "-d", dev], check=True)
+        attached.remove(dev)
+
+    yield attach, detach
+    for dev in attached:
+        r = subprocess.run(["losetup", "-d", dev], capture_output=True, text=True)
+        if r.returncode:
+            log.warning("detaching %s failed: %s", dev, r.stderr.strip())
+
+
+def _listed(warehouse: str) -> list[str]:
+    with open(os.path.join(warehouse, "dwfs.toml"), encoding="utf-8") as f:
+        return [line.split('"')[1] for line in f if line.startswith("path = ")]
+
+
+def test_disks_under_new_device_names_assemble_as_they_were(tmp_path, loops, fs_mount):
+    attach, detach = loops
+    disks = []
+    for i in range(5):
+        disk = tmp_path / f"disk{i}"
+        with open(disk, "wb") as f:
+            f.truncate(64 << 20)
+        disks.append(disk)
+    old = [attach(d) for d in disks]
+    wh = str(tmp_path / "wh")
+    dwfs("mkfs", wh, "--level", "raidz2", *[a for dev in old for a in ("--device", dev)])
+    m = fs_mount(wh)
+    m.mount()
+    blobs = {f"f{i}": os.urandom((i + 1) * 700_001) for i in range(3)}
+    for name, blob in blobs.items():
+        with open(m.path(name), "wb") as f:
+            f.write(blob)
+    m.umount()
+
+    # The disks come back in another order, one of them under a name not listed at all.
+    for dev in old:
+        detach(dev)
+    blocker = tmp_path / "blocker"
+    with open(blocker, "wb") as f:
+        f.truncate(1 << 20)
+    attach(blocker)  # takes one of the old names
+    new = {d: attach(d) for d in reversed(disks)}
+    now = [new[d] for d in disks]  # slot order
+    assert set(now) - set(old), "some disk must have a name the config does not list"
+
+    r = dwfs("mount", wh, m.mountpoint)
+    assert "member found at" in r.stderr and "dwfs.toml updated" in r.stderr, r.stderr
+    doc = status(wh)
+    assert doc["state"] == "clean"
+    assert [x["path"] for x in doc["members"]] == now
+    for name, blob in blobs.items():
+        with open(m.path(name), "rb") as f:
+            assert f.read() == blob
+    with open(m.path("after"), "wb") as f:  # writes go to the right disks
+        f.write(b"x" * 3_000_000)
+    m.umount()
+    assert _listed(wh) == now
+
+    # With the config now right, the next mount says nothing of moves; a scrub is clean.
+    r = dwfs("mount", wh, m.mountpoint)
+    assert "member found" not in r.stderr, r.stderr
+    scrub = dwfs("scrub", m.mountpoint)
+    assert ": no errors" in scrub.stdout, scrub.stdout
+    m.umount()
+
+
+def test_a_disk_that_is_gone_leaves_the_array_degraded_and_named(tmp_path, loops, fs_mount):
+    attach, detach = loops
+    disks = []
+    for i in range(4):
+        disk = tmp_path / f"disk{i}"
+        with open(disk, "wb") as f:
+            f.truncate(64 << 20)
+        disks.append(disk)
+    devs = [attach(d) for d in disks]
+    wh = str(tmp_path / "wh")
+    dwfs("mkfs", wh, "--level", "raid5", *[a for dev in devs for a in ("--device", dev)])
+    m = fs_mount(wh)
+    m.mount()
+    with open(m.path("f"), "wb") as f:
+        f.write(b"y" * 1_000_000)
+    m.umount()
+    detach(devs[2])  # searched for on every disk, and not found
+    r = dwfs("mount", wh, m.mountpoint)
+    assert "degraded" in r.stderr and devs[2] in r.stderr, r.stderr
+    assert status(wh)["members"][2]["state"] in ("missing", "foreign")
+    with open(m.path("f"), "rb") as f:
+        assert f.read() == b"y" * 1_000_000
+    m.umount()
+    assert _listed(wh) == devs  # nothing moved: the config is left as it was
