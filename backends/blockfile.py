@@ -10,6 +10,7 @@ import os
 import queue
 import threading
 
+from backends.devices import is_block_device
 from backends.directwriter import DirectWriter, open_direct
 from backends.member import Member, MemberIOError
 from backends.vectored import DIRECT_ALIGN, preadv_all, pwritev_all
@@ -123,10 +124,18 @@ class BlockFileMember(Member):
 
     @classmethod
     def open(cls, path: str) -> BlockFileMember:
-        """Open an existing member file or block device."""
+        """Open an existing member file or block device; a device is claimed exclusively while
+        open, as md claims its disks: it cannot be mounted or formatted meanwhile."""
+        flags = os.O_RDWR | os.O_CLOEXEC
+        if is_block_device(path):
+            flags |= os.O_EXCL
         try:
-            fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+            fd = os.open(path, flags)
         except OSError as exc:
+            if exc.errno == errno.EBUSY and flags & os.O_EXCL:
+                raise MemberIOError(path, "open", "the device is in use (mounted, a member of "
+                                    "another array, or opened exclusively by a program)"
+                                    ) from exc
             raise MemberIOError(path, "open", exc.strerror or str(exc)) from exc
         try:
             capacity = os.lseek(fd, 0, os.SEEK_END)

@@ -102,6 +102,7 @@ def mkfs(req: MkfsRequest, progress: Progress | None = None) -> tuple[WarehouseC
             created=datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         )
         cfg.save()
+        _close_all(members)  # (a block device is claimed while open: the volume reopens it)
         if not req.raw:
             format_filesystem(cfg)
         return cfg, geometry
@@ -115,11 +116,17 @@ def mkfs(req: MkfsRequest, progress: Progress | None = None) -> tuple[WarehouseC
             raise
         raise ArrayCreateError(str(exc)) from exc
     finally:
-        for m in members:
-            try:
-                m.close()
-            except MemberIOError as exc:
-                log.warning("closing new member %s failed: %s", m.path, exc)
+        _close_all(members)
+
+
+def _close_all(members: list[Member]) -> None:
+    """Close every member of the list and empty it (logging what fails)."""
+    for m in members:
+        try:
+            m.close()
+        except MemberIOError as exc:
+            log.warning("closing new member %s failed: %s", m.path, exc)
+    members.clear()
 
 
 def _remove_quietly(path: str) -> None:

@@ -90,6 +90,13 @@ def test_disks_under_new_device_names_assemble_as_they_were(tmp_path, loops, fs_
             assert f.read() == blob
     with open(m.path("after"), "wb") as f:  # writes go to the right disks
         f.write(b"x" * 3_000_000)
+    # While mounted, the disks are claimed: they can be neither formatted nor mounted.
+    head = open(now[1], "rb").read(1 << 20)
+    r = subprocess.run(["mkfs.ext4", "-q", "-F", now[1]], capture_output=True, text=True)
+    assert r.returncode != 0, r.stdout + r.stderr
+    r = subprocess.run(["mount", now[3], str(tmp_path)], capture_output=True, text=True)
+    assert r.returncode != 0, r.stdout + r.stderr
+    assert open(now[1], "rb").read(1 << 20) == head
     m.umount()
     assert _listed(wh) == now
 
