@@ -439,13 +439,15 @@ def cmd_clear(args: argparse.Namespace) -> int:
 def cmd_spare(args: argparse.Namespace) -> int:
     path = os.path.abspath(args.path)
     if args.spare_command == "add":
-        doc = with_volume(args.warehouse, lambda v, c: _service().add_spare(v, c, path),
-                          {"op": "spare-add", "path": path}, read_only=True)
+        doc = with_volume(args.warehouse,
+                          lambda v, c: _service().add_spare(v, c, path, args.force),
+                          {"op": "spare-add", "path": path, "force": args.force},
+                          read_only=True)
         out.say(f"spare {path} added; spares: {', '.join(doc['spares'])}")
     else:
         doc = with_volume(args.warehouse, lambda v, c: _service().remove_spare(c, path),
                           {"op": "spare-rm", "path": path}, read_only=True)
-        out.say(f"spare {path} removed (the file stays); spares: "
+        out.say(f"spare {path} removed (the disk or file stays as it is); spares: "
                 f"{', '.join(doc['spares']) or 'none'}")
     return 0
 

@@ -96,14 +96,18 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("warehouse", type=warehouse_of, help=WAREHOUSE_OR_MOUNT)
     m.set_defaults(func=_array("cmd_clear"))
 
-    m = sub.add_parser("spare", help="spares: member files made ahead, rebuilt onto when a "
-                       "member fails while mounted")
+    m = sub.add_parser("spare", help="spares: free disks or member files made ahead, rebuilt "
+                       "onto when a member fails while mounted")
     ssub = m.add_subparsers(dest="spare_command", required=True)
-    for verb, what in (("add", "make a spare member file at PATH (the size a member needs)"),
-                       ("rm", "take PATH off the spares (the file stays)")):
+    for verb, what in (("add", "a free disk at PATH, or a spare member file made at PATH (the "
+                               "size a member needs)"),
+                       ("rm", "take PATH off the spares (the disk or file stays)")):
         v = ssub.add_parser(verb, help=what)
         v.add_argument("warehouse", type=warehouse_of, help=WAREHOUSE_OR_MOUNT)
         v.add_argument("path")
+        if verb == "add":
+            v.add_argument("--force", action="store_true",
+                           help="add a disk that holds a filesystem or a dwfs member")
         v.set_defaults(func=_array("cmd_spare"))
 
     m = sub.add_parser("notify", help="send a test message as dwfs.toml's [notify] says "

@@ -43,6 +43,9 @@ def control_socket_path(directory: str) -> str:
 class ControlError(OSError):
     """The daemon refused or failed a request, or could not be reached."""
 
+    def __str__(self) -> str:  # the daemon's own words, without "[Errno N]"
+        return self.strerror or super().__str__()
+
 
 def request(sock_path: str, op: dict, progress: Callable[[int, int], None] | None = None,
             timeout: float | None = None) -> Any:

@@ -65,6 +65,7 @@ class Daemon:
         self.mountpoint = mountpoint
         self.sock_path = control_socket_path(cfg.directory)
         self.rebuilding: set[int] = set()
+        self.refused_spares: set[str] = set()  # spares a rebuild could not use: not retried
         self.stopping = threading.Event()
         self.notifier = Notifier(cfg.notify, cfg.directory, mountpoint)
         self.health = HealthWatch()
@@ -93,7 +94,8 @@ class Daemon:
         if name == "clear":
             return service.clear(self.volume, self.cfg)
         if name == "spare-add":
-            return service.add_spare(self.volume, self.cfg, str(op["path"]))
+            return service.add_spare(self.volume, self.cfg, str(op["path"]),
+                                     bool(op.get("force")))
         if name == "spare-rm":
             return service.remove_spare(self.cfg, str(op["path"]))
         if name == "flush":
@@ -112,7 +114,7 @@ class Daemon:
             try:
                 return service.replace(self.volume, self.cfg, slot, op.get("device"), progress,
                                        self.stopping, op.get("max_rate"),
-                                       bool(op.get("force")))
+                                       bool(op.get("force")), bool(op.get("spare")))
             finally:
                 self.rebuilding.discard(slot)
         if name in ("smart-list", "ghost-import", "ghost-sync") and self.view is None:
@@ -225,15 +227,31 @@ class Daemon:
 
     async def _watch_members(self, nursery: trio.Nursery) -> None:
         """Notice members that vanish (deleted, detached) even while nobody asks for status,
-        tell what changed, and rebuild a failed member onto a spare if there is one."""
+        tell what changed, and rebuild each slot out of service onto a spare while there is
+        one: a member that fails, one already missing at mount, or a slot that was waiting
+        when a spare is added (as md starts recovery onto a spare)."""
         while True:
             await trio.sleep(MEMBER_CHECK_SECONDS)
-            for event in await trio.to_thread.run_sync(self._check_members):
-                if (event.kind == "member-failed" and event.slot is not None and self.cfg.spares
-                        and not self.read_only and event.slot not in self.rebuilding
-                        and self.volume.state() != "failed"):
-                    spare = self.cfg.resolve(self.cfg.spares.pop(0))
-                    nursery.start_soon(self._take_spare, event.slot, spare)
+            await trio.to_thread.run_sync(self._check_members)
+            for slot, spare in self._spares_to_take():
+                nursery.start_soon(self._take_spare, slot, spare)
+
+    def _spares_to_take(self) -> list[tuple[int, str]]:
+        """(slot, spare) for each slot out of service that a spare can stand in for now; the
+        spares are taken off the list."""
+        if self.read_only or self.volume.state() == "failed":
+            return []
+        taken = []
+        for s in self.volume.slots:
+            if s.state in ("active", "rebuilding") or s.index in self.rebuilding:
+                continue
+            spare = next((x for x in self.cfg.spares
+                          if self.cfg.resolve(x) not in self.refused_spares), None)
+            if spare is None:
+                break
+            self.cfg.spares.remove(spare)
+            taken.append((s.index, self.cfg.resolve(spare)))
+        return taken
 
     def _filesystem_health(self) -> dict:
         """Whether the filesystem stopped, and why it has no room for new files, if so."""
@@ -262,7 +280,7 @@ class Daemon:
         log.warning("slot %d failed: rebuilding it onto spare %s", slot, spare)
         try:
             await trio.to_thread.run_sync(self.handle, {"op": "replace", "slot": slot,
-                                                        "device": spare},
+                                                        "device": spare, "spare": True},
                                           lambda done, total: None)
         except RebuildStopped as exc:
             log.info("%s; it resumes at the next mount", exc)
@@ -270,6 +288,7 @@ class Daemon:
             attached = self.cfg.member_path(slot) == spare
             if not attached:
                 self.cfg.spares.insert(0, spare)
+                self.refused_spares.add(spare)
             self.notifier.send(Event(
                 "spare-failed", "critical", f"rebuilding slot {slot} onto spare {spare} failed",
                 f"{exc}\n" + ("The spare is now the slot's member; `dwfs replace` retries."

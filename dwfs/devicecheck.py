@@ -27,13 +27,19 @@ class Contents:
     array_uuid: str | None = None
 
 
-def contents(path: str, member: Member) -> Contents | None:
-    """What the member at `path` (opened as `member`) holds, or None if nothing is known."""
+def contents(path: str, member: Member | None = None) -> Contents | None:
+    """What the file or device at `path` holds (its label read through `member` if it is
+    open as one, else straight from its first bytes), or None if nothing is known."""
+    from backends.devices import read_head
     from raid.assemble import read_label
-    from raid.label import LabelError
+    from raid.geometry import LABEL_SIZE
+    from raid.label import Label, LabelError
 
     try:
-        label = read_label(member)
+        if member is not None:
+            label = read_label(member)
+        else:
+            label = Label.from_bytes(read_head(path, LABEL_SIZE) or b"")
     except (LabelError, MemberIOError):
         label = None  # no dwfs label: look for other signatures
     if label is not None:

@@ -13,6 +13,7 @@ from collections.abc import Callable
 import apsw
 
 from backends import create_member
+from backends.devices import is_block_device
 from dwfs.config import WarehouseConfig
 from dwfs.warehouse import WarehouseError, meta_path, replacement_member
 from raid.rebuild import attach_replacement, rebuild
@@ -110,25 +111,54 @@ def member_capacity(volume: Volume) -> int:
     return -(-volume.geometry.member_bytes_needed // (1 << 20)) * (1 << 20)
 
 
-def add_spare(volume: Volume, cfg: WarehouseConfig, path: str) -> dict:
-    """Make a spare at `path`: a new member file of the size a member needs (its space
-    reserved), listed in dwfs.toml for the mount daemon to rebuild onto when a member fails."""
+def add_spare(volume: Volume, cfg: WarehouseConfig, path: str, force: bool = False) -> dict:
+    """List a spare in dwfs.toml, for the mount daemon to rebuild onto when a member fails: a
+    disk (block device) that is free and large enough, or else a new member file made at
+    `path` (the size a member needs, its space reserved). A disk that holds a filesystem, a
+    partition table or a dwfs member is refused unless `force`."""
     path = os.path.abspath(path)
     listed = {os.path.realpath(p) for p in cfg.member_paths() + [cfg.resolve(x)
                                                                   for x in cfg.spares]}
     if os.path.realpath(path) in listed:
         raise WarehouseError(f"{path} is already a member or a spare of {cfg.directory}",
                              errno.EEXIST)
-    if os.path.lexists(path):
-        raise WarehouseError(f"{path} exists; a spare is made new, so give a path that does "
-                             "not exist yet", errno.EEXIST)
-    if not os.path.isdir(os.path.dirname(path)):
-        raise WarehouseError(f"{os.path.dirname(path)} is not a directory", errno.ENOENT)
-    create_member(cfg.backend, path, member_capacity(volume)).close()
+    if is_block_device(path):
+        _check_spare_disk(volume, path, force)
+    else:
+        if os.path.lexists(path):
+            raise WarehouseError(f"{path} exists; a spare file is made new, so give a path "
+                                 "that does not exist yet (or a disk)", errno.EEXIST)
+        if not os.path.isdir(os.path.dirname(path)):
+            raise WarehouseError(f"{os.path.dirname(path)} is not a directory", errno.ENOENT)
+        create_member(cfg.backend, path, member_capacity(volume)).close()
     cfg.spares.append(path)
     cfg.save()
     log.info("%s: spare %s added", cfg.directory, path)
     return {"spares": list(cfg.spares)}
+
+
+def _check_spare_disk(volume: Volume, path: str, force: bool) -> None:
+    """Raise WarehouseError unless the disk at `path` can stand in for a member."""
+    from dwfs.devicecheck import contents
+
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            size = os.lseek(fd, 0, os.SEEK_END)
+        finally:
+            os.close(fd)
+    except OSError as exc:
+        raise WarehouseError(f"{path}: {exc.strerror}", exc.errno or errno.EIO) from exc
+    needed = member_capacity(volume)
+    if size < needed:
+        raise WarehouseError(f"{path} holds {size} bytes; a member of this array needs "
+                             f"{needed}", errno.ENOSPC)
+    found = contents(path)
+    if found is not None and not force:
+        raise WarehouseError(f"{path} holds {found.what}; it would be overwritten when a "
+                             "member fails (--force adds it all the same)", errno.EBUSY)
+    if found is not None:
+        log.warning("spare %s holds %s; added anyway (--force)", path, found.what)
 
 
 def remove_spare(cfg: WarehouseConfig, path: str) -> dict:
@@ -152,9 +182,11 @@ def replace(
     stop: threading.Event | None = None,
     max_rate: int | None = None,
     force: bool = False,
+    spare: bool = False,
 ) -> dict:
     """Rebuild `slot` onto a new member (or resume an interrupted rebuild of it); `force`
-    lets a device that holds a filesystem or another array's member be overwritten."""
+    lets a device that holds a filesystem or another array's member be overwritten, and a
+    `spare` (the device is one) may hold a filesystem."""
     g = volume.geometry
     if not 0 <= slot < g.members:
         raise WarehouseError(f"slot {slot} does not exist: the array has slots 0 to "
@@ -175,7 +207,7 @@ def replace(
                 f"group would be out of service and {g.level} recovers {g.tolerance}"
             )
         member, path, cfg_path = replacement_member(cfg, slot, device, member_capacity(volume),
-                                                     force)
+                                                     force, spare)
         attach_replacement(volume, slot, member, path)
         if cfg.members[slot] != cfg_path:
             cfg.members[slot] = cfg_path

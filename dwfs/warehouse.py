@@ -285,16 +285,18 @@ def open_filesystem(cfg: WarehouseConfig, volume: Volume, read_only: bool = Fals
 
 
 def _refuse_in_use(path: str, member: Member, array_uuid: str | None, force: bool,
-                   command: str) -> None:
+                   command: str, spare: bool = False) -> None:
     """Raise WarehouseError (closing `member`) if `path` holds a filesystem, a partition table
-    or a member of a dwfs array other than `array_uuid`, unless `force`."""
+    or a member of a dwfs array other than `array_uuid`, unless `force`. A `spare` (checked
+    when it was added) is overwritten unless it now holds another array's member."""
     from dwfs.devicecheck import contents
 
     found = contents(path, member)
     if found is None or (array_uuid is not None and found.array_uuid == array_uuid):
         return
-    if force:
-        log.warning("%s: overwriting %s, which holds %s (--force)", command, path, found.what)
+    if force or (spare and found.array_uuid is None):
+        log.warning("%s: overwriting %s, which holds %s (%s)", command, path, found.what,
+                    "--force" if force else "a spare")
         return
     member.close()
     raise WarehouseError(f"--device {path} holds {found.what}; {command} would destroy it "
@@ -302,12 +304,14 @@ def _refuse_in_use(path: str, member: Member, array_uuid: str | None, force: boo
 
 
 def replacement_member(cfg: WarehouseConfig, slot: int, device: str | None,
-                       capacity: int, force: bool = False) -> tuple[Member, str, str]:
+                       capacity: int, force: bool = False,
+                       spare: bool = False) -> tuple[Member, str, str]:
     """A member for `slot`: the given device, or a fresh one where the old member was.
 
     Returns (member, absolute path, path as written in the config). An old member file at the
     configured place is moved aside as `<name>.replaced` rather than deleted. A device that
-    holds something other than this array's own member is refused unless `force`.
+    holds something other than this array's own member is refused unless `force` (or, for
+    a `spare`, unless it is another array's member).
     """
     from backends import create_member, open_member
 
@@ -321,7 +325,7 @@ def replacement_member(cfg: WarehouseConfig, slot: int, device: str | None,
             raise WarehouseError(f"--device {path} is the member in slot {other} of this array",
                                  errno.EBUSY)
         member = open_member(path)
-        _refuse_in_use(path, member, cfg.array_uuid, force, "replace")
+        _refuse_in_use(path, member, cfg.array_uuid, force, "replace", spare)
         return member, path, path
     path = cfg.member_path(slot)
     if os.path.exists(path):

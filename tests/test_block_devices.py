@@ -7,6 +7,7 @@ import logging
 import os
 import shutil
 import subprocess
+import time
 
 import pytest
 from mountutil import dwfs, status
@@ -132,3 +133,53 @@ def test_a_disk_that_is_gone_leaves_the_array_degraded_and_named(tmp_path, loops
         assert f.read() == b"y" * 1_000_000
     m.umount()
     assert _listed(wh) == devs  # nothing moved: the config is left as it was
+
+
+def test_a_failing_disk_is_rebuilt_onto_a_spare_disk(tmp_path, loops, fs_mount):
+    attach, _ = loops
+    disks = []
+    for i in range(6):
+        disk = tmp_path / f"disk{i}"
+        with open(disk, "wb") as f:
+            f.truncate(64 << 20)
+        disks.append(disk)
+    devs = [attach(d) for d in disks]
+    wh = str(tmp_path / "wh")
+    dwfs("mkfs", wh, "--level", "raid5", *[a for dev in devs[:4] for a in ("--device", dev)])
+    m = fs_mount(wh)
+    m.mount()
+
+    # A disk that holds a filesystem is a spare only when forced; a free one is taken as is.
+    subprocess.run(["mkfs.ext4", "-q", "-F", "-L", "keep", devs[5]], check=True)
+    r = dwfs("spare", "add", m.mountpoint, devs[5], check=False)
+    assert r.returncode == 1 and "holds an ext4 filesystem labelled 'keep'" in r.stderr
+    assert "[Errno" not in r.stderr, r.stderr
+    dwfs("spare", "add", m.mountpoint, devs[4])
+    assert status(wh)["spares"] == [devs[4]]
+
+    blob = os.urandom(5_000_000)
+    with open(m.path("f"), "wb") as f:
+        f.write(blob)
+    # Disk 1 fails: it shrinks to 1 MiB under the array, and writes past that fail.
+    os.truncate(disks[1], 1 << 20)
+    subprocess.run(["losetup", "-c", devs[1]], check=True)
+    with open(m.path("g"), "wb") as f:
+        f.write(os.urandom(3_000_000))
+        f.flush()
+        os.fsync(f.fileno())
+    deadline = time.monotonic() + 120
+    while True:
+        doc = status(wh)
+        if doc["state"] == "clean" and doc["members"][1]["path"] == devs[4]:
+            break
+        assert time.monotonic() < deadline, doc
+        time.sleep(0.5)
+    assert doc["spares"] == []
+    subprocess.run(["sync"], check=True)
+    with open(m.path("f"), "rb") as f:
+        assert f.read() == blob
+    m.umount()
+    assert _listed(wh)[1] == devs[4]
+    m.mount()
+    assert status(wh)["state"] == "clean"
+    m.umount()

@@ -27,7 +27,7 @@ def test_spares_are_made_listed_and_taken_off(tmp_path):
     taken.write_bytes(b"someone's data")
     for path, message in ((spare, "is already a member or a spare"),
                           (load_config(wh).member_path(1), "is already a member or a spare"),
-                          (str(taken), "exists; a spare is made new"),
+                          (str(taken), "exists; a spare file is made new"),
                           (str(tmp_path / "no" / "dir.img"), "is not a directory")):
         r = dwfs("spare", "add", wh, path, check=False)
         assert r.returncode == 1 and message in r.stderr, r.stderr
@@ -36,7 +36,7 @@ def test_spares_are_made_listed_and_taken_off(tmp_path):
     r = dwfs("spare", "rm", wh, str(taken), check=False)
     assert r.returncode == 1 and "is not a spare" in r.stderr
     done = dwfs("spare", "rm", wh, spare)
-    assert "removed (the file stays); spares: none" in done.stdout
+    assert "removed (the disk or file stays as it is); spares: none" in done.stdout
     assert os.path.exists(spare) and load_config(wh).spares == []
 
 
