@@ -60,3 +60,50 @@ def read_head(path: str, length: int) -> bytes | None:
         return None
     finally:
         os.close(fd)
+
+
+def describe(path: str, sys_block: str = SYS_BLOCK) -> str:
+    """What the disk at `path` is, for telling disks apart by more than their changing names:
+    model and serial number ("WDC WD40EFRX-68N32N0, serial WD-WCC7K1234567"), a partition of
+    one, or the file behind a loop device; "" for anything that is not a block device."""
+    if not is_block_device(path):
+        return ""
+    name = os.path.basename(os.path.realpath(path))
+    node = os.path.realpath(os.path.join(sys_block, name))
+    prefix = ""
+    if os.path.exists(os.path.join(node, "partition")):
+        prefix = f"partition {_sysfs(node, 'partition')} of "
+        node = os.path.dirname(node)
+    backing = _sysfs(node, "loop", "backing_file")
+    if backing:
+        return f"{prefix}loop device of {backing}"
+    model = _sysfs(node, "device", "model")
+    serial = (_sysfs(node, "device", "serial") or _sysfs(node, "serial")
+              or _vpd_serial(os.path.join(node, "device", "vpd_pg80")))
+    what = ", ".join(filter(None, (model, f"serial {serial}" if serial else "")))
+    return f"{prefix}{what}" if what else ""
+
+
+def _sysfs(*parts: str) -> str:
+    """A sysfs attribute as text, stripped ("" if it is absent or unreadable)."""
+    path = os.path.join(*parts)
+    try:
+        with open(path, "rb") as f:
+            return f.read(4096).decode(errors="replace").strip().strip("\0")
+    except OSError as exc:  # most attributes exist for some kinds of disk only
+        log.debug("%s: %s", path, exc.strerror)
+        return ""
+
+
+def _vpd_serial(path: str) -> str:
+    """The unit serial number of a SCSI/SATA disk from its VPD page 0x80."""
+    try:
+        with open(path, "rb") as f:
+            page = f.read(4096)
+    except OSError as exc:  # not a SCSI disk, or the page is not offered
+        log.debug("%s: %s", path, exc.strerror)
+        return ""
+    if len(page) < 4 or page[1] != 0x80:
+        return ""
+    length = int.from_bytes(page[2:4], "big")
+    return page[4 : 4 + length].decode("ascii", errors="replace").strip()

@@ -393,14 +393,16 @@ def _print_status(doc: dict) -> None:
         out.print(f"filesystem [red]stopped[/]: {doc['stopped']}; unmount and mount it again")
     if doc.get("metadata_room"):
         out.print(f"metadata   [yellow]no room for new files[/]: {doc['metadata_room']}")
-    table = Table("slot", "state", "path", "read err", "checksum err", "repaired", "note")
+    disks = any(m.get("disk") for m in doc["members"])
+    table = Table("slot", "state", "path", *(["disk"] if disks else []), "read err",
+                  "checksum err", "repaired", "note")
     table.columns[2].overflow = "fold"
     for m in doc["members"]:
         note = m["reason"]
         if m["state"] == "rebuilding":
             note = f"rebuilt {format_size(m['rebuilt_bytes'])}"
         table.add_row(str(m["slot"]), m["state"], _short(m["path"], doc["warehouse"]),
-                      str(m["read_errors"]),
+                      *([m.get("disk") or ""] if disks else []), str(m["read_errors"]),
                       str(m["checksum_errors"]), str(m["repaired"]), note)
     out.print(table)
     for note in doc.get("assembly_notes") or []:

@@ -31,6 +31,12 @@ class WarehouseConfig:
     notify: NotifyConfig = field(default_factory=NotifyConfig)  # [notify]: who is told what
     # [[spares]]: member files made ahead, taken by the mount daemon when a member fails
     spares: list[str] = field(default_factory=list)
+    # what each member's disk is (model and serial; "" for a file), by slot: a disk that is
+    # gone is still told apart from the others
+    disks: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.disks = (list(self.disks) + [""] * len(self.members))[: len(self.members)]
 
     @property
     def path(self) -> str:
@@ -61,8 +67,9 @@ class WarehouseConfig:
         if self.ghost_cache_limit is not None:
             lines += ["[filesystem]", f"ghost_cache_limit = {self.ghost_cache_limit}", ""]
         lines += self.notify.toml_lines(_q)
-        for p in self.members:
-            lines += ["[[members]]", f"path = {_q(p)}", ""]
+        for p, disk in zip(self.members, self.disks, strict=True):
+            lines += ["[[members]]", f"path = {_q(p)}"] + ([f"disk = {_q(disk)}"] if disk
+                                                            else []) + [""]
         for p in self.spares:
             lines += ["[[spares]]", f"path = {_q(p)}", ""]
         return "\n".join(lines)
@@ -104,6 +111,7 @@ def load_config(directory: str) -> WarehouseConfig:
             backend=_str(array, "backend"),
             created=str(array.get("created", "")),
             members=[_str(m, "path") for m in data["members"]],
+            disks=[str(m.get("disk", "")) for m in data["members"]],
             ghost_cache_limit=_ghost_cache_limit(data),
             notify=NotifyConfig.from_table(data["notify"]) if "notify" in data
             else NotifyConfig(),

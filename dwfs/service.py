@@ -13,7 +13,7 @@ from collections.abc import Callable
 import apsw
 
 from backends import create_member
-from backends.devices import is_block_device
+from backends.devices import describe, is_block_device
 from dwfs.config import WarehouseConfig
 from dwfs.warehouse import WarehouseError, meta_path, replacement_member
 from raid.rebuild import attach_replacement, rebuild
@@ -38,6 +38,8 @@ def status(volume: Volume, cfg: WarehouseConfig) -> dict:
     doc["last_scrub"] = last_scrub(cfg)
     doc["spares"] = [cfg.resolve(x) for x in cfg.spares]
     doc["assembly_notes"] = list(volume.assembly_notes)  # members found where not listed
+    for m in doc["members"]:  # what disk each is (kept for one that is gone)
+        m["disk"] = cfg.disks[m["slot"]]
     return doc
 
 
@@ -209,8 +211,9 @@ def replace(
         member, path, cfg_path = replacement_member(cfg, slot, device, member_capacity(volume),
                                                      force, spare)
         attach_replacement(volume, slot, member, path)
-        if cfg.members[slot] != cfg_path:
-            cfg.members[slot] = cfg_path
+        disk = describe(path)
+        if (cfg.members[slot], cfg.disks[slot]) != (cfg_path, disk):
+            cfg.members[slot], cfg.disks[slot] = cfg_path, disk
             cfg.save()
     rebuild(volume, slot, progress, stop, max_rate)
     return {"slot": slot, "path": volume.slots[slot].path, "resumed_at_bytes": resumed_at,

@@ -169,32 +169,42 @@ def open_volume(cfg: WarehouseConfig, allow_failed: bool = False, resync: bool =
     volume = assemble(listed, cfg.array_uuid, open_member, allow_failed=allow_failed,
                       resync=resync, read_only=read_only,
                       search=block_devices if on_devices else None)
-    _follow_moved_members(cfg, volume, listed, read_only)
+    _record_members(cfg, volume, listed, read_only)
     return volume
 
 
-def _follow_moved_members(cfg: WarehouseConfig, volume: Volume, listed: list[str],
-                          read_only: bool) -> None:
-    """Make dwfs.toml list each member where assembly found it (unless `read_only`)."""
-    found = [s.path for s in volume.slots]
-    if not volume.assembly_notes or found == listed:
+def _record_members(cfg: WarehouseConfig, volume: Volume, listed: list[str],
+                    read_only: bool) -> None:
+    """Make dwfs.toml list each member where assembly found it, and what disk each present
+    member is (unless `read_only`: then only the notes say what would change)."""
+    from backends.devices import describe
+
+    was_members, was_disks = list(cfg.members), list(cfg.disks)
+    moved = bool(volume.assembly_notes) and [s.path for s in volume.slots] != listed
+    for s in volume.slots:
+        if moved:  # a path dwfs.toml already had keeps its spelling
+            cfg.members[s.index] = (was_members[listed.index(s.path)] if s.path in listed
+                                    else s.path)
+        if s.member is not None:
+            cfg.disks[s.index] = describe(s.path)
+    if cfg.members == was_members and cfg.disks == was_disks:
         return
-    was = list(cfg.members)
-    for slot, path in enumerate(found):  # a path dwfs.toml already had keeps its spelling
-        cfg.members[slot] = was[listed.index(path)] if path in listed else path
     if read_only:
-        cfg.members = was
-        volume.assembly_notes.append(f"{CONFIG_NAME} left as it is (opened read-only)")
+        cfg.members, cfg.disks = was_members, was_disks
+        if moved:
+            volume.assembly_notes.append(f"{CONFIG_NAME} left as it is (opened read-only)")
         return
     try:
         cfg.save()
     except OSError as exc:
-        cfg.members = was
+        cfg.members, cfg.disks = was_members, was_disks
         log.error("%s: cannot record where the members were found: %s", cfg.path, exc)
-        volume.assembly_notes.append(f"{CONFIG_NAME} could not be updated: {exc.strerror}")
+        if moved:
+            volume.assembly_notes.append(f"{CONFIG_NAME} could not be updated: {exc.strerror}")
         return
-    log.warning("%s now lists the members where they were found", cfg.path)
-    volume.assembly_notes.append(f"{CONFIG_NAME} updated")
+    if moved:
+        log.warning("%s now lists the members where they were found", cfg.path)
+        volume.assembly_notes.append(f"{CONFIG_NAME} updated")
 
 
 def meta_path(cfg: WarehouseConfig) -> str:

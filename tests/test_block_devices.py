@@ -62,6 +62,8 @@ def test_disks_under_new_device_names_assemble_as_they_were(tmp_path, loops, fs_
     old = [attach(d) for d in disks]
     wh = str(tmp_path / "wh")
     dwfs("mkfs", wh, "--level", "raidz2", *[a for dev in old for a in ("--device", dev)])
+    # Each disk is named by what it is, not only by its changing device name.
+    assert [x["disk"] for x in status(wh)["members"]] == [f"loop device of {d}" for d in disks]
     m = fs_mount(wh)
     m.mount()
     blobs = {f"f{i}": os.urandom((i + 1) * 700_001) for i in range(3)}
@@ -86,18 +88,19 @@ def test_disks_under_new_device_names_assemble_as_they_were(tmp_path, loops, fs_
     doc = status(wh)
     assert doc["state"] == "clean"
     assert [x["path"] for x in doc["members"]] == now
+    assert [x["disk"] for x in doc["members"]] == [f"loop device of {d}" for d in disks]
     for name, blob in blobs.items():
         with open(m.path(name), "rb") as f:
             assert f.read() == blob
     with open(m.path("after"), "wb") as f:  # writes go to the right disks
         f.write(b"x" * 3_000_000)
     # While mounted, the disks are claimed: they can be neither formatted nor mounted.
-    head = open(now[1], "rb").read(1 << 20)
     r = subprocess.run(["mkfs.ext4", "-q", "-F", now[1]], capture_output=True, text=True)
     assert r.returncode != 0, r.stdout + r.stderr
     r = subprocess.run(["mount", now[3], str(tmp_path)], capture_output=True, text=True)
     assert r.returncode != 0, r.stdout + r.stderr
-    assert open(now[1], "rb").read(1 << 20) == head
+    probe = subprocess.run(["blkid", "-p", now[1]], capture_output=True, text=True)
+    assert "ext4" not in probe.stdout, probe.stdout  # (the scrub below checks every chunk)
     m.umount()
     assert _listed(wh) == now
 
@@ -128,7 +131,11 @@ def test_a_disk_that_is_gone_leaves_the_array_degraded_and_named(tmp_path, loops
     detach(devs[2])  # searched for on every disk, and not found
     r = dwfs("mount", wh, m.mountpoint)
     assert "degraded" in r.stderr and devs[2] in r.stderr, r.stderr
-    assert status(wh)["members"][2]["state"] in ("missing", "foreign")
+    gone = status(wh)["members"][2]
+    assert gone["state"] in ("missing", "foreign")
+    assert gone["disk"] == f"loop device of {disks[2]}"  # which disk to look for
+    shown = dwfs("status", wh).stdout
+    assert "┃ disk " in shown and "loop device of" in shown, shown
     with open(m.path("f"), "rb") as f:
         assert f.read() == b"y" * 1_000_000
     m.umount()
@@ -175,6 +182,7 @@ def test_a_failing_disk_is_rebuilt_onto_a_spare_disk(tmp_path, loops, fs_mount):
         assert time.monotonic() < deadline, doc
         time.sleep(0.5)
     assert doc["spares"] == []
+    assert doc["members"][1]["disk"] == f"loop device of {disks[4]}"
     subprocess.run(["sync"], check=True)
     with open(m.path("f"), "rb") as f:
         assert f.read() == blob
