@@ -189,6 +189,10 @@ def _read_listed(paths: Sequence[str], array_uuid: str, opener: Opener) -> _List
             log.warning("slot %d: member %s cannot be opened: %s", pos, path, exc)
             listing.trouble[pos] = ("missing", exc.detail)
             continue
+        if member.capacity == 0:  # a device node with no disk behind it (a detached loop)
+            _close(member, path)
+            listing.trouble[pos] = ("missing", f"{path} is empty: no disk behind it")
+            continue
         try:
             label = read_label(member)
         except (MemberIOError, LabelError) as exc:

@@ -132,7 +132,7 @@ def test_a_disk_that_is_gone_leaves_the_array_degraded_and_named(tmp_path, loops
     r = dwfs("mount", wh, m.mountpoint)
     assert "degraded" in r.stderr and devs[2] in r.stderr, r.stderr
     gone = status(wh)["members"][2]
-    assert gone["state"] in ("missing", "foreign")
+    assert gone["state"] == "missing" and "no disk behind it" in gone["reason"], gone
     assert gone["disk"] == f"loop device of {disks[2]}"  # which disk to look for
     shown = dwfs("status", wh).stdout
     assert "┃ disk " in shown and "loop device of" in shown, shown
