@@ -296,7 +296,7 @@ def open_filesystem(cfg: WarehouseConfig, volume: Volume, read_only: bool = Fals
 
 def _refuse_in_use(path: str, member: Member, array_uuid: str | None, force: bool,
                    command: str, spare: bool = False) -> None:
-    """Raise WarehouseError (closing `member`) if `path` holds a filesystem, a partition table
+    """Raise WarehouseError if `path` (open as `member`) holds a filesystem, a partition table
     or a member of a dwfs array other than `array_uuid`, unless `force`. A `spare` (checked
     when it was added) is overwritten unless it now holds another array's member."""
     from dwfs.devicecheck import contents
@@ -308,7 +308,6 @@ def _refuse_in_use(path: str, member: Member, array_uuid: str | None, force: boo
         log.warning("%s: overwriting %s, which holds %s (%s)", command, path, found.what,
                     "--force" if force else "a spare")
         return
-    member.close()
     raise WarehouseError(f"--device {path} holds {found.what}; {command} would destroy it "
                          "(--force overwrites it)", errno.EBUSY)
 
@@ -335,7 +334,11 @@ def replacement_member(cfg: WarehouseConfig, slot: int, device: str | None,
             raise WarehouseError(f"--device {path} is the member in slot {other} of this array",
                                  errno.EBUSY)
         member = open_member(path)
-        _refuse_in_use(path, member, cfg.array_uuid, force, "replace", spare)
+        try:
+            _refuse_in_use(path, member, cfg.array_uuid, force, "replace", spare)
+        except WarehouseError:
+            member.close()
+            raise
         return member, path, path
     path = cfg.member_path(slot)
     if os.path.exists(path):

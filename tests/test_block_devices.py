@@ -51,17 +51,26 @@ def _listed(warehouse: str) -> list[str]:
         return [line.split('"')[1] for line in f if line.startswith("path = ")]
 
 
-def test_disks_under_new_device_names_assemble_as_they_were(tmp_path, loops, fs_mount):
-    attach, detach = loops
+def _disks(tmp_path, attach, n: int) -> tuple[list, list[str]]:
+    """`n` new 64 MiB disk files, each attached as a loop device: (files, devices)."""
     disks = []
-    for i in range(5):
+    for i in range(n):
         disk = tmp_path / f"disk{i}"
         with open(disk, "wb") as f:
             f.truncate(64 << 20)
         disks.append(disk)
-    old = [attach(d) for d in disks]
+    return disks, [attach(d) for d in disks]
+
+
+def _mkfs(wh: str, level: str, devices: list[str]) -> None:
+    dwfs("mkfs", wh, "--level", level, *[a for dev in devices for a in ("--device", dev)])
+
+
+def test_disks_under_new_device_names_assemble_as_they_were(tmp_path, loops, fs_mount):
+    attach, detach = loops
+    disks, old = _disks(tmp_path, attach, 5)
     wh = str(tmp_path / "wh")
-    dwfs("mkfs", wh, "--level", "raidz2", *[a for dev in old for a in ("--device", dev)])
+    _mkfs(wh, "raidz2", old)
     # Each disk is named by what it is, not only by its changing device name.
     assert [x["disk"] for x in status(wh)["members"]] == [f"loop device of {d}" for d in disks]
     m = fs_mount(wh)
@@ -114,15 +123,9 @@ def test_disks_under_new_device_names_assemble_as_they_were(tmp_path, loops, fs_
 
 def test_a_disk_that_is_gone_leaves_the_array_degraded_and_named(tmp_path, loops, fs_mount):
     attach, detach = loops
-    disks = []
-    for i in range(4):
-        disk = tmp_path / f"disk{i}"
-        with open(disk, "wb") as f:
-            f.truncate(64 << 20)
-        disks.append(disk)
-    devs = [attach(d) for d in disks]
+    disks, devs = _disks(tmp_path, attach, 4)
     wh = str(tmp_path / "wh")
-    dwfs("mkfs", wh, "--level", "raid5", *[a for dev in devs for a in ("--device", dev)])
+    _mkfs(wh, "raid5", devs)
     m = fs_mount(wh)
     m.mount()
     with open(m.path("f"), "wb") as f:
@@ -144,15 +147,9 @@ def test_a_disk_that_is_gone_leaves_the_array_degraded_and_named(tmp_path, loops
 
 def test_a_failing_disk_is_rebuilt_onto_a_spare_disk(tmp_path, loops, fs_mount):
     attach, _ = loops
-    disks = []
-    for i in range(6):
-        disk = tmp_path / f"disk{i}"
-        with open(disk, "wb") as f:
-            f.truncate(64 << 20)
-        disks.append(disk)
-    devs = [attach(d) for d in disks]
+    disks, devs = _disks(tmp_path, attach, 6)
     wh = str(tmp_path / "wh")
-    dwfs("mkfs", wh, "--level", "raid5", *[a for dev in devs[:4] for a in ("--device", dev)])
+    _mkfs(wh, "raid5", devs[:4])
     m = fs_mount(wh)
     m.mount()
 

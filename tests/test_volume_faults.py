@@ -413,13 +413,20 @@ def test_members_listed_in_another_order_go_to_the_slots_their_labels_name(tmp_p
     vol.close()
 
 
-def test_an_older_copy_of_a_member_is_refused_where_the_member_itself_is_listed(tmp_path):
-    paths, uuid, g, model, rng = _filled(tmp_path / "a", "raidz2", seed=66)
+def _outdated_image(tmp_path, seed: int):
+    """A filled raidz2 array, and an image of its slot 1 taken before more writes:
+    (paths, uuid, model, image)."""
+    paths, uuid, g, model, rng = _filled(tmp_path / "a", "raidz2", seed=seed)
     image = str(tmp_path / "image-of-m1")
     shutil.copyfile(paths[1], image)
     vol = open_vol(paths, uuid)
     apply(vol, model, boundary_writes(rng, g, 12))
     vol.close()
+    return paths, uuid, model, image
+
+
+def test_an_older_copy_of_a_member_is_refused_where_the_member_itself_is_listed(tmp_path):
+    paths, uuid, model, image = _outdated_image(tmp_path, 66)
     # The old image is listed in slot 3's place, before the member it copies.
     listed = [paths[0], image, paths[2], paths[1], paths[4]]
     vol = open_vol(listed, uuid)
@@ -511,12 +518,7 @@ def test_stale_member_is_refused_and_named(tmp_path, caplog, how):
 
 
 def test_old_image_of_a_member_is_refused(tmp_path):
-    paths, uuid, g, model, rng = _filled(tmp_path / "a", "raidz2", seed=65)
-    image = str(tmp_path / "image")
-    shutil.copyfile(paths[1], image)
-    vol = open_vol(paths, uuid)
-    apply(vol, model, boundary_writes(rng, g, 12))
-    vol.close()
+    paths, uuid, model, image = _outdated_image(tmp_path, 65)
     shutil.copyfile(image, paths[1])
     vol = open_vol(paths, uuid)
     assert _member_states(vol)[1] == "stale"
