@@ -6,6 +6,8 @@ from __future__ import annotations
 import logging
 import os
 import stat
+import threading
+import time
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +45,33 @@ def is_block_device(path: str) -> bool:
     except OSError as exc:  # a missing member: not a device, as far as anyone can tell
         log.debug("%s: %s", path, exc)
         return False
+
+
+def read_heads(paths: list[str], length: int, timeout: float) -> dict[str, bytes]:
+    """The first `length` bytes of each of `paths` that can be read, all read at once; a
+    device that has not answered within `timeout` seconds (a dying disk can hang a read) is
+    left out and logged."""
+    got: dict[str, bytes] = {}
+    lock = threading.Lock()
+
+    def probe(path: str) -> None:
+        head = read_head(path, length)
+        if head:
+            with lock:
+                got[path] = head
+
+    threads = [threading.Thread(target=probe, args=(p,), name=f"probe {p}", daemon=True)
+               for p in paths]
+    for t in threads:
+        t.start()
+    deadline = time.monotonic() + timeout
+    for p, t in zip(paths, threads, strict=True):
+        t.join(max(0.0, deadline - time.monotonic()))
+        if t.is_alive():
+            log.warning("%s did not answer a read of its first %d bytes within %.0f s: "
+                        "not looked at", p, length, timeout)
+    with lock:
+        return dict(got)
 
 
 def read_head(path: str, length: int) -> bytes | None:

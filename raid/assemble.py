@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from backends.devices import read_head
+from backends.devices import read_heads
 from backends.member import Member, MemberIOError
 from raid.checksums import UNWRITTEN, array_seed, chunk_checksum
 from raid.errors import ArrayCreateError, AssemblyError, UnrecoverableError
@@ -25,6 +25,7 @@ log = logging.getLogger(__name__)
 Progress = Callable[[int, int], None]
 Opener = Callable[[str], Member]
 Search = Callable[[], Iterable[str]]  # more paths where members may be found
+SEARCH_SECONDS = 10.0  # how long the search waits for devices to give their labels
 
 
 def create_array(
@@ -218,10 +219,10 @@ def _search(listing: _Listing, paths: Sequence[str], array_uuid: str, opener: Op
             search: Search) -> None:
     """Look for the members of slots that no listed path holds among `search()`'s paths."""
     known = {os.path.realpath(p) for p in paths}
-    for path in search():
-        if os.path.realpath(path) in known:
-            continue
-        head = read_head(path, LABEL_SIZE)
+    candidates = [p for p in search() if os.path.realpath(p) not in known]
+    heads = read_heads(candidates, LABEL_SIZE, SEARCH_SECONDS)
+    for path in candidates:
+        head = heads.get(path)
         if not head:
             continue
         try:

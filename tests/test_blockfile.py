@@ -154,3 +154,33 @@ def test_a_drain_on_another_thread_returns_while_small_writes_keep_coming(tmp_pa
         writer.drain()
     assert m.read(0, 4 * 4096) == bytes(block) * 4
     m.close()
+
+
+def test_label_probes_of_many_devices_leave_out_one_that_hangs(tmp_path, monkeypatch, caplog):
+    # A dying disk can hang a read for minutes; the search for moved members must not wait
+    # for it. (A hung device cannot be made here: a read that sleeps stands in for it.)
+    import time
+
+    from backends import devices
+
+    paths = []
+    for name in ("a", "hangs", "b", "empty"):
+        p = tmp_path / name
+        p.write_bytes(b"" if name == "empty" else name.encode() * 3)
+        paths.append(str(p))
+    real = devices.read_head
+    release = threading.Event()
+
+    def read_head(path, length):
+        if path.endswith("hangs"):
+            release.wait(30)
+        return real(path, length)
+
+    monkeypatch.setattr(devices, "read_head", read_head)
+    start = time.monotonic()
+    heads = devices.read_heads(paths, 4, timeout=0.5)
+    took = time.monotonic() - start
+    release.set()
+    assert heads == {paths[0]: b"aaa", paths[2]: b"bbb"}  # the empty one has nothing to give
+    assert took < 10
+    assert any("hangs did not answer" in r.getMessage() for r in caplog.records)
