@@ -47,6 +47,29 @@ def is_block_device(path: str) -> bool:
         return False
 
 
+def size_of(path: str) -> int:
+    """Bytes of the file or device at `path` (raises OSError if it cannot be opened)."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        return os.lseek(fd, 0, os.SEEK_END)
+    finally:
+        os.close(fd)
+
+
+def kind_problem(path: str) -> str | None:
+    """Why `path` cannot hold a member (it is not a regular file or a block device), or None."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError as exc:
+        return exc.strerror or str(exc)
+    if stat.S_ISREG(mode) or stat.S_ISBLK(mode):
+        return None
+    kinds = ((stat.S_ISDIR, "a directory"), (stat.S_ISCHR, "a character device"),
+             (stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"))
+    return next((f"it is {name}, not a file or a disk" for test, name in kinds if test(mode)),
+                "it is not a file or a disk")
+
+
 def read_heads(paths: list[str], length: int, timeout: float) -> dict[str, bytes]:
     """The first `length` bytes of each of `paths` that can be read, all read at once; a
     device that has not answered within `timeout` seconds (a dying disk can hang a read) is

@@ -82,7 +82,7 @@ def _service() -> Any:
 
 
 def cmd_mkfs(args: argparse.Namespace) -> int:
-    from dwfs.warehouse import MkfsRequest, mkfs
+    from dwfs.warehouse import MkfsRequest, mkfs, unused_space
     from raid import levels
 
     members = len(args.device) if args.device else args.devices
@@ -118,6 +118,10 @@ def cmd_mkfs(args: argparse.Namespace) -> int:
     out.print(f"  tolerance  {geometry.tolerance} failed member(s)")
     out.print(f"  chunk      {format_size(geometry.chunk)}")
     out.print(f"  capacity   {format_size(geometry.capacity)} ({geometry.capacity} bytes)")
+    for path, extra in unused_space(cfg, geometry) if req.device_paths else []:
+        out.print(f"  unused     {format_size(extra)} of {path}: members are used up to the "
+                  f"size of the smallest, {format_size(geometry.member_bytes_needed)}",
+                  markup=False, highlight=False)
     if req.raw:
         out.print(f"  no filesystem: `dwfs mount --raw {cfg.directory} MOUNTPOINT` mounts the raw "
                   "volume")

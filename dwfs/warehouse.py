@@ -78,10 +78,10 @@ def mkfs(req: MkfsRequest, progress: Progress | None = None) -> tuple[WarehouseC
             if len(set(rel)) != len(rel):
                 raise WarehouseError("the same --device is given twice")
             for p in rel:
-                if os.path.exists(p):
-                    members.append(open_member(p))
-                else:
+                if not os.path.exists(p):
                     raise WarehouseError(f"--device {p} does not exist", errno.ENOENT)
+                _refuse_kind(p)
+                members.append(open_member(p))
                 _refuse_in_use(p, members[-1], None, req.force, "mkfs")
         else:
             os.makedirs(os.path.join(directory, "members"), exist_ok=True)
@@ -207,6 +207,23 @@ def _record_members(cfg: WarehouseConfig, volume: Volume, listed: list[str],
         volume.assembly_notes.append(f"{CONFIG_NAME} updated")
 
 
+def unused_space(cfg: WarehouseConfig, geometry: Geometry) -> list[tuple[str, int]]:
+    """(path, bytes) of each member that holds more than 1% more than the array uses of it:
+    members of different sizes are each used only up to the smallest."""
+    from backends.devices import size_of
+
+    unused = []
+    for path in cfg.member_paths():
+        try:
+            extra = size_of(path) - geometry.member_bytes_needed
+        except OSError as exc:
+            log.warning("cannot tell the size of member %s: %s", path, exc)
+            continue
+        if extra > max(geometry.member_bytes_needed // 100, geometry.chunk):
+            unused.append((path, extra))
+    return unused
+
+
 def meta_path(cfg: WarehouseConfig) -> str:
     """Where the warehouse's metadata database lives."""
     return os.path.join(cfg.directory, META_NAME)
@@ -294,6 +311,15 @@ def open_filesystem(cfg: WarehouseConfig, volume: Volume, read_only: bool = Fals
             f"{cfg.directory}` restores it from the copy on the volume", errno.EIO) from exc
 
 
+def _refuse_kind(path: str) -> None:
+    """Raise WarehouseError unless `path` is a regular file or a block device."""
+    from backends.devices import kind_problem
+
+    problem = kind_problem(path)
+    if problem is not None:
+        raise WarehouseError(f"--device {path} cannot be a member: {problem}", errno.EINVAL)
+
+
 def _refuse_in_use(path: str, member: Member, array_uuid: str | None, force: bool,
                    command: str, spare: bool = False) -> None:
     """Raise WarehouseError if `path` (open as `member`) holds a filesystem, a partition table
@@ -333,6 +359,7 @@ def replacement_member(cfg: WarehouseConfig, slot: int, device: str | None,
         if other is not None and other != slot:
             raise WarehouseError(f"--device {path} is the member in slot {other} of this array",
                                  errno.EBUSY)
+        _refuse_kind(path)
         member = open_member(path)
         try:
             _refuse_in_use(path, member, cfg.array_uuid, force, "replace", spare)

@@ -150,3 +150,26 @@ def test_mkfs_refuses_devices_that_hold_something_unless_forced(tmp_path):
     dwfs("mkfs", tmp_path / "new", "--level", "raid5", "--force",
          *[a for p in paths for a in ("--device", p)])
     assert status(tmp_path / "new")["state"] == "clean"
+
+
+def test_mkfs_devices_that_cannot_be_members_and_members_of_different_sizes(tmp_path):
+    paths = []
+    for i, mib in enumerate((16, 16, 64)):
+        p = tmp_path / f"disk{i}.img"
+        with open(p, "wb") as f:
+            f.truncate(mib * MiB)
+        paths.append(p)
+    (tmp_path / "dir").mkdir()
+    for odd, what in (("/dev/null", "it is a character device"),
+                      (tmp_path / "dir", "it is a directory")):
+        r = dwfs("mkfs", tmp_path / "wh", "--level", "raid5", "--device", odd,
+                 "--device", paths[0], "--device", paths[1], check=False)
+        assert r.returncode == 1, r.stdout
+        assert f"--device {odd} cannot be a member: {what}" in r.stderr, r.stderr
+        assert not (tmp_path / "wh").exists()
+    # A larger member is used only up to the size of the smallest, and mkfs says so.
+    r = dwfs("mkfs", tmp_path / "wh", "--level", "raid5",
+             *[a for p in paths for a in ("--device", p)])
+    unused = [line for line in r.stdout.splitlines() if "unused" in line]
+    assert len(unused) == 1 and str(paths[2]) in unused[0], r.stdout
+    assert "unused     48.2 MiB of" in unused[0], unused  # 64 MiB less the 15.8 MiB used
