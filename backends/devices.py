@@ -47,6 +47,17 @@ def is_block_device(path: str) -> bool:
         return False
 
 
+def identity(path: str) -> tuple[int, ...] | None:
+    """What makes two paths the same member: the device number of a block device, else the
+    file's device and inode (so symbolic and hard links match); None if it cannot be seen."""
+    try:
+        st = os.stat(path)
+    except OSError as exc:
+        log.debug("%s: %s", path, exc.strerror)
+        return None
+    return (st.st_rdev,) if stat.S_ISBLK(st.st_mode) else (st.st_dev, st.st_ino)
+
+
 def size_of(path: str) -> int:
     """Bytes of the file or device at `path` (raises OSError if it cannot be opened)."""
     fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)

@@ -13,7 +13,7 @@ from collections.abc import Callable
 import apsw
 
 from backends import create_member
-from backends.devices import describe, is_block_device
+from backends.devices import describe, identity, is_block_device
 from dwfs.config import WarehouseConfig
 from dwfs.warehouse import WarehouseError, meta_path, replacement_member
 from raid.rebuild import attach_replacement, rebuild
@@ -119,9 +119,10 @@ def add_spare(volume: Volume, cfg: WarehouseConfig, path: str, force: bool = Fal
     `path` (the size a member needs, its space reserved). A disk that holds a filesystem, a
     partition table or a dwfs member is refused unless `force`."""
     path = os.path.abspath(path)
-    listed = {os.path.realpath(p) for p in cfg.member_paths() + [cfg.resolve(x)
-                                                                  for x in cfg.spares]}
-    if os.path.realpath(path) in listed:
+    mine = identity(path)
+    if any(os.path.realpath(k) == os.path.realpath(path)
+           or (mine is not None and identity(k) == mine)
+           for k in cfg.member_paths() + [cfg.resolve(x) for x in cfg.spares]):
         raise WarehouseError(f"{path} is already a member or a spare of {cfg.directory}",
                              errno.EEXIST)
     if is_block_device(path):

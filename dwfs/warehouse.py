@@ -75,8 +75,7 @@ def mkfs(req: MkfsRequest, progress: Progress | None = None) -> tuple[WarehouseC
     try:
         if req.device_paths:
             rel = [os.path.abspath(p) for p in req.device_paths]
-            if len(set(rel)) != len(rel):
-                raise WarehouseError("the same --device is given twice")
+            _refuse_repeats(rel)
             for p in rel:
                 if not os.path.exists(p):
                     raise WarehouseError(f"--device {p} does not exist", errno.ENOENT)
@@ -311,6 +310,19 @@ def open_filesystem(cfg: WarehouseConfig, volume: Volume, read_only: bool = Fals
             f"{cfg.directory}` restores it from the copy on the volume", errno.EIO) from exc
 
 
+def _refuse_repeats(paths: list[str]) -> None:
+    """Raise WarehouseError if two of `paths` are the same file or disk (also through a link)."""
+    from backends.devices import identity
+
+    seen: dict[tuple[int, ...], str] = {}
+    for p in paths:
+        key = identity(p) or (hash(p),)
+        if key in seen:
+            same = "given twice" if seen[key] == p else f"the same as --device {seen[key]}"
+            raise WarehouseError(f"--device {p} is {same}", errno.EINVAL)
+        seen[key] = p
+
+
 def _refuse_kind(path: str) -> None:
     """Raise WarehouseError unless `path` is a regular file or a block device."""
     from backends.devices import kind_problem
@@ -349,13 +361,14 @@ def replacement_member(cfg: WarehouseConfig, slot: int, device: str | None,
     a `spare`, unless it is another array's member).
     """
     from backends import create_member, open_member
+    from backends.devices import identity
 
     if device:
         path = os.path.abspath(device)
         if not os.path.exists(path):
             raise WarehouseError(f"--device {path} does not exist", errno.ENOENT)
-        listed = {os.path.realpath(p): i for i, p in enumerate(cfg.member_paths())}
-        other = listed.get(os.path.realpath(path))
+        listed = {identity(p): i for i, p in enumerate(cfg.member_paths())}
+        other = listed.get(identity(path))
         if other is not None and other != slot:
             raise WarehouseError(f"--device {path} is the member in slot {other} of this array",
                                  errno.EBUSY)

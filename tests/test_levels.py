@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 
 import pytest
@@ -167,6 +168,12 @@ def test_mkfs_devices_that_cannot_be_members_and_members_of_different_sizes(tmp_
         assert r.returncode == 1, r.stdout
         assert f"--device {odd} cannot be a member: {what}" in r.stderr, r.stderr
         assert not (tmp_path / "wh").exists()
+    # The same file twice, through a link, would be two slots on one file.
+    os.symlink(paths[0], tmp_path / "link")
+    r = dwfs("mkfs", tmp_path / "wh", "--level", "raid5", "--device", paths[0],
+             "--device", tmp_path / "link", "--device", paths[1], check=False)
+    assert r.returncode == 1 and f"is the same as --device {paths[0]}" in r.stderr, r.stderr
+    assert not (tmp_path / "wh").exists()
     # A larger member is used only up to the size of the smallest, and mkfs says so.
     r = dwfs("mkfs", tmp_path / "wh", "--level", "raid5",
              *[a for p in paths for a in ("--device", p)])
