@@ -114,12 +114,12 @@ def read_head(path: str, length: int) -> bytes | None:
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     except OSError as exc:
-        log.debug("cannot open %s to read its label: %s", path, exc)
+        log.debug("cannot open %s: %s", path, exc)
         return None
     try:
         return os.pread(fd, length, 0)
     except OSError as exc:
-        log.debug("cannot read the label of %s: %s", path, exc)
+        log.debug("cannot read %s: %s", path, exc)
         return None
     finally:
         os.close(fd)
@@ -148,24 +148,15 @@ def describe(path: str, sys_block: str = SYS_BLOCK) -> str:
 
 
 def _sysfs(*parts: str) -> str:
-    """A sysfs attribute as text, stripped ("" if it is absent or unreadable)."""
-    path = os.path.join(*parts)
-    try:
-        with open(path, "rb") as f:
-            return f.read(4096).decode(errors="replace").strip().strip("\0")
-    except OSError as exc:  # most attributes exist for some kinds of disk only
-        log.debug("%s: %s", path, exc.strerror)
-        return ""
+    """A sysfs attribute as text, stripped ("" if it is absent or unreadable: most exist for
+    some kinds of disk only)."""
+    raw = read_head(os.path.join(*parts), 4096) or b""
+    return raw.decode(errors="replace").strip().strip("\0")
 
 
 def _vpd_serial(path: str) -> str:
     """The unit serial number of a SCSI/SATA disk from its VPD page 0x80."""
-    try:
-        with open(path, "rb") as f:
-            page = f.read(4096)
-    except OSError as exc:  # not a SCSI disk, or the page is not offered
-        log.debug("%s: %s", path, exc.strerror)
-        return ""
+    page = read_head(path, 4096) or b""  # (none: not a SCSI disk, or not offered)
     if len(page) < 4 or page[1] != 0x80:
         return ""
     length = int.from_bytes(page[2:4], "big")

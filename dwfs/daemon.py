@@ -261,7 +261,8 @@ class Daemon:
             return {"stopped": self.fs.stopped,
                     "metadata_room": None if self.fs.stopped else self.fs.metadata_shortage()}
 
-    def _check_members(self) -> list[Event]:
+    def _check_members(self) -> None:
+        """Look at the array's health and send what changed since the last look."""
         try:
             # (the volume's status looks for vanished members first)
             doc = self.volume.status() | self._filesystem_health()
@@ -269,10 +270,9 @@ class Daemon:
         except Exception:  # noqa: BLE001 - a fault in watching must not end the mount
             log.exception("looking at the health of %s for notifications failed",
                           self.cfg.directory)
-            return []
+            return
         for event in events:
             self.notifier.send(event)
-        return events
 
     async def _take_spare(self, slot: int, spare: str) -> None:
         """Rebuild failed `slot` onto `spare` (already taken off the list) in the background,

@@ -13,7 +13,7 @@ from collections.abc import Callable
 import apsw
 
 from backends import create_member
-from backends.devices import describe, identity, is_block_device
+from backends.devices import describe, identity, is_block_device, size_of
 from dwfs.config import WarehouseConfig
 from dwfs.warehouse import WarehouseError, meta_path, replacement_member
 from raid.rebuild import attach_replacement, rebuild
@@ -145,11 +145,7 @@ def _check_spare_disk(volume: Volume, path: str, force: bool) -> None:
     from dwfs.devicecheck import contents
 
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-        try:
-            size = os.lseek(fd, 0, os.SEEK_END)
-        finally:
-            os.close(fd)
+        size = size_of(path)
     except OSError as exc:
         raise WarehouseError(f"{path}: {exc.strerror}", exc.errno or errno.EIO) from exc
     needed = member_capacity(volume)

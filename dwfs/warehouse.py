@@ -179,7 +179,7 @@ def _record_members(cfg: WarehouseConfig, volume: Volume, listed: list[str],
     from backends.devices import describe
 
     was_members, was_disks = list(cfg.members), list(cfg.disks)
-    moved = bool(volume.assembly_notes) and [s.path for s in volume.slots] != listed
+    moved = [s.path for s in volume.slots] != listed
     for s in volume.slots:
         if moved:  # a path dwfs.toml already had keeps its spelling
             cfg.members[s.index] = (was_members[listed.index(s.path)] if s.path in listed

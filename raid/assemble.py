@@ -84,11 +84,15 @@ class _Claim:
 @dataclass
 class _Listing:
     """What the listed paths held: claims by slot, and per listed position what was wrong
-    (state, reason) or which slot its member carries."""
+    (state, reason)."""
 
     claims: dict[int, list[_Claim]] = field(default_factory=dict)
     trouble: dict[int, tuple[str, str]] = field(default_factory=dict)
-    carries: dict[int, int] = field(default_factory=dict)
+
+    def carried_at(self, pos: int) -> int | None:
+        """The slot that the member listed at `pos` carries, if it carries one."""
+        return next((slot for slot, cs in self.claims.items() for c in cs
+                     if c.listed_at == pos), None)
 
 
 def assemble(
@@ -196,23 +200,24 @@ def _read_listed(paths: Sequence[str], array_uuid: str, opener: Opener) -> _List
             continue
         try:
             label = read_label(member)
+            wrong = _not_ours(label, path, array_uuid, len(paths))
         except (MemberIOError, LabelError) as exc:
+            wrong = f"{path}: {exc}"
+        if wrong:
             _close(member, path)
-            listing.trouble[pos] = ("foreign", f"{path}: {exc}")
-            continue
-        if label.array_uuid != array_uuid:
-            _close(member, path)
-            listing.trouble[pos] = (
-                "foreign", f"{path} belongs to array {label.array_uuid}, not {array_uuid}")
-            continue
-        if not 0 <= label.slot < len(paths):
-            _close(member, path)
-            listing.trouble[pos] = (
-                "foreign", f"{path} carries slot {label.slot}, beyond the {len(paths)} listed")
+            listing.trouble[pos] = ("foreign", wrong)
             continue
         listing.claims.setdefault(label.slot, []).append(_Claim(path, member, label, pos))
-        listing.carries[pos] = label.slot
     return listing
+
+
+def _not_ours(label: Label, path: str, array_uuid: str, slots: int) -> str | None:
+    """Why the member at `path` with `label` is no member of this array, or None."""
+    if label.array_uuid != array_uuid:
+        return f"{path} belongs to array {label.array_uuid}, not {array_uuid}"
+    if not 0 <= label.slot < slots:
+        return f"{path} carries slot {label.slot}, beyond the {slots} listed"
+    return None
 
 
 def _search(listing: _Listing, paths: Sequence[str], array_uuid: str, opener: Opener,
@@ -229,18 +234,20 @@ def _search(listing: _Listing, paths: Sequence[str], array_uuid: str, opener: Op
             label = Label.from_bytes(head)
         except LabelError:  # most devices hold something else: not a member of anything
             continue
-        if (label.array_uuid != array_uuid or not 0 <= label.slot < len(paths)
-                or label.slot in listing.claims):
+        if _not_ours(label, path, array_uuid, len(paths)) or label.slot in listing.claims:
             continue
         try:
             member = opener(path)
-            label = read_label(member)  # (read again through the member, as it will be used)
-        except (MemberIOError, LabelError) as exc:
+        except MemberIOError as exc:
             log.warning("slot %d: %s carries its label but cannot be opened: %s", label.slot,
                         path, exc)
             continue
-        log.warning("slot %d: member found at %s by its label (listed as %s)", label.slot,
-                    path, paths[label.slot])
+        try:
+            label = read_label(member)  # (read again through the member, as it will be used)
+        except (MemberIOError, LabelError) as exc:
+            log.warning("slot %d: %s changed under the search: %s", label.slot, path, exc)
+            _close(member, path)
+            continue
         listing.claims[label.slot] = [_Claim(path, member, label, None)]
 
 
@@ -257,10 +264,10 @@ def _place(listing: _Listing, paths: Sequence[str]
                         key=lambda c: (-c.label.events, c.listed_at != index))
         if not claims:
             state, reason = listing.trouble.get(index, ("missing", ""))
-            if index in listing.carries:
-                reason = (f"no member carries slot {index}; {listed} carries slot "
-                          f"{listing.carries[index]}")
-            if state == "foreign" or index in listing.carries:
+            carried = listing.carried_at(index)
+            if carried is not None:
+                reason = f"no member carries slot {index}; {listed} carries slot {carried}"
+            if state == "foreign" or carried is not None:
                 log.error("slot %d: refusing member: %s", index, reason)
             slots.append(Slot(index, listed, None, state, reason=reason))
             continue
