@@ -27,7 +27,7 @@ from dwfs.control import control_socket_path
 from dwfs.fusefs import FuseOperations
 from dwfs.fusesession import Session
 from dwfs.mountopts import MountOptions, parse_options
-from dwfs.mounts import is_mounted, mount_device
+from dwfs.mounts import is_mounted
 from dwfs.notify import Event, HealthWatch, Notifier
 from dwfs.rawfs import RawOperations
 from dwfs.warehouse import (
@@ -157,7 +157,6 @@ class Daemon:
         async with trio.open_nursery() as nursery:
             await nursery.start(control_server.serve, self.sock_path, self.handle, limiter_for)
             nursery.start_soon(self._signals, nursery)
-            nursery.start_soon(self._tune_readahead)
             nursery.start_soon(self._watch_members, nursery)
             if self.fs is not None and not self.read_only:
                 nursery.start_soon(self._commit_periodically)
@@ -297,13 +296,6 @@ class Daemon:
             self.notifier.send(Event("spare-used", "warning",
                                      f"slot {slot} was rebuilt onto spare {spare}",
                                      f"{len(self.cfg.spares)} spare(s) left.", slot, spare))
-
-    async def _tune_readahead(self) -> None:
-        # The kernel sets the mount's readahead when it gets the reply to FUSE INIT, which is
-        # answered once the session loop runs; raise it after that.
-        for delay in (0.1, 0.5, 2.0):
-            await trio.sleep(delay)
-            await trio.to_thread.run_sync(_raise_readahead, self.mountpoint)
 
     async def _signals(self, nursery: trio.Nursery) -> None:
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as sigs:
@@ -458,7 +450,6 @@ QUICK_REQUESTS_AT_ONCE = 4
 COMMIT_SECONDS = 5.0
 SEAL_IDLE_SECONDS = 2.0
 METACOPY_SECONDS = 600.0
-READAHEAD_KB = 1024
 MEMBER_CHECK_SECONDS = 5.0  # also how often the array's health is looked at for notify
 NOTIFY_CLOSE_SECONDS = 10.0  # at unmount, how long messages still queued may take
 OPEN_FILES_GRACE_SECONDS = 30.0
@@ -486,20 +477,6 @@ def _degraded_note(cfg: WarehouseConfig, volume) -> str:
     note = f"the array is {state}: {what}{remedy}"
     log.warning("%s", note)
     return note
-
-
-def _raise_readahead(mountpoint: str) -> None:
-    """Let the kernel read ahead 1 MiB at a time (FUSE mounts start at 128 KiB); needs root."""
-    dev = mount_device(mountpoint)  # not os.stat: that would wait for this very daemon
-    if dev is None:
-        log.info("no mountinfo entry for %s; readahead unchanged", mountpoint)
-        return
-    path = f"/sys/class/bdi/{dev}/read_ahead_kb"
-    try:
-        with open(path, "w", encoding="ascii") as f:
-            f.write(f"{READAHEAD_KB}\n")
-    except OSError as exc:
-        log.info("cannot raise readahead of %s (%s): %s", mountpoint, path, exc)
 
 
 M_TRIM_THRESHOLD = -1

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import os
 import random
+import shlex
+import subprocess
 import threading
 
 import numpy as np
@@ -80,3 +82,24 @@ def test_sequential_readers_beside_a_rewriting_writer_see_only_current_blocks(mo
         os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
         for i in range(BLOCKS):
             assert f.read(MiB) == _block(i, last[i]), f"block {i}"
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.skipif(os.geteuid() != 0, reason="raising a mount's readahead needs root")
+def test_kernel_readahead_is_raised_before_the_first_file_is_opened(tmp_path, fs_mount):
+    # A file keeps the readahead the kernel had when it was opened. Raised a moment after the
+    # mount, it was still 128 KiB for `dwfs mount W M && cp M/big ...`, whose copy then went
+    # 128 KiB a request, about a tenth as fast.
+    from mountutil import DWFS, make_warehouse
+
+    from dwfs.fusesession import READAHEAD_KB
+
+    m = fs_mount(make_warehouse(tmp_path / "wh"))
+    mount = shlex.join([*DWFS, "mount", m.warehouse, str(m.mountpoint)])
+    # mountpoint -d stats the mount: the first request, answered after INIT.
+    script = (f"{mount} >/dev/null && dev=$(mountpoint -d {shlex.quote(str(m.mountpoint))}) "
+              "&& cat /sys/class/bdi/$dev/read_ahead_kb")
+    out = subprocess.run(["bash", "-c", script], capture_output=True, text=True, timeout=60,
+                         check=True).stdout
+    assert int(out) == READAHEAD_KB
+    m.umount()
