@@ -11,15 +11,20 @@ back to back), the spans that follow it (SPAN_BYTES of the volume each, DEPTH of
 LONG_DEPTH once the stream is long; with several sequential streams, at most an equal share
 of SPANS_BUDGET each, at least one) are
 also read from the members in background threads, straight into one aligned buffer per span
-(`Member.readinto_uncached`: O_DIRECT on block files), and checked against the chunk
-checksums. A read that finished spans cover is answered with a view of their buffers, without
-touching a member.
+(`Member.readinto_uncached`: O_DIRECT on block files). A read that finished spans cover is
+answered with a view of their buffers, without touching a member. Its chunks are checked
+against the chunk checksums as it takes them, once per chunk, unless the reader checks the
+bytes itself (`caller_checks`, as the filesystem does with its sector checksums): a reader
+whose own check fails reads again without it, and then a chunk that fails is left to the
+ordinary read. Checking every chunk as it arrived, in the background threads, hashed each
+byte twice on the way to a filesystem reader, and the processor is what limits a cold read.
 
 Planning a span (which chunks, on which members, with which checksums) happens under the
 volume lock, like any read; the reading itself does not take the lock. A write to the volume
 drops the spans it overlaps (`invalidate`, under the lock). A span serves only if every chunk
-in it read cleanly and matched its checksum; anything else, from a member that does not hold
-its chunk to a failed read, is left to the volume's ordinary read, which reconstructs, repairs
+in it was read cleanly, and a chunk only once it matched its checksum (or its reader checks
+it); anything else, from a member that does not hold its chunk to a failed read or a chunk
+that fails its checksum, is left to the volume's ordinary read, which reconstructs, repairs
 and counts.
 
 Why: filling the host's page cache with member data (a page allocated, zeroed and accounted
@@ -86,20 +91,24 @@ def row_runs(pieces: Sequence[tuple]) -> Iterator[tuple[int, int]]:
         i = j
 
 
-# (row, view of the span's buffer, checksum the chunk must have)
-_Piece = tuple[int, np.ndarray, int]
+# (row, view of the span's buffer)
+_Piece = tuple[int, np.ndarray]
 
 
 class _Span:
-    """Volume bytes [start, end) being read, or read, into `data`."""
+    """Volume bytes [start, end) being read, or read, into `data`, and the checksums its
+    chunks must match."""
 
-    __slots__ = ("start", "end", "data", "done")
+    __slots__ = ("start", "end", "data", "done", "chunks")
 
     def __init__(self, start: int, end: int, data: np.ndarray) -> None:
         self.start = start
         self.end = end
         self.data = data
         self.done: list[Future[bool]] = []  # one per member read from
+        # Chunks not yet checked: offset in `data` -> (slot, row, checksum); unwritten chunks,
+        # zeros by definition, are not here.
+        self.chunks: dict[int, tuple[int, int, int]] = {}
 
     def ready(self) -> bool:
         """Wait for the span's reading; True if it holds the volume's bytes."""
@@ -139,9 +148,9 @@ class ReadAhead:
 
     # --- the reader's side (no volume lock) ---------------------------------------------------
 
-    def take(self, offset: int, length: int) -> np.ndarray | None:
-        """The volume's bytes [offset, offset + length) if spans read ahead hold all of them;
-        None otherwise."""
+    def take(self, offset: int, length: int, caller_checks: bool = False) -> np.ndarray | None:
+        """The volume's bytes [offset, offset + length) if spans read ahead hold all of them
+        (and, unless `caller_checks`, their chunks match their checksums); None otherwise."""
         if not self._spans or length <= 0:
             return None
         sb = self.span_bytes
@@ -153,12 +162,34 @@ class ReadAhead:
             if span is None or not span.ready():
                 return None
             lo, hi = max(offset, span.start), min(offset + length, span.end)
+            if not caller_checks and not self._chunks_match(span, lo, hi):
+                return None
             parts.append(span.data[lo - span.start : hi - span.start])
         with self._lock:
             for span in spans:
                 if offset + length >= span.end and self._spans.get(span.start // sb) is span:
                     del self._spans[span.start // sb]  # the reader is past it
         return parts[0] if len(parts) == 1 else np.concatenate(parts)
+
+    def _chunks_match(self, span: _Span, lo: int, hi: int) -> bool:
+        """Check the chunks of `span` holding volume bytes [lo, hi) not checked before; on a
+        mismatch, forget the span (the ordinary read repairs the chunk) and return False."""
+        chunk = self.volume.geometry.chunk
+        a = (lo - span.start) // chunk * chunk
+        for at in range(a, hi - span.start, chunk):
+            want = span.chunks.get(at)
+            if want is None:
+                continue
+            slot, row, entry = want
+            if chunk_checksum(span.data[at : at + chunk], slot, row) != entry:
+                log.debug("slot %d row %d: read-ahead chunk fails its checksum; the reader "
+                          "reads it itself", slot, row)
+                with self._lock:
+                    if self._spans.get(span.start // self.span_bytes) is span:
+                        del self._spans[span.start // self.span_bytes]
+                return False
+            span.chunks.pop(at, None)  # checked (two readers may check it at once: harmless)
+        return True
 
     def covers(self, offset: int) -> bool:
         """Whether a span is being read, or was read, for the byte at `offset`."""
@@ -297,6 +328,7 @@ class ReadAhead:
             return  # data still in the stripe cache: the ordinary read commits it
         data = aligned_empty(end - start)
         pieces: dict[int, list[_Piece]] = {}  # by slot
+        chunks: dict[int, tuple[int, int, int]] = {}
         for stripe in range(start // sb, (end - 1) // sb + 1):
             group, row = g.locate(stripe)
             slots = g.column_slots(group, row)
@@ -310,9 +342,11 @@ class ReadAhead:
                     continue
                 if not v.slots[slot].holds(row):
                     return  # reconstruction is the ordinary read's work
-                pieces.setdefault(slot, []).append((row, buf, entry))
+                pieces.setdefault(slot, []).append((row, buf))
+                chunks[base + c * chunk] = (slot, row, entry)
         data.flags.writeable = False  # readers get views of it; only the reads below fill it
         span = _Span(start, end, data)
+        span.chunks = chunks
         pool = _pool.get()
         span.done = [pool.submit(self._read, span, slot, v.slots[slot].member, mine)
                      for slot, mine in pieces.items()]
@@ -322,8 +356,7 @@ class ReadAhead:
     # --- the background threads ---------------------------------------------------------------
 
     def _read(self, span: _Span, slot: int, member: Member, pieces: list[_Piece]) -> bool:
-        """Read one member's chunks of a planned span; True if every one arrived and matched
-        its checksum."""
+        """Read one member's chunks of a planned span; True if every one arrived."""
         g = self.volume.geometry
         for i, j in row_runs(pieces):
             try:
@@ -332,11 +365,6 @@ class ReadAhead:
             except MemberIOError as exc:
                 log.debug("slot %d: read-ahead of [%d, %d) failed (%s); the reader will "
                           "read it itself", slot, span.start, span.end, exc)
-                return False
-        for row, buf, entry in pieces:
-            if chunk_checksum(buf, slot, row) != entry:
-                log.debug("slot %d row %d: read-ahead chunk fails its checksum; the reader "
-                          "will read it itself", slot, row)
                 return False
         return True
 

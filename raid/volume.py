@@ -109,9 +109,10 @@ class Volume(MemberRecords):
 
         `caller_checks`: the caller checks the bytes against checksums of its own and, if they
         fail, reads them again without it. A small read inside one chunk then reads just its
-        bytes, not the whole chunk its checksum covers (a 4 KiB read of a 256 KiB chunk)."""
+        bytes, not the whole chunk its checksum covers (a 4 KiB read of a 256 KiB chunk), and
+        bytes read ahead are not checked against their chunks' checksums as well."""
         n = self._clamp(offset, length)
-        ahead = self._from_read_ahead(offset, n)
+        ahead = self._from_read_ahead(offset, n, caller_checks)
         if ahead is not None:
             return memoryview(ahead)
         out = bytearray(n)
@@ -129,9 +130,11 @@ class Volume(MemberRecords):
         self._read_into(offset, out)
         return out
 
-    def _from_read_ahead(self, offset: int, length: int) -> np.ndarray | None:
-        """The bytes at [offset, offset + length) if they were read ahead, else None."""
-        ahead = self._ahead.take(offset, length)
+    def _from_read_ahead(self, offset: int, length: int, caller_checks: bool = False
+                         ) -> np.ndarray | None:
+        """The bytes at [offset, offset + length) if they were read ahead, else None (see
+        `read` for `caller_checks`)."""
+        ahead = self._ahead.take(offset, length, caller_checks)
         if ahead is not None:
             with self.lock:
                 self._check_open()

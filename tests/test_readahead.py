@@ -144,6 +144,43 @@ def test_a_corrupt_chunk_in_a_span_is_read_carefully_counted_once_and_repaired(t
         vol.close()
 
 
+def test_a_reader_that_checks_for_itself_gets_span_bytes_unchecked_then_the_repair(tmp_path):
+    # The filesystem checks what it reads against its own sector checksums, so spans do not
+    # hash its chunks a second time; when its check fails it reads again without
+    # caller_checks, and that read must check the chunk, leave the span and repair.
+    paths, uuid, vol, model = _filled(tmp_path)
+    g = vol.geometry
+    vol.close()
+    stripe = (3 * g.capacity // 4) // g.stripe_bytes
+    group, row = g.locate(stripe)
+    column = 1
+    slot = g.column_slots(group, row)[column]
+    at = stripe * g.stripe_bytes + column * g.chunk  # the corrupt chunk in the volume
+    with open(paths[slot], "r+b") as f:
+        f.seek(g.chunk_offset(row) + 17)
+        f.write(b"\xff" * 64)
+    vol = open_vol(paths, uuid)
+    try:
+        pos, seen = 0, b""
+        while pos < at:  # a sequential reader gets there, spans ahead of it
+            vol.read(pos, CHUNK, caller_checks=True)
+            pos += CHUNK
+        assert vol._ahead.covers(at)
+        seen = bytes(vol.read(at, CHUNK, caller_checks=True))
+        assert seen[17:81] == b"\xff" * 64  # unchecked: the caller's check would fail
+        assert sum(m["checksum_errors"] for m in vol.status()["members"]) == 0
+        assert bytes(vol.read(at, CHUNK)) == model.get(at, CHUNK)  # its second read
+        counts = {m["slot"]: m["checksum_errors"] for m in vol.status()["members"]}
+        assert counts[slot] == 1 and sum(counts.values()) == 1
+        assert bytes(vol.read(at, CHUNK, caller_checks=True)) == model.get(at, CHUNK)
+        assert _read_sequentially(vol, 2 * CHUNK) == bytes(model.data)
+    finally:
+        vol.close()
+    with open(paths[slot], "rb") as f:  # repaired on the member
+        f.seek(g.chunk_offset(row) + 17)
+        assert f.read(64) == model.get(at + 17, 64)
+
+
 def test_a_degraded_volume_reads_sequentially_without_the_lost_member(tmp_path):
     paths, uuid, vol, model = _filled(tmp_path, level="raidz2", members=5)
     vol.close()
