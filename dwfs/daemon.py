@@ -12,6 +12,7 @@ import ctypes
 import errno
 import gc
 import logging
+import logging.handlers
 import os
 import signal
 import sys
@@ -453,6 +454,8 @@ METACOPY_SECONDS = 600.0
 MEMBER_CHECK_SECONDS = 5.0  # also how often the array's health is looked at for notify
 NOTIFY_CLOSE_SECONDS = 10.0  # at unmount, how long messages still queued may take
 OPEN_FILES_GRACE_SECONDS = 30.0
+LOG_BYTES = 16 << 20  # dwfs.log is rotated at this size
+LOG_KEPT = 4
 
 
 def _invalidate(fn, *args) -> None:
@@ -512,7 +515,10 @@ def _freeze_startup_objects() -> None:
 
 
 def _log_to_file(directory: str, debug: bool) -> None:
-    handler = logging.FileHandler(os.path.join(directory, "dwfs.log"))
+    """Log to the warehouse's dwfs.log, kept to LOG_BYTES, with LOG_KEPT older files beside
+    it (dwfs.log.1 the newest of them)."""
+    handler = logging.handlers.RotatingFileHandler(
+        os.path.join(directory, "dwfs.log"), maxBytes=LOG_BYTES, backupCount=LOG_KEPT)
     handler.setFormatter(logging.Formatter("%(asctime)s %(process)d %(name)s %(levelname)s "
                                            "%(message)s"))
     root = logging.getLogger()

@@ -168,3 +168,34 @@ def test_the_write_ahead_log_is_cut_back_after_a_large_transaction(tmp_path, mon
         assert os.path.getsize(wal) <= 1 << 20
     finally:
         e.close()
+
+
+def test_pages_kept_for_want_of_disk_space_are_reported_once(env, monkeypatch, caplog):
+    # Compaction is tried at every commit; a disk too full to move pages said so at INFO each
+    # time (every few seconds on a mount), and routine compactions filled the log too.
+    fs = env.fs
+    fill(fs, 2, 1000)
+    measure = fs.db._measure_room
+
+    def no_room() -> None:
+        measure()
+        fs.db._room = 0
+
+    monkeypatch.setattr(fs.db, "_measure_room", no_room)
+    caplog.set_level("DEBUG", logger="vfs.metadb")
+    empty(fs, 2, 1000)
+    for _ in range(3):
+        assert fs.db.compact() == 0
+    kept = [r for r in caplog.records if "free pages kept" in r.getMessage()]
+    assert len(kept) >= 4
+    assert [r.levelname for r in kept] == ["INFO"] + ["DEBUG"] * (len(kept) - 1)
+    monkeypatch.setattr(fs.db, "_measure_room", measure)
+    caplog.clear()
+    assert fs.db.compact() > 0
+    assert [r.levelname for r in caplog.records if "gave" in r.getMessage()] == ["DEBUG"]
+    fill(fs, 2, 1000)
+    monkeypatch.setattr(fs.db, "_measure_room", no_room)
+    caplog.clear()
+    empty(fs, 2, 1000)
+    kept = [r for r in caplog.records if "free pages kept" in r.getMessage()]
+    assert kept and kept[0].levelname == "INFO"  # said again once it happens anew

@@ -104,7 +104,7 @@ class FlagOps:
         else:
             self.inode_flags.pop(ino, None)
         if (old ^ flags) & FIXED:
-            log.info("inode %d: flags %#x -> %#x", ino, old, flags)
+            log.debug("inode %d: flags %#x -> %#x", ino, old, flags)
 
     def inherited_flags(self, parent: int) -> int:
         """The flags a new inode takes from its directory `parent` (no-dump, no-atime)."""

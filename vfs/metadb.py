@@ -182,6 +182,7 @@ class MetaDB:
         self.dirty = False
         self._cursors = threading.local()
         self._room = 0  # free bytes on the database's disk, read at _room_at
+        self._compaction_held = False  # free pages were last kept for want of disk space
         self._file_bytes = 0  # the database file's size, read at _room_at
         self._room_at = float("-inf")
         self._short = False  # the disk's room was found short (and logged)
@@ -399,14 +400,18 @@ class MetaDB:
         # which must fit beside the reserve (on a nearly full disk it waits for more room).
         self._measure_room()
         if self._room - 2 * free * self.page_size < self._reserve(self.pages_bytes()):
-            log.info("%s: %d free pages kept: %d MiB free on its disk is too little to move "
-                     "pages now", self.path, free, self._room >> 20)
+            # Said once until pages can be moved again (this is tried at every commit).
+            (log.debug if self._compaction_held else log.info)(
+                "%s: %d free pages kept: %d MiB free on its disk is too little to move pages "
+                "now", self.path, free, self._room >> 20)
+            self._compaction_held = True
             return 0
+        self._compaction_held = False
         # One result row per page moved: the statement must run to its end.
         self._cursor().execute("PRAGMA incremental_vacuum").fetchall()
         self.dirty = True
         left = self.value("PRAGMA freelist_count")
-        log.info("%s: gave %d free pages back (%d left)", self.path, free - left, left)
+        log.debug("%s: gave %d free pages back (%d left)", self.path, free - left, left)
         return free - left
 
     def image(self) -> bytes:
