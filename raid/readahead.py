@@ -270,7 +270,11 @@ class ReadAhead:
         sequential = sum(1 for s in self._streams if s.streak >= STREAK_BYTES)
         if sequential > 1:
             depth = max(1, min(depth, SPANS_BUDGET // sequential))
-        stream.window = (first - 1, first + depth)
+        window = (first - 1, first + depth)
+        last = min(first + depth, -(-capacity // sb))
+        if window == stream.window and all(i in self._spans for i in range(first, last)):
+            return  # as planned at this stream's last read (most reads stay within a span)
+        stream.window = window
         windows = [s.window for s in self._streams]
         with self._lock:
             for i in list(self._spans):
