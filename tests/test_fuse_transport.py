@@ -280,6 +280,7 @@ def test_init_takes_kernels_from_7_31_and_killpriv_v2_only_where_offered(minor):
     offered = WANTED if minor >= 33 else WANTED & ~abi.HANDLE_KILLPRIV_V2
     session = Session.__new__(Session)  # its request parsers, without a mount
     session.handlers = Handlers.__new__(Handlers)  # ENOSYS for all: only INIT is sent
+    session.mountpoint, session.device = "/nowhere", None  # no mount's readahead to raise
     read_end, write_end = os.pipe()
     try:
         init = session._parsers()[abi.INIT]
