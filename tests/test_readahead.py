@@ -114,17 +114,24 @@ def test_a_write_into_a_span_read_ahead_is_seen_by_the_next_read(tmp_path):
         vol.close()
 
 
-def test_a_corrupt_chunk_in_a_span_is_read_carefully_counted_once_and_repaired(tmp_path):
+def _corrupt_a_chunk_ahead(tmp_path):
+    """A filled volume, closed, with 64 bytes of the data chunk in column 1 of a stripe three
+    quarters in (where read-ahead, not the first read, gets it) overwritten; returns what
+    `_filled` does (the volume closed), the chunk's slot, row and volume offset."""
     paths, uuid, vol, model = _filled(tmp_path)
     g = vol.geometry
     vol.close()
-    # Corrupt a data chunk well inside the volume, where read-ahead (not the first read) gets it.
     stripe = (3 * g.capacity // 4) // g.stripe_bytes
     group, row = g.locate(stripe)
     slot = g.column_slots(group, row)[1]
     with open(paths[slot], "r+b") as f:
         f.seek(g.chunk_offset(row) + 17)
         f.write(b"\xff" * 64)
+    return paths, uuid, vol, model, slot, row, stripe * g.stripe_bytes + g.chunk
+
+
+def test_a_corrupt_chunk_in_a_span_is_read_carefully_counted_once_and_repaired(tmp_path):
+    paths, uuid, vol, model, slot, _, _ = _corrupt_a_chunk_ahead(tmp_path)
     vol = open_vol(paths, uuid)
     try:
         assert _read_sequentially(vol, 2 * CHUNK) == bytes(model.data)
@@ -148,17 +155,8 @@ def test_a_reader_that_checks_for_itself_gets_span_bytes_unchecked_then_the_repa
     # The filesystem checks what it reads against its own sector checksums, so spans do not
     # hash its chunks a second time; when its check fails it reads again without
     # caller_checks, and that read must check the chunk, leave the span and repair.
-    paths, uuid, vol, model = _filled(tmp_path)
+    paths, uuid, vol, model, slot, row, at = _corrupt_a_chunk_ahead(tmp_path)
     g = vol.geometry
-    vol.close()
-    stripe = (3 * g.capacity // 4) // g.stripe_bytes
-    group, row = g.locate(stripe)
-    column = 1
-    slot = g.column_slots(group, row)[column]
-    at = stripe * g.stripe_bytes + column * g.chunk  # the corrupt chunk in the volume
-    with open(paths[slot], "r+b") as f:
-        f.seek(g.chunk_offset(row) + 17)
-        f.write(b"\xff" * 64)
     vol = open_vol(paths, uuid)
     try:
         pos, seen = 0, b""
