@@ -514,11 +514,36 @@ def _freeze_startup_objects() -> None:
     log.info("%d start-up objects left out of garbage collection", gc.get_freeze_count())
 
 
+class _DaemonLog(logging.handlers.RotatingFileHandler):
+    """dwfs.log, rotated at LOG_BYTES with LOG_KEPT older files beside it (dwfs.log.1 the
+    newest of them). Standard output and error, when `dwfs mount` opened them on dwfs.log
+    (not with -f), follow it to each new file: what is written there without logging (a
+    thread's uncaught exception) would otherwise go to an old or deleted file."""
+
+    def __init__(self, path: str) -> None:
+        super().__init__(path, maxBytes=LOG_BYTES, backupCount=LOG_KEPT)
+        log_file = os.stat(path)
+        self._std = [fd for fd in (1, 2) if _same_file(fd, log_file)]
+
+    def doRollover(self) -> None:
+        """Start a new dwfs.log; standard output and error move to it."""
+        super().doRollover()
+        if self.stream is not None:
+            for fd in self._std:
+                os.dup2(self.stream.fileno(), fd)
+
+
+def _same_file(fd: int, st: os.stat_result) -> bool:
+    try:
+        mine = os.fstat(fd)
+    except OSError:  # closed
+        return False
+    return (mine.st_dev, mine.st_ino) == (st.st_dev, st.st_ino)
+
+
 def _log_to_file(directory: str, debug: bool) -> None:
-    """Log to the warehouse's dwfs.log, kept to LOG_BYTES, with LOG_KEPT older files beside
-    it (dwfs.log.1 the newest of them)."""
-    handler = logging.handlers.RotatingFileHandler(
-        os.path.join(directory, "dwfs.log"), maxBytes=LOG_BYTES, backupCount=LOG_KEPT)
+    """Log to the warehouse's dwfs.log (see `_DaemonLog`)."""
+    handler = _DaemonLog(os.path.join(directory, "dwfs.log"))
     handler.setFormatter(logging.Formatter("%(asctime)s %(process)d %(name)s %(levelname)s "
                                            "%(message)s"))
     root = logging.getLogger()
