@@ -47,15 +47,16 @@ def is_block_device(path: str) -> bool:
         return False
 
 
-def identity(path: str) -> tuple[int, ...] | None:
+def identity(path: str) -> tuple[object, ...]:
     """What makes two paths the same member: the device number of a block device, else the
-    file's device and inode (so symbolic and hard links match); None if it cannot be seen."""
+    file's device and inode (so symbolic and hard links match); the resolved path of one that
+    cannot be seen (a member that is missing)."""
     try:
         st = os.stat(path)
     except OSError as exc:
         log.debug("%s: %s", path, exc.strerror)
-        return None
-    return (st.st_rdev,) if stat.S_ISBLK(st.st_mode) else (st.st_dev, st.st_ino)
+        return ("path", os.path.realpath(path))
+    return ("disk", st.st_rdev) if stat.S_ISBLK(st.st_mode) else ("file", st.st_dev, st.st_ino)
 
 
 def size_of(path: str) -> int:

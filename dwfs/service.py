@@ -120,8 +120,7 @@ def add_spare(volume: Volume, cfg: WarehouseConfig, path: str, force: bool = Fal
     partition table or a dwfs member is refused unless `force`."""
     path = os.path.abspath(path)
     mine = identity(path)
-    if any(os.path.realpath(k) == os.path.realpath(path)
-           or (mine is not None and identity(k) == mine)
+    if any(identity(k) == mine
            for k in cfg.member_paths() + [cfg.resolve(x) for x in cfg.spares]):
         raise WarehouseError(f"{path} is already a member or a spare of {cfg.directory}",
                              errno.EEXIST)

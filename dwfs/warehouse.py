@@ -314,9 +314,9 @@ def _refuse_repeats(paths: list[str]) -> None:
     """Raise WarehouseError if two of `paths` are the same file or disk (also through a link)."""
     from backends.devices import identity
 
-    seen: dict[tuple[int, ...], str] = {}
+    seen: dict[tuple[object, ...], str] = {}
     for p in paths:
-        key = identity(p) or (hash(p),)
+        key = identity(p)
         if key in seen:
             same = "given twice" if seen[key] == p else f"the same as --device {seen[key]}"
             raise WarehouseError(f"--device {p} is {same}", errno.EINVAL)

@@ -101,14 +101,15 @@ class _Span:
 
     __slots__ = ("start", "end", "data", "done", "chunks")
 
-    def __init__(self, start: int, end: int, data: np.ndarray) -> None:
+    def __init__(self, start: int, end: int, data: np.ndarray,
+                 chunks: dict[int, tuple[int, int, int]]) -> None:
         self.start = start
         self.end = end
         self.data = data
         self.done: list[Future[bool]] = []  # one per member read from
         # Chunks not yet checked: offset in `data` -> (slot, row, checksum); unwritten chunks,
         # zeros by definition, are not here.
-        self.chunks: dict[int, tuple[int, int, int]] = {}
+        self.chunks = chunks
 
     def ready(self) -> bool:
         """Wait for the span's reading; True if it holds the volume's bytes."""
@@ -165,11 +166,17 @@ class ReadAhead:
             if not caller_checks and not self._chunks_match(span, lo, hi):
                 return None
             parts.append(span.data[lo - span.start : hi - span.start])
-        with self._lock:
-            for span in spans:
-                if offset + length >= span.end and self._spans.get(span.start // sb) is span:
-                    del self._spans[span.start // sb]  # the reader is past it
+        for span in spans:
+            if offset + length >= span.end:
+                self._forget(span)  # the reader is past it
         return parts[0] if len(parts) == 1 else np.concatenate(parts)
+
+    def _forget(self, span: _Span) -> None:
+        """Drop `span` unless another has taken its place meanwhile."""
+        i = span.start // self.span_bytes
+        with self._lock:
+            if self._spans.get(i) is span:
+                del self._spans[i]
 
     def _chunks_match(self, span: _Span, lo: int, hi: int) -> bool:
         """Check the chunks of `span` holding volume bytes [lo, hi) not checked before; on a
@@ -184,9 +191,7 @@ class ReadAhead:
             if chunk_checksum(span.data[at : at + chunk], slot, row) != entry:
                 log.debug("slot %d row %d: read-ahead chunk fails its checksum; the reader "
                           "reads it itself", slot, row)
-                with self._lock:
-                    if self._spans.get(span.start // self.span_bytes) is span:
-                        del self._spans[span.start // self.span_bytes]
+                self._forget(span)
                 return False
             span.chunks.pop(at, None)  # checked (two readers may check it at once: harmless)
         return True
@@ -349,8 +354,7 @@ class ReadAhead:
                 pieces.setdefault(slot, []).append((row, buf))
                 chunks[base + c * chunk] = (slot, row, entry)
         data.flags.writeable = False  # readers get views of it; only the reads below fill it
-        span = _Span(start, end, data)
-        span.chunks = chunks
+        span = _Span(start, end, data, chunks)
         pool = _pool.get()
         span.done = [pool.submit(self._read, span, slot, v.slots[slot].member, mine)
                      for slot, mine in pieces.items()]
